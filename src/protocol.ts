@@ -1,0 +1,320 @@
+/**
+ * The KMS protocol, defined once and used three ways:
+ *  - the library API (`Kms`), implemented by the embedded KMS (`createKms`) and by the remote
+ *    clients (`createRemoteKms`), so callers cannot tell the modes apart;
+ *  - the typed operations (`KmsRequest` / `KmsResponse`) that the TCP bridge frames on a socket;
+ *  - the worker task shapes that the main thread hands the crypto workers (wrapped keys,
+ *    plaintext and ciphertext only; never an unwrapped key).
+ */
+import type { CodedError, ErrorCode } from './errors.js';
+
+// ---------------------------------------------------------------------------------------------
+// Library API
+// ---------------------------------------------------------------------------------------------
+
+/** Who asked, for the audit log: a token name, a certificate subject, or 'embedded'. */
+export interface CallContext {
+  caller?: string;
+  remoteAddress?: string;
+}
+
+/** A thread's DEK as the KMS describes it. `wrapped` is the current version, wrapped under a KEK. */
+export interface DekInfo {
+  keyId: string;
+  threadId: string;
+  kekId: string;
+  kekVersion: number;
+  /** Current DEK version; ciphertexts name the version they were made with. */
+  keyVersion: number;
+  wrapped: Buffer;
+  createdAt: string;
+}
+
+export interface EncryptResult {
+  ciphertext: Buffer;
+  /** The DEK version the ciphertext was made with. */
+  keyVersion: number;
+}
+
+export interface EncryptItem {
+  keyId: string;
+  plaintext: Uint8Array;
+  aad?: Uint8Array | undefined;
+}
+
+export interface DecryptItem {
+  keyId: string;
+  ciphertext: Uint8Array;
+  aad?: Uint8Array | undefined;
+}
+
+/** One item of a batch answer: its own result or its own error, in request order. */
+export type ItemResult<T> = { ok: true; value: T } | { ok: false; error: CodedError };
+
+export type RotationState = 'idle' | 'running' | 'completed';
+
+export interface RotationStatus {
+  state: RotationState;
+  kekId: string;
+  activeKekVersion: number;
+  /** KEK version being rotated to (while running) or last rotated to. */
+  targetKekVersion: number | null;
+  /** DEK records examined so far and the total at the start of the pass. */
+  done: number;
+  total: number;
+  startedAt: string | null;
+  finishedAt: string | null;
+  /** KEK versions still stored (the active one and any still referenced). */
+  kekVersions: number[];
+}
+
+export interface KmsHealth {
+  ok: boolean;
+  mode: 'embedded' | 'external';
+  kekId: string;
+  activeKekVersion: number;
+  dekCount: number;
+  poolThreads: number;
+  queueDepth: number;
+  rotation: RotationStatus;
+}
+
+export interface DestroyResult {
+  keyId: string;
+  /** DEK versions destroyed by this call. */
+  destroyedVersions: number[];
+}
+
+export interface Kms {
+  /** Returns the thread's DEK, creating it on first call. Retries and races never make two. */
+  createDekForThread(threadId: string, ctx?: CallContext): Promise<DekInfo>;
+  getWrappedDek(keyId: string, ctx?: CallContext): Promise<DekInfo>;
+  encrypt(keyId: string, plaintext: Uint8Array, aad?: Uint8Array, ctx?: CallContext): Promise<EncryptResult>;
+  decrypt(keyId: string, ciphertext: Uint8Array, aad?: Uint8Array, ctx?: CallContext): Promise<Buffer>;
+  encryptBatch(items: readonly EncryptItem[], ctx?: CallContext): Promise<ItemResult<EncryptResult>[]>;
+  decryptBatch(items: readonly DecryptItem[], ctx?: CallContext): Promise<ItemResult<Buffer>[]>;
+  /**
+   * Decrypts with the DEK version named in the ciphertext and encrypts again under the key's
+   * current version, inside one worker call: the plaintext never leaves the worker.
+   */
+  reencrypt(keyId: string, ciphertext: Uint8Array, aad?: Uint8Array, ctx?: CallContext): Promise<EncryptResult>;
+  /** Rewraps every stored version of one DEK under the active KEK. */
+  rewrapDek(keyId: string, ctx?: CallContext): Promise<DekInfo>;
+  /** Adds a new DEK version and makes it current; older versions still decrypt until destroyed. */
+  rotateDek(keyId: string, ctx?: CallContext): Promise<DekInfo>;
+  /** Destroys every DEK version older than `keepFromVersion` (after re-encryption finished). */
+  destroyDekVersionsBefore(keyId: string, keepFromVersion: number, ctx?: CallContext): Promise<DestroyResult>;
+  /** Destroys the DEK and all its versions (crypto-shredding). Idempotent. */
+  destroyDek(keyId: string, ctx?: CallContext): Promise<DestroyResult>;
+  /** Starts (or joins, or resumes) a KEK rotation and resolves when it has finished. */
+  rotateKek(ctx?: CallContext): Promise<RotationStatus>;
+  /** Starts (or resumes) a KEK rotation in the background and returns its status at once. */
+  startKekRotation(ctx?: CallContext): Promise<RotationStatus>;
+  rotationStatus(): Promise<RotationStatus>;
+  health(): Promise<KmsHealth>;
+  close(): Promise<void>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed operations (what the TCP bridge carries; HTTP routes map onto the same set)
+// ---------------------------------------------------------------------------------------------
+
+export type KmsRequest =
+  | { op: 'create_dek_for_thread'; threadId: string }
+  | { op: 'get_wrapped'; keyId: string }
+  | { op: 'encrypt'; items: EncryptItem[] }
+  | { op: 'decrypt'; items: DecryptItem[] }
+  | { op: 'reencrypt'; keyId: string; ciphertext: Uint8Array; aad?: Uint8Array | undefined }
+  | { op: 'rewrap'; keyId: string }
+  | { op: 'rotate_dek'; keyId: string }
+  | { op: 'destroy_dek_versions_before'; keyId: string; keepFromVersion: number }
+  | { op: 'destroy_dek'; keyId: string }
+  | { op: 'rotate_kek' }
+  | { op: 'rotation_status' }
+  | { op: 'health' };
+
+export type KmsOp = KmsRequest['op'];
+
+export const KMS_OPS: readonly KmsOp[] = [
+  'create_dek_for_thread',
+  'get_wrapped',
+  'encrypt',
+  'decrypt',
+  'reencrypt',
+  'rewrap',
+  'rotate_dek',
+  'destroy_dek_versions_before',
+  'destroy_dek',
+  'rotate_kek',
+  'rotation_status',
+  'health',
+];
+
+/** Runs one typed request against any Kms: the single dispatch used by the bridge server. */
+export async function dispatch(kms: Kms, req: KmsRequest, ctx?: CallContext): Promise<unknown> {
+  switch (req.op) {
+    case 'create_dek_for_thread':
+      return kms.createDekForThread(req.threadId, ctx);
+    case 'get_wrapped':
+      return kms.getWrappedDek(req.keyId, ctx);
+    case 'encrypt':
+      return kms.encryptBatch(req.items, ctx);
+    case 'decrypt':
+      return kms.decryptBatch(req.items, ctx);
+    case 'reencrypt':
+      return kms.reencrypt(req.keyId, req.ciphertext, req.aad, ctx);
+    case 'rewrap':
+      return kms.rewrapDek(req.keyId, ctx);
+    case 'rotate_dek':
+      return kms.rotateDek(req.keyId, ctx);
+    case 'destroy_dek_versions_before':
+      return kms.destroyDekVersionsBefore(req.keyId, req.keepFromVersion, ctx);
+    case 'destroy_dek':
+      return kms.destroyDek(req.keyId, ctx);
+    case 'rotate_kek':
+      return kms.startKekRotation(ctx);
+    case 'rotation_status':
+      return kms.rotationStatus();
+    case 'health':
+      return kms.health();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker tasks (main thread ⇄ crypto worker). Only wrapped keys, plaintext and ciphertext cross.
+// ---------------------------------------------------------------------------------------------
+
+/** How the worker finds the master key. The main thread only ever holds this reference. */
+export type MasterKeyRef =
+  | { kind: 'file'; path: string }
+  | { kind: 'env'; name: string }
+  /** Discouraged: hex in a config file (`master_key`); the worker reads the file itself. */
+  | { kind: 'config'; path: string };
+
+export interface WorkerInit {
+  masterKey: MasterKeyRef;
+  /** Max unwrapped DEK versions cached per worker (LRU, zeroed on eviction). */
+  dekCacheSize: number;
+  /** Name of the BroadcastChannel on which the main thread announces destroyed keys. */
+  evictChannel: string;
+  /** Whether workers produce signed audit lines for the operations they run. */
+  audit: boolean;
+}
+
+/** Per-op kinds inside a batch task. */
+export const OpKind = {
+  encrypt: 1,
+  decrypt: 2,
+  reencrypt: 3,
+  /** Generate a fresh DEK and wrap it (create, rotate_dek). */
+  generate: 4,
+  /** Unwrap a DEK and wrap it again under the target KEK. */
+  rewrap: 5,
+  /** No crypto; only an audit line (get_wrapped, destroy, failures found before dispatch). */
+  note: 6,
+} as const;
+export type OpKindValue = (typeof OpKind)[keyof typeof OpKind];
+
+/** A KEK version as stored: wrapped under the master key. */
+export interface KekRef {
+  kekId: string;
+  version: number;
+  wrapped: Uint8Array;
+}
+
+/** A DEK version as stored: wrapped under a KEK version. */
+export interface DekRef {
+  keyId: string;
+  keyVersion: number;
+  kekVersion: number;
+  wrapped: Uint8Array;
+}
+
+/** Fields of an audit line that the main thread knows; the worker adds time, outcome and MAC. */
+export interface AuditFields {
+  op: string;
+  keyId?: string | undefined;
+  threadId?: string | undefined;
+  kekVersion?: number | undefined;
+  caller?: string | undefined;
+  remote?: string | undefined;
+  detail?: string | undefined;
+}
+
+/**
+ * Number of Int32 slots per op in `BatchTask.ops`:
+ * [kind, dekIndex, dataOffset, dataLength, aadOffset, aadLength, auditIndex, errorIndex]
+ * dekIndex / auditIndex / errorIndex are -1 when absent. `errorIndex` points into `errors`: the op
+ * failed before dispatch and the worker only audits it.
+ */
+export const OP_SLOTS = 8;
+
+export interface BatchTask {
+  type: 'batch';
+  /** KEK versions the DEKs below (or new wraps) need. */
+  keks: KekRef[];
+  /** DEK versions used by the ops. For `generate`, a template: keyId, keyVersion, kekVersion. */
+  deks: DekRef[];
+  /** KEK version that `generate` and `rewrap` ops wrap under. */
+  targetKekVersion: number;
+  ops: Int32Array;
+  /** All plaintexts, ciphertexts and AADs of the batch, packed (transferred, not copied). */
+  data: ArrayBuffer;
+  audit: AuditFields[];
+  errors: ErrorCode[];
+}
+
+/**
+ * Slots per op in `BatchResult.results`: [errorIndex, outOffset, outLength, keyVersion].
+ * errorIndex -1 means success; otherwise it points into `errors`.
+ */
+export const RESULT_SLOTS = 4;
+
+export interface BatchResult {
+  results: Int32Array;
+  out: ArrayBuffer;
+  errors: ErrorCode[];
+  /** Signed audit lines for this task, ready to append (UTF-8, newline-terminated). */
+  auditLines: Uint8Array | null;
+}
+
+/** Creates a KEK version inside the worker and returns it wrapped under the master key. */
+export interface NewKekTask {
+  type: 'new-kek';
+  kekId: string;
+  version: number;
+  audit: AuditFields;
+}
+
+export interface NewKekResult {
+  wrapped: Uint8Array;
+  auditLines: Uint8Array | null;
+}
+
+/** Proves the master key can unwrap the stored active KEK (start-up check). */
+export interface CheckKekTask {
+  type: 'check-kek';
+  kek: KekRef;
+  audit: AuditFields;
+}
+
+export interface CheckKekResult {
+  ok: boolean;
+  auditLines: Uint8Array | null;
+}
+
+/** Verifies an audit log file inside a worker (the audit key never leaves it). */
+export interface VerifyAuditTask {
+  type: 'verify-audit';
+  path: string;
+}
+
+export interface VerifyAuditResult {
+  ok: boolean;
+  linesVerified: number;
+  /** 1-based line number of the first bad line, when !ok. */
+  firstBadLine: number | null;
+  reason: string | null;
+}
+
+export type WorkerTask = BatchTask | NewKekTask | CheckKekTask | VerifyAuditTask;
