@@ -1,0 +1,138 @@
+/**
+ * createKms() options and their PROGRESSDB_KMS_* environment fallbacks, resolved to one validated
+ * object. The master key is resolved to a *reference* (file path, env var name or config file
+ * path): this module never reads, decodes or keeps the key itself; only the worker does.
+ */
+import { availableParallelism } from 'node:os';
+import path from 'node:path';
+import { kmsError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { MasterKeyRef } from '../protocol.js';
+
+export interface KmsOptions {
+  /** LMDB registry and kms-audit.log live here. Env: PROGRESSDB_KMS_DATA_DIR. */
+  dataDir?: string;
+  /** File holding the master key as 64 hex characters. Env: PROGRESSDB_KMS_MASTER_KEY_FILE. */
+  masterKeyFile?: string;
+  /**
+   * Name of an environment variable holding the master key as hex (discouraged). Env:
+   * PROGRESSDB_KMS_MASTER_KEY_ENV; if neither this nor a file is given and
+   * PROGRESSDB_KMS_MASTER_KEY is set, that variable is used.
+   */
+  masterKeyEnv?: string;
+  /** A JSON/YAML config file whose `master_key` field holds hex (discouraged). */
+  masterKeyConfigFile?: string;
+  /** Crypto worker threads. Env: PROGRESSDB_KMS_POOL_SIZE. Default: available parallelism. */
+  poolSize?: number;
+  /** Max operations coalesced into one worker task. Env: PROGRESSDB_KMS_MAX_BATCH. Default 64. */
+  maxBatch?: number;
+  /** Unwrapped DEK versions cached per worker. Env: PROGRESSDB_KMS_DEK_CACHE_SIZE. Default 10000. */
+  dekCacheSize?: number;
+  /** Write the signed audit log. Env: PROGRESSDB_KMS_AUDIT (false|0|no disables). Default true. */
+  audit?: boolean;
+  /** Group fsync interval of the audit log in ms. Env: PROGRESSDB_KMS_AUDIT_FSYNC_MS. Default 50. */
+  auditFsyncMs?: number;
+  /** DEK records rewrapped per worker task and LMDB transaction during KEK rotation. Default 2000. */
+  rotationBatchSize?: number;
+  /** Resume an interrupted KEK rotation in the background at start-up. Default true. */
+  resumeRotation?: boolean;
+  logger?: Logger;
+}
+
+export interface ResolvedKmsOptions {
+  dataDir: string;
+  masterKey: MasterKeyRef;
+  poolSize: number;
+  maxBatch: number;
+  dekCacheSize: number;
+  audit: boolean;
+  auditFsyncMs: number;
+  rotationBatchSize: number;
+  resumeRotation: boolean;
+}
+
+const FALSE_WORDS = new Set(['false', '0', 'no', 'off']);
+const TRUE_WORDS = new Set(['true', '1', 'yes', 'on']);
+
+function envBool(name: string): boolean | undefined {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return undefined;
+  const v = raw.trim().toLowerCase();
+  if (TRUE_WORDS.has(v)) return true;
+  if (FALSE_WORDS.has(v)) return false;
+  throw kmsError('CONFIG_INVALID', `${name} must be true or false, got "${raw}"`);
+}
+
+function envInt(name: string, min: number, max: number): number | undefined {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return undefined;
+  const n = Number(raw);
+  if (!Number.isInteger(n)) throw kmsError('CONFIG_INVALID', `${name} must be an integer, got "${raw}"`);
+  return checkRange(name, n, min, max);
+}
+
+function checkRange(name: string, n: number, min: number, max: number): number {
+  if (!Number.isInteger(n) || n < min || n > max) {
+    throw kmsError('CONFIG_INVALID', `${name} must be an integer from ${min} to ${max}, got ${n}`);
+  }
+  return n;
+}
+
+function envString(name: string): string | undefined {
+  const raw = process.env[name];
+  return raw === undefined || raw === '' ? undefined : raw;
+}
+
+/** Picks exactly one master key source; more than one is a configuration error, not a guess. */
+export function resolveMasterKeyRef(opts: KmsOptions): MasterKeyRef {
+  const file = opts.masterKeyFile ?? envString('PROGRESSDB_KMS_MASTER_KEY_FILE');
+  const envName = opts.masterKeyEnv ?? envString('PROGRESSDB_KMS_MASTER_KEY_ENV');
+  const configFile = opts.masterKeyConfigFile;
+  const given = [file, envName, configFile].filter((v) => v !== undefined);
+  if (given.length > 1) {
+    throw kmsError(
+      'CONFIG_INVALID',
+      'give exactly one master key source: a key file, an environment variable name, or a config file',
+    );
+  }
+  if (file !== undefined) return { kind: 'file', path: path.resolve(file) };
+  if (envName !== undefined) return { kind: 'env', name: envName };
+  if (configFile !== undefined) return { kind: 'config', path: path.resolve(configFile) };
+  // `in` asks whether the variable exists without materialising its value in this heap.
+  if ('PROGRESSDB_KMS_MASTER_KEY' in process.env) return { kind: 'env', name: 'PROGRESSDB_KMS_MASTER_KEY' };
+  throw kmsError(
+    'MASTER_KEY_MISSING',
+    'no master key configured: set PROGRESSDB_KMS_MASTER_KEY_FILE (a file with 64 hex characters; ' +
+      'create one with `progressdb-kms keygen --out FILE`)',
+  );
+}
+
+export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
+  const dataDir = opts.dataDir ?? envString('PROGRESSDB_KMS_DATA_DIR');
+  if (dataDir === undefined) {
+    throw kmsError('CONFIG_INVALID', 'no KMS data directory: pass dataDir or set PROGRESSDB_KMS_DATA_DIR');
+  }
+  const poolSize =
+    opts.poolSize ?? envInt('PROGRESSDB_KMS_POOL_SIZE', 1, 256) ?? Math.max(1, availableParallelism());
+  return {
+    dataDir: path.resolve(dataDir),
+    masterKey: resolveMasterKeyRef(opts),
+    poolSize: checkRange('poolSize', poolSize, 1, 256),
+    maxBatch: checkRange('maxBatch', opts.maxBatch ?? envInt('PROGRESSDB_KMS_MAX_BATCH', 1, 4096) ?? 64, 1, 4096),
+    dekCacheSize: checkRange(
+      'dekCacheSize',
+      opts.dekCacheSize ?? envInt('PROGRESSDB_KMS_DEK_CACHE_SIZE', 1, 10_000_000) ?? 10_000,
+      1,
+      10_000_000,
+    ),
+    audit: opts.audit ?? envBool('PROGRESSDB_KMS_AUDIT') ?? true,
+    auditFsyncMs: checkRange(
+      'auditFsyncMs',
+      opts.auditFsyncMs ?? envInt('PROGRESSDB_KMS_AUDIT_FSYNC_MS', 0, 60_000) ?? 50,
+      0,
+      60_000,
+    ),
+    rotationBatchSize: checkRange('rotationBatchSize', opts.rotationBatchSize ?? 2000, 1, 100_000),
+    resumeRotation: opts.resumeRotation ?? true,
+  };
+}
