@@ -1,0 +1,420 @@
+/**
+ * Server configuration: environment variables win over a `--config FILE` (YAML or JSON), which wins
+ * over defaults. Everything is validated at start-up and every problem is reported on its own line,
+ * naming the variable or config key that caused it.
+ *
+ * Master keys are only ever resolved to a *reference* here (a file path, an env var name, or the
+ * config file path): the server's main thread never reads or keeps key bytes. A `master_key` in the
+ * config file is dropped right after parsing; the KMS worker reads it from the file itself.
+ */
+import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
+import path from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { z } from 'zod';
+import { kmsError } from './errors.js';
+
+export type KmsMode = 'embedded' | 'external';
+
+/** Where the embedded KMS finds the master key; never the key itself. */
+export type MasterKeySource =
+  | { kind: 'file'; path: string }
+  | { kind: 'env'; name: string }
+  | { kind: 'config'; path: string };
+
+export interface ApiKey {
+  name: string;
+  key: string;
+}
+
+export interface ServerConfig {
+  dataDir: string;
+  host: string;
+  /** 0 asks the OS for a free port (the bound address is logged). */
+  port: number;
+  useEncryption: boolean;
+  kmsMode: KmsMode;
+  kmsDataDir: string;
+  /** null when none is configured (the CLI then makes a development key in embedded mode). */
+  masterKey: MasterKeySource | null;
+  kmsEndpoint: string;
+  kmsTls: { ca?: string; cert?: string; key?: string };
+  kmsToken: string | undefined;
+  kmsTimeoutMs: number;
+  apiKeys: ApiKey[];
+  /** The admin key itself, or the file holding it; null when none is configured. */
+  adminKey: { kind: 'value'; value: string } | { kind: 'file'; path: string } | null;
+  /** Body paths to encrypt (e.g. `text`, `attachments.*.url`); null encrypts the whole body. */
+  encryptionFields: string[][] | null;
+  maxBodyBytes: number;
+  /** Messages or threads handled per LMDB transaction by admin jobs (rotation, encrypt-threads). */
+  jobBatchSize: number;
+  /** Pause between job batches, to bound the load a job puts on the KMS and disk. */
+  jobPauseMs: number;
+  logLevel: string;
+  configFile: string | undefined;
+}
+
+export const DEFAULT_ADDR = '127.0.0.1:8080';
+export const DEFAULT_KMS_ENDPOINT = '127.0.0.1:6820';
+const MIN_KEY_CHARS = 16;
+
+/** Config file key → environment variable. The file uses snake_case keys at the top level. */
+const ENV_NAMES = {
+  data_dir: 'PROGRESSDB_DATA_DIR',
+  addr: 'PROGRESSDB_ADDR',
+  use_encryption: 'PROGRESSDB_USE_ENCRYPTION',
+  kms_mode: 'PROGRESSDB_KMS_MODE',
+  kms_data_dir: 'PROGRESSDB_KMS_DATA_DIR',
+  master_key_file: 'PROGRESSDB_KMS_MASTER_KEY_FILE',
+  kms_endpoint: 'PROGRESSDB_KMS_ENDPOINT',
+  kms_tls_ca: 'PROGRESSDB_KMS_TLS_CA',
+  kms_tls_cert: 'PROGRESSDB_KMS_TLS_CERT',
+  kms_tls_key: 'PROGRESSDB_KMS_TLS_KEY',
+  kms_token: 'PROGRESSDB_KMS_TOKEN',
+  kms_timeout_ms: 'PROGRESSDB_KMS_TIMEOUT_MS',
+  api_keys: 'PROGRESSDB_API_KEYS',
+  admin_key: 'PROGRESSDB_ADMIN_KEY',
+  admin_key_file: 'PROGRESSDB_ADMIN_KEY_FILE',
+  encryption_fields: 'PROGRESSDB_ENCRYPTION_FIELDS',
+  max_body_bytes: 'PROGRESSDB_MAX_BODY_BYTES',
+  job_batch_size: 'PROGRESSDB_JOB_BATCH_SIZE',
+  job_pause_ms: 'PROGRESSDB_JOB_PAUSE_MS',
+  log_level: 'PROGRESSDB_LOG_LEVEL',
+} as const;
+
+type FieldName = keyof typeof ENV_NAMES;
+
+/** Env vars that hold (or name) master key material: checked for presence only, never read. */
+const MASTER_KEY_VALUE_ENV = 'PROGRESSDB_KMS_MASTER_KEY';
+const MASTER_KEY_ENV_NAME_ENV = 'PROGRESSDB_KMS_MASTER_KEY_ENV';
+
+const TRUE_WORDS = new Set(['true', '1', 'yes', 'on']);
+const FALSE_WORDS = new Set(['false', '0', 'no', 'off']);
+
+const bool = z.preprocess(
+  (v) => {
+    if (typeof v !== 'string') return v;
+    const w = v.trim().toLowerCase();
+    return TRUE_WORDS.has(w) ? true : FALSE_WORDS.has(w) ? false : v;
+  },
+  z.boolean({ error: 'must be true or false (true|1|yes or false|0|no)' }),
+);
+
+const int = (min: number, max: number) =>
+  z.preprocess(
+    (v) => (typeof v === 'string' && v.trim() !== '' ? Number(v) : v),
+    z
+      .number({ error: `must be an integer from ${min} to ${max}` })
+      .int({ error: `must be an integer from ${min} to ${max}` })
+      .min(min, { error: `must be an integer from ${min} to ${max}` })
+      .max(max, { error: `must be an integer from ${min} to ${max}` }),
+  );
+
+const nonEmpty = z
+  .string({ error: 'must be a non-empty string' })
+  .trim()
+  .min(1, 'must be a non-empty string');
+
+/** A comma-separated string (env) or a list (file). */
+const list = <T extends z.ZodType>(item: T) =>
+  z.preprocess(
+    (v) =>
+      typeof v === 'string'
+        ? v
+            .split(',')
+            .map((s) => s.trim())
+            .filter((s) => s !== '')
+        : v,
+    z.array(item, { error: 'must be a list (or a comma-separated string)' }),
+  );
+
+const apiKeyEntry = z.union(
+  [
+    z.string().transform((s, ctx): ApiKey => {
+      // `name:key` or a bare key; keys are base64url/hex so ':' cannot be part of one.
+      const at = s.indexOf(':');
+      const name = at > 0 ? s.slice(0, at) : '';
+      const key = at >= 0 ? s.slice(at + 1) : s;
+      if (key.length < MIN_KEY_CHARS) {
+        ctx.addIssue({
+          code: 'custom',
+          message: `each API key must have at least ${MIN_KEY_CHARS} characters`,
+        });
+      }
+      return { name, key };
+    }),
+    z.object({
+      name: nonEmpty,
+      key: z.string().min(MIN_KEY_CHARS, `each API key must have at least ${MIN_KEY_CHARS} characters`),
+    }),
+  ],
+  { error: 'each API key must be "name:key", a key, or {name, key}' },
+);
+
+const FIELD_PATH = /^[A-Za-z0-9_$-]+(\.([A-Za-z0-9_$-]+|\*))*$/;
+
+const SCHEMA = z.object({
+  data_dir: nonEmpty.default('./data'),
+  addr: nonEmpty.default(DEFAULT_ADDR),
+  use_encryption: bool.default(true),
+  kms_mode: z
+    .enum(['embedded', 'external'], { error: 'must be "embedded" or "external"' })
+    .default('embedded'),
+  kms_data_dir: nonEmpty.optional(),
+  master_key_file: nonEmpty.optional(),
+  kms_endpoint: nonEmpty.default(DEFAULT_KMS_ENDPOINT),
+  kms_tls_ca: nonEmpty.optional(),
+  kms_tls_cert: nonEmpty.optional(),
+  kms_tls_key: nonEmpty.optional(),
+  kms_token: nonEmpty.optional(),
+  kms_timeout_ms: int(100, 600_000).default(10_000),
+  api_keys: list(apiKeyEntry).default([]),
+  admin_key: z.string().min(MIN_KEY_CHARS, `must have at least ${MIN_KEY_CHARS} characters`).optional(),
+  admin_key_file: nonEmpty.optional(),
+  encryption_fields: list(
+    z
+      .string()
+      .regex(
+        FIELD_PATH,
+        'each field must be a dotted path inside the body, e.g. text or attachments.*.url (a leading "body." is allowed)',
+      ),
+  ).optional(),
+  max_body_bytes: int(1024, 64 * 1024 * 1024).default(1024 * 1024),
+  job_batch_size: int(1, 10_000).default(256),
+  job_pause_ms: int(0, 60_000).default(0),
+  log_level: z
+    .enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], {
+      error: 'must be one of fatal, error, warn, info, debug, trace, silent',
+    })
+    .default('info'),
+});
+
+export interface LoadConfigOptions {
+  configFile?: string | undefined;
+  /** Command-line overrides; they win over the environment. */
+  overrides?: Partial<Record<'data_dir' | 'addr', string>>;
+  env?: NodeJS.ProcessEnv;
+}
+
+function readConfigFile(file: string): Record<string, unknown> {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw kmsError(
+      'CONFIG_INVALID',
+      `cannot read config file ${file}: ${(err as NodeJS.ErrnoException).code}`,
+    );
+  }
+  let parsed: unknown;
+  try {
+    // YAML is a superset of JSON, so one parser reads both.
+    parsed = parseYaml(text);
+  } catch (err) {
+    throw kmsError(
+      'CONFIG_INVALID',
+      `config file ${file} is not valid YAML or JSON: ${(err as Error).message}`,
+    );
+  }
+  if (parsed === null || parsed === undefined) return {};
+  if (typeof parsed !== 'object' || Array.isArray(parsed)) {
+    throw kmsError('CONFIG_INVALID', `config file ${file} must hold a mapping of settings`);
+  }
+  return parsed as Record<string, unknown>;
+}
+
+/** Splits `host:port`, `[v6]:port` or `:port`; returns a problem string on failure. */
+export function parseAddr(addr: string): { host: string; port: number } | string {
+  const m = /^(?:\[([^\]]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(addr.trim());
+  if (!m) return 'must be host:port (e.g. 127.0.0.1:8080)';
+  const host = m[1] ?? (m[2] || '127.0.0.1');
+  const port = Number(m[3]);
+  if (port > 65_535) return 'port must be from 0 to 65535';
+  if (m[1] !== undefined && isIP(host) !== 6) return 'bracketed host must be an IPv6 address';
+  return { host, port };
+}
+
+export function isLoopback(host: string): boolean {
+  const h = host.toLowerCase();
+  return h === 'localhost' || h === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h);
+}
+
+/**
+ * Builds the validated configuration. Throws one CONFIG_INVALID (or MASTER_KEY_REFUSED) error whose
+ * message lists every problem found, one per line; `details.problems` holds them as an array.
+ */
+export function loadConfig(opts: LoadConfigOptions = {}): ServerConfig {
+  const env = opts.env ?? process.env;
+  const configFile = opts.configFile ? path.resolve(opts.configFile) : undefined;
+  const fileValues = configFile ? readConfigFile(configFile) : {};
+
+  const problems: string[] = [];
+  const origin = new Map<string, string>();
+  const raw: Record<string, unknown> = {};
+
+  const knownFileKeys = new Set<string>([...Object.keys(ENV_NAMES), 'master_key']);
+  for (const [key, value] of Object.entries(fileValues)) {
+    if (!knownFileKeys.has(key)) {
+      problems.push(`config file key "${key}" is not a known setting`);
+      continue;
+    }
+    if (key === 'master_key') continue;
+    raw[key] = value;
+    origin.set(key, `config file key "${key}"`);
+  }
+  const masterKeyInFile = Object.hasOwn(fileValues, 'master_key');
+  // Drop the hex from the parsed object at once, so nothing later can hand it to a logger.
+  delete fileValues.master_key;
+
+  for (const [key, envName] of Object.entries(ENV_NAMES) as [FieldName, string][]) {
+    const v = env[envName];
+    if (v !== undefined && v !== '') {
+      raw[key] = v;
+      origin.set(key, envName);
+    }
+  }
+  for (const [key, v] of Object.entries(opts.overrides ?? {})) {
+    if (v !== undefined) {
+      raw[key] = v;
+      origin.set(key, `--${key.replace('_', '-')}`);
+    }
+  }
+
+  const parsed = SCHEMA.safeParse(raw);
+  if (!parsed.success) {
+    for (const issue of parsed.error.issues) {
+      const key = String(issue.path[0] ?? '');
+      problems.push(`${origin.get(key) ?? key}: ${issue.message}`);
+    }
+    throw configError(problems);
+  }
+  const c = parsed.data;
+
+  const addr = parseAddr(c.addr);
+  if (typeof addr === 'string') problems.push(`${origin.get('addr') ?? 'addr'}: ${addr}`);
+
+  const masterKey = resolveMasterKey(c.master_key_file, origin, masterKeyInFile, configFile, env, problems);
+
+  if (c.admin_key !== undefined && c.admin_key_file !== undefined) {
+    problems.push(
+      `give the admin key once: ${origin.get('admin_key')} and ${origin.get('admin_key_file')} are both set`,
+    );
+  }
+  const names = new Set<string>();
+  const apiKeys = c.api_keys.map((k, i) => ({ name: k.name || `key-${i + 1}`, key: k.key }));
+  for (const k of apiKeys) {
+    if (names.has(k.name)) problems.push(`${origin.get('api_keys')}: API key name "${k.name}" is used twice`);
+    names.add(k.name);
+  }
+  if (
+    typeof addr !== 'string' &&
+    !isLoopback(addr.host) &&
+    apiKeys.length === 0 &&
+    origin.get('api_keys') === undefined
+  ) {
+    problems.push(
+      `${origin.get('addr') ?? 'addr'}: refusing to listen on ${addr.host}, beyond loopback, without API keys: ` +
+        'set PROGRESSDB_API_KEYS',
+    );
+  }
+  if (c.kms_mode === 'external' && (c.kms_tls_cert === undefined) !== (c.kms_tls_key === undefined)) {
+    problems.push('PROGRESSDB_KMS_TLS_CERT and PROGRESSDB_KMS_TLS_KEY must be given together');
+  }
+  if (problems.length > 0) throw configError(problems);
+
+  if (c.kms_mode === 'external' && c.use_encryption && masterKey !== null) {
+    throw kmsError(
+      'MASTER_KEY_REFUSED',
+      `a master key was given (${describeMasterKey(masterKey)}) but PROGRESSDB_KMS_MODE is external: ` +
+        'the external KMS (progressdb-kms) must hold the master key; remove it from the server configuration',
+    );
+  }
+
+  const dataDir = path.resolve(c.data_dir);
+  const { host, port } = addr as { host: string; port: number };
+  return {
+    dataDir,
+    host,
+    port,
+    useEncryption: c.use_encryption,
+    kmsMode: c.kms_mode,
+    kmsDataDir: path.resolve(c.kms_data_dir ?? path.join(dataDir, 'kms')),
+    masterKey,
+    kmsEndpoint: c.kms_endpoint,
+    kmsTls: {
+      ...(c.kms_tls_ca !== undefined && { ca: path.resolve(c.kms_tls_ca) }),
+      ...(c.kms_tls_cert !== undefined && { cert: path.resolve(c.kms_tls_cert) }),
+      ...(c.kms_tls_key !== undefined && { key: path.resolve(c.kms_tls_key) }),
+    },
+    kmsToken: c.kms_token,
+    kmsTimeoutMs: c.kms_timeout_ms,
+    apiKeys,
+    adminKey:
+      c.admin_key !== undefined
+        ? { kind: 'value', value: c.admin_key }
+        : c.admin_key_file !== undefined
+          ? { kind: 'file', path: path.resolve(c.admin_key_file) }
+          : null,
+    encryptionFields: c.encryption_fields?.length ? c.encryption_fields.map(fieldPath) : null,
+    maxBodyBytes: c.max_body_bytes,
+    jobBatchSize: c.job_batch_size,
+    jobPauseMs: c.job_pause_ms,
+    logLevel: c.log_level,
+    configFile,
+  };
+}
+
+/** `body.attachments.*.url` → ['attachments', '*', 'url']: paths are relative to the body. */
+function fieldPath(spec: string): string[] {
+  const parts = spec.split('.');
+  return parts[0] === 'body' && parts.length > 1 ? parts.slice(1) : parts;
+}
+
+function resolveMasterKey(
+  fileSetting: string | undefined,
+  origin: Map<string, string>,
+  masterKeyInFile: boolean,
+  configFile: string | undefined,
+  env: NodeJS.ProcessEnv,
+  problems: string[],
+): MasterKeySource | null {
+  // Presence checks only (`in`): the value of a key-holding variable is never read here.
+  const fromEnv: MasterKeySource[] = [];
+  if (origin.get('master_key_file') === ENV_NAMES.master_key_file && fileSetting !== undefined) {
+    fromEnv.push({ kind: 'file', path: path.resolve(fileSetting) });
+  }
+  const envNameVar = env[MASTER_KEY_ENV_NAME_ENV];
+  if (envNameVar !== undefined && envNameVar !== '') fromEnv.push({ kind: 'env', name: envNameVar });
+  else if (MASTER_KEY_VALUE_ENV in env) fromEnv.push({ kind: 'env', name: MASTER_KEY_VALUE_ENV });
+  if (fromEnv.length > 1) {
+    problems.push(
+      `give the master key once: ${ENV_NAMES.master_key_file} and ${MASTER_KEY_VALUE_ENV}` +
+        `/${MASTER_KEY_ENV_NAME_ENV} are both set`,
+    );
+    return null;
+  }
+  if (fromEnv[0]) return fromEnv[0];
+  if (fileSetting !== undefined && masterKeyInFile) {
+    problems.push('config file: give either master_key_file or master_key, not both');
+    return null;
+  }
+  if (fileSetting !== undefined) return { kind: 'file', path: path.resolve(fileSetting) };
+  if (masterKeyInFile && configFile) return { kind: 'config', path: configFile };
+  return null;
+}
+
+function describeMasterKey(source: MasterKeySource): string {
+  switch (source.kind) {
+    case 'file':
+      return `master key file ${source.path}`;
+    case 'env':
+      return `environment variable ${source.name}`;
+    case 'config':
+      return `master_key in ${source.path}`;
+  }
+}
+
+function configError(problems: string[]) {
+  return kmsError('CONFIG_INVALID', `invalid configuration:\n  - ${problems.join('\n  - ')}`, { problems });
+}

@@ -1,0 +1,30 @@
+/** What every route file is given: the server's parts, built once at start-up. */
+import type Router from '@koa/router';
+import type { Context } from 'koa';
+import type { ServerConfig } from '../config.js';
+import type { Logger } from '../log.js';
+import type { CallContext, Kms } from '../protocol.js';
+import type { Caller, KeyRing } from './auth.js';
+import type { JobRunner } from './jobs.js';
+import type { ServerMetrics } from './metrics.js';
+import type { ChatService } from './service.js';
+
+export interface AppParts {
+  config: ServerConfig;
+  service: ChatService;
+  jobs: JobRunner;
+  /** null when encryption is off. */
+  kms: Kms | null;
+  keys: KeyRing;
+  metrics: ServerMetrics;
+  logger: Logger;
+  startedAt: Date;
+}
+
+export type RouteGroup = (router: Router, parts: AppParts) => void;
+
+/** The audit identity of the request: the API key's name and the peer address. */
+export function callContext(ctx: Context): CallContext {
+  const caller = ctx.state.caller as Caller | undefined;
+  return { caller: caller?.name ?? 'anonymous', remoteAddress: ctx.ip };
+}

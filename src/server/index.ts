@@ -1,0 +1,185 @@
+/**
+ * Starts the progressdb server from a validated config: store, KMS (embedded or external), HTTP
+ * listener, resumed admin jobs; and stops it gracefully.
+ */
+import { readFileSync } from 'node:fs';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import type { ServerConfig } from '../config.js';
+import { kmsError, toCodedError } from '../errors.js';
+import { createKms } from '../kms/index.js';
+import type { Logger } from '../log.js';
+import type { Kms } from '../protocol.js';
+import { createApp } from './app.js';
+import { KeyRing } from './auth.js';
+import { BodyCodec } from './encryption.js';
+import { IdGenerator } from './ids.js';
+import { JobRunner } from './jobs.js';
+import { ServerMetrics } from './metrics.js';
+import { ChatService } from './service.js';
+import { Store } from './store.js';
+
+/** How long a graceful stop waits for in-flight requests before closing their connections. */
+const DRAIN_MS = 10_000;
+
+export interface RunningServer {
+  url: string;
+  close(): Promise<void>;
+}
+
+/** Reads the admin key (a bearer secret for this server, not key material of the KMS). */
+export function readAdminKey(config: ServerConfig): string {
+  const source = config.adminKey;
+  if (source === null)
+    throw kmsError('CONFIG_INVALID', 'no admin key configured: set PROGRESSDB_ADMIN_KEY_FILE');
+  if (source.kind === 'value') return source.value;
+  let text: string;
+  try {
+    text = readFileSync(source.path, 'utf8').trim();
+  } catch (err) {
+    throw kmsError(
+      'CONFIG_INVALID',
+      `cannot read admin key file ${source.path}: ${(err as NodeJS.ErrnoException).code}`,
+    );
+  }
+  if (text.length < 16)
+    throw kmsError('CONFIG_INVALID', `admin key in ${source.path} is shorter than 16 characters`);
+  return text;
+}
+
+async function openKms(config: ServerConfig, logger: Logger): Promise<Kms> {
+  if (config.kmsMode === 'external') {
+    const transport = config.kmsEndpoint.startsWith('tcp://') ? 'tcp' : 'http';
+    const tls = Object.keys(config.kmsTls).length > 0 ? config.kmsTls : undefined;
+    // TEMPORARY until src/remote lands (issue 3): typed locally, switched to a static import then.
+    const remoteModule = '../remote/index.js';
+    const { createRemoteKms } = (await import(remoteModule)) as {
+      createRemoteKms: (opts: Record<string, unknown>) => Kms;
+    };
+    return createRemoteKms({
+      endpoint: config.kmsEndpoint,
+      transport,
+      ...(tls && { tls }),
+      ...(config.kmsToken !== undefined && { token: config.kmsToken }),
+      timeoutMs: config.kmsTimeoutMs,
+    });
+  }
+  const key = config.masterKey;
+  if (key === null) {
+    throw kmsError('MASTER_KEY_MISSING', 'no master key configured: set PROGRESSDB_KMS_MASTER_KEY_FILE');
+  }
+  return createKms({
+    dataDir: config.kmsDataDir,
+    ...(key.kind === 'file' && { masterKeyFile: key.path }),
+    ...(key.kind === 'env' && { masterKeyEnv: key.name }),
+    ...(key.kind === 'config' && { masterKeyConfigFile: key.path }),
+    logger: logger.child({ component: 'kms' }),
+  });
+}
+
+export async function startServer(config: ServerConfig, logger: Logger): Promise<RunningServer> {
+  const adminKey = readAdminKey(config);
+  const store = Store.open(config.dataDir);
+  let kms: Kms | null = null;
+  try {
+    if (!config.useEncryption && store.holdsEncryptedData()) {
+      throw kmsError(
+        'CONFIG_INVALID',
+        `the data dir ${config.dataDir} holds encrypted threads: start with PROGRESSDB_USE_ENCRYPTION=true`,
+      );
+    }
+    if (config.useEncryption) {
+      kms = await openKms(config, logger);
+      await checkKms(kms, config);
+    }
+    return await listen(config, logger, store, kms, adminKey);
+  } catch (err) {
+    await kms?.close().catch(() => undefined);
+    await store.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+async function checkKms(kms: Kms, config: ServerConfig): Promise<void> {
+  const where = config.kmsMode === 'external' ? `external KMS at ${config.kmsEndpoint}` : 'embedded KMS';
+  try {
+    const health = await kms.health();
+    if (!health.ok) throw kmsError('KMS_UNAVAILABLE', `${where} reports it is not ready`);
+  } catch (thrown) {
+    const err = toCodedError(thrown);
+    throw kmsError(
+      err.code === 'INTERNAL' ? 'KMS_UNAVAILABLE' : err.code,
+      `cannot reach the ${where}: ${err.message}`,
+    );
+  }
+}
+
+async function listen(
+  config: ServerConfig,
+  logger: Logger,
+  store: Store,
+  kms: Kms | null,
+  adminKey: string,
+): Promise<RunningServer> {
+  const metrics = new ServerMetrics();
+  const codec = new BodyCodec(kms, config.encryptionFields);
+  const service = new ChatService(store, kms, codec, new IdGenerator(), metrics, logger, config.jobBatchSize);
+  const jobs = new JobRunner(service, metrics, logger, config.jobBatchSize, config.jobPauseMs);
+  const app = createApp({
+    config,
+    service,
+    jobs,
+    kms,
+    keys: new KeyRing(config.apiKeys, adminKey),
+    metrics,
+    logger,
+    startedAt: new Date(),
+  });
+
+  const server: Server = createServer(app.callback());
+  const sockets = new Set<Socket>();
+  server.on('connection', (s) => {
+    sockets.add(s);
+    s.once('close', () => sockets.delete(s));
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(config.port, config.host, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  const address = server.address() as AddressInfo;
+  const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+  const url = `http://${host}:${address.port}`;
+  jobs.resumeAll();
+  logger.info(
+    {
+      url,
+      encryption: config.useEncryption,
+      kmsMode: config.useEncryption ? config.kmsMode : null,
+      dataDir: config.dataDir,
+      fieldPolicy: config.encryptionFields?.map((p) => p.join('.')) ?? 'whole body',
+    },
+    'progressdb listening',
+  );
+
+  let closing: Promise<void> | undefined;
+  const close = () => {
+    closing ??= (async () => {
+      const drained = new Promise<void>((resolve) => server.close(() => resolve()));
+      server.closeIdleConnections();
+      const timer = setTimeout(() => {
+        for (const s of sockets) s.destroy();
+      }, DRAIN_MS);
+      await drained;
+      clearTimeout(timer);
+      await jobs.stop();
+      await kms?.close();
+      await store.close();
+      logger.info('progressdb stopped');
+    })();
+    return closing;
+  };
+  return { url, close };
+}

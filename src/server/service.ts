@@ -1,0 +1,219 @@
+/**
+ * Thread and message operations behind the HTTP routes: what to encrypt with which key, in which
+ * order to talk to the KMS and the store so that a failure never leaves a half-written message.
+ */
+import { type CodedError, ServiceError, UserError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { CallContext, ItemResult, Kms } from '../protocol.js';
+import { BodyCodec } from './encryption.js';
+import type { IdGenerator } from './ids.js';
+import type { ServerMetrics } from './metrics.js';
+import type { MessageContent, MessageRecord, Page, Store, ThreadRecord } from './store.js';
+
+/** Attempts at a message write whose content went stale meanwhile (thread re-keyed). */
+const WRITE_ATTEMPTS = 5;
+
+export interface MessageView {
+  id: string;
+  thread_id: string;
+  body?: unknown;
+  error?: { code: string; message: string };
+  encrypted: boolean;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface ThreadView {
+  id: string;
+  title: string | null;
+  encrypted: boolean;
+  created_at: string;
+  updated_at: string;
+}
+
+export function threadView(t: ThreadRecord): ThreadView {
+  return {
+    id: t.id,
+    title: t.title,
+    encrypted: t.keyId !== null,
+    created_at: t.createdAt,
+    updated_at: t.updatedAt,
+  };
+}
+
+function messageView(threadId: string, r: MessageRecord, body: ItemResult<unknown>): MessageView {
+  const view: MessageView = {
+    id: r.id,
+    thread_id: threadId,
+    encrypted: r.ct !== undefined,
+    created_at: r.createdAt,
+    updated_at: r.updatedAt,
+  };
+  if (body.ok) view.body = body.value;
+  else view.error = { code: body.error.code, message: body.error.message };
+  return view;
+}
+
+export class ChatService {
+  constructor(
+    readonly store: Store,
+    /** null when encryption is off. */
+    readonly kms: Kms | null,
+    readonly codec: BodyCodec,
+    private readonly ids: IdGenerator,
+    private readonly metrics: ServerMetrics,
+    private readonly logger: Logger,
+    private readonly purgeBatchSize: number,
+  ) {}
+
+  // ------------------------------------------------------------------------------------------
+  // threads
+
+  /** Provisions the thread's DEK before anything is stored, so an acknowledged thread has one. */
+  async createThread(title: string | null, ctx: CallContext): Promise<ThreadRecord> {
+    const id = this.ids.next();
+    const keyId = this.kms ? (await this.kms.createDekForThread(id, ctx)).keyId : null;
+    const now = new Date().toISOString();
+    const record: ThreadRecord = {
+      id,
+      title,
+      createdAt: now,
+      updatedAt: now,
+      keyId,
+      minKeyVersion: 0,
+      deleting: false,
+    };
+    await this.store.createThread(record);
+    return record;
+  }
+
+  thread(id: string): ThreadRecord {
+    const t = this.store.liveThread(id);
+    if (!t) throw new UserError('NOT_FOUND', 'thread not found');
+    return t;
+  }
+
+  listThreads(limit: number, cursor: string | undefined): Page<ThreadRecord> {
+    return this.store.listThreads(limit, cursor);
+  }
+
+  /**
+   * Marks the thread deleted (gone for the API at once), destroys its DEK in the KMS
+   * (crypto-shredding: no copy of the data dir can be read after this), then removes its records.
+   * A crash or KMS outage in between leaves a `delete:` job that is finished later.
+   */
+  async deleteThread(id: string, ctx: CallContext): Promise<void> {
+    const t = this.store.getThread(id);
+    if (!t) throw new UserError('NOT_FOUND', 'thread not found');
+    await this.store.markDeleting(id);
+    await this.finishDelete(id, t.keyId, ctx);
+  }
+
+  async finishDelete(threadId: string, keyId: string | null, ctx: CallContext): Promise<void> {
+    if (keyId !== null) {
+      const kms = this.requireKms();
+      try {
+        const result = await kms.destroyDek(keyId, ctx);
+        this.logger.info(
+          { threadId, keyId, destroyedVersions: result.destroyedVersions },
+          'thread deleted: its DEK was destroyed (crypto-shredded)',
+        );
+      } catch (err) {
+        // Already gone (a retry after a crash between destroy and purge): nothing left to shred.
+        if ((err as CodedError).code !== 'KEY_NOT_FOUND') throw err;
+      }
+    }
+    await this.store.purgeThread(threadId, this.purgeBatchSize);
+  }
+
+  /** The thread's DEK, creating it for a thread written while encryption was off. */
+  async ensureThreadKey(t: ThreadRecord, ctx: CallContext): Promise<ThreadRecord> {
+    if (t.keyId !== null) return t;
+    const dek = await this.requireKms().createDekForThread(t.id, ctx);
+    const updated = await this.store.setThreadKey(t.id, dek.keyId);
+    if (!updated) throw new UserError('NOT_FOUND', 'thread not found');
+    return updated;
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // messages
+
+  async createMessage(threadId: string, body: unknown, ctx: CallContext): Promise<MessageView> {
+    return this.write(threadId, this.ids.next(), body, 'create', ctx);
+  }
+
+  async updateMessage(
+    threadId: string,
+    messageId: string,
+    body: unknown,
+    ctx: CallContext,
+  ): Promise<MessageView> {
+    this.thread(threadId);
+    if (!this.store.getMessage(threadId, messageId)) throw new UserError('NOT_FOUND', 'message not found');
+    return this.write(threadId, messageId, body, 'update', ctx);
+  }
+
+  /**
+   * Encrypts first, then stores in one transaction that re-checks the thread: a KMS failure stores
+   * nothing, and content made under a key the thread no longer accepts is made again.
+   */
+  private async write(
+    threadId: string,
+    messageId: string,
+    body: unknown,
+    mode: 'create' | 'update',
+    ctx: CallContext,
+  ): Promise<MessageView> {
+    for (let attempt = 0; attempt < WRITE_ATTEMPTS; attempt++) {
+      let t = this.thread(threadId);
+      if (this.kms && t.keyId === null) t = await this.ensureThreadKey(t, ctx);
+      const content: MessageContent =
+        t.keyId === null
+          ? BodyCodec.plain(body)
+          : await this.codec.seal(t.keyId, threadId, messageId, body, ctx);
+      const outcome = await this.store.writeMessage(threadId, messageId, content, mode);
+      if (outcome.ok) {
+        this.metrics.messagesWritten.inc({ encrypted: content.ct !== undefined ? 'true' : 'false' });
+        return messageView(threadId, outcome.record, { ok: true, value: body });
+      }
+      if (outcome.reason === 'thread-gone') throw new UserError('NOT_FOUND', 'thread not found');
+      if (outcome.reason === 'message-gone') throw new UserError('NOT_FOUND', 'message not found');
+    }
+    throw new ServiceError('NOT_READY', 'the thread is being re-keyed; retry the request');
+  }
+
+  async getMessage(threadId: string, messageId: string, ctx: CallContext): Promise<MessageView> {
+    const t = this.thread(threadId);
+    const r = this.store.getMessage(threadId, messageId);
+    if (!r) throw new UserError('NOT_FOUND', 'message not found');
+    const body = await this.codec.open(t.keyId, threadId, r, ctx);
+    return messageView(threadId, r, { ok: true, value: body });
+  }
+
+  /** One page, newest first, decrypted with one KMS call. Undecryptable messages carry an `error`. */
+  async listMessages(
+    threadId: string,
+    limit: number,
+    cursor: string | undefined,
+    ctx: CallContext,
+  ): Promise<{ messages: MessageView[]; next_cursor: string | null }> {
+    const t = this.thread(threadId);
+    const page = this.store.listMessages(threadId, limit, cursor);
+    const bodies = await this.codec.openPage(t.keyId, threadId, page.items, ctx);
+    return {
+      messages: page.items.map((r, i) => messageView(threadId, r, bodies[i]!)),
+      next_cursor: page.nextCursor,
+    };
+  }
+
+  async deleteMessage(threadId: string, messageId: string): Promise<void> {
+    const outcome = await this.store.removeMessage(threadId, messageId);
+    if (outcome === 'thread-gone') throw new UserError('NOT_FOUND', 'thread not found');
+    if (outcome === 'message-gone') throw new UserError('NOT_FOUND', 'message not found');
+  }
+
+  requireKms(): Kms {
+    if (!this.kms) throw new UserError('CONFLICT', 'encryption is off on this server');
+    return this.kms;
+  }
+}
