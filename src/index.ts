@@ -1,5 +1,13 @@
 /** Public entry of the `progressdb` package: the KMS as a library, its errors and protocol types. */
-export { createKms } from './kms/index.js';
-export type { KmsOptions } from './kms/options.js';
+
 export * from './errors.js';
+export type { EmbeddedKmsHandle } from './kms/index.js';
+export {
+  createKms,
+  generateMasterKey,
+  generateMasterKeyFile,
+  MAX_AAD_BYTES,
+  MAX_PLAINTEXT_BYTES,
+} from './kms/index.js';
+export type { KmsOptions } from './kms/options.js';
 export type * from './protocol.js';

@@ -118,7 +118,12 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     dataDir: path.resolve(dataDir),
     masterKey: resolveMasterKeyRef(opts),
     poolSize: checkRange('poolSize', poolSize, 1, 256),
-    maxBatch: checkRange('maxBatch', opts.maxBatch ?? envInt('PROGRESSDB_KMS_MAX_BATCH', 1, 4096) ?? 64, 1, 4096),
+    maxBatch: checkRange(
+      'maxBatch',
+      opts.maxBatch ?? envInt('PROGRESSDB_KMS_MAX_BATCH', 1, 4096) ?? 64,
+      1,
+      4096,
+    ),
     dekCacheSize: checkRange(
       'dekCacheSize',
       opts.dekCacheSize ?? envInt('PROGRESSDB_KMS_DEK_CACHE_SIZE', 1, 10_000_000) ?? 10_000,

@@ -1,0 +1,766 @@
+/**
+ * The embedded KMS: createKms() opens the registry and audit log, starts the crypto workers,
+ * checks the master key against the stored KEK, and serves the Kms interface.
+ *
+ * This is main-thread code: it handles wrapped keys, plaintext and ciphertext, never a raw key.
+ */
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { type CodedError, type ErrorCode, kmsError, toCodedError } from '../errors.js';
+import { CIPHERTEXT_OVERHEAD, ciphertextKeyVersion } from '../format.js';
+import { type Logger, silentLogger } from '../log.js';
+import {
+  type AuditFields,
+  type CallContext,
+  type CheckKekResult,
+  type DecryptItem,
+  type DekInfo,
+  type DekRef,
+  type DestroyResult,
+  type EncryptItem,
+  type EncryptResult,
+  type ItemResult,
+  type KekRef,
+  type Kms,
+  type KmsHealth,
+  type NewKekResult,
+  OpKind,
+  type OpKindValue,
+  type RotationStatus,
+  type VerifyAuditResult,
+} from '../protocol.js';
+import { AUDIT_FILE_NAME, AuditFile } from './audit-file.js';
+import { type DirLock, lockDataDir } from './dir-lock.js';
+import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from './options.js';
+import { CryptoPool, type PendingOp } from './pool.js';
+import { type DekRecord, type KekMeta, Registry } from './registry.js';
+import { KekRotation } from './rotation.js';
+
+export { AUDIT_FILE_NAME } from './audit-file.js';
+export type { KmsOptions } from './options.js';
+
+/** Largest plaintext (and so ciphertext) one operation takes. */
+export const MAX_PLAINTEXT_BYTES = 64 * 1024 * 1024;
+export const MAX_AAD_BYTES = 64 * 1024;
+const MAX_ID_LENGTH = 256;
+
+interface OpOutput {
+  output: Buffer;
+  keyVersion: number;
+}
+
+/** An op checked and resolved against the registry, ready to queue. */
+interface PreparedOp {
+  kind: OpKindValue;
+  deks: DekRef[];
+  input: Uint8Array | null;
+  aad: Uint8Array | null;
+  audit: AuditFields;
+  preError: ErrorCode | null;
+  message: string | undefined;
+}
+
+function checkId(name: string, value: unknown): string {
+  if (typeof value !== 'string' || value.length === 0 || value.length > MAX_ID_LENGTH) {
+    throw kmsError(
+      'INVALID_INPUT',
+      `${name} must be a non-empty string of at most ${MAX_ID_LENGTH} characters`,
+    );
+  }
+  return value;
+}
+
+function checkBytes(name: string, value: unknown, max: number): Uint8Array {
+  if (!(value instanceof Uint8Array))
+    throw kmsError('INVALID_INPUT', `${name} must be a Uint8Array or Buffer`);
+  if (value.length > max) throw kmsError('PAYLOAD_TOO_LARGE', `${name} is larger than ${max} bytes`);
+  return value;
+}
+
+function checkAad(value: unknown): Uint8Array | null {
+  return value === undefined || value === null ? null : checkBytes('aad', value, MAX_AAD_BYTES);
+}
+
+function dekRef(record: DekRecord, version: number): DekRef | undefined {
+  const v = record.versions.find((x) => x.v === version);
+  return v && { keyId: record.keyId, keyVersion: v.v, kekVersion: v.kek, wrapped: v.wrapped };
+}
+
+class EmbeddedKms implements Kms {
+  readonly #opts: ResolvedKmsOptions;
+  readonly #log: Logger;
+  readonly #registry: Registry;
+  readonly #pool: CryptoPool;
+  readonly #auditFile: AuditFile | null;
+  readonly #lock: DirLock;
+  readonly #kekRefs = new Map<number, KekRef>();
+  readonly #creating = new Map<string, Promise<DekInfo>>();
+  #kek: KekMeta = { kekId: '', activeVersion: 0, createdAt: '' };
+  #rotation!: KekRotation;
+  #closed = false;
+  #closing: Promise<void> | null = null;
+
+  constructor(
+    opts: ResolvedKmsOptions,
+    log: Logger,
+    registry: Registry,
+    auditFile: AuditFile | null,
+    lock: DirLock,
+  ) {
+    this.#opts = opts;
+    this.#log = log;
+    this.#registry = registry;
+    this.#auditFile = auditFile;
+    this.#lock = lock;
+    this.#pool = new CryptoPool({
+      threads: opts.poolSize,
+      maxBatch: opts.maxBatch,
+      init: {
+        masterKey: opts.masterKey,
+        dekCacheSize: opts.dekCacheSize,
+        evictChannel: `progressdb-kms-${process.pid}-${randomBytes(6).toString('hex')}`,
+        audit: opts.audit,
+      },
+      kekRef: (version) => this.#kekRef(version),
+      writeAudit: (lines) => this.#auditFile?.append(lines),
+      activeKekVersion: () => this.#kek.activeVersion,
+    });
+  }
+
+  /** First start creates KEK version 1; later starts prove the master key unwraps the active KEK. */
+  async start(): Promise<void> {
+    const existing = this.#registry.kekMeta();
+    if (existing === undefined) {
+      const kekId = `kek_${randomBytes(8).toString('hex')}`;
+      const created = await this.#pool.run<NewKekResult>({
+        type: 'new-kek',
+        kekId,
+        version: 1,
+        audit: { op: 'start', kekVersion: 1, detail: 'new data directory: created KEK version 1' },
+      });
+      this.#writeAudit(created.auditLines);
+      const now = new Date().toISOString();
+      const meta: KekMeta = { kekId, activeVersion: 1, createdAt: now };
+      await this.#registry.initKek(meta, {
+        kekId,
+        version: 1,
+        wrapped: created.wrapped,
+        createdAt: now,
+        refs: 0,
+      });
+    }
+    this.#kek = this.#registry.kekMeta()!;
+    const active = this.#kekRef(this.#kek.activeVersion);
+    if (active === undefined)
+      throw kmsError('STORE_CORRUPT', 'the active KEK version is missing from the registry');
+    if (existing !== undefined) {
+      const check = await this.#pool.run<CheckKekResult>({
+        type: 'check-kek',
+        kek: active,
+        audit: { op: 'start', kekVersion: active.version, detail: `pid ${process.pid}` },
+      });
+      this.#writeAudit(check.auditLines);
+      if (!check.ok) {
+        throw kmsError(
+          'MASTER_KEY_MISMATCH',
+          `the master key does not match the data directory ${this.#opts.dataDir}: it cannot unwrap the stored KEK. ` +
+            'Nothing was changed. Use the master key this directory was created with.',
+        );
+      }
+    }
+    this.#rotation = new KekRotation({
+      registry: this.#registry,
+      pool: this.#pool,
+      batchSize: this.#opts.rotationBatchSize,
+      kekId: () => this.#kek.kekId,
+      newKek: async (version, audit) => {
+        const result = await this.#pool.run<NewKekResult>({
+          type: 'new-kek',
+          kekId: this.#kek.kekId,
+          version,
+          audit,
+        });
+        this.#writeAudit(result.auditLines);
+        return result.wrapped;
+      },
+      note: (audit) => this.#run(OpKind.note, [], null, null, audit, null).then(() => undefined),
+      onActiveChanged: (version) => {
+        this.#kek = { ...this.#kek, activeVersion: version };
+      },
+    });
+    if (this.#rotation.interrupted && this.#opts.resumeRotation) {
+      this.#log.warn('resuming an interrupted KEK rotation');
+      this.#rotation.run({ caller: 'kms-startup' }).catch((err) => {
+        this.#log.error(
+          { code: toCodedError(err).code },
+          'resumed KEK rotation failed; it will resume on the next call',
+        );
+      });
+    }
+  }
+
+  #writeAudit(lines: Uint8Array | null): void {
+    if (lines !== null) this.#auditFile?.append(lines);
+  }
+
+  #kekRef(version: number): KekRef | undefined {
+    let ref = this.#kekRefs.get(version);
+    if (ref === undefined) {
+      const record = this.#registry.kek(version);
+      if (record === undefined) return undefined;
+      ref = { kekId: record.kekId, version: record.version, wrapped: record.wrapped };
+      this.#kekRefs.set(version, ref);
+    }
+    return ref;
+  }
+
+  #audit(
+    op: string,
+    ctx: CallContext | undefined,
+    keyId?: string,
+    record?: DekRecord,
+    kekVersion?: number,
+  ): AuditFields {
+    return {
+      op,
+      keyId,
+      threadId: record?.threadId,
+      kekVersion,
+      caller: ctx?.caller ?? 'embedded',
+      remote: ctx?.remoteAddress,
+    };
+  }
+
+  /** Queues one op; the callback form lets batch callers avoid a promise per item. */
+  #enqueue(
+    kind: OpKindValue,
+    deks: DekRef[],
+    input: Uint8Array | null,
+    aad: Uint8Array | null,
+    audit: AuditFields | null,
+    preError: ErrorCode | null,
+    done: PendingOp['done'],
+  ): void {
+    if (this.#closed) {
+      done('NOT_READY', null, 0);
+      return;
+    }
+    if (!this.#opts.audit && (kind === OpKind.note || preError !== null)) {
+      // Nothing to sign and nothing to compute: settle without a worker trip.
+      done(preError, preError === null ? Buffer.alloc(0) : null, 0);
+      return;
+    }
+    this.#pool.enqueue({ kind, deks, input, aad, audit: this.#opts.audit ? audit : null, preError, done });
+  }
+
+  #run(
+    kind: OpKindValue,
+    deks: DekRef[],
+    input: Uint8Array | null,
+    aad: Uint8Array | null,
+    audit: AuditFields | null,
+    preError: ErrorCode | null,
+    message?: string,
+  ): Promise<OpOutput> {
+    return new Promise((resolve, reject) => {
+      this.#enqueue(kind, deks, input, aad, audit, preError, (error, output, keyVersion) => {
+        if (error === null) resolve({ output: output!, keyVersion });
+        else reject(kmsError(error, error === preError ? message : undefined));
+      });
+    });
+  }
+
+  /** Looks a key up for use; a miss becomes a pre-dispatch error so that it is audited too. */
+  #activeRecord(keyId: string): DekRecord | undefined {
+    const record = this.#registry.dek(keyId);
+    return record?.state === 'active' ? record : undefined;
+  }
+
+  #info(record: DekRecord): DekInfo {
+    const current = record.versions.find((v) => v.v === record.current)!;
+    return {
+      keyId: record.keyId,
+      threadId: record.threadId,
+      kekId: this.#kek.kekId,
+      kekVersion: current.kek,
+      keyVersion: record.current,
+      wrapped: Buffer.from(current.wrapped),
+      createdAt: record.createdAt,
+    };
+  }
+
+  // --- create / get ------------------------------------------------------------------------
+
+  createDekForThread(threadId: string, ctx?: CallContext): Promise<DekInfo> {
+    let id: string;
+    try {
+      id = checkId('thread_id', threadId);
+    } catch (err) {
+      return this.#auditedFailure('create_dek_for_thread', ctx, err as CodedError);
+    }
+    const existingId = this.#registry.keyIdForThread(id);
+    const existing = existingId === undefined ? undefined : this.#activeRecord(existingId);
+    if (existing !== undefined) {
+      const audit = this.#audit(
+        'create_dek_for_thread',
+        ctx,
+        existing.keyId,
+        existing,
+        existing.versions.at(-1)?.kek,
+      );
+      return this.#run(OpKind.note, [], null, null, { ...audit, detail: 'existing' }, null).then(() =>
+        this.#info(existing),
+      );
+    }
+    // Concurrent calls for one thread share one creation; the registry transaction settles races
+    // with other processes' callers.
+    let pending = this.#creating.get(id);
+    if (pending === undefined) {
+      pending = this.#createDek(id, ctx).finally(() => this.#creating.delete(id));
+      this.#creating.set(id, pending);
+    }
+    return pending;
+  }
+
+  async #createDek(threadId: string, ctx: CallContext | undefined): Promise<DekInfo> {
+    const keyId = `dek_${randomBytes(16).toString('hex')}`;
+    const kekVersion = this.#kek.activeVersion;
+    const template: DekRef = { keyId, keyVersion: 1, kekVersion, wrapped: new Uint8Array(0) };
+    const audit = this.#audit('create_dek_for_thread', ctx, keyId, undefined, kekVersion);
+    const { output } = await this.#run(OpKind.generate, [template], null, null, { ...audit, threadId }, null);
+    const now = new Date().toISOString();
+    const stored = await this.#registry.createDek({
+      keyId,
+      threadId,
+      createdAt: now,
+      state: 'active',
+      current: 1,
+      versions: [{ v: 1, kek: kekVersion, wrapped: Buffer.from(output), createdAt: now }],
+    });
+    return this.#info(stored);
+  }
+
+  async getWrappedDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
+    const record = typeof keyId === 'string' ? this.#activeRecord(keyId) : undefined;
+    const preError = this.#idError(keyId) ?? (record === undefined ? 'KEY_NOT_FOUND' : null);
+    const audit = this.#audit('get_wrapped', ctx, typeof keyId === 'string' ? keyId : undefined, record);
+    await this.#run(OpKind.note, [], null, null, audit, preError, this.#notFoundMessage(keyId));
+    return this.#info(record!);
+  }
+
+  #idError(keyId: unknown): ErrorCode | null {
+    return typeof keyId !== 'string' || keyId.length === 0 || keyId.length > MAX_ID_LENGTH
+      ? 'INVALID_INPUT'
+      : null;
+  }
+
+  #notFoundMessage(keyId: unknown): string | undefined {
+    return typeof keyId === 'string' && keyId.length <= MAX_ID_LENGTH ? `no key ${keyId}` : undefined;
+  }
+
+  #auditedFailure<T>(op: string, ctx: CallContext | undefined, err: CodedError, keyId?: string): Promise<T> {
+    return this.#run(OpKind.note, [], null, null, this.#audit(op, ctx, keyId), err.code, err.message).then(
+      () => {
+        throw err;
+      },
+    );
+  }
+
+  // --- encrypt / decrypt -------------------------------------------------------------------
+
+  /**
+   * Prepares one encrypt, decrypt or reencrypt op. A validation failure or unknown key becomes a
+   * pre-dispatch error, which the worker still audits.
+   */
+  #prepare(
+    kind: OpKindValue,
+    op: string,
+    keyId: unknown,
+    data: unknown,
+    aad: unknown,
+    ctx: CallContext | undefined,
+  ): PreparedOp {
+    const id = typeof keyId === 'string' ? keyId : undefined;
+    let record: DekRecord | undefined;
+    let deks: DekRef[] = [];
+    try {
+      checkId('key_id', keyId);
+      const max = kind === OpKind.encrypt ? MAX_PLAINTEXT_BYTES : MAX_PLAINTEXT_BYTES + CIPHERTEXT_OVERHEAD;
+      const input = checkBytes(kind === OpKind.encrypt ? 'plaintext' : 'ciphertext', data, max);
+      const aadBytes = checkAad(aad);
+      record = this.#activeRecord(id!);
+      if (record === undefined) throw kmsError('KEY_NOT_FOUND', `no key ${id}`);
+      const current = dekRef(record, record.current)!;
+      if (kind === OpKind.encrypt) deks = [current];
+      else {
+        // A ciphertext names its DEK version; an unknown or destroyed version cannot decrypt.
+        const named = dekRef(record, ciphertextKeyVersion(input));
+        if (named === undefined) throw kmsError('DECRYPT_FAILED');
+        deks = kind === OpKind.decrypt ? [named] : [current, named];
+      }
+      const audit = this.#audit(op, ctx, id, record, deks[0]!.kekVersion);
+      return { kind, deks, input, aad: aadBytes, audit, preError: null, message: undefined };
+    } catch (err) {
+      const coded = toCodedError(err);
+      const audit = this.#audit(op, ctx, id, record);
+      return { kind, deks: [], input: null, aad: null, audit, preError: coded.code, message: coded.message };
+    }
+  }
+
+  #submit(
+    p: PreparedOp,
+    done: (error: CodedError | null, output: Buffer | null, keyVersion: number) => void,
+  ): void {
+    this.#enqueue(p.kind, p.deks, p.input, p.aad, p.audit, p.preError, (code, output, keyVersion) => {
+      done(
+        code === null ? null : kmsError(code, code === p.preError ? p.message : undefined),
+        output,
+        keyVersion,
+      );
+    });
+  }
+
+  #single(
+    kind: OpKindValue,
+    op: string,
+    keyId: string,
+    data: Uint8Array,
+    aad: Uint8Array | undefined,
+    ctx: CallContext | undefined,
+  ): Promise<OpOutput> {
+    const prepared = this.#prepare(kind, op, keyId, data, aad, ctx);
+    return new Promise((resolve, reject) => {
+      this.#submit(prepared, (error, output, keyVersion) => {
+        if (error === null) resolve({ output: output!, keyVersion });
+        else reject(error);
+      });
+    });
+  }
+
+  async encrypt(
+    keyId: string,
+    plaintext: Uint8Array,
+    aad?: Uint8Array,
+    ctx?: CallContext,
+  ): Promise<EncryptResult> {
+    const { output, keyVersion } = await this.#single(OpKind.encrypt, 'encrypt', keyId, plaintext, aad, ctx);
+    return { ciphertext: output, keyVersion };
+  }
+
+  async decrypt(keyId: string, ciphertext: Uint8Array, aad?: Uint8Array, ctx?: CallContext): Promise<Buffer> {
+    return (await this.#single(OpKind.decrypt, 'decrypt', keyId, ciphertext, aad, ctx)).output;
+  }
+
+  async reencrypt(
+    keyId: string,
+    ciphertext: Uint8Array,
+    aad?: Uint8Array,
+    ctx?: CallContext,
+  ): Promise<EncryptResult> {
+    const { output, keyVersion } = await this.#single(
+      OpKind.reencrypt,
+      'reencrypt',
+      keyId,
+      ciphertext,
+      aad,
+      ctx,
+    );
+    return { ciphertext: output, keyVersion };
+  }
+
+  /** Each item is its own op (so large batches spread over the workers) with its own result. */
+  #batch<T>(
+    kind: OpKindValue,
+    op: string,
+    items: readonly (EncryptItem | DecryptItem)[],
+    ctx: CallContext | undefined,
+    wrap: (output: Buffer, keyVersion: number) => T,
+  ): Promise<ItemResult<T>[]> {
+    if (!Array.isArray(items)) return Promise.reject(kmsError('INVALID_INPUT', 'items must be an array'));
+    const results: ItemResult<T>[] = new Array(items.length);
+    if (items.length === 0) return Promise.resolve(results);
+    const prepared = items.map((item) => {
+      const value = item as Partial<EncryptItem & DecryptItem> | null;
+      const data = kind === OpKind.encrypt ? value?.plaintext : value?.ciphertext;
+      return this.#prepare(kind, op, value?.keyId, data, value?.aad, ctx);
+    });
+    return new Promise((resolve) => {
+      let pending = items.length;
+      prepared.forEach((p, i) => {
+        this.#submit(p, (error, output, keyVersion) => {
+          results[i] = error === null ? { ok: true, value: wrap(output!, keyVersion) } : { ok: false, error };
+          if (--pending === 0) resolve(results);
+        });
+      });
+    });
+  }
+
+  encryptBatch(items: readonly EncryptItem[], ctx?: CallContext): Promise<ItemResult<EncryptResult>[]> {
+    return this.#batch(OpKind.encrypt, 'encrypt', items, ctx, (ciphertext, keyVersion) => ({
+      ciphertext,
+      keyVersion,
+    }));
+  }
+
+  decryptBatch(items: readonly DecryptItem[], ctx?: CallContext): Promise<ItemResult<Buffer>[]> {
+    return this.#batch(OpKind.decrypt, 'decrypt', items, ctx, (plaintext) => plaintext);
+  }
+
+  // --- key versions ------------------------------------------------------------------------
+
+  async rewrapDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
+    const record = await this.#requireKey('rewrap', keyId, ctx);
+    const target = this.#kek.activeVersion;
+    const rewrapped = await Promise.all(
+      record.versions.map(async (version) => {
+        const ref = dekRef(record, version.v)!;
+        const audit = {
+          ...this.#audit('rewrap', ctx, keyId, record, target),
+          detail: `key version ${version.v}`,
+        };
+        const { output } = await this.#run(OpKind.rewrap, [ref], null, null, audit, null);
+        return { v: version.v, from: version.wrapped, to: Buffer.from(output) };
+      }),
+    );
+    const updated = await this.#registry.updateDek(keyId, (current) => {
+      if (current.state !== 'active') throw kmsError('KEY_NOT_FOUND', `no key ${keyId}`);
+      let changed = false;
+      const versions = current.versions.map((v) => {
+        const r = rewrapped.find((x) => x.v === v.v);
+        if (r === undefined || Buffer.compare(r.from, v.wrapped) !== 0) return v;
+        changed = true;
+        return { ...v, kek: target, wrapped: r.to };
+      });
+      return changed ? { ...current, versions } : current;
+    });
+    return this.#info(updated);
+  }
+
+  async rotateDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
+    const record = await this.#requireKey('rotate_dek', keyId, ctx);
+    const version = Math.max(...record.versions.map((v) => v.v)) + 1;
+    const kekVersion = this.#kek.activeVersion;
+    const template: DekRef = { keyId, keyVersion: version, kekVersion, wrapped: new Uint8Array(0) };
+    const audit = {
+      ...this.#audit('rotate_dek', ctx, keyId, record, kekVersion),
+      detail: `new key version ${version}`,
+    };
+    const { output } = await this.#run(OpKind.generate, [template], null, null, audit, null);
+    const now = new Date().toISOString();
+    const updated = await this.#registry.updateDek(keyId, (current) => {
+      if (current.state !== 'active') throw kmsError('KEY_NOT_FOUND', `no key ${keyId}`);
+      if (current.versions.some((v) => v.v >= version)) {
+        throw kmsError('CONFLICT', `key ${keyId} was rotated concurrently; retry`);
+      }
+      return {
+        ...current,
+        current: version,
+        versions: [
+          ...current.versions,
+          { v: version, kek: kekVersion, wrapped: Buffer.from(output), createdAt: now },
+        ],
+      };
+    });
+    return this.#info(updated);
+  }
+
+  async destroyDekVersionsBefore(
+    keyId: string,
+    keepFromVersion: number,
+    ctx?: CallContext,
+  ): Promise<DestroyResult> {
+    if (!Number.isInteger(keepFromVersion) || keepFromVersion < 1) {
+      return this.#auditedFailure(
+        'destroy_dek_versions',
+        ctx,
+        kmsError('INVALID_INPUT', 'keep_from_version must be a positive integer'),
+        typeof keyId === 'string' ? keyId : undefined,
+      );
+    }
+    await this.#requireKey('destroy_dek_versions', keyId, ctx);
+    const destroyed: number[] = [];
+    const updated = await this.#registry.updateDek(keyId, (current) => {
+      if (current.state !== 'active') throw kmsError('KEY_NOT_FOUND', `no key ${keyId}`);
+      if (keepFromVersion > current.current) {
+        throw kmsError(
+          'INVALID_INPUT',
+          `keep_from_version ${keepFromVersion} is above the current version ${current.current}`,
+        );
+      }
+      const kept = current.versions.filter((v) => v.v >= keepFromVersion);
+      if (kept.length === current.versions.length) return current;
+      for (const v of current.versions) if (v.v < keepFromVersion) destroyed.push(v.v);
+      return { ...current, versions: kept };
+    });
+    this.#pool.evict(keyId);
+    const audit = {
+      ...this.#audit('destroy_dek_versions', ctx, keyId, updated),
+      detail: `destroyed [${destroyed.join(',')}]`,
+    };
+    await this.#run(OpKind.note, [], null, null, audit, null);
+    return { keyId, destroyedVersions: destroyed };
+  }
+
+  async destroyDek(keyId: string, ctx?: CallContext): Promise<DestroyResult> {
+    const preError = this.#idError(keyId);
+    const record = preError === null ? this.#registry.dek(keyId) : undefined;
+    if (preError !== null || record === undefined) {
+      const audit = this.#audit('destroy_dek', ctx, typeof keyId === 'string' ? keyId : undefined);
+      await this.#run(
+        OpKind.note,
+        [],
+        null,
+        null,
+        audit,
+        preError ?? 'KEY_NOT_FOUND',
+        this.#notFoundMessage(keyId),
+      );
+    }
+    const destroyed: number[] = [];
+    const updated = await this.#registry.updateDek(keyId, (current) => {
+      if (current.state === 'destroyed') return current;
+      destroyed.push(...current.versions.map((v) => v.v));
+      return { ...current, state: 'destroyed', versions: [], destroyedAt: new Date().toISOString() };
+    });
+    this.#pool.evict(keyId);
+    const audit = {
+      ...this.#audit('destroy_dek', ctx, keyId, updated),
+      detail: `destroyed [${destroyed.join(',')}]`,
+    };
+    await this.#run(OpKind.note, [], null, null, audit, null);
+    return { keyId, destroyedVersions: destroyed };
+  }
+
+  /** Resolves an active key or fails with an audited KEY_NOT_FOUND / INVALID_INPUT. */
+  async #requireKey(op: string, keyId: unknown, ctx: CallContext | undefined): Promise<DekRecord> {
+    const preError = this.#idError(keyId);
+    const record = preError === null ? this.#activeRecord(keyId as string) : undefined;
+    if (record === undefined) {
+      const audit = this.#audit(op, ctx, typeof keyId === 'string' ? keyId : undefined);
+      await this.#run(
+        OpKind.note,
+        [],
+        null,
+        null,
+        audit,
+        preError ?? 'KEY_NOT_FOUND',
+        this.#notFoundMessage(keyId),
+      );
+    }
+    return record!;
+  }
+
+  // --- KEK rotation ------------------------------------------------------------------------
+
+  rotateKek(ctx?: CallContext): Promise<RotationStatus> {
+    if (this.#closed) return Promise.reject(kmsError('NOT_READY', 'the KMS is closed'));
+    return this.#rotation.run(ctx);
+  }
+
+  async startKekRotation(ctx?: CallContext): Promise<RotationStatus> {
+    if (this.#closed) throw kmsError('NOT_READY', 'the KMS is closed');
+    const running = this.#rotation.run(ctx);
+    running.catch((err) => {
+      this.#log.error(
+        { code: toCodedError(err).code },
+        'KEK rotation failed; it will resume on the next call',
+      );
+    });
+    // Let the rotation take its first step so the status shows it running.
+    await new Promise((resolve) => setImmediate(resolve));
+    return this.#rotation.status();
+  }
+
+  async rotationStatus(): Promise<RotationStatus> {
+    return this.#rotation.status();
+  }
+
+  async health(): Promise<KmsHealth> {
+    return {
+      ok: !this.#closed && !(this.#auditFile?.failed ?? false),
+      mode: 'embedded',
+      kekId: this.#kek.kekId,
+      activeKekVersion: this.#kek.activeVersion,
+      dekCount: this.#registry.dekCount(),
+      poolThreads: this.#pool.threads,
+      queueDepth: this.#pool.queueDepth,
+      rotation: this.#rotation.status(),
+    };
+  }
+
+  /** Verifies this data directory's audit log inside a worker. */
+  verifyAudit(): Promise<VerifyAuditResult> {
+    return this.#pool.run<VerifyAuditResult>({
+      type: 'verify-audit',
+      path: path.join(this.#opts.dataDir, AUDIT_FILE_NAME),
+    });
+  }
+
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close(): Promise<void> {
+    await this.#rotation?.stop();
+    await this.#pool.idle();
+    if (this.#opts.audit && !(this.#auditFile?.failed ?? true)) {
+      await this.#run(OpKind.note, [], null, null, { op: 'stop', detail: `pid ${process.pid}` }, null).catch(
+        () => {},
+      );
+    }
+    this.#closed = true;
+    await this.#pool.close();
+    this.#auditFile?.close();
+    await this.#registry.close();
+    this.#lock.release();
+  }
+
+  /** Used when start-up fails half-way: release everything without writing more. */
+  async abort(): Promise<void> {
+    this.#closed = true;
+    await this.#pool.close().catch(() => {});
+    this.#auditFile?.close();
+    await this.#registry.close().catch(() => {});
+    this.#lock.release();
+  }
+}
+
+export type EmbeddedKmsHandle = Kms & { verifyAudit(): Promise<VerifyAuditResult> };
+
+/**
+ * Opens the KMS on a data directory. Fails (and releases everything) with a clear CodedError when
+ * the directory is locked, the audit log is not writable, or the master key is missing, malformed
+ * or does not match the stored KEK. Nothing stored is changed by a failed start.
+ */
+export async function createKms(options: KmsOptions = {}): Promise<EmbeddedKmsHandle> {
+  const opts = resolveKmsOptions(options);
+  const log = options.logger ?? silentLogger;
+  fs.mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
+  const lock = lockDataDir(opts.dataDir);
+  let auditFile: AuditFile | null = null;
+  let registry: Registry | null = null;
+  try {
+    auditFile = opts.audit
+      ? AuditFile.open(path.join(opts.dataDir, AUDIT_FILE_NAME), opts.auditFsyncMs)
+      : null;
+    registry = Registry.open(opts.dataDir);
+  } catch (err) {
+    auditFile?.close();
+    lock.release();
+    throw toCodedError(err);
+  }
+  const kms = new EmbeddedKms(opts, log, registry, auditFile, lock);
+  try {
+    await kms.start();
+  } catch (err) {
+    await kms.abort();
+    const coded = toCodedError(err);
+    // An audit write failing during start-up means the log is not writable.
+    throw coded.code === 'AUDIT_WRITE_FAILED' ? kmsError('AUDIT_UNWRITABLE', coded.message) : coded;
+  }
+  return kms;
+}
+
+export { generateMasterKey, generateMasterKeyFile } from './keygen.js';

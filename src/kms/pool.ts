@@ -1,0 +1,299 @@
+/**
+ * The crypto worker pool and its micro-batcher.
+ *
+ * A Piscina task costs ~40 µs of round trip, several times a 1 KiB AES-GCM operation, so
+ * concurrent operations are coalesced: each op is queued, and queued ops leave as one task with
+ * all their bytes packed into one transferred ArrayBuffer. When the pool is idle an op leaves at
+ * the end of the current microtask turn (lowest latency for a lone caller); while tasks are in
+ * flight ops wait for the next event-loop turn, so batches fill up under load.
+ */
+import { BroadcastChannel } from 'node:worker_threads';
+import { Piscina } from 'piscina';
+import { type ErrorCode, toCodedError } from '../errors.js';
+import {
+  type AuditFields,
+  type BatchResult,
+  type BatchTask,
+  type DekRef,
+  type KekRef,
+  OP_SLOTS,
+  OpKind,
+  type OpKindValue,
+  RESULT_SLOTS,
+  type WorkerInit,
+  type WorkerTask,
+} from '../protocol.js';
+
+/** Settles one op: `error` null on success, with the output bytes and the DEK version used. */
+export type OpCallback = (error: ErrorCode | null, output: Buffer | null, keyVersion: number) => void;
+
+export interface PendingOp {
+  kind: OpKindValue;
+  /** For reencrypt: [current, source]. For generate: a template (wrapped is empty). */
+  deks: DekRef[];
+  input: Uint8Array | null;
+  aad: Uint8Array | null;
+  audit: AuditFields | null;
+  preError: ErrorCode | null;
+  done: OpCallback;
+}
+
+export interface PoolOptions {
+  threads: number;
+  maxBatch: number;
+  init: WorkerInit;
+  /** KEK records the batch needs, by version (main-thread cache of wrapped KEKs). */
+  kekRef: (version: number) => KekRef | undefined;
+  /** Called with each task's signed audit lines before its ops settle; throws to fail them. */
+  writeAudit: (lines: Uint8Array) => void;
+  activeKekVersion: () => number;
+}
+
+/** Bytes packed into one task before it leaves even if it has fewer than maxBatch ops. */
+const MAX_TASK_BYTES = 1 << 20;
+
+const EMPTY = new Uint8Array(0);
+
+/** URL of a file in workers/. Under tsx (tests) this module is .ts and so are they; built, .js. */
+export function workerFile(name: 'crypto' | 'keygen'): string {
+  const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
+  return new URL(`../../workers/${name}${ext}`, import.meta.url).href;
+}
+
+/** Maps an error thrown in a worker (`[CODE] message`) back to a CodedError. */
+export function fromWorkerError(err: unknown): ReturnType<typeof toCodedError> {
+  const message = err instanceof Error ? err.message : String(err);
+  const match = /^\[([A-Z_]+)\] ([\s\S]*)$/.exec(message);
+  if (match) return toCodedError({ code: match[1], message: match[2] });
+  return toCodedError(err);
+}
+
+export class CryptoPool {
+  readonly #piscina: Piscina;
+  readonly #opts: PoolOptions;
+  readonly #channel: BroadcastChannel;
+  readonly #maxInFlight: number;
+  #queue: PendingOp[] = [];
+  #inFlight = 0;
+  #scheduled = false;
+  #idleWaiters: (() => void)[] = [];
+
+  constructor(opts: PoolOptions) {
+    this.#opts = opts;
+    this.#piscina = new Piscina({
+      filename: workerFile('crypto'),
+      minThreads: opts.threads,
+      maxThreads: opts.threads,
+      idleTimeout: Number.POSITIVE_INFINITY,
+      concurrentTasksPerWorker: 1,
+      workerData: opts.init,
+      // Without it, deep queues starve some tasks for hundreds of ms.
+      stricterFIFO: true,
+    });
+    // Two tasks per worker in flight: the next batch waits in Piscina's queue while one runs, so
+    // a worker never idles for a round trip.
+    this.#maxInFlight = opts.threads * 2;
+    this.#channel = new BroadcastChannel(opts.init.evictChannel);
+    this.#channel.unref();
+  }
+
+  get threads(): number {
+    return this.#piscina.threads.length;
+  }
+
+  /** Ops waiting for a task plus tasks waiting for a worker. */
+  get queueDepth(): number {
+    return this.#queue.length + this.#piscina.queueSize;
+  }
+
+  /** Runs a non-batch task (KEK creation, start-up check, audit verification). */
+  async run<T>(task: WorkerTask): Promise<T> {
+    try {
+      return (await this.#piscina.run(task)) as T;
+    } catch (err) {
+      throw fromWorkerError(err);
+    }
+  }
+
+  enqueue(op: PendingOp): void {
+    this.#queue.push(op);
+    if (this.#queue.length >= this.#opts.maxBatch && this.#inFlight < this.#maxInFlight) {
+      this.#drain();
+    } else if (!this.#scheduled) {
+      this.#scheduled = true;
+      if (this.#inFlight === 0) queueMicrotask(this.#onSchedule);
+      else setImmediate(this.#onSchedule);
+    }
+  }
+
+  readonly #onSchedule = (): void => {
+    this.#scheduled = false;
+    this.#drain();
+  };
+
+  #drain(): void {
+    while (this.#queue.length > 0 && this.#inFlight < this.#maxInFlight) {
+      const { maxBatch } = this.#opts;
+      let count = 0;
+      let bytes = 0;
+      while (count < this.#queue.length && count < maxBatch && (count === 0 || bytes < MAX_TASK_BYTES)) {
+        const op = this.#queue[count]!;
+        bytes += (op.input?.length ?? 0) + (op.aad?.length ?? 0);
+        count++;
+      }
+      const batch = count === this.#queue.length ? this.#queue : this.#queue.slice(0, count);
+      this.#queue = count === this.#queue.length ? [] : this.#queue.slice(count);
+      this.#dispatch(batch, bytes);
+    }
+  }
+
+  /** Sends `batch` as one task now, bypassing the queue (bulk work that is already batched). */
+  submit(batch: PendingOp[]): void {
+    let bytes = 0;
+    for (const op of batch) bytes += (op.input?.length ?? 0) + (op.aad?.length ?? 0);
+    this.#dispatch(batch, bytes);
+  }
+
+  #dispatch(batch: PendingOp[], bytes: number): void {
+    const data = new Uint8Array(new ArrayBuffer(bytes));
+    const ops = new Int32Array(batch.length * OP_SLOTS);
+    const deks: DekRef[] = [];
+    const dekIndex = new Map<string, number>();
+    const kekVersions = new Set<number>();
+    const audit: AuditFields[] = [];
+    const errors: ErrorCode[] = [];
+    const target = this.#opts.activeKekVersion();
+    let pos = 0;
+    let needsTarget = false;
+
+    const indexDek = (dek: DekRef, unique: boolean): number => {
+      const id = `${dek.keyId}#${dek.keyVersion}#${dek.kekVersion}`;
+      let at = unique ? undefined : dekIndex.get(id);
+      if (at === undefined) {
+        at = deks.push(dek) - 1;
+        if (!unique) dekIndex.set(id, at);
+        if (dek.wrapped.length > 0) kekVersions.add(dek.kekVersion);
+      }
+      return at;
+    };
+
+    for (let i = 0; i < batch.length; i++) {
+      const op = batch[i]!;
+      const base = i * OP_SLOTS;
+      ops[base] = op.kind;
+      // Reencrypt needs its two DEK versions adjacent, so they are never shared with other ops.
+      if (op.deks.length === 0) ops[base + 1] = -1;
+      else if (op.deks.length === 1) ops[base + 1] = indexDek(op.deks[0]!, op.kind === OpKind.generate);
+      else {
+        ops[base + 1] = indexDek(op.deks[0]!, true);
+        indexDek(op.deks[1]!, true);
+      }
+      if (op.kind === OpKind.generate || op.kind === OpKind.rewrap) needsTarget = true;
+      const input = op.input ?? EMPTY;
+      data.set(input, pos);
+      ops[base + 2] = pos;
+      ops[base + 3] = input.length;
+      pos += input.length;
+      const aad = op.aad ?? EMPTY;
+      data.set(aad, pos);
+      ops[base + 4] = pos;
+      ops[base + 5] = aad.length;
+      pos += aad.length;
+      ops[base + 6] = op.audit === null ? -1 : audit.push(op.audit) - 1;
+      ops[base + 7] = op.preError === null ? -1 : errors.push(op.preError) - 1;
+    }
+    if (needsTarget) kekVersions.add(target);
+    const keks: KekRef[] = [];
+    for (const version of kekVersions) {
+      const kek = this.#opts.kekRef(version);
+      if (kek !== undefined) keks.push(kek);
+    }
+    const task: BatchTask = {
+      type: 'batch',
+      keks,
+      deks,
+      targetKekVersion: target,
+      ops,
+      data: data.buffer as ArrayBuffer,
+      audit,
+      errors,
+    };
+    this.#inFlight++;
+    this.#piscina.run(task, { transferList: [task.data, ops.buffer as ArrayBuffer] }).then(
+      (result: BatchResult) => this.#settle(batch, result),
+      (err: unknown) => this.#fail(batch, err),
+    );
+  }
+
+  #settle(batch: PendingOp[], result: BatchResult): void {
+    this.#taskDone();
+    if (result.auditLines !== null) {
+      try {
+        this.#opts.writeAudit(result.auditLines);
+      } catch (err) {
+        const code = toCodedError(err).code;
+        for (const op of batch) op.done(code, null, 0);
+        return;
+      }
+    }
+    const { results, out, errors } = result;
+    for (let i = 0; i < batch.length; i++) {
+      const r = i * RESULT_SLOTS;
+      const errorAt = results[r]!;
+      if (errorAt >= 0) batch[i]!.done(errors[errorAt] ?? 'INTERNAL', null, 0);
+      else batch[i]!.done(null, Buffer.from(out, results[r + 1]!, results[r + 2]!), results[r + 3]!);
+    }
+  }
+
+  #fail(batch: PendingOp[], err: unknown): void {
+    this.#taskDone();
+    const code = fromWorkerError(err).code;
+    for (const op of batch) op.done(code, null, 0);
+  }
+
+  #taskDone(): void {
+    this.#inFlight--;
+    if (this.#queue.length > 0 && !this.#scheduled) {
+      this.#scheduled = true;
+      setImmediate(this.#onSchedule);
+    }
+    if (this.#inFlight === 0 && this.#queue.length === 0) {
+      for (const resolve of this.#idleWaiters.splice(0)) resolve();
+    }
+  }
+
+  /** Resolves once every queued and in-flight op has settled. */
+  idle(): Promise<void> {
+    if (this.#inFlight === 0 && this.#queue.length === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#idleWaiters.push(resolve));
+  }
+
+  /** Tells every worker to drop (and zero) a destroyed key's cached versions. */
+  evict(keyId: string): void {
+    this.#channel.postMessage({ type: 'evict', keyId });
+  }
+
+  /**
+   * Zeroes every key in every worker, waiting for each worker's acknowledgement (bounded), then
+   * stops the threads.
+   */
+  async close(): Promise<void> {
+    await this.idle();
+    const expected = this.#piscina.threads.length;
+    const listener = new BroadcastChannel(this.#opts.init.evictChannel);
+    let acknowledged = 0;
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, 2000);
+      listener.onmessage = (event) => {
+        if ((event as MessageEvent).data?.type === 'zeroized' && ++acknowledged >= expected) {
+          clearTimeout(timer);
+          resolve();
+        }
+      };
+      this.#channel.postMessage({ type: 'zeroize' });
+    });
+    listener.close();
+    this.#channel.close();
+    await this.#piscina.destroy();
+  }
+}

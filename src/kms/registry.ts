@@ -1,0 +1,286 @@
+/**
+ * The KMS registry in LMDB: KEK versions (wrapped under the master key), DEK records (each version
+ * wrapped under a KEK version), the thread → key index and KEK rotation progress. Holds wrapped
+ * material only.
+ *
+ * Every change that touches which KEK version wraps which DEK version also updates that KEK
+ * version's reference count in the same transaction, so "is this KEK version still needed?" is a
+ * single read, and start-up never scans the DEKs.
+ */
+import path from 'node:path';
+import { type Database, open, type RootDatabase } from 'lmdb';
+import { kmsError } from '../errors.js';
+
+export interface DekVersionRecord {
+  v: number;
+  /** KEK version this DEK version is wrapped under. */
+  kek: number;
+  wrapped: Uint8Array;
+  createdAt: string;
+}
+
+export interface DekRecord {
+  keyId: string;
+  threadId: string;
+  createdAt: string;
+  state: 'active' | 'destroyed';
+  current: number;
+  versions: DekVersionRecord[];
+  destroyedAt?: string;
+}
+
+export interface KekRecord {
+  kekId: string;
+  version: number;
+  wrapped: Uint8Array;
+  createdAt: string;
+  /** DEK versions wrapped under this KEK version. */
+  refs: number;
+}
+
+export interface KekMeta {
+  kekId: string;
+  activeVersion: number;
+  createdAt: string;
+}
+
+export interface RotationRecord {
+  state: 'running' | 'completed';
+  target: number;
+  /** Last DEK key id processed in the current pass, or null at the start of a pass. */
+  cursor: string | null;
+  done: number;
+  total: number;
+  startedAt: string;
+  finishedAt: string | null;
+}
+
+/** One DEK version rewrapped by the rotation: applied only if the record still holds `from`. */
+export interface Rewrap {
+  keyId: string;
+  v: number;
+  from: Uint8Array;
+  fromKek: number;
+  to: Uint8Array;
+  toKek: number;
+}
+
+const META_KEK = 'kek';
+const META_ROTATION = 'rotation';
+const META_FORMAT = 'format';
+const FORMAT_VERSION = 1;
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return Buffer.compare(a, b) === 0;
+}
+
+export class Registry {
+  readonly #root: RootDatabase;
+  readonly #meta: Database<unknown, string>;
+  readonly #keks: Database<KekRecord, number>;
+  readonly #deks: Database<DekRecord, string>;
+  readonly #threads: Database<string, string>;
+
+  private constructor(root: RootDatabase) {
+    this.#root = root;
+    this.#meta = root.openDB({ name: 'meta' });
+    this.#keks = root.openDB({ name: 'keks' });
+    // `cache` keeps recently decoded DEK records, so the encrypt hot path rarely decodes.
+    this.#deks = root.openDB({ name: 'deks', cache: true });
+    this.#threads = root.openDB({ name: 'threads' });
+  }
+
+  static open(dataDir: string): Registry {
+    const root = open({ path: path.join(dataDir, 'registry.mdb'), compression: false, maxDbs: 8 });
+    const registry = new Registry(root);
+    const format = registry.#meta.get(META_FORMAT);
+    if (format !== undefined && format !== FORMAT_VERSION) {
+      root.close();
+      throw kmsError('STORE_CORRUPT', `registry format ${String(format)} is not supported by this version`);
+    }
+    return registry;
+  }
+
+  kekMeta(): KekMeta | undefined {
+    return this.#meta.get(META_KEK) as KekMeta | undefined;
+  }
+
+  kek(version: number): KekRecord | undefined {
+    return this.#keks.get(version);
+  }
+
+  keks(): KekRecord[] {
+    return [...this.#keks.getRange({}).map(({ value }) => value)];
+  }
+
+  rotation(): RotationRecord | undefined {
+    return this.#meta.get(META_ROTATION) as RotationRecord | undefined;
+  }
+
+  dek(keyId: string): DekRecord | undefined {
+    return this.#deks.get(keyId);
+  }
+
+  keyIdForThread(threadId: string): string | undefined {
+    return this.#threads.get(threadId);
+  }
+
+  /** Active DEKs (one per thread). Constant time: LMDB keeps the count. */
+  dekCount(): number {
+    return (this.#threads.getStats() as { entryCount: number }).entryCount;
+  }
+
+  /** All DEK records including tombstones; used as the rotation's progress total. */
+  dekRecordCount(): number {
+    return (this.#deks.getStats() as { entryCount: number }).entryCount;
+  }
+
+  /** DEK records after `after` (exclusive), in key order, at most `limit`. */
+  deksAfter(after: string | null, limit: number): DekRecord[] {
+    const out: DekRecord[] = [];
+    for (const { key, value } of this.#deks.getRange({ start: after ?? undefined, limit: limit + 1 })) {
+      if (key === after) continue;
+      out.push(value);
+      if (out.length === limit) break;
+    }
+    return out;
+  }
+
+  /** First start: records KEK version 1. Returns false if another process initialised first. */
+  initKek(meta: KekMeta, kek: KekRecord): Promise<boolean> {
+    return this.#root.transaction(() => {
+      if (this.#meta.get(META_KEK) !== undefined) return false;
+      this.#meta.putSync(META_FORMAT, FORMAT_VERSION);
+      this.#keks.putSync(kek.version, kek);
+      this.#meta.putSync(META_KEK, meta);
+      return true;
+    });
+  }
+
+  /** Applies KEK reference-count changes (keyed by KEK version). Call inside a transaction. */
+  #applyRefs(deltas: Map<number, number>): void {
+    for (const [version, delta] of deltas) {
+      if (delta === 0) continue;
+      const kek = this.#keks.get(version);
+      if (kek === undefined) throw kmsError('STORE_CORRUPT', `KEK version ${version} is missing`);
+      this.#keks.putSync(version, { ...kek, refs: kek.refs + delta });
+    }
+  }
+
+  static #countRefs(deltas: Map<number, number>, record: DekRecord | undefined, sign: 1 | -1): void {
+    if (record === undefined) return;
+    for (const version of record.versions) deltas.set(version.kek, (deltas.get(version.kek) ?? 0) + sign);
+  }
+
+  /** Stores a new thread DEK unless the thread already has one; returns the record that won. */
+  createDek(record: DekRecord): Promise<DekRecord> {
+    return this.#root.transaction(() => {
+      const existingId = this.#threads.get(record.threadId);
+      const existing = existingId === undefined ? undefined : this.#deks.get(existingId);
+      if (existing !== undefined && existing.state === 'active') return existing;
+      const deltas = new Map<number, number>();
+      Registry.#countRefs(deltas, record, 1);
+      this.#applyRefs(deltas);
+      this.#deks.putSync(record.keyId, record);
+      this.#threads.putSync(record.threadId, record.keyId);
+      return record;
+    });
+  }
+
+  /**
+   * Read-modify-write of one DEK record in a transaction. `change` gets the current record and
+   * returns the new one (or the same object for "no change"); it may throw a CodedError to abort.
+   * Reference counts and the thread index follow automatically.
+   */
+  updateDek(keyId: string, change: (current: DekRecord) => DekRecord): Promise<DekRecord> {
+    return this.#root.transaction(() => {
+      const current = this.#deks.get(keyId);
+      if (current === undefined) throw kmsError('KEY_NOT_FOUND', `no key ${keyId}`);
+      const next = change(current);
+      if (next === current) return current;
+      const deltas = new Map<number, number>();
+      Registry.#countRefs(deltas, current, -1);
+      Registry.#countRefs(deltas, next, 1);
+      this.#applyRefs(deltas);
+      this.#deks.putSync(keyId, next);
+      if (next.state === 'destroyed' && this.#threads.get(current.threadId) === keyId) {
+        this.#threads.removeSync(current.threadId);
+      }
+      return next;
+    });
+  }
+
+  /** Adds a new active KEK version and records a running rotation to it, atomically. */
+  beginRotation(kek: KekRecord, rotation: RotationRecord): Promise<void> {
+    return this.#root.transaction(() => {
+      const meta = this.#meta.get(META_KEK) as KekMeta;
+      this.#keks.putSync(kek.version, kek);
+      this.#meta.putSync(META_KEK, { ...meta, activeVersion: kek.version });
+      this.#meta.putSync(META_ROTATION, rotation);
+    });
+  }
+
+  /**
+   * Applies one rotation batch and its progress in one transaction. A rewrap whose record changed
+   * since it was read (destroyed, rewrapped, version removed) is skipped: compare-and-set, so a
+   * concurrent change is never overwritten and every version stays wrapped under a live KEK.
+   */
+  applyRewraps(rewraps: readonly Rewrap[], progress: RotationRecord): Promise<number> {
+    return this.#root.transaction(() => {
+      const deltas = new Map<number, number>();
+      let applied = 0;
+      let i = 0;
+      while (i < rewraps.length) {
+        const keyId = rewraps[i]!.keyId;
+        const record = this.#deks.get(keyId);
+        let versions: DekVersionRecord[] | null = null;
+        for (; i < rewraps.length && rewraps[i]!.keyId === keyId; i++) {
+          const rewrap = rewraps[i]!;
+          if (record === undefined || record.state !== 'active') continue;
+          const source = versions ?? record.versions;
+          const at = source.findIndex((x) => x.v === rewrap.v);
+          if (at < 0 || !sameBytes(source[at]!.wrapped, rewrap.from)) continue;
+          versions ??= [...record.versions];
+          versions[at] = { ...source[at]!, kek: rewrap.toKek, wrapped: rewrap.to };
+          deltas.set(rewrap.fromKek, (deltas.get(rewrap.fromKek) ?? 0) - 1);
+          deltas.set(rewrap.toKek, (deltas.get(rewrap.toKek) ?? 0) + 1);
+          applied++;
+        }
+        if (record !== undefined && versions !== null) this.#deks.putSync(keyId, { ...record, versions });
+      }
+      this.#applyRefs(deltas);
+      this.#meta.putSync(META_ROTATION, progress);
+      return applied;
+    });
+  }
+
+  /** Saves rotation progress alone (a batch with nothing to rewrap, or a new pass). */
+  saveRotation(progress: RotationRecord): Promise<void> {
+    return this.#root.transaction(() => {
+      this.#meta.putSync(META_ROTATION, progress);
+    });
+  }
+
+  /**
+   * Ends a rotation: destroys every non-active KEK version that no DEK version references any more,
+   * and records completion. Returns the versions destroyed.
+   */
+  finishRotation(progress: RotationRecord): Promise<number[]> {
+    return this.#root.transaction(() => {
+      const meta = this.#meta.get(META_KEK) as KekMeta;
+      const destroyed: number[] = [];
+      for (const { key, value } of this.#keks.getRange({})) {
+        if (key !== meta.activeVersion && value.refs === 0) {
+          this.#keks.removeSync(key);
+          destroyed.push(key);
+        }
+      }
+      this.#meta.putSync(META_ROTATION, progress);
+      return destroyed;
+    });
+  }
+
+  async close(): Promise<void> {
+    await this.#root.close();
+  }
+}

@@ -1,0 +1,271 @@
+/**
+ * KEK rotation: a new KEK version becomes active, then every stored DEK version is rewrapped under
+ * it in batches, online.
+ *
+ * Crash safety: the new KEK version, its activation and the rotation record are written in one
+ * transaction; each batch's rewraps and the progress cursor are written in one transaction; an old
+ * KEK version is destroyed only when no DEK version references it. So at every instant every DEK
+ * version is wrapped under a KEK version that is stored, and a crash resumes from the cursor
+ * (on the next start, or the next call).
+ *
+ * Scale: the pass walks the DEK table by key range (never loading it whole), rewraps a batch in
+ * parallel worker tasks while the previous batch's transaction commits.
+ */
+
+import { type ErrorCode, kmsError } from '../errors.js';
+import { type AuditFields, type CallContext, type DekRef, OpKind, type RotationStatus } from '../protocol.js';
+import type { CryptoPool, PendingOp } from './pool.js';
+import type { DekRecord, Registry, Rewrap, RotationRecord } from './registry.js';
+
+export interface RotationDeps {
+  registry: Registry;
+  pool: CryptoPool;
+  batchSize: number;
+  kekId: () => string;
+  /** Creates KEK `version` in a worker; returns it wrapped under the master key. */
+  newKek: (version: number, audit: AuditFields) => Promise<Uint8Array>;
+  /** Writes an audit-only line. */
+  note: (audit: AuditFields) => Promise<void>;
+  onActiveChanged: (version: number) => void;
+}
+
+/** Passes over the table after the first, to catch DEKs created under the old KEK mid-pass. */
+const MAX_EXTRA_PASSES = 3;
+
+export class KekRotation {
+  readonly #deps: RotationDeps;
+  #running: Promise<RotationStatus> | null = null;
+  #stopRequested = false;
+  #progress: RotationRecord | null;
+
+  constructor(deps: RotationDeps) {
+    this.#deps = deps;
+    this.#progress = deps.registry.rotation() ?? null;
+  }
+
+  get running(): boolean {
+    return this.#running !== null;
+  }
+
+  status(): RotationStatus {
+    const { registry } = this.#deps;
+    const meta = registry.kekMeta();
+    const progress = this.#progress;
+    return {
+      // An interrupted rotation (stored as running, nothing driving it) still reads as running:
+      // it resumes at the next start or call.
+      state: progress?.state ?? (this.#running !== null ? 'running' : 'idle'),
+      kekId: this.#deps.kekId(),
+      activeKekVersion: meta?.activeVersion ?? 0,
+      targetKekVersion: progress?.target ?? null,
+      done: progress?.done ?? 0,
+      total: progress?.total ?? 0,
+      startedAt: progress?.startedAt ?? null,
+      finishedAt: progress?.finishedAt ?? null,
+      kekVersions: registry.keks().map((k) => k.version),
+    };
+  }
+
+  /** Whether a rotation was interrupted (crash or shutdown) and should be resumed. */
+  get interrupted(): boolean {
+    return this.#progress?.state === 'running';
+  }
+
+  /** Starts, joins or resumes the rotation; resolves when it has finished (or was stopped). */
+  run(ctx?: CallContext): Promise<RotationStatus> {
+    this.#running ??= this.#rotate(ctx).finally(() => {
+      this.#running = null;
+    });
+    return this.#running;
+  }
+
+  /** Asks a running rotation to stop at the next batch boundary and waits for it. */
+  async stop(): Promise<void> {
+    const running = this.#running;
+    if (running === null) return;
+    this.#stopRequested = true;
+    try {
+      await running;
+    } catch {
+      // Its error was already reported to whoever started it; progress is saved either way.
+    } finally {
+      this.#stopRequested = false;
+    }
+  }
+
+  async #rotate(ctx: CallContext | undefined): Promise<RotationStatus> {
+    const { registry } = this.#deps;
+    const who = { caller: ctx?.caller, remote: ctx?.remoteAddress };
+    let progress = registry.rotation();
+    if (progress === undefined || progress.state === 'completed') {
+      const active = registry.kekMeta()!.activeVersion;
+      const version = active + 1;
+      const wrapped = await this.#deps.newKek(version, {
+        op: 'rotate_kek',
+        kekVersion: version,
+        detail: `start: KEK version ${active} -> ${version}`,
+        ...who,
+      });
+      const now = new Date().toISOString();
+      progress = {
+        state: 'running',
+        target: version,
+        cursor: null,
+        done: 0,
+        total: registry.dekRecordCount(),
+        startedAt: now,
+        finishedAt: null,
+      };
+      await registry.beginRotation(
+        { kekId: this.#deps.kekId(), version, wrapped, createdAt: now, refs: 0 },
+        progress,
+      );
+      this.#deps.onActiveChanged(version);
+    } else {
+      await this.#deps.note({
+        op: 'rotate_kek',
+        kekVersion: progress.target,
+        detail: `resume at ${progress.done}/${progress.total}`,
+        ...who,
+      });
+    }
+    this.#progress = progress;
+
+    let pendingCommit: Promise<unknown> = Promise.resolve();
+    let extraPasses = 0;
+    for (;;) {
+      if (this.#stopRequested) {
+        await pendingCommit;
+        return this.status();
+      }
+      const records = registry.deksAfter(progress.cursor, this.#deps.batchSize);
+      if (records.length === 0) {
+        await pendingCommit;
+        const stragglers = registry.keks().some((k) => k.version !== progress!.target && k.refs > 0);
+        if (!stragglers || extraPasses >= MAX_EXTRA_PASSES) break;
+        extraPasses++;
+        progress = { ...progress, cursor: null };
+        await registry.saveRotation(progress);
+        this.#progress = progress;
+        continue;
+      }
+      const rewraps = await this.#rewrapBatch(records, progress.target, who);
+      const next: RotationRecord = {
+        ...progress,
+        cursor: records[records.length - 1]!.keyId,
+        done: Math.min(progress.total, progress.done + records.length),
+      };
+      await pendingCommit;
+      pendingCommit = registry.applyRewraps(rewraps, next);
+      progress = next;
+      this.#progress = next;
+    }
+
+    const finished: RotationRecord = {
+      ...progress,
+      state: 'completed',
+      done: progress.total,
+      finishedAt: new Date().toISOString(),
+    };
+    const destroyed = await registry.finishRotation(finished);
+    this.#progress = finished;
+    await this.#deps.note({
+      op: 'rotate_kek',
+      kekVersion: finished.target,
+      detail: `complete: ${finished.total} keys; destroyed KEK versions [${destroyed.join(',')}]`,
+      ...who,
+    });
+    return this.status();
+  }
+
+  /** Rewraps every version of `records` not yet under `target`, split across the workers. */
+  async #rewrapBatch(
+    records: DekRecord[],
+    target: number,
+    who: { caller: string | undefined; remote: string | undefined },
+  ): Promise<Rewrap[]> {
+    const refs: DekRef[] = [];
+    for (const record of records) {
+      if (record.state !== 'active') continue;
+      for (const version of record.versions) {
+        if (version.kek !== target) {
+          refs.push({
+            keyId: record.keyId,
+            keyVersion: version.v,
+            kekVersion: version.kek,
+            wrapped: version.wrapped,
+          });
+        }
+      }
+    }
+    const rewraps: Rewrap[] = new Array(refs.length);
+    let firstError: ErrorCode | null = null;
+    const chunks = Math.max(1, Math.min(this.#deps.pool.threads, Math.ceil(refs.length / 64)));
+    const perChunk = Math.ceil(refs.length / chunks);
+    const tasks: Promise<void>[] = [];
+    for (let c = 0; c < chunks; c++) {
+      const from = c * perChunk;
+      const to = Math.min(refs.length, from + perChunk);
+      const batch: PendingOp[] = [];
+      let settled = 0;
+      tasks.push(
+        new Promise<void>((resolve) => {
+          const total = to - from + (c === 0 ? 1 : 0);
+          const settle = () => {
+            if (++settled === total) resolve();
+          };
+          for (let i = from; i < to; i++) {
+            const ref = refs[i]!;
+            batch.push({
+              kind: OpKind.rewrap,
+              deks: [ref],
+              input: null,
+              aad: null,
+              audit: null,
+              preError: null,
+              done: (error, output) => {
+                if (error !== null) firstError ??= error;
+                else {
+                  rewraps[i] = {
+                    keyId: ref.keyId,
+                    v: ref.keyVersion,
+                    from: ref.wrapped,
+                    fromKek: ref.kekVersion,
+                    to: Buffer.from(output!),
+                    toKek: target,
+                  };
+                }
+                settle();
+              },
+            });
+          }
+          if (c === 0) {
+            // One audit line per batch, not per key: the rotation is one operation.
+            batch.push({
+              kind: OpKind.note,
+              deks: [],
+              input: null,
+              aad: null,
+              audit: {
+                op: 'rotate_kek_batch',
+                kekVersion: target,
+                detail: `rewrap ${refs.length} key versions`,
+                ...who,
+              },
+              preError: null,
+              done: (error) => {
+                if (error !== null) firstError ??= error;
+                settle();
+              },
+            });
+          }
+          this.#deps.pool.submit(batch);
+        }),
+      );
+    }
+    await Promise.all(tasks);
+    if (firstError !== null)
+      throw kmsError(firstError, `KEK rotation batch failed (${firstError}); it will resume`);
+    return rewraps;
+  }
+}

@@ -1,0 +1,308 @@
+/**
+ * The crypto worker: the only code that ever holds the master key, a KEK or an unwrapped DEK.
+ *
+ * The main thread sends batches of operations with wrapped keys, plaintext and ciphertext; the
+ * worker resolves the master key itself (from the reference in workerData), unwraps KEKs and DEKs
+ * into bounded caches (zeroed when dropped), runs the batch, signs the batch's audit lines and
+ * transfers the packed results back.
+ */
+import { BroadcastChannel } from 'node:worker_threads';
+import { move, transferableSymbol, valueSymbol, workerData } from 'piscina';
+import type { ErrorCode } from '../src/errors.js';
+import {
+  CIPHERTEXT_OVERHEAD,
+  ciphertextKeyVersion,
+  dekIdentity,
+  kekIdentity,
+  WRAP_KIND_DEK,
+  WRAP_KIND_KEK,
+  WRAPPED_KEY_BYTES,
+} from '../src/format.js';
+import {
+  type AuditFields,
+  type BatchResult,
+  type BatchTask,
+  type CheckKekResult,
+  type CheckKekTask,
+  type DekRef,
+  type KekRef,
+  type NewKekResult,
+  type NewKekTask,
+  OP_SLOTS,
+  OpKind,
+  RESULT_SLOTS,
+  type VerifyAuditResult,
+  type WorkerInit,
+  type WorkerTask,
+} from '../src/protocol.js';
+import { AuthFailure, newKey, openInto, sealInto, unwrapKey, wrapKeyInto } from './aead.js';
+import { AuditStream, verifyAuditFile } from './audit-stream.js';
+import { KeyCache } from './key-cache.js';
+import { coded, loadRootKeys, type RootKeys } from './master-key.js';
+
+const init = workerData as WorkerInit;
+
+let rootKeys: RootKeys | null = null;
+let auditStream: AuditStream | null = null;
+const keks = new Map<number, Buffer>();
+const deks = new KeyCache(init.dekCacheSize);
+
+function roots(): RootKeys {
+  if (rootKeys === null) {
+    rootKeys = loadRootKeys(init.masterKey);
+    if (init.audit) auditStream = new AuditStream(rootKeys.auditKey);
+  }
+  return rootKeys;
+}
+
+/** Zeroes every key this worker holds. */
+function zeroAll(): void {
+  deks.clear();
+  for (const key of keks.values()) key.fill(0);
+  keks.clear();
+  if (rootKeys !== null) {
+    rootKeys.kekWrapKey.fill(0);
+    rootKeys.auditKey.fill(0);
+    rootKeys = null;
+  }
+  auditStream = null;
+}
+
+// The main thread announces destroyed keys and shutdown here, so every worker drops them at once
+// rather than waiting for LRU eviction.
+const channel = new BroadcastChannel(init.evictChannel);
+channel.onmessage = (event) => {
+  const message = (event as MessageEvent).data as { type: 'evict'; keyId: string } | { type: 'zeroize' };
+  if (message.type === 'evict') deks.deletePrefix(`${message.keyId}#`);
+  else {
+    zeroAll();
+    channel.postMessage({ type: 'zeroized' });
+  }
+};
+channel.unref();
+
+function kekFor(version: number, refs: readonly KekRef[]): Buffer {
+  const cached = keks.get(version);
+  if (cached !== undefined) return cached;
+  const ref = refs.find((k) => k.version === version);
+  if (ref === undefined) throw coded('INTERNAL', `KEK version ${version} was not supplied`);
+  let key: Buffer;
+  try {
+    key = unwrapKey(roots().kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(ref.kekId, ref.version), ref.wrapped);
+  } catch (err) {
+    if (err instanceof AuthFailure) {
+      throw coded('MASTER_KEY_MISMATCH', 'the master key cannot unwrap the stored KEK: wrong master key');
+    }
+    throw err;
+  }
+  keks.set(version, key);
+  return key;
+}
+
+function dekCacheId(dek: DekRef): string {
+  return `${dek.keyId}#${dek.keyVersion}`;
+}
+
+/** Unwraps (or finds cached) a DEK version. Cached keys belong to the cache: never zero them here. */
+function dekFor(dek: DekRef, task: BatchTask): Buffer {
+  const id = dekCacheId(dek);
+  const cached = deks.get(id);
+  if (cached !== undefined) return cached;
+  const kek = kekFor(dek.kekVersion, task.keks);
+  let key: Buffer;
+  try {
+    key = unwrapKey(kek, WRAP_KIND_DEK, dek.kekVersion, dekIdentity(dek.keyId, dek.keyVersion), dek.wrapped);
+  } catch (err) {
+    // A stored wrapped DEK that fails authentication is corrupt (or was swapped): never a user error.
+    if (err instanceof AuthFailure) throw coded('STORE_CORRUPT', `wrapped DEK ${dek.keyId} failed to unwrap`);
+    throw err;
+  }
+  deks.set(id, key);
+  return key;
+}
+
+function codeOf(err: unknown): ErrorCode {
+  if (err instanceof AuthFailure) return 'DECRYPT_FAILED';
+  const match = err instanceof Error ? /^\[([A-Z_]+)\]/.exec(err.message) : null;
+  return (match?.[1] as ErrorCode | undefined) ?? 'INTERNAL';
+}
+
+function outputBytes(kind: number, inputLength: number): number {
+  switch (kind) {
+    case OpKind.encrypt:
+      return inputLength + CIPHERTEXT_OVERHEAD;
+    case OpKind.decrypt:
+      return Math.max(0, inputLength - CIPHERTEXT_OVERHEAD);
+    case OpKind.reencrypt:
+      return inputLength;
+    case OpKind.generate:
+    case OpKind.rewrap:
+      return WRAPPED_KEY_BYTES;
+    default:
+      return 0;
+  }
+}
+
+function runBatch(task: BatchTask): BatchResult {
+  const ops = task.ops;
+  const count = ops.length / OP_SLOTS;
+  const data = Buffer.from(task.data);
+  let outSize = 0;
+  for (let i = 0; i < count; i++) outSize += outputBytes(ops[i * OP_SLOTS]!, ops[i * OP_SLOTS + 3]!);
+  // A fresh (zeroed) ArrayBuffer: failed ops leave zeros, never stale memory.
+  const out = Buffer.from(new ArrayBuffer(outSize));
+  const results = new Int32Array(count * RESULT_SLOTS);
+  const errors: ErrorCode[] = [];
+  const errorIndex = (code: ErrorCode): number => {
+    const at = errors.indexOf(code);
+    return at >= 0 ? at : errors.push(code) - 1;
+  };
+  const ts = new Date().toISOString();
+  let outPos = 0;
+
+  for (let i = 0; i < count; i++) {
+    const base = i * OP_SLOTS;
+    const kind = ops[base]!;
+    const dek = ops[base + 1]! >= 0 ? task.deks[ops[base + 1]!]! : null;
+    const input = data.subarray(ops[base + 2]!, ops[base + 2]! + ops[base + 3]!);
+    const aad = ops[base + 5]! > 0 ? data.subarray(ops[base + 4]!, ops[base + 4]! + ops[base + 5]!) : null;
+    const preError = ops[base + 7]!;
+    const size = preError >= 0 ? 0 : outputBytes(kind, input.length);
+    let code: ErrorCode | null = preError >= 0 ? task.errors[preError]! : null;
+    let keyVersion = dek?.keyVersion ?? 0;
+    if (code === null) {
+      try {
+        if (kind !== OpKind.note) roots();
+        switch (kind) {
+          case OpKind.encrypt:
+            sealInto(dekFor(dek!, task), dek!.keyVersion, input, aad, out, outPos);
+            break;
+          case OpKind.decrypt:
+            // The main thread chose `dek` by the version this ciphertext names.
+            openInto(dekFor(dek!, task), input, aad, out, outPos);
+            break;
+          case OpKind.reencrypt: {
+            // deks[dekIndex] is the current version; deks[dekIndex + 1] the one the ciphertext names.
+            const source = task.deks[ops[base + 1]! + 1]!;
+            if (ciphertextKeyVersion(input) !== source.keyVersion) throw new AuthFailure();
+            const plain = Buffer.alloc(input.length - CIPHERTEXT_OVERHEAD);
+            try {
+              openInto(dekFor(source, task), input, aad, plain, 0);
+              sealInto(dekFor(dek!, task), dek!.keyVersion, plain, aad, out, outPos);
+            } finally {
+              plain.fill(0);
+            }
+            break;
+          }
+          case OpKind.generate: {
+            const key = newKey();
+            const kek = kekFor(task.targetKekVersion, task.keks);
+            const identity = dekIdentity(dek!.keyId, dek!.keyVersion);
+            wrapKeyInto(kek, WRAP_KIND_DEK, task.targetKekVersion, identity, key, out, outPos);
+            deks.set(dekCacheId(dek!), key);
+            break;
+          }
+          case OpKind.rewrap: {
+            const cached = deks.get(dekCacheId(dek!));
+            const key = cached ?? unwrapForRewrap(dek!, task);
+            try {
+              const kek = kekFor(task.targetKekVersion, task.keks);
+              const identity = dekIdentity(dek!.keyId, dek!.keyVersion);
+              wrapKeyInto(kek, WRAP_KIND_DEK, task.targetKekVersion, identity, key, out, outPos);
+            } finally {
+              // Bulk rotation must not flood the cache: a key unwrapped only to rewrap is dropped.
+              if (cached === undefined) key.fill(0);
+            }
+            break;
+          }
+          case OpKind.note:
+            break;
+          default:
+            throw coded('UNSUPPORTED_OPERATION', `unknown op kind ${kind}`);
+        }
+      } catch (err) {
+        code = codeOf(err);
+        keyVersion = 0;
+        out.fill(0, outPos, outPos + size);
+      }
+    }
+    const r = i * RESULT_SLOTS;
+    if (code === null) {
+      results[r] = -1;
+      results[r + 1] = outPos;
+      results[r + 2] = size;
+      outPos += size;
+    } else {
+      results[r] = errorIndex(code);
+      results[r + 1] = 0;
+      results[r + 2] = 0;
+      outPos += size;
+    }
+    results[r + 3] = keyVersion;
+    const auditAt = ops[base + 6]!;
+    if (auditAt >= 0 && auditStream !== null) {
+      auditStream.add(task.audit[auditAt]!, ts, code === null ? 'ok' : 'error', code);
+    }
+  }
+
+  const auditLines = auditStream?.seal() ?? null;
+  const result: BatchResult = { results, out: out.buffer as ArrayBuffer, errors, auditLines };
+  const transfer: ArrayBuffer[] = [results.buffer as ArrayBuffer, out.buffer as ArrayBuffer];
+  if (auditLines !== null) transfer.push(auditLines.buffer as ArrayBuffer);
+  return move({ [transferableSymbol]: transfer, [valueSymbol]: result }) as unknown as BatchResult;
+}
+
+function unwrapForRewrap(dek: DekRef, task: BatchTask): Buffer {
+  const kek = kekFor(dek.kekVersion, task.keks);
+  try {
+    return unwrapKey(kek, WRAP_KIND_DEK, dek.kekVersion, dekIdentity(dek.keyId, dek.keyVersion), dek.wrapped);
+  } catch (err) {
+    if (err instanceof AuthFailure) throw coded('STORE_CORRUPT', `wrapped DEK ${dek.keyId} failed to unwrap`);
+    throw err;
+  }
+}
+
+/** Audit lines for a single non-batch task (start, new KEK); signed like any other block. */
+function sealOne(fields: AuditFields, code: ErrorCode | null): Uint8Array | null {
+  if (auditStream === null) return null;
+  auditStream.add(fields, new Date().toISOString(), code === null ? 'ok' : 'error', code);
+  return auditStream.seal();
+}
+
+function newKek(task: NewKekTask): NewKekResult {
+  const { kekWrapKey } = roots();
+  const key = newKey();
+  const wrapped = Buffer.alloc(WRAPPED_KEY_BYTES);
+  wrapKeyInto(kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(task.kekId, task.version), key, wrapped, 0);
+  keks.set(task.version, key);
+  return { wrapped, auditLines: sealOne(task.audit, null) };
+}
+
+function checkKek(task: CheckKekTask): CheckKekResult {
+  roots();
+  try {
+    kekFor(task.kek.version, [task.kek]);
+    return { ok: true, auditLines: sealOne(task.audit, null) };
+  } catch (err) {
+    const code = codeOf(err);
+    if (code !== 'MASTER_KEY_MISMATCH') throw err;
+    return { ok: false, auditLines: sealOne(task.audit, code) };
+  }
+}
+
+function verifyAudit(path: string): VerifyAuditResult {
+  return verifyAuditFile(roots().auditKey, path);
+}
+
+export default function handle(task: WorkerTask): unknown {
+  switch (task.type) {
+    case 'batch':
+      return runBatch(task);
+    case 'new-kek':
+      return newKek(task);
+    case 'check-kek':
+      return checkKek(task);
+    case 'verify-audit':
+      return verifyAudit(task.path);
+  }
+}
