@@ -89,6 +89,10 @@ export class CryptoPool {
       workerData: opts.init,
       // Without it, deep queues starve some tasks for hundreds of ms.
       stricterFIFO: true,
+      // 'sync' (the default) parks idle workers in a blocking Atomics.wait, so they never run
+      // their BroadcastChannel handler: evicted keys stayed cached and close() never got the
+      // zeroize acknowledgement (keys not zeroed, close stalled for the 2 s timeout).
+      atomics: 'async',
     });
     // Two tasks per worker in flight: the next batch waits in Piscina's queue while one runs, so
     // a worker never idles for a round trip.
