@@ -75,7 +75,11 @@ export class AuditStream {
     hmac.update(`${last}}`);
     const mac = hmac.digest();
     this.#prevMac = mac;
-    return Buffer.from(`${body}${last}${MAC_FIELD}${mac.toString('hex')}"}\n`, 'utf8');
+    const text = `${body}${last}${MAC_FIELD}${mac.toString('hex')}"}\n`;
+    // Its own ArrayBuffer (not a slice of Node's shared pool), so it can be transferred, not cloned.
+    const out = Buffer.allocUnsafeSlow(Buffer.byteLength(text));
+    out.write(text, 'utf8');
+    return out;
   }
 
   zero(): void {

@@ -105,6 +105,20 @@ function dekCacheId(dek: DekRef): string {
 
 /** Unwraps (or finds cached) a DEK version. Cached keys belong to the cache: never zero them here. */
 function dekFor(dek: DekRef, task: BatchTask): Buffer {
+  const resolved = taskKeys.get(dek);
+  if (resolved !== undefined) return resolved;
+  const key = lookupDek(dek, task);
+  taskKeys.set(dek, key);
+  return key;
+}
+
+/**
+ * Keys resolved during the current task, by DekRef object: a batch of 64 ops on one key does one
+ * cache lookup, not 64. Cleared at the end of every task (the cache owns the buffers).
+ */
+const taskKeys = new Map<DekRef, Buffer>();
+
+function lookupDek(dek: DekRef, task: BatchTask): Buffer {
   const id = dekCacheId(dek);
   const cached = deks.get(id);
   if (cached !== undefined) return cached;
@@ -143,6 +157,18 @@ function outputBytes(kind: number, inputLength: number): number {
   }
 }
 
+let isoMillis = 0;
+let isoText = '';
+/** The current time as ISO 8601, formatted at most once per millisecond. */
+function isoNow(): string {
+  const now = Date.now();
+  if (now !== isoMillis) {
+    isoMillis = now;
+    isoText = new Date(now).toISOString();
+  }
+  return isoText;
+}
+
 function runBatch(task: BatchTask): BatchResult {
   const ops = task.ops;
   const count = ops.length / OP_SLOTS;
@@ -157,7 +183,7 @@ function runBatch(task: BatchTask): BatchResult {
     const at = errors.indexOf(code);
     return at >= 0 ? at : errors.push(code) - 1;
   };
-  const ts = new Date().toISOString();
+  const ts = isoNow();
   let outPos = 0;
 
   for (let i = 0; i < count; i++) {
@@ -245,6 +271,7 @@ function runBatch(task: BatchTask): BatchResult {
     }
   }
 
+  taskKeys.clear();
   const auditLines = auditStream?.seal() ?? null;
   const result: BatchResult = { results, out: out.buffer as ArrayBuffer, errors, auditLines };
   const transfer: ArrayBuffer[] = [results.buffer as ArrayBuffer, out.buffer as ArrayBuffer];
@@ -265,7 +292,7 @@ function unwrapForRewrap(dek: DekRef, task: BatchTask): Buffer {
 /** Audit lines for a single non-batch task (start, new KEK); signed like any other block. */
 function sealOne(fields: AuditFields, code: ErrorCode | null): Uint8Array | null {
   if (auditStream === null) return null;
-  auditStream.add(fields, new Date().toISOString(), code === null ? 'ok' : 'error', code);
+  auditStream.add(fields, isoNow(), code === null ? 'ok' : 'error', code);
   return auditStream.seal();
 }
 

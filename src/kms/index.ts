@@ -82,9 +82,26 @@ function checkAad(value: unknown): Uint8Array | null {
   return value === undefined || value === null ? null : checkBytes('aad', value, MAX_AAD_BYTES);
 }
 
+/**
+ * DekRefs per record object. The registry hands out the same decoded record until it changes, so
+ * this is a per-version cache that invalidates itself. The wrapped bytes are copied once into
+ * their own small buffer: LMDB's decoded bytes are views into large buffers, and a structured
+ * clone of a view copies its whole backing store on every task.
+ */
+const dekRefs = new WeakMap<DekRecord, DekRef[]>();
+
 function dekRef(record: DekRecord, version: number): DekRef | undefined {
-  const v = record.versions.find((x) => x.v === version);
-  return v && { keyId: record.keyId, keyVersion: v.v, kekVersion: v.kek, wrapped: v.wrapped };
+  let refs = dekRefs.get(record);
+  if (refs === undefined) {
+    refs = record.versions.map((v) => ({
+      keyId: record.keyId,
+      keyVersion: v.v,
+      kekVersion: v.kek,
+      wrapped: new Uint8Array(v.wrapped),
+    }));
+    dekRefs.set(record, refs);
+  }
+  return refs.find((ref) => ref.keyVersion === version);
 }
 
 class EmbeddedKms implements Kms {
@@ -96,6 +113,7 @@ class EmbeddedKms implements Kms {
   readonly #lock: DirLock;
   readonly #kekRefs = new Map<number, KekRef>();
   readonly #creating = new Map<string, Promise<DekInfo>>();
+  readonly #auditCache = new WeakMap<DekRecord, Map<string, AuditFields>>();
   #kek: KekMeta = { kekId: '', activeVersion: 0, createdAt: '' };
   #rotation!: KekRotation;
   #closed = false;
@@ -209,10 +227,29 @@ class EmbeddedKms implements Kms {
     if (ref === undefined) {
       const record = this.#registry.kek(version);
       if (record === undefined) return undefined;
-      ref = { kekId: record.kekId, version: record.version, wrapped: record.wrapped };
+      ref = { kekId: record.kekId, version: record.version, wrapped: new Uint8Array(record.wrapped) };
       this.#kekRefs.set(version, ref);
     }
     return ref;
+  }
+
+  /**
+   * Audit fields for a successful data op, shared by every op with the same key version, op and
+   * caller, so a batch sends them to the worker once (see the pool's dedupe).
+   */
+  #dataAudit(op: string, ctx: CallContext | undefined, record: DekRecord, kekVersion: number): AuditFields {
+    let perRecord = this.#auditCache.get(record);
+    if (perRecord === undefined) {
+      perRecord = new Map();
+      this.#auditCache.set(record, perRecord);
+    }
+    const cacheKey = `${op}\u0000${kekVersion}\u0000${ctx?.caller ?? ''}\u0000${ctx?.remoteAddress ?? ''}`;
+    let fields = perRecord.get(cacheKey);
+    if (fields === undefined) {
+      fields = this.#audit(op, ctx, record.keyId, record, kekVersion);
+      if (perRecord.size < 64) perRecord.set(cacheKey, fields);
+    }
+    return fields;
   }
 
   #audit(
@@ -399,7 +436,7 @@ class EmbeddedKms implements Kms {
         if (named === undefined) throw kmsError('DECRYPT_FAILED');
         deks = kind === OpKind.decrypt ? [named] : [current, named];
       }
-      const audit = this.#audit(op, ctx, id, record, deks[0]!.kekVersion);
+      const audit = this.#dataAudit(op, ctx, record, deks[0]!.kekVersion);
       return { kind, deks, input, aad: aadBytes, audit, preError: null, message: undefined };
     } catch (err) {
       const coded = toCodedError(err);

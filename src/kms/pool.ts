@@ -49,6 +49,9 @@ export interface PoolOptions {
   activeKekVersion: () => number;
 }
 
+/** Tasks with at least this many payload bytes transfer their buffers instead of copying them. */
+const TRANSFER_THRESHOLD = 16 * 1024;
+
 /** Bytes packed into one task before it leaves even if it has fewer than maxBatch ops. */
 const MAX_TASK_BYTES = 1 << 20;
 
@@ -85,7 +88,9 @@ export class CryptoPool {
       minThreads: opts.threads,
       maxThreads: opts.threads,
       idleTimeout: Number.POSITIVE_INFINITY,
-      concurrentTasksPerWorker: 1,
+      // A worker holds its next task while it runs one, so it never idles waiting for the main
+      // thread to hand it more work.
+      concurrentTasksPerWorker: 2,
       workerData: opts.init,
       // Without it, deep queues starve some tasks for hundreds of ms.
       stricterFIFO: true,
@@ -94,8 +99,6 @@ export class CryptoPool {
       // zeroize acknowledgement (keys not zeroed, close stalled for the 2 s timeout).
       atomics: 'async',
     });
-    // Two tasks per worker in flight: the next batch waits in Piscina's queue while one runs, so
-    // a worker never idles for a round trip.
     this.#maxInFlight = opts.threads * 2;
     this.#channel = new BroadcastChannel(opts.init.evictChannel);
     this.#channel.unref();
@@ -165,6 +168,8 @@ export class CryptoPool {
     const dekIndex = new Map<string, number>();
     const kekVersions = new Set<number>();
     const audit: AuditFields[] = [];
+    // Ops usually share their audit fields object (same key, op and caller): send each once.
+    const auditIndex = new Map<AuditFields, number>();
     const errors: ErrorCode[] = [];
     const target = this.#opts.activeKekVersion();
     let pos = 0;
@@ -203,7 +208,15 @@ export class CryptoPool {
       ops[base + 4] = pos;
       ops[base + 5] = aad.length;
       pos += aad.length;
-      ops[base + 6] = op.audit === null ? -1 : audit.push(op.audit) - 1;
+      if (op.audit === null) ops[base + 6] = -1;
+      else {
+        let at = auditIndex.get(op.audit);
+        if (at === undefined) {
+          at = audit.push(op.audit) - 1;
+          auditIndex.set(op.audit, at);
+        }
+        ops[base + 6] = at;
+      }
       ops[base + 7] = op.preError === null ? -1 : errors.push(op.preError) - 1;
     }
     if (needsTarget) kekVersions.add(target);
@@ -223,7 +236,9 @@ export class CryptoPool {
       errors,
     };
     this.#inFlight++;
-    this.#piscina.run(task, { transferList: [task.data, ops.buffer as ArrayBuffer] }).then(
+    // Large batches move their bytes; for a few KiB a copy is cheaper than detaching buffers.
+    const transferList = bytes >= TRANSFER_THRESHOLD ? [task.data, ops.buffer as ArrayBuffer] : undefined;
+    this.#piscina.run(task, { transferList }).then(
       (result: BatchResult) => this.#settle(batch, result),
       (err: unknown) => this.#fail(batch, err),
     );
