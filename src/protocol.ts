@@ -97,7 +97,12 @@ export interface Kms {
    * Decrypts with the DEK version named in the ciphertext and encrypts again under the key's
    * current version, inside one worker call: the plaintext never leaves the worker.
    */
-  reencrypt(keyId: string, ciphertext: Uint8Array, aad?: Uint8Array, ctx?: CallContext): Promise<EncryptResult>;
+  reencrypt(
+    keyId: string,
+    ciphertext: Uint8Array,
+    aad?: Uint8Array,
+    ctx?: CallContext,
+  ): Promise<EncryptResult>;
   /** Rewraps every stored version of one DEK under the active KEK. */
   rewrapDek(keyId: string, ctx?: CallContext): Promise<DekInfo>;
   /** Adds a new DEK version and makes it current; older versions still decrypt until destroyed. */
@@ -197,8 +202,13 @@ export interface WorkerInit {
   dekCacheSize: number;
   /** Name of the BroadcastChannel on which the main thread announces destroyed keys. */
   evictChannel: string;
-  /** Whether workers produce signed audit lines for the operations they run. */
-  audit: boolean;
+  /**
+   * The audit log each worker appends its signed blocks to (O_APPEND, one write per block, before
+   * the task's results are released), or null when auditing is off.
+   */
+  auditFile: string | null;
+  /** fdatasync after every block (auditFsyncMs = 0); otherwise the main thread fsyncs in groups. */
+  auditFsyncEachWrite: boolean;
 }
 
 /** Per-op kinds inside a batch task. */
@@ -274,8 +284,8 @@ export interface BatchResult {
   results: Int32Array;
   out: ArrayBuffer;
   errors: ErrorCode[];
-  /** Signed audit lines for this task, ready to append (UTF-8, newline-terminated). */
-  auditLines: Uint8Array | null;
+  /** Whether this task appended audit lines (the main thread then schedules a group fsync). */
+  audited: boolean;
 }
 
 /** Creates a KEK version inside the worker and returns it wrapped under the master key. */
@@ -288,7 +298,6 @@ export interface NewKekTask {
 
 export interface NewKekResult {
   wrapped: Uint8Array;
-  auditLines: Uint8Array | null;
 }
 
 /** Proves the master key can unwrap the stored active KEK (start-up check). */
@@ -300,7 +309,6 @@ export interface CheckKekTask {
 
 export interface CheckKekResult {
   ok: boolean;
-  auditLines: Uint8Array | null;
 }
 
 /** Verifies an audit log file inside a worker (the audit key never leaves it). */

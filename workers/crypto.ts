@@ -6,6 +6,7 @@
  * into bounded caches (zeroed when dropped), runs the batch, signs the batch's audit lines and
  * transfers the packed results back.
  */
+import fs from 'node:fs';
 import { BroadcastChannel } from 'node:worker_threads';
 import { move, transferableSymbol, valueSymbol, workerData } from 'piscina';
 import type { ErrorCode } from '../src/errors.js';
@@ -50,9 +51,39 @@ const deks = new KeyCache(init.dekCacheSize);
 function roots(): RootKeys {
   if (rootKeys === null) {
     rootKeys = loadRootKeys(init.masterKey);
-    if (init.audit) auditStream = new AuditStream(rootKeys.auditKey);
+    if (init.auditFile !== null) auditStream = new AuditStream(rootKeys.auditKey);
   }
   return rootKeys;
+}
+
+let auditFd = -1;
+/** Set once an audit write failed: from then on this worker refuses every op (fail closed). */
+let auditFailure: string | null = null;
+
+/**
+ * Appends a signed block to the audit log before the task's results are released. O_APPEND and one
+ * write per block keep blocks whole when several workers append; each worker's own stream stays in
+ * order because a worker runs one task at a time.
+ */
+function appendAudit(lines: Uint8Array): void {
+  if (auditFailure !== null) throw coded('AUDIT_WRITE_FAILED', `audit log unavailable (${auditFailure})`);
+  try {
+    if (auditFd < 0) auditFd = fs.openSync(init.auditFile!, 'a', 0o600);
+    let written = 0;
+    while (written < lines.length) written += fs.writeSync(auditFd, lines, written, lines.length - written);
+    if (init.auditFsyncEachWrite) fs.fdatasyncSync(auditFd);
+  } catch (err) {
+    auditFailure = (err as NodeJS.ErrnoException).code ?? 'write error';
+    throw coded('AUDIT_WRITE_FAILED', `audit log write failed (${auditFailure}); operation refused`);
+  }
+}
+
+/** Seals and appends the open audit block, if any. Returns whether anything was written. */
+function flushAudit(): boolean {
+  const lines = auditStream?.seal() ?? null;
+  if (lines === null) return false;
+  appendAudit(lines);
+  return true;
 }
 
 /** Zeroes every key this worker holds. */
@@ -66,6 +97,10 @@ function zeroAll(): void {
     rootKeys = null;
   }
   auditStream = null;
+  if (auditFd >= 0) {
+    fs.closeSync(auditFd);
+    auditFd = -1;
+  }
 }
 
 // The main thread announces destroyed keys and shutdown here, so every worker drops them at once
@@ -185,6 +220,8 @@ function runBatch(task: BatchTask): BatchResult {
   };
   const ts = isoNow();
   let outPos = 0;
+  // After a failed audit write nothing more is computed: no key use without its audit line.
+  const refused: ErrorCode | null = auditFailure === null ? null : 'AUDIT_WRITE_FAILED';
 
   for (let i = 0; i < count; i++) {
     const base = i * OP_SLOTS;
@@ -194,7 +231,7 @@ function runBatch(task: BatchTask): BatchResult {
     const aad = ops[base + 5]! > 0 ? data.subarray(ops[base + 4]!, ops[base + 4]! + ops[base + 5]!) : null;
     const preError = ops[base + 7]!;
     const size = preError >= 0 ? 0 : outputBytes(kind, input.length);
-    let code: ErrorCode | null = preError >= 0 ? task.errors[preError]! : null;
+    let code: ErrorCode | null = refused ?? (preError >= 0 ? task.errors[preError]! : null);
     let keyVersion = dek?.keyVersion ?? 0;
     if (code === null) {
       try {
@@ -272,12 +309,26 @@ function runBatch(task: BatchTask): BatchResult {
   }
 
   taskKeys.clear();
-  const auditLines = auditStream?.seal() ?? null;
-  const result: BatchResult = { results, out: out.buffer as ArrayBuffer, errors, auditLines };
+  let audited = false;
+  if (refused === null) {
+    try {
+      audited = flushAudit();
+    } catch (err) {
+      // The lines were not written, so none of this task's results may be released.
+      out.fill(0);
+      results.fill(0);
+      const at = errorIndex(codeOf(err));
+      for (let i = 0; i < count; i++) results[i * RESULT_SLOTS] = at;
+    }
+  }
+  const result: BatchResult = { results, out: out.buffer as ArrayBuffer, errors, audited };
+  // Small results are cheaper to copy than to transfer (detaching buffers has a fixed cost).
+  if (outSize < TRANSFER_THRESHOLD) return result;
   const transfer: ArrayBuffer[] = [results.buffer as ArrayBuffer, out.buffer as ArrayBuffer];
-  if (auditLines !== null) transfer.push(auditLines.buffer as ArrayBuffer);
   return move({ [transferableSymbol]: transfer, [valueSymbol]: result }) as unknown as BatchResult;
 }
+
+const TRANSFER_THRESHOLD = 16 * 1024;
 
 function unwrapForRewrap(dek: DekRef, task: BatchTask): Buffer {
   const kek = kekFor(dek.kekVersion, task.keks);
@@ -289,11 +340,11 @@ function unwrapForRewrap(dek: DekRef, task: BatchTask): Buffer {
   }
 }
 
-/** Audit lines for a single non-batch task (start, new KEK); signed like any other block. */
-function sealOne(fields: AuditFields, code: ErrorCode | null): Uint8Array | null {
-  if (auditStream === null) return null;
+/** Audits a single non-batch task (start, new KEK) as a block of its own. */
+function auditOne(fields: AuditFields, code: ErrorCode | null): void {
+  if (auditStream === null) return;
   auditStream.add(fields, isoNow(), code === null ? 'ok' : 'error', code);
-  return auditStream.seal();
+  flushAudit();
 }
 
 function newKek(task: NewKekTask): NewKekResult {
@@ -301,20 +352,23 @@ function newKek(task: NewKekTask): NewKekResult {
   const key = newKey();
   const wrapped = Buffer.alloc(WRAPPED_KEY_BYTES);
   wrapKeyInto(kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(task.kekId, task.version), key, wrapped, 0);
+  auditOne(task.audit, null);
   keks.set(task.version, key);
-  return { wrapped, auditLines: sealOne(task.audit, null) };
+  return { wrapped };
 }
 
 function checkKek(task: CheckKekTask): CheckKekResult {
   roots();
   try {
     kekFor(task.kek.version, [task.kek]);
-    return { ok: true, auditLines: sealOne(task.audit, null) };
   } catch (err) {
     const code = codeOf(err);
     if (code !== 'MASTER_KEY_MISMATCH') throw err;
-    return { ok: false, auditLines: sealOne(task.audit, code) };
+    auditOne(task.audit, code);
+    return { ok: false };
   }
+  auditOne(task.audit, null);
+  return { ok: true };
 }
 
 function verifyAudit(path: string): VerifyAuditResult {

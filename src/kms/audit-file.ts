@@ -1,10 +1,10 @@
 /**
- * The audit log file on the main thread: append-only writes of lines the workers signed, with
- * grouped fsync. The main thread never signs (the audit key lives in the workers); it only
- * appends bytes in the order results arrive, which keeps each worker stream in order.
+ * The audit log file as the main thread sees it: proven writable at start-up, fsynced in groups,
+ * closed on shutdown. The lines themselves are signed and appended by the workers (the audit key
+ * lives there); fsync on this descriptor flushes their writes too, as they share the file.
  *
- * Failing closed: once a write fails, every later append fails too, so no key is used without its
- * audit line (the operations whose lines could not be written fail with AUDIT_WRITE_FAILED).
+ * Failing closed: once any write has failed, `failed` stays set, the KMS reports unhealthy and
+ * refuses further operations (AUDIT_WRITE_FAILED), so no key is used without its audit line.
  */
 import fs from 'node:fs';
 import { kmsError } from '../errors.js';
@@ -45,19 +45,19 @@ export class AuditFile {
     return this.#failed !== null;
   }
 
-  /** Appends signed lines; throws AUDIT_WRITE_FAILED (and stays failed) if the bytes cannot be written. */
-  append(lines: Uint8Array): void {
-    if (this.#failed !== null) throw kmsError('AUDIT_WRITE_FAILED', `audit log unavailable: ${this.#failed}`);
-    try {
-      let written = 0;
-      while (written < lines.length)
-        written += fs.writeSync(this.#fd, lines, written, lines.length - written);
-      if (this.#fsyncEachWrite) fs.fdatasyncSync(this.#fd);
-      else this.#dirty = true;
-    } catch (err) {
-      this.#failed = (err as NodeJS.ErrnoException).code ?? 'write error';
-      throw kmsError('AUDIT_WRITE_FAILED', `audit log write failed (${this.#failed}); operation refused`);
-    }
+  /** Notes that workers appended lines (fsynced at the next group interval). */
+  markDirty(): void {
+    if (this.#fsyncEachWrite) return;
+    this.#dirty = true;
+  }
+
+  /** Records that a write failed somewhere; the KMS refuses operations from now on. */
+  fail(reason: string): void {
+    this.#failed ??= reason;
+  }
+
+  get failure(): string | null {
+    return this.#failed;
   }
 
   #flushAsync(): void {

@@ -138,10 +138,14 @@ class EmbeddedKms implements Kms {
         masterKey: opts.masterKey,
         dekCacheSize: opts.dekCacheSize,
         evictChannel: `progressdb-kms-${process.pid}-${randomBytes(6).toString('hex')}`,
-        audit: opts.audit,
+        auditFile: auditFile === null ? null : auditFile.path,
+        auditFsyncEachWrite: opts.auditFsyncMs === 0,
       },
       kekRef: (version) => this.#kekRef(version),
-      writeAudit: (lines) => this.#auditFile?.append(lines),
+      onAudit: (failed) => {
+        if (failed) this.#auditFile?.fail('a worker could not append to the audit log');
+        else this.#auditFile?.markDirty();
+      },
       activeKekVersion: () => this.#kek.activeVersion,
     });
   }
@@ -157,7 +161,6 @@ class EmbeddedKms implements Kms {
         version: 1,
         audit: { op: 'start', kekVersion: 1, detail: 'new data directory: created KEK version 1' },
       });
-      this.#writeAudit(created.auditLines);
       const now = new Date().toISOString();
       const meta: KekMeta = { kekId, activeVersion: 1, createdAt: now };
       await this.#registry.initKek(meta, {
@@ -178,7 +181,6 @@ class EmbeddedKms implements Kms {
         kek: active,
         audit: { op: 'start', kekVersion: active.version, detail: `pid ${process.pid}` },
       });
-      this.#writeAudit(check.auditLines);
       if (!check.ok) {
         throw kmsError(
           'MASTER_KEY_MISMATCH',
@@ -199,7 +201,6 @@ class EmbeddedKms implements Kms {
           version,
           audit,
         });
-        this.#writeAudit(result.auditLines);
         return result.wrapped;
       },
       note: (audit) => this.#run(OpKind.note, [], null, null, audit, null).then(() => undefined),
@@ -216,10 +217,6 @@ class EmbeddedKms implements Kms {
         );
       });
     }
-  }
-
-  #writeAudit(lines: Uint8Array | null): void {
-    if (lines !== null) this.#auditFile?.append(lines);
   }
 
   #kekRef(version: number): KekRef | undefined {
@@ -281,6 +278,11 @@ class EmbeddedKms implements Kms {
   ): void {
     if (this.#closed) {
       done('NOT_READY', null, 0);
+      return;
+    }
+    if (this.#auditFile?.failed) {
+      // Fail closed: one worker's failed audit write stops every worker's key use.
+      done('AUDIT_WRITE_FAILED', null, 0);
       return;
     }
     if (!this.#opts.audit && (kind === OpKind.note || preError !== null)) {

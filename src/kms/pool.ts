@@ -44,8 +44,8 @@ export interface PoolOptions {
   init: WorkerInit;
   /** KEK records the batch needs, by version (main-thread cache of wrapped KEKs). */
   kekRef: (version: number) => KekRef | undefined;
-  /** Called with each task's signed audit lines before its ops settle; throws to fail them. */
-  writeAudit: (lines: Uint8Array) => void;
+  /** Called after each task that appended audit lines, or whose audit write failed. */
+  onAudit: (failed: boolean) => void;
   activeKekVersion: () => number;
 }
 
@@ -246,16 +246,8 @@ export class CryptoPool {
 
   #settle(batch: PendingOp[], result: BatchResult): void {
     this.#taskDone();
-    if (result.auditLines !== null) {
-      try {
-        this.#opts.writeAudit(result.auditLines);
-      } catch (err) {
-        const code = toCodedError(err).code;
-        for (const op of batch) op.done(code, null, 0);
-        return;
-      }
-    }
-    const { results, out, errors } = result;
+    const { results, out, errors, audited } = result;
+    if (audited || errors.includes('AUDIT_WRITE_FAILED')) this.#opts.onAudit(!audited);
     for (let i = 0; i < batch.length; i++) {
       const r = i * RESULT_SLOTS;
       const errorAt = results[r]!;

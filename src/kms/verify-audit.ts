@@ -8,7 +8,8 @@ export async function runVerifyAudit(masterKey: MasterKeyRef, file: string): Pro
     masterKey,
     dekCacheSize: 1,
     evictChannel: `progressdb-verify-${process.pid}`,
-    audit: false,
+    auditFile: null,
+    auditFsyncEachWrite: false,
   };
   const pool = new Piscina({
     filename: workerFile('crypto'),
