@@ -154,11 +154,57 @@ export class CryptoPool {
     }
   }
 
-  /** Sends `batch` as one task now, bypassing the queue (bulk work that is already batched). */
-  submit(batch: PendingOp[]): void {
-    let bytes = 0;
-    for (const op of batch) bytes += (op.input?.length ?? 0) + (op.aad?.length ?? 0);
-    this.#dispatch(batch, bytes);
+  /**
+   * Runs one task of `kind` (rewrap) over every DEK in `deks`, plus an audit note when `audit` is
+   * given, and returns the raw result: bulk work such as KEK rotation, with no callback per key.
+   * Result slot i belongs to deks[i].
+   */
+  async runBulk(kind: OpKindValue, deks: DekRef[], audit: AuditFields | null): Promise<BatchResult> {
+    const count = deks.length + (audit === null ? 0 : 1);
+    const ops = new Int32Array(count * OP_SLOTS).fill(-1);
+    const kekVersions = new Set<number>([this.#opts.activeKekVersion()]);
+    for (let i = 0; i < deks.length; i++) {
+      const base = i * OP_SLOTS;
+      ops[base] = kind;
+      ops[base + 1] = i;
+      ops[base + 2] = ops[base + 3] = ops[base + 4] = ops[base + 5] = 0;
+      kekVersions.add(deks[i]!.kekVersion);
+    }
+    if (audit !== null) {
+      const base = deks.length * OP_SLOTS;
+      ops[base] = OpKind.note;
+      ops[base + 2] = ops[base + 3] = ops[base + 4] = ops[base + 5] = 0;
+      ops[base + 6] = 0;
+    }
+    const task: BatchTask = {
+      type: 'batch',
+      keks: this.#kekRefs(kekVersions),
+      deks,
+      targetKekVersion: this.#opts.activeKekVersion(),
+      ops,
+      data: new ArrayBuffer(0),
+      audit: audit === null ? [] : [audit],
+      errors: [],
+    };
+    this.#inFlight++;
+    try {
+      const result = (await this.#piscina.run(task)) as BatchResult;
+      if (result.audited || result.errors.includes('AUDIT_WRITE_FAILED')) this.#opts.onAudit(!result.audited);
+      return result;
+    } catch (err) {
+      throw fromWorkerError(err);
+    } finally {
+      this.#taskDone();
+    }
+  }
+
+  #kekRefs(versions: Iterable<number>): KekRef[] {
+    const keks: KekRef[] = [];
+    for (const version of versions) {
+      const kek = this.#opts.kekRef(version);
+      if (kek !== undefined) keks.push(kek);
+    }
+    return keks;
   }
 
   #dispatch(batch: PendingOp[], bytes: number): void {
@@ -220,14 +266,9 @@ export class CryptoPool {
       ops[base + 7] = op.preError === null ? -1 : errors.push(op.preError) - 1;
     }
     if (needsTarget) kekVersions.add(target);
-    const keks: KekRef[] = [];
-    for (const version of kekVersions) {
-      const kek = this.#opts.kekRef(version);
-      if (kek !== undefined) keks.push(kek);
-    }
     const task: BatchTask = {
       type: 'batch',
-      keks,
+      keks: this.#kekRefs(kekVersions),
       deks,
       targetKekVersion: target,
       ops,

@@ -12,10 +12,18 @@
  * parallel worker tasks while the previous batch's transaction commits.
  */
 
-import { type ErrorCode, kmsError } from '../errors.js';
-import { type AuditFields, type CallContext, type DekRef, OpKind, type RotationStatus } from '../protocol.js';
-import type { CryptoPool, PendingOp } from './pool.js';
-import type { DekRecord, Registry, Rewrap, RotationRecord } from './registry.js';
+import { kmsError } from '../errors.js';
+import { WRAPPED_KEY_BYTES } from '../format.js';
+import {
+  type AuditFields,
+  type CallContext,
+  type DekRef,
+  OpKind,
+  RESULT_SLOTS,
+  type RotationStatus,
+} from '../protocol.js';
+import type { CryptoPool } from './pool.js';
+import type { DekRecord, DekVersionRecord, Registry, Rewrap, RotationRecord } from './registry.js';
 
 export interface RotationDeps {
   registry: Registry;
@@ -184,88 +192,62 @@ export class KekRotation {
     target: number,
     who: { caller: string | undefined; remote: string | undefined },
   ): Promise<Rewrap[]> {
-    const refs: DekRef[] = [];
+    const pending: { record: DekRecord; version: DekVersionRecord }[] = [];
     for (const record of records) {
       if (record.state !== 'active') continue;
-      for (const version of record.versions) {
-        if (version.kek !== target) {
-          refs.push({
+      for (const version of record.versions) if (version.kek !== target) pending.push({ record, version });
+    }
+    const pool = this.#deps.pool;
+    const chunks = Math.max(1, Math.min(pool.threads, Math.ceil(pending.length / 64)));
+    const perChunk = Math.ceil(pending.length / chunks);
+    const parts = await Promise.all(
+      Array.from({ length: chunks }, async (_, c) => {
+        const slice = pending.slice(c * perChunk, (c + 1) * perChunk);
+        // One buffer holds the chunk's wrapped keys; the DekRefs are views into it, so the task
+        // clone copies one backing store rather than one per key.
+        const packed = new Uint8Array(slice.length * WRAPPED_KEY_BYTES);
+        const deks: DekRef[] = slice.map(({ record, version }, i) => {
+          packed.set(version.wrapped, i * WRAPPED_KEY_BYTES);
+          return {
             keyId: record.keyId,
             keyVersion: version.v,
             kekVersion: version.kek,
-            wrapped: version.wrapped,
-          });
-        }
-      }
-    }
-    const rewraps: Rewrap[] = new Array(refs.length);
-    let firstError: ErrorCode | null = null;
-    const chunks = Math.max(1, Math.min(this.#deps.pool.threads, Math.ceil(refs.length / 64)));
-    const perChunk = Math.ceil(refs.length / chunks);
-    const tasks: Promise<void>[] = [];
-    for (let c = 0; c < chunks; c++) {
-      const from = c * perChunk;
-      const to = Math.min(refs.length, from + perChunk);
-      const batch: PendingOp[] = [];
-      let settled = 0;
-      tasks.push(
-        new Promise<void>((resolve) => {
-          const total = to - from + (c === 0 ? 1 : 0);
-          const settle = () => {
-            if (++settled === total) resolve();
+            wrapped: packed.subarray(i * WRAPPED_KEY_BYTES, (i + 1) * WRAPPED_KEY_BYTES),
           };
-          for (let i = from; i < to; i++) {
-            const ref = refs[i]!;
-            batch.push({
-              kind: OpKind.rewrap,
-              deks: [ref],
-              input: null,
-              aad: null,
-              audit: null,
-              preError: null,
-              done: (error, output) => {
-                if (error !== null) firstError ??= error;
-                else {
-                  rewraps[i] = {
-                    keyId: ref.keyId,
-                    v: ref.keyVersion,
-                    from: ref.wrapped,
-                    fromKek: ref.kekVersion,
-                    to: Buffer.from(output!),
-                    toKek: target,
-                  };
-                }
-                settle();
-              },
-            });
-          }
-          if (c === 0) {
-            // One audit line per batch, not per key: the rotation is one operation.
-            batch.push({
-              kind: OpKind.note,
-              deks: [],
-              input: null,
-              aad: null,
-              audit: {
+        });
+        // One audit line per batch, not per key: the rotation is one operation.
+        const audit =
+          c === 0
+            ? {
                 op: 'rotate_kek_batch',
                 kekVersion: target,
-                detail: `rewrap ${refs.length} key versions`,
+                detail: `rewrap ${pending.length} key versions`,
                 ...who,
-              },
-              preError: null,
-              done: (error) => {
-                if (error !== null) firstError ??= error;
-                settle();
-              },
-            });
+              }
+            : null;
+        const result = await pool.runBulk(OpKind.rewrap, deks, audit);
+        const rewraps: Rewrap[] = [];
+        for (let i = 0; i < result.results.length / RESULT_SLOTS; i++) {
+          const r = i * RESULT_SLOTS;
+          const error = result.results[r]!;
+          if (error >= 0) {
+            const code = result.errors[error] ?? 'INTERNAL';
+            throw kmsError(code, `KEK rotation batch failed (${code}); it will resume`);
           }
-          this.#deps.pool.submit(batch);
-        }),
-      );
-    }
-    await Promise.all(tasks);
-    if (firstError !== null)
-      throw kmsError(firstError, `KEK rotation batch failed (${firstError}); it will resume`);
-    return rewraps;
+          if (i >= slice.length) continue; // the audit note
+          const { record, version } = slice[i]!;
+          rewraps.push({
+            keyId: record.keyId,
+            v: version.v,
+            from: version.wrapped,
+            fromKek: version.kek,
+            to: Buffer.from(result.out, result.results[r + 1]!, result.results[r + 2]!),
+            toKek: target,
+          });
+        }
+        return rewraps;
+      }),
+    );
+    return parts.flat();
   }
 }
