@@ -1,0 +1,155 @@
+/**
+ * Case 7: the progressdb server end to end over HTTP (autocannon): create messages and read pages
+ * back, with body encryption on (embedded KMS; external KMS over the TCP bridge, and over HTTP in
+ * normal/full runs) against encryption off. Every server is a child process on a loopback port.
+ */
+import {
+  alternate,
+  type BenchContext,
+  type CaseReport,
+  checkLoad,
+  fmt,
+  httpLoad,
+  type Metric,
+  medians,
+  metric,
+  type ServerProc,
+  startKmsDaemon,
+  startServerProcess,
+} from '../lib.js';
+
+export const caseNo = 7;
+export const name = 'server';
+
+const THREADS = 16;
+const PAGE = 50;
+const CONNECTIONS = 32;
+
+interface Prepared {
+  proc: ServerProc;
+  threads: string[];
+}
+
+async function call(proc: ServerProc, method: string, urlPath: string, json?: unknown): Promise<unknown> {
+  const res = await fetch(`${proc.url}${urlPath}`, {
+    method,
+    headers: { authorization: `Bearer ${proc.apiKey}`, 'content-type': 'application/json' },
+    ...(json !== undefined && { body: JSON.stringify(json) }),
+  });
+  const text = await res.text();
+  if (res.status >= 300) throw new Error(`${method} ${urlPath}: ${res.status} ${text.slice(0, 200)}`);
+  return text === '' ? null : JSON.parse(text);
+}
+
+/** Threads with a full first page each, so every read decrypts PAGE bodies. */
+async function prepare(proc: ServerProc, body: unknown): Promise<Prepared> {
+  const threads: string[] = [];
+  for (let t = 0; t < THREADS; t++) {
+    const created = (await call(proc, 'POST', '/v1/threads', { title: `bench ${t}` })) as { id: string };
+    threads.push(created.id);
+  }
+  await Promise.all(
+    threads.map(async (id) => {
+      for (let m = 0; m < PAGE; m++) await call(proc, 'POST', `/v1/threads/${id}/messages`, { body });
+    }),
+  );
+  return { proc, threads };
+}
+
+function cycle(paths: string[]) {
+  let i = 0;
+  return <T extends object>(req: T): T => ({ ...req, path: paths[i++ % paths.length]! });
+}
+
+export async function run(ctx: BenchContext): Promise<CaseReport> {
+  const body = { text: 'x'.repeat(1000), n: 1 };
+  const daemon = await startKmsDaemon(ctx, { bridge: true });
+  const procs: ServerProc[] = [];
+  const start = async (...args: Parameters<typeof startServerProcess>) => {
+    const p = await startServerProcess(...args);
+    procs.push(p);
+    return p;
+  };
+  try {
+    const variants: Record<string, Prepared> = {
+      off: await prepare(await start(ctx, { mode: 'off' }), body),
+      embedded: await prepare(await start(ctx, { mode: 'embedded' }), body),
+      external_tcp: await prepare(
+        await start(ctx, { mode: 'external', kmsEndpoint: `tcp://${daemon.bridge!}` }),
+        body,
+      ),
+    };
+    if (ctx.mode !== 'quick') {
+      variants.external_http = await prepare(
+        await start(ctx, { mode: 'external', kmsEndpoint: `http://${daemon.http}` }),
+        body,
+      );
+    }
+    // Each autocannon run opens its connections anew: windows under half a second are mostly set-up.
+    const seconds = Math.max(ctx.ms, 500) / 1000;
+    const create = (v: Prepared, s = seconds) =>
+      httpLoad({
+        url: v.proc.url,
+        method: 'POST',
+        headers: { authorization: `Bearer ${v.proc.apiKey}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ body }),
+        connections: CONNECTIONS,
+        seconds: s,
+        setupRequest: cycle(v.threads.map((id) => `/v1/threads/${id}/messages`)),
+      }).then((r) => checkLoad('create message', r).reqPerSec);
+    const read = (v: Prepared, s = seconds) =>
+      httpLoad({
+        url: v.proc.url,
+        headers: { authorization: `Bearer ${v.proc.apiKey}` },
+        connections: CONNECTIONS,
+        seconds: s,
+        setupRequest: cycle(v.threads.map((id) => `/v1/threads/${id}/messages?limit=${PAGE}`)),
+      }).then((r) => checkLoad('read page', r).reqPerSec);
+    const steps: Record<string, () => Promise<number>> = {};
+    for (const [vName, v] of Object.entries(variants)) {
+      await create(v, 0.3);
+      await read(v, 0.3);
+      steps[`${vName}:create`] = () => create(v);
+      steps[`${vName}:read`] = () => read(v);
+    }
+    const samples = await alternate(ctx.rounds, steps, (r, last) =>
+      ctx.progress(
+        `  round ${r + 1}/${ctx.rounds}: ` +
+          Object.keys(variants)
+            .map((v) => `${v} create ${fmt(last[`${v}:create`]!)}/s read ${fmt(last[`${v}:read`]!)}/s`)
+            .join(', '),
+      ),
+    );
+    const med = medians(samples);
+    const metrics: Metric[] = [];
+    for (const vName of Object.keys(variants).filter((v) => v !== 'off')) {
+      for (const op of ['create', 'read'] as const) {
+        metrics.push(
+          metric({
+            id: `server_${vName}_${op}`,
+            caseNo,
+            title: `server ${op === 'create' ? 'create message' : `read page of ${PAGE}`}, encryption ${vName} vs off`,
+            figure: med[`${vName}:${op}`]!,
+            figureLabel: vName,
+            baseline: med[`off:${op}`]!,
+            baselineLabel: 'encryption off',
+            unit: 'req/s',
+            target: 0.8,
+            better: 'higher',
+          }),
+        );
+      }
+    }
+    return {
+      metrics,
+      details: { samples, threads: THREADS, pageSize: PAGE, connections: CONNECTIONS },
+      notes: [
+        `~1 KiB JSON bodies over ${THREADS} threads, ${CONNECTIONS} connections; reads are pages of ${PAGE}` +
+          (ctx.mode === 'quick' ? '; quick runs skip the external-over-HTTP server' : ''),
+      ],
+    };
+  } finally {
+    await Promise.all(procs.map((p) => p.child.stop()));
+    await daemon.child.stop();
+  }
+}
