@@ -1,0 +1,91 @@
+#!/usr/bin/env node
+/**
+ * progressdb-kms: the external-mode KMS daemon (`serve`, the default) and its offline tools
+ * (`keygen`, `audit verify`, `rotate`). Errors are reported as one line on stderr with exit code
+ * 1, never a stack trace.
+ */
+import { Command, InvalidArgumentError } from 'commander';
+import { CodedError } from '../errors.js';
+import { auditVerifyCommand, keygenCommand, rotateCommand } from '../kms/cli-commands.js';
+import type { ServeFlags } from '../kms-server/config.js';
+import { serve } from '../kms-server/serve.js';
+
+function wholeNumber(value: string): number {
+  if (!/^\d+$/.test(value)) throw new InvalidArgumentError('expected a whole number');
+  return Number(value);
+}
+
+function fail(err: unknown): never {
+  const message =
+    err instanceof CodedError
+      ? err.message
+      : `unexpected error: ${err instanceof Error ? err.message : String(err)}`;
+  process.stderr.write(`progressdb-kms: ${message}\n`);
+  process.exit(1);
+}
+
+/** Runs a sub-command and exits with its code (0 when it returns nothing). */
+function exitWith(run: () => Promise<unknown>): () => Promise<void> {
+  return async () => {
+    try {
+      const code = await run();
+      process.exit(typeof code === 'number' ? code : 0);
+    } catch (err) {
+      fail(err);
+    }
+  };
+}
+
+const program = new Command('progressdb-kms')
+  .description('ProgressDB key management daemon and tools')
+  .showHelpAfterError();
+
+program
+  .command('serve', { isDefault: true })
+  .description('run the KMS daemon (HTTP API, optional TCP bridge)')
+  .option(
+    '--endpoint <host:port>',
+    'HTTP listener, host:port or URL (env PROGRESSDB_KMS_ENDPOINT; default 127.0.0.1:6820)',
+  )
+  .option(
+    '--bridge-endpoint <host:port>',
+    'TCP bridge listener; off unless set (env PROGRESSDB_KMS_BRIDGE_ENDPOINT)',
+  )
+  .option('--data-dir <dir>', 'LMDB registry and kms-audit.log (env PROGRESSDB_KMS_DATA_DIR)')
+  .option('--master-key-file <file>', 'master key, 64 hex characters (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
+  .option('--config <file>', 'YAML or JSON config file (env PROGRESSDB_KMS_CONFIG)')
+  .option('--tls-cert <file>', 'TLS certificate, PEM (env PROGRESSDB_KMS_TLS_CERT_FILE)')
+  .option('--tls-key <file>', 'TLS private key, PEM (env PROGRESSDB_KMS_TLS_KEY_FILE)')
+  .option(
+    '--tls-ca <file>',
+    'CA for client certificates; makes them required (env PROGRESSDB_KMS_TLS_CA_FILE)',
+  )
+  .option('--max-body-bytes <n>', 'largest HTTP request body (default 1048576)', wholeNumber)
+  .option('--max-frame-bytes <n>', 'largest bridge frame (default 8388608)', wholeNumber)
+  .option('--max-batch-items <n>', 'most items in one batch (default 1024)', wholeNumber)
+  .option('--insecure', 'allow a non-loopback listener without TLS or tokens (not for production)')
+  .action((opts: ServeFlags) => exitWith(() => serve(opts))());
+
+program
+  .command('keygen')
+  .description('write a new random master key (64 hex characters)')
+  .option('--out <file>', 'file to create (mode 0600); stdout when omitted')
+  .action((opts: { out?: string }) => exitWith(() => keygenCommand(opts))());
+
+program
+  .command('audit')
+  .description('audit log tools')
+  .command('verify')
+  .description('verify the signatures and chain of kms-audit.log')
+  .requiredOption('--data-dir <dir>', 'the KMS data directory')
+  .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
+  .action((opts: { dataDir: string; masterKeyFile?: string }) => exitWith(() => auditVerifyCommand(opts))());
+
+program
+  .command('rotate')
+  .description('rotate the KEK offline (the daemon must be stopped) and rewrap every DEK')
+  .requiredOption('--data-dir <dir>', 'the KMS data directory')
+  .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
+  .action((opts: { dataDir: string; masterKeyFile?: string }) => exitWith(() => rotateCommand(opts))());
+
+program.parseAsync(process.argv).catch(fail);

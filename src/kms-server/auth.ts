@@ -1,0 +1,126 @@
+/**
+ * Who may call the daemon, on both listeners.
+ *
+ * - TLS: server certificate and key; with a CA, client certificates signed by it are required at
+ *   the handshake (a connection without one never reaches the HTTP parser or the frame decoder).
+ * - Bearer tokens from the config: HTTP `Authorization: Bearer T`, bridge AUTH frame. Tokens are
+ *   compared as SHA-256 digests with timingSafeEqual (fixed length, so the comparison time says
+ *   nothing about the token), and every configured token is compared, so the time does not say
+ *   which one matched either. Missing token → 401 UNAUTHENTICATED, wrong token → 403 FORBIDDEN.
+ *
+ * The audit caller is the token name, else the client certificate's subject CN, else "anonymous".
+ */
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { Socket } from 'node:net';
+import type { TLSSocket, TlsOptions } from 'node:tls';
+import { type CodedError, kmsError } from '../errors.js';
+import type { CallContext } from '../protocol.js';
+
+export interface TokenEntry {
+  name: string;
+  token: string;
+}
+
+export interface TlsMaterial {
+  cert: Buffer;
+  key: Buffer;
+  /** Present: mutual TLS, client certificates required. */
+  ca?: Buffer | undefined;
+}
+
+export type AuthMode = 'none' | 'token' | 'mtls' | 'mtls+token';
+
+function digest(token: string): Buffer {
+  return createHash('sha256').update(token, 'utf8').digest();
+}
+
+export class Authenticator {
+  private readonly digests: { name: string; digest: Buffer }[];
+  private readonly callerOfSocket = new WeakMap<Socket, string>();
+
+  constructor(
+    tokens: readonly TokenEntry[],
+    private readonly tls: TlsMaterial | null,
+  ) {
+    this.digests = tokens.map((t) => ({ name: t.name, digest: digest(t.token) }));
+  }
+
+  get tokensRequired(): boolean {
+    return this.digests.length > 0;
+  }
+
+  get mode(): AuthMode {
+    const mtls = Boolean(this.tls?.ca);
+    if (mtls) return this.tokensRequired ? 'mtls+token' : 'mtls';
+    return this.tokensRequired ? 'token' : 'none';
+  }
+
+  /** Name of the token, or undefined when it matches none. Constant time in the token value. */
+  tokenName(token: string): string | undefined {
+    const presented = digest(token);
+    let name: string | undefined;
+    for (const entry of this.digests) {
+      if (timingSafeEqual(presented, entry.digest) && name === undefined) name = entry.name;
+    }
+    return name;
+  }
+
+  /**
+   * Checks a presented token (undefined = none) and builds the audit context of the call.
+   * Throws UNAUTHENTICATED or FORBIDDEN.
+   */
+  authenticate(token: string | undefined, socket: Socket): CallContext {
+    let caller: string | undefined;
+    if (this.tokensRequired) {
+      if (token === undefined) throw authError('UNAUTHENTICATED');
+      caller = this.tokenName(token);
+      if (caller === undefined) throw authError('FORBIDDEN');
+    }
+    return {
+      caller: caller ?? this.certificateSubject(socket) ?? 'anonymous',
+      remoteAddress: socket.remoteAddress,
+    };
+  }
+
+  /** Subject CN of a verified client certificate (cached per connection). */
+  private certificateSubject(socket: Socket): string | undefined {
+    if (!this.tls?.ca) return undefined;
+    const cached = this.callerOfSocket.get(socket);
+    if (cached !== undefined) return cached;
+    const tlsSocket = socket as TLSSocket;
+    if (!tlsSocket.authorized) return undefined;
+    const cn = tlsSocket.getPeerCertificate()?.subject?.CN;
+    const subject = typeof cn === 'string' && cn !== '' ? cn : 'client-certificate';
+    this.callerOfSocket.set(socket, subject);
+    return subject;
+  }
+
+  /** Options for tls.createServer / https.createServer, or null for plain TCP. */
+  serverTlsOptions(): TlsOptions | null {
+    if (!this.tls) return null;
+    const mtls = this.tls.ca !== undefined;
+    return {
+      cert: this.tls.cert,
+      key: this.tls.key,
+      ...(mtls ? { ca: this.tls.ca } : {}),
+      requestCert: mtls,
+      rejectUnauthorized: mtls,
+      minVersion: 'TLSv1.2',
+    };
+  }
+}
+
+function authError(code: 'UNAUTHENTICATED' | 'FORBIDDEN'): CodedError {
+  return code === 'UNAUTHENTICATED'
+    ? kmsError(code, 'a bearer token is required')
+    : kmsError(code, 'the bearer token is not valid');
+}
+
+const BEARER = /^Bearer[ \t]+(\S+)[ \t]*$/i;
+
+/** The token of an `Authorization: Bearer T` header; a malformed header counts as a wrong token. */
+export function bearerToken(header: string | undefined): string | undefined {
+  if (header === undefined) return undefined;
+  const m = BEARER.exec(header);
+  return m ? m[1]! : '';
+}

@@ -1,0 +1,272 @@
+/**
+ * The TCP bridge listener: the typed KMS operations (protocol.ts) framed on a socket, optionally
+ * over TLS. Framing is in wire/bridge-codec.ts.
+ *
+ * Per connection: frames are decoded as they stream in; each request is dispatched at once
+ * (pipelining) and answered when done, possibly out of order, matched by id. Answers produced in
+ * one tick go out in one write (cork/uncork). Reading pauses while too many requests are in
+ * flight or the socket is not draining, so a fast writer cannot grow our memory without bound.
+ *
+ * Auth: with tokens configured, the first frame must be AUTH (a request first is answered
+ * UNAUTHENTICATED and the connection closed; a wrong token FORBIDDEN and closed). The caller is
+ * then fixed for the connection, like a client certificate is.
+ *
+ * A malformed, oversized or truncated frame is answered with an ERROR frame (id 0 when the
+ * request id could not be read) and closes that connection only. An unknown op code, or a batch
+ * over the item limit, is answered with an ERROR for that id and the connection stays open.
+ */
+import net, { type AddressInfo, type Server, type Socket } from 'node:net';
+import tls from 'node:tls';
+import { type CodedError, kmsError, toCodedError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { type CallContext, dispatch, type ItemResult, type Kms, type KmsOp } from '../protocol.js';
+import {
+  decodeAuth,
+  decodeRequest,
+  encodeEmptyResult,
+  encodeError,
+  encodeResult,
+  FRAME_AUTH,
+  type Frame,
+  FrameDecoder,
+  opOfCode,
+} from '../wire/bridge-codec.js';
+import { CorkedWriter } from '../wire/corked-writer.js';
+import type { Authenticator } from './auth.js';
+import type { DaemonMetrics } from './metrics.js';
+import type { Limits } from './route.js';
+
+/** Requests in flight per connection before we stop reading from it. */
+const MAX_IN_FLIGHT = 4096;
+/** A frame that stays unfinished this long is treated as truncated. */
+const STALLED_FRAME_MS = 30_000;
+
+export interface BridgeDeps {
+  kms: Kms;
+  auth: Authenticator;
+  metrics: DaemonMetrics;
+  limits: Limits;
+  logger: Logger;
+}
+
+class BridgeConnection {
+  private readonly decoder: FrameDecoder;
+  private caller: CallContext | null = null;
+  private inFlight = 0;
+  private readonly writer: CorkedWriter;
+  private paused = { backlog: false, drain: false };
+  /** No more frames are processed: failed, or the daemon is draining. */
+  private stopped = false;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly deps: BridgeDeps,
+    onClosed: (conn: BridgeConnection) => void,
+  ) {
+    this.decoder = new FrameDecoder(deps.limits.maxFrameBytes);
+    this.writer = new CorkedWriter(socket);
+    socket.setNoDelay(true);
+    socket.setTimeout(STALLED_FRAME_MS);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('end', () => this.onEnd());
+    socket.on('timeout', () => {
+      if (this.decoder.midFrame) this.fail(0, kmsError('MALFORMED_FRAME', 'frame stalled (truncated)'));
+    });
+    socket.on('drain', () => {
+      this.paused.drain = false;
+      this.updateFlow();
+    });
+    // A peer that resets is not our error; 'close' follows and cleans up.
+    socket.on('error', () => {});
+    socket.on('close', () => onClosed(this));
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.stopped) return;
+    try {
+      this.decoder.push(chunk, (frame) => this.onFrame(frame));
+    } catch (err) {
+      this.fail(0, toCodedError(err));
+    }
+  }
+
+  private onEnd(): void {
+    if (this.stopped) return;
+    if (this.decoder.midFrame) {
+      this.fail(0, kmsError('MALFORMED_FRAME', 'connection ended inside a frame (truncated)'));
+      return;
+    }
+    // The client half-closed: answer what is in flight, then close our side.
+    this.stopped = true;
+    this.endWhenIdle();
+  }
+
+  private onFrame(frame: Frame): void {
+    if (this.stopped) return;
+    if (frame.type === FRAME_AUTH) {
+      this.onAuth(frame);
+      return;
+    }
+    const op = opOfCode(frame.type);
+    if (op === undefined) {
+      this.send(encodeError(frame.id, 'UNSUPPORTED_OPERATION', `unknown frame type ${frame.type}`));
+      return;
+    }
+    if (this.caller === null) {
+      if (this.deps.auth.tokensRequired) {
+        this.fail(frame.id, kmsError('UNAUTHENTICATED', 'send an AUTH frame first'));
+        return;
+      }
+      this.caller = this.deps.auth.authenticate(undefined, this.socket);
+    }
+    let req: ReturnType<typeof decodeRequest>;
+    try {
+      req = decodeRequest(op, frame.body);
+    } catch (err) {
+      this.fail(frame.id, toCodedError(err));
+      return;
+    }
+    if ((req.op === 'encrypt' || req.op === 'decrypt') && req.items.length > this.deps.limits.maxBatchItems) {
+      const max = this.deps.limits.maxBatchItems;
+      this.answerError(
+        frame.id,
+        op,
+        performance.now(),
+        kmsError('PAYLOAD_TOO_LARGE', `batch exceeds ${max} items`),
+      );
+      return;
+    }
+    this.run(frame.id, op, req);
+  }
+
+  private onAuth(frame: Frame): void {
+    try {
+      this.caller = this.deps.auth.authenticate(decodeAuth(frame.body), this.socket);
+      this.send(encodeEmptyResult(frame.id));
+    } catch (err) {
+      this.fail(frame.id, toCodedError(err));
+    }
+  }
+
+  private run(id: number, op: KmsOp, req: Parameters<typeof dispatch>[1]): void {
+    const startedAt = performance.now();
+    this.inFlight++;
+    this.updateFlow();
+    dispatch(this.deps.kms, req, this.caller!).then(
+      (value) => {
+        if (op === 'encrypt' || op === 'decrypt') this.countItemErrors(value as ItemResult<unknown>[]);
+        this.deps.metrics.observe(op, 'bridge', startedAt);
+        this.send(encodeResult(id, op, value));
+        this.settled();
+      },
+      (thrown) => {
+        this.answerError(id, op, startedAt, toCodedError(thrown));
+        this.settled();
+      },
+    );
+  }
+
+  private answerError(id: number, op: KmsOp, startedAt: number, err: CodedError): void {
+    if (err.code === 'INTERNAL')
+      this.deps.logger.error({ op, err: err.cause ?? err }, 'bridge request failed');
+    this.deps.metrics.observe(op, 'bridge', startedAt, err);
+    this.send(encodeError(id, err.code, err.message));
+  }
+
+  private countItemErrors(results: ItemResult<unknown>[]): void {
+    for (const r of results) if (!r.ok) this.deps.metrics.itemError(r.error.code, 'bridge');
+  }
+
+  private settled(): void {
+    this.inFlight--;
+    this.updateFlow();
+    if (this.stopped) this.endWhenIdle();
+  }
+
+  private updateFlow(): void {
+    this.paused.backlog = this.inFlight >= MAX_IN_FLIGHT;
+    if (this.stopped || this.paused.backlog || this.paused.drain) this.socket.pause();
+    else this.socket.resume();
+  }
+
+  private send(frame: Buffer): void {
+    if (this.socket.writableEnded || this.socket.destroyed) return;
+    if (!this.writer.write(frame)) {
+      this.paused.drain = true;
+      this.updateFlow();
+    }
+  }
+
+  /** Answers with an error frame and closes this connection (only). */
+  private fail(id: number, err: CodedError): void {
+    if (this.stopped && this.socket.writableEnded) return;
+    this.stopped = true;
+    this.socket.pause();
+    this.send(encodeError(id, err.code, err.message));
+    this.socket.end();
+    // A peer that never reads must not hold the socket open.
+    setTimeout(() => this.socket.destroy(), 5_000).unref();
+  }
+
+  private endWhenIdle(): void {
+    if (this.inFlight === 0 && !this.socket.writableEnded) this.socket.end();
+  }
+
+  /** Stops reading new frames; the connection ends once its in-flight requests are answered. */
+  drain(): void {
+    this.stopped = true;
+    this.socket.pause();
+    this.endWhenIdle();
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
+
+export class BridgeServer {
+  private readonly server: Server;
+  private readonly connections = new Set<BridgeConnection>();
+
+  constructor(deps: BridgeDeps, maxConnections: number) {
+    const tlsOptions = deps.auth.serverTlsOptions();
+    const onConnection = (socket: Socket) => {
+      deps.metrics.bridgeConnectionOpened();
+      this.connections.add(
+        new BridgeConnection(socket, deps, (conn) => {
+          this.connections.delete(conn);
+          deps.metrics.bridgeConnectionClosed();
+        }),
+      );
+    };
+    this.server = tlsOptions
+      ? tls.createServer({ ...tlsOptions, allowHalfOpen: true }, onConnection)
+      : net.createServer({ allowHalfOpen: true }, onConnection);
+    this.server.maxConnections = maxConnections;
+    // Failed handshakes (no or wrong client certificate) are the peer's problem: drop quietly.
+    this.server.on('tlsClientError', (err: Error) =>
+      deps.logger.debug({ err: err.message }, 'bridge TLS handshake failed'),
+    );
+  }
+
+  listen(host: string, port: number): Promise<AddressInfo> {
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(port, host, () => {
+        this.server.off('error', reject);
+        resolve(this.server.address() as AddressInfo);
+      });
+    });
+  }
+
+  /** Stops accepting, lets in-flight requests finish, and force-closes what is left at the deadline. */
+  async close(deadlineMs: number): Promise<void> {
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const conn of this.connections) conn.drain();
+    const timer = setTimeout(() => {
+      for (const conn of this.connections) conn.destroy();
+    }, deadlineMs);
+    await closed;
+    clearTimeout(timer);
+  }
+}

@@ -1,0 +1,328 @@
+/**
+ * Daemon configuration: command-line flags, then PROGRESSDB_KMS_* environment variables, then the
+ * config file (YAML or JSON, validated with zod; unknown keys are errors so typos do not pass
+ * silently), then defaults. Every problem becomes one CONFIG_INVALID error with a one-line message.
+ *
+ * The master key is never read here: only its source (a file path, or this config file when it
+ * holds `master_key`) is handed to createKms, whose worker reads it.
+ */
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import tls from 'node:tls';
+import { parse as parseYaml } from 'yaml';
+import { z } from 'zod';
+import { kmsError } from '../errors.js';
+import type { KmsOptions } from '../kms/options.js';
+import { DEFAULT_MAX_FRAME_BYTES } from '../wire/bridge-codec.js';
+import { type Endpoint, isLoopbackHost, parseEndpoint } from '../wire/endpoint.js';
+import type { TlsMaterial, TokenEntry } from './auth.js';
+import type { Limits } from './route.js';
+
+export const DEFAULT_ENDPOINT = '127.0.0.1:6820';
+export const DEFAULT_BRIDGE_PORT = 6821;
+const MIN_TOKEN_LENGTH = 16;
+
+/** What the `serve` sub-command's flags carry (all optional). */
+export interface ServeFlags {
+  endpoint?: string;
+  bridgeEndpoint?: string;
+  dataDir?: string;
+  masterKeyFile?: string;
+  config?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  tlsCa?: string;
+  maxBodyBytes?: number;
+  maxFrameBytes?: number;
+  maxBatchItems?: number;
+  insecure?: boolean;
+}
+
+export interface ListenerConfig {
+  host: string;
+  port: number;
+}
+
+export interface DaemonConfig {
+  http: ListenerConfig;
+  /** The TCP bridge listener; null when not configured. */
+  bridge: ListenerConfig | null;
+  tls: TlsMaterial | null;
+  tokens: TokenEntry[];
+  insecure: boolean;
+  limits: Limits & { maxConnections: number };
+  /** How long shutdown waits for in-flight requests before closing connections. */
+  drainTimeoutMs: number;
+  kms: KmsOptions;
+}
+
+const int = (min: number, max: number) => z.number().int().min(min).max(max);
+
+const TokenSchema = z
+  .strictObject({
+    name: z.string().min(1).max(128),
+    token: z.string().optional(),
+    token_file: z.string().optional(),
+  })
+  .refine((t) => (t.token === undefined) !== (t.token_file === undefined), {
+    message: 'give exactly one of token or token_file',
+  });
+
+const FileSchema = z.strictObject({
+  endpoint: z.string().optional(),
+  bridge_endpoint: z.string().optional(),
+  data_dir: z.string().optional(),
+  master_key_file: z.string().optional(),
+  /** Discouraged: hex master key inline; the KMS worker reads it from this file itself. */
+  master_key: z.string().optional(),
+  tls: z
+    .strictObject({ cert_file: z.string(), key_file: z.string(), ca_file: z.string().optional() })
+    .optional(),
+  tokens: z.array(TokenSchema).optional(),
+  insecure: z.boolean().optional(),
+  drain_timeout_ms: int(0, 600_000).optional(),
+  limits: z
+    .strictObject({
+      max_body_bytes: int(1024, 1024 ** 3).optional(),
+      max_frame_bytes: int(1024, 1024 ** 3).optional(),
+      max_batch_items: int(1, 100_000).optional(),
+      max_connections: int(1, 1_000_000).optional(),
+    })
+    .optional(),
+  kms: z
+    .strictObject({
+      pool_size: int(1, 256).optional(),
+      max_batch: int(1, 4096).optional(),
+      dek_cache_size: int(1, 10_000_000).optional(),
+      audit: z.boolean().optional(),
+      audit_fsync_ms: int(0, 60_000).optional(),
+      rotation_batch_size: int(1, 100_000).optional(),
+    })
+    .optional(),
+});
+
+type FileConfig = z.infer<typeof FileSchema>;
+
+function invalid(message: string): Error {
+  return kmsError('CONFIG_INVALID', message);
+}
+
+function env(name: string): string | undefined {
+  const v = process.env[name];
+  return v === undefined || v === '' ? undefined : v;
+}
+
+function readText(file: string, what: string): string {
+  try {
+    return readFileSync(file, 'utf8');
+  } catch (err) {
+    throw invalid(`cannot read ${what} ${file}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
+  }
+}
+
+function loadFile(file: string): FileConfig {
+  const text = readText(file, 'config file');
+  let raw: unknown;
+  try {
+    // YAML is a superset of JSON, so one parser reads both.
+    raw = parseYaml(text);
+  } catch {
+    throw invalid(`config file ${file} is not valid YAML or JSON`);
+  }
+  const parsed = FileSchema.safeParse(raw ?? {});
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]!;
+    const where = issue.path.length > 0 ? issue.path.join('.') : '(top level)';
+    throw invalid(`config file ${file}: ${where}: ${issue.message}`);
+  }
+  return parsed.data;
+}
+
+function loadTokens(entries: FileConfig['tokens'], baseDir: string): TokenEntry[] {
+  const tokens: TokenEntry[] = [];
+  const names = new Set<string>();
+  for (const entry of entries ?? []) {
+    const token =
+      entry.token ??
+      readText(path.resolve(baseDir, entry.token_file!), `token file of "${entry.name}"`).trim();
+    if (token.length < MIN_TOKEN_LENGTH || /\s/.test(token)) {
+      throw invalid(`token "${entry.name}" must be at least ${MIN_TOKEN_LENGTH} characters without spaces`);
+    }
+    if (names.has(entry.name)) throw invalid(`token name "${entry.name}" is used twice`);
+    names.add(entry.name);
+    tokens.push({ name: entry.name, token });
+  }
+  return tokens;
+}
+
+function loadTls(
+  cert: string | undefined,
+  key: string | undefined,
+  ca: string | undefined,
+): TlsMaterial | null {
+  if (cert === undefined && key === undefined) {
+    if (ca !== undefined) throw invalid('a TLS CA file needs a TLS certificate and key as well');
+    return null;
+  }
+  if (cert === undefined || key === undefined)
+    throw invalid('TLS needs both a certificate file and a key file');
+  const material: TlsMaterial = {
+    cert: Buffer.from(readText(cert, 'TLS certificate')),
+    key: Buffer.from(readText(key, 'TLS key')),
+    ca: ca === undefined ? undefined : Buffer.from(readText(ca, 'TLS CA file')),
+  };
+  try {
+    tls.createSecureContext({
+      cert: material.cert,
+      key: material.key,
+      ...(material.ca ? { ca: material.ca } : {}),
+    });
+  } catch (err) {
+    throw invalid(`TLS certificate, key or CA cannot be used: ${(err as Error).message}`);
+  }
+  return material;
+}
+
+function listener(text: string, defaultPort: number, what: string): ListenerConfig {
+  let ep: Endpoint;
+  try {
+    ep = parseEndpoint(text, defaultPort);
+  } catch (err) {
+    throw invalid(`${what}: ${(err as Error).message}`);
+  }
+  if (ep.scheme === 'tcp' && what === 'endpoint') throw invalid('endpoint: use --bridge-endpoint for tcp://');
+  return { host: ep.host, port: ep.port };
+}
+
+function limitFlag(name: string, value: number | undefined, min: number, max: number): number | undefined {
+  if (value === undefined) return undefined;
+  if (!Number.isInteger(value) || value < min || value > max) {
+    throw invalid(`${name} must be an integer from ${min} to ${max}`);
+  }
+  return value;
+}
+
+function envInt(name: string): number | undefined {
+  const v = env(name);
+  if (v === undefined) return undefined;
+  if (!/^\d+$/.test(v)) throw invalid(`${name} must be a whole number, got "${v}"`);
+  return Number(v);
+}
+
+function envBool(name: string): boolean | undefined {
+  const v = env(name)?.toLowerCase();
+  if (v === undefined) return undefined;
+  if (['1', 'true', 'yes', 'on'].includes(v)) return true;
+  if (['0', 'false', 'no', 'off'].includes(v)) return false;
+  throw invalid(`${name} must be true or false`);
+}
+
+export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
+  const configPath = flags.config ?? env('PROGRESSDB_KMS_CONFIG');
+  const file: FileConfig = configPath ? loadFile(path.resolve(configPath)) : {};
+  const baseDir = configPath ? path.dirname(path.resolve(configPath)) : process.cwd();
+  const fromFile = (p: string | undefined) => (p === undefined ? undefined : path.resolve(baseDir, p));
+
+  const http = listener(
+    flags.endpoint ?? env('PROGRESSDB_KMS_ENDPOINT') ?? file.endpoint ?? DEFAULT_ENDPOINT,
+    6820,
+    'endpoint',
+  );
+  const bridgeText = flags.bridgeEndpoint ?? env('PROGRESSDB_KMS_BRIDGE_ENDPOINT') ?? file.bridge_endpoint;
+  const bridge =
+    bridgeText === undefined ? null : listener(bridgeText, DEFAULT_BRIDGE_PORT, 'bridge endpoint');
+
+  const tlsConfig = loadTls(
+    flags.tlsCert ?? env('PROGRESSDB_KMS_TLS_CERT_FILE') ?? fromFile(file.tls?.cert_file),
+    flags.tlsKey ?? env('PROGRESSDB_KMS_TLS_KEY_FILE') ?? fromFile(file.tls?.key_file),
+    flags.tlsCa ?? env('PROGRESSDB_KMS_TLS_CA_FILE') ?? fromFile(file.tls?.ca_file),
+  );
+  const tokens = loadTokens(file.tokens, baseDir);
+  const insecure = flags.insecure ?? envBool('PROGRESSDB_KMS_INSECURE') ?? file.insecure ?? false;
+
+  const masterKeyFile =
+    flags.masterKeyFile ?? env('PROGRESSDB_KMS_MASTER_KEY_FILE') ?? fromFile(file.master_key_file);
+  const kms: KmsOptions = {
+    dataDir: flags.dataDir ?? env('PROGRESSDB_KMS_DATA_DIR') ?? fromFile(file.data_dir),
+    poolSize: file.kms?.pool_size,
+    maxBatch: file.kms?.max_batch,
+    dekCacheSize: file.kms?.dek_cache_size,
+    audit: file.kms?.audit,
+    auditFsyncMs: file.kms?.audit_fsync_ms,
+    rotationBatchSize: file.kms?.rotation_batch_size,
+  };
+  if (masterKeyFile !== undefined) kms.masterKeyFile = masterKeyFile;
+  else if (file.master_key !== undefined && configPath) kms.masterKeyConfigFile = path.resolve(configPath);
+  if (kms.dataDir === undefined) {
+    throw invalid(
+      'no data directory: pass --data-dir, set PROGRESSDB_KMS_DATA_DIR, or set data_dir in the config',
+    );
+  }
+
+  const limits = {
+    maxBodyBytes:
+      limitFlag(
+        '--max-body-bytes',
+        flags.maxBodyBytes ?? envInt('PROGRESSDB_KMS_MAX_BODY_BYTES'),
+        1024,
+        1024 ** 3,
+      ) ??
+      file.limits?.max_body_bytes ??
+      1024 * 1024,
+    maxFrameBytes:
+      limitFlag(
+        '--max-frame-bytes',
+        flags.maxFrameBytes ?? envInt('PROGRESSDB_KMS_MAX_FRAME_BYTES'),
+        1024,
+        1024 ** 3,
+      ) ??
+      file.limits?.max_frame_bytes ??
+      DEFAULT_MAX_FRAME_BYTES,
+    maxBatchItems:
+      limitFlag(
+        '--max-batch-items',
+        flags.maxBatchItems ?? envInt('PROGRESSDB_KMS_MAX_BATCH_ITEMS'),
+        1,
+        100_000,
+      ) ??
+      file.limits?.max_batch_items ??
+      1024,
+    maxConnections: file.limits?.max_connections ?? 10_000,
+  };
+
+  const config: DaemonConfig = {
+    http,
+    bridge,
+    tls: tlsConfig,
+    tokens,
+    insecure,
+    limits,
+    drainTimeoutMs: file.drain_timeout_ms ?? 10_000,
+    kms,
+  };
+  checkExposure(config);
+  return config;
+}
+
+/** Listeners other machines can reach need TLS or tokens, unless --insecure says otherwise. */
+export function exposedListeners(config: DaemonConfig): string[] {
+  const protectedByConfig = config.tls !== null || config.tokens.length > 0;
+  if (protectedByConfig) return [];
+  const named: [string, ListenerConfig | null][] = [
+    ['endpoint', config.http],
+    ['bridge endpoint', config.bridge],
+  ];
+  return named
+    .filter(([, l]) => l !== null && !isLoopbackHost(l.host))
+    .map(([name, l]) => `${name} ${l!.host}`);
+}
+
+function checkExposure(config: DaemonConfig): void {
+  const exposed = exposedListeners(config);
+  if (exposed.length > 0 && !config.insecure) {
+    throw invalid(
+      `refusing to listen on non-loopback ${exposed.join(' and ')} without TLS or tokens ` +
+        '(configure tls or tokens, or pass --insecure)',
+    );
+  }
+}

@@ -1,0 +1,108 @@
+/**
+ * The daemon's Koa app. Deliberately one app-level middleware (errors, 404/405, draining) and one
+ * router layer: per-request overhead matters here (the /encrypt benchmark is measured against a
+ * bare Koa echo). Each route handler authenticates, reads its body, runs, and records metrics.
+ */
+import Router from '@koa/router';
+import Koa from 'koa';
+import { type CodedError, errorBody, kmsError, toCodedError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { CallContext } from '../protocol.js';
+import { type Authenticator, bearerToken } from './auth.js';
+import { readJsonBody } from './body.js';
+import type { RouteInput, RouteServices, RouteSpec } from './route.js';
+import { ROUTES } from './routes/index.js';
+
+const JSON_TYPE = 'application/json; charset=utf-8';
+const PUBLIC_CALLER: CallContext = {};
+const EMPTY_BODY: Record<string, unknown> = Object.freeze({}) as Record<string, unknown>;
+
+export interface HttpAppDeps {
+  services: RouteServices;
+  auth: Authenticator;
+  logger: Logger;
+  /** True once shutdown began: answers carry Connection: close so keep-alive sockets drain. */
+  draining(): boolean;
+}
+
+function writeError(ctx: Koa.Context, err: CodedError): void {
+  ctx.status = err.status;
+  ctx.set('Content-Type', JSON_TYPE);
+  if (err.code === 'UNAUTHENTICATED') ctx.set('WWW-Authenticate', 'Bearer');
+  // The rest of an unread body is never read: close instead of parsing it as the next request.
+  if (err.code === 'PAYLOAD_TOO_LARGE' || err.code === 'UNSUPPORTED_MEDIA_TYPE')
+    ctx.set('Connection', 'close');
+  ctx.body = JSON.stringify(errorBody(err));
+}
+
+function handlerOf(spec: RouteSpec, deps: HttpAppDeps): Koa.Middleware {
+  const { services, auth, logger } = deps;
+  const maxBody = services.limits.maxBodyBytes;
+  return async (ctx) => {
+    const startedAt = performance.now();
+    try {
+      const caller = spec.public
+        ? PUBLIC_CALLER
+        : auth.authenticate(bearerToken(ctx.req.headers.authorization), ctx.req.socket);
+      const input: RouteInput = {
+        services,
+        caller,
+        body: spec.jsonBody ? await readJsonBody(ctx.req, maxBody) : EMPTY_BODY,
+        query: spec.method === 'GET' ? ctx.query : (EMPTY_BODY as RouteInput['query']),
+      };
+      const reply = await spec.handle(input);
+      if ('json' in reply) {
+        ctx.status = 200;
+        ctx.set('Content-Type', JSON_TYPE);
+        ctx.body = JSON.stringify(reply.json);
+      } else {
+        ctx.status = reply.status;
+        ctx.set('Content-Type', reply.contentType);
+        ctx.body = reply.text;
+      }
+      services.metrics.observe(spec.op, 'http', startedAt);
+    } catch (thrown) {
+      const err = toCodedError(thrown);
+      if (err.code === 'INTERNAL') logger.error({ op: spec.op, err: err.cause ?? err }, 'request failed');
+      services.metrics.observe(spec.op, 'http', startedAt, err);
+      writeError(ctx, err);
+    }
+  };
+}
+
+export function createHttpApp(deps: HttpAppDeps): Koa {
+  const app = new Koa();
+  // Every error is answered by the middleware below; nothing reaches Koa's default stderr printer.
+  app.silent = true;
+  const router = new Router();
+  const methodsOfPath = new Map<string, string[]>();
+  for (const spec of ROUTES) {
+    const handler = handlerOf(spec, deps);
+    if (spec.method === 'GET') router.get(spec.path, handler);
+    else router.post(spec.path, handler);
+    const methods = methodsOfPath.get(spec.path) ?? [];
+    methods.push(spec.method, ...(spec.method === 'GET' ? ['HEAD'] : []));
+    methodsOfPath.set(spec.path, methods);
+  }
+  const routes = router.routes();
+
+  app.use(async (ctx, next) => {
+    try {
+      await routes(ctx as Parameters<typeof routes>[0], next);
+      // Every route handler sets a body, errors included: none means no route matched.
+      if (ctx.body == null) {
+        const allowed = methodsOfPath.get(ctx.path);
+        if (allowed) {
+          ctx.set('Allow', allowed.join(', '));
+          writeError(ctx, kmsError('METHOD_NOT_ALLOWED', `${ctx.method} is not allowed on ${ctx.path}`));
+        } else {
+          writeError(ctx, kmsError('NOT_FOUND', 'no such endpoint'));
+        }
+      }
+    } catch (thrown) {
+      writeError(ctx, toCodedError(thrown));
+    }
+    if (deps.draining()) ctx.set('Connection', 'close');
+  });
+  return app;
+}

@@ -1,0 +1,178 @@
+/**
+ * What a route file declares (method, path, help, input schema, handler) and the small helpers
+ * they share: a precompiled field schema (cheaper per request than a general validator) and the
+ * batch runner through which single and batch requests take one code path.
+ */
+import { type CodedError, errorBody, kmsError, toCodedError } from '../errors.js';
+import type { CallContext, ItemResult, Kms } from '../protocol.js';
+import { decodeBase64Field } from '../wire/base64.js';
+import type { DaemonMetrics } from './metrics.js';
+
+export interface Limits {
+  /** Largest HTTP request body, in bytes. */
+  maxBodyBytes: number;
+  /** Largest bridge frame, in bytes. */
+  maxFrameBytes: number;
+  /** Most items in one batch (HTTP batch_input or bridge encrypt/decrypt). */
+  maxBatchItems: number;
+}
+
+export interface RouteServices {
+  kms: Kms;
+  metrics: DaemonMetrics;
+  limits: Limits;
+  /** False while starting or draining: health probes answer 503. */
+  accepting(): boolean;
+}
+
+export interface RouteInput {
+  services: RouteServices;
+  caller: CallContext;
+  /** Parsed JSON object body (POST routes with `jsonBody`), else {}. */
+  body: Record<string, unknown>;
+  query: Record<string, string | string[] | undefined>;
+}
+
+export type RouteReply = { json: unknown } | { status: number; contentType: string; text: string };
+
+export interface RouteSpec {
+  method: 'GET' | 'POST';
+  path: string;
+  /** One line for `progressdb-kms` docs and the 404 listing. */
+  help: string;
+  /** The typed operation this route runs (metrics label). */
+  op: string;
+  /** Probes (healthz, metrics) answer without authentication. */
+  public?: boolean;
+  /** Reads a JSON object body (415/413/400 checks apply). */
+  jsonBody?: boolean;
+  handle(input: RouteInput): Promise<RouteReply>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Field schemas
+// ---------------------------------------------------------------------------------------------
+
+export type FieldKind = 'id' | 'base64' | 'uint';
+export interface FieldSpec {
+  kind: FieldKind;
+  optional?: boolean;
+}
+export type Schema = Record<string, FieldSpec>;
+
+type ValueOf<F extends FieldSpec> = F['kind'] extends 'base64'
+  ? Buffer
+  : F['kind'] extends 'uint'
+    ? number
+    : string;
+export type Parsed<S extends Schema> = {
+  -readonly [K in keyof S]: S[K] extends { optional: true } ? ValueOf<S[K]> | undefined : ValueOf<S[K]>;
+};
+
+/** Identifiers (key ids, thread ids) are short printable strings. */
+const MAX_ID_LENGTH = 256;
+const UINT_STRING = /^\d{1,9}$/;
+
+function invalid(field: string, why: string): CodedError {
+  return kmsError('INVALID_INPUT', `field "${field}" ${why}`, { field });
+}
+
+function parseField(name: string, kind: FieldKind, value: unknown): string | Buffer | number {
+  if (kind === 'uint') {
+    // Numbers may arrive as JSON numbers or, like every response field, as decimal strings.
+    if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return value;
+    if (typeof value === 'string' && UINT_STRING.test(value)) return Number(value);
+    throw invalid(name, 'must be a non-negative integer');
+  }
+  if (typeof value !== 'string') throw invalid(name, 'must be a string');
+  if (kind === 'base64') return decodeBase64Field(value, name);
+  if (value.length === 0 || value.length > MAX_ID_LENGTH) {
+    throw invalid(name, `must be 1 to ${MAX_ID_LENGTH} characters`);
+  }
+  return value;
+}
+
+/** Precompiles a schema into a parser for a JSON object (or a query string record). */
+export function compileSchema<S extends Schema>(schema: S): (input: unknown) => Parsed<S> {
+  const fields = Object.entries(schema).map(([name, spec]) => ({ name, ...spec }));
+  return (input) => {
+    if (typeof input !== 'object' || input === null || Array.isArray(input)) {
+      throw kmsError('INVALID_INPUT', 'expected a JSON object');
+    }
+    const record = input as Record<string, unknown>;
+    const out: Record<string, unknown> = {};
+    for (const f of fields) {
+      const value = Object.hasOwn(record, f.name) ? record[f.name] : undefined;
+      if (value === undefined || value === null) {
+        if (!f.optional) throw invalid(f.name, 'is required');
+        out[f.name] = undefined;
+      } else {
+        out[f.name] = parseField(f.name, f.kind, value);
+      }
+    }
+    return out as Parsed<S>;
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch: a single request is a batch of one
+// ---------------------------------------------------------------------------------------------
+
+export interface BatchRoute<I, R> {
+  parseItem: (input: unknown) => I;
+  run: (items: I[], caller: CallContext) => Promise<ItemResult<R>[]>;
+  toWire: (value: R) => Record<string, string>;
+}
+
+/**
+ * `{...fields}` → one item, answered with its fields or its error status;
+ * `{"batch_input":[...]}` → `{"batch_results":[...]}`, each item its result or `{"error":...}`.
+ * Items that fail validation are answered in place; the rest go to the KMS in one call.
+ */
+export async function runBatchRoute<I, R>(route: BatchRoute<I, R>, input: RouteInput): Promise<RouteReply> {
+  const body = input.body;
+  const isBatch = Object.hasOwn(body, 'batch_input');
+  const raw: unknown[] = isBatch ? (body.batch_input as unknown[]) : [body];
+  if (!Array.isArray(raw)) throw kmsError('INVALID_INPUT', 'field "batch_input" must be an array');
+  const max = input.services.limits.maxBatchItems;
+  if (raw.length > max) {
+    throw kmsError('PAYLOAD_TOO_LARGE', `batch of ${raw.length} items exceeds the limit of ${max}`, { max });
+  }
+  const results = new Array<ItemResult<R>>(raw.length);
+  const valid: I[] = [];
+  const positions: number[] = [];
+  for (let i = 0; i < raw.length; i++) {
+    try {
+      valid.push(route.parseItem(raw[i]));
+      positions.push(i);
+    } catch (err) {
+      results[i] = { ok: false, error: toCodedError(err) };
+    }
+  }
+  if (valid.length > 0) {
+    const answered = await route.run(valid, input.caller);
+    for (let j = 0; j < positions.length; j++) results[positions[j]!] = answered[j]!;
+  }
+  if (!isBatch) {
+    const only = results[0]!;
+    if (!only.ok) throw only.error;
+    return { json: route.toWire(only.value) };
+  }
+  const metrics = input.services.metrics;
+  const out = new Array<unknown>(results.length);
+  for (let i = 0; i < results.length; i++) {
+    const r = results[i]!;
+    if (r.ok) {
+      out[i] = route.toWire(r.value);
+    } else {
+      metrics.itemError(r.error.code, 'http');
+      out[i] = errorBody(r.error);
+    }
+  }
+  return { json: { batch_results: out } };
+}
+
+/** Shorthand for routes that answer one JSON object. */
+export function jsonReply(value: unknown): RouteReply {
+  return { json: value };
+}

@@ -1,0 +1,137 @@
+/**
+ * The `progressdb-kms serve` entry: configuration → createKms → HTTP listener (+ TCP bridge),
+ * and the graceful shutdown on SIGTERM/SIGINT (stop accepting, drain in-flight requests, close
+ * the KMS, which flushes the audit log and closes LMDB).
+ */
+import http from 'node:http';
+import https from 'node:https';
+import type { AddressInfo } from 'node:net';
+import { kmsError } from '../errors.js';
+import { createKms } from '../kms/index.js';
+import type { KmsOptions } from '../kms/options.js';
+import { createLogger, type Logger } from '../log.js';
+import type { Kms } from '../protocol.js';
+import { formatHostPort } from '../wire/endpoint.js';
+import { Authenticator } from './auth.js';
+import { BridgeServer } from './bridge.js';
+import { type DaemonConfig, exposedListeners, loadDaemonConfig, type ServeFlags } from './config.js';
+import { createHttpApp } from './http-app.js';
+import { DaemonMetrics } from './metrics.js';
+import type { RouteServices } from './route.js';
+
+export interface RunningDaemon {
+  http: AddressInfo;
+  bridge: AddressInfo | null;
+  /** Graceful stop: resolves once listeners are closed and the KMS is closed. */
+  close(): Promise<void>;
+}
+
+export type KmsFactory = (opts: KmsOptions) => Promise<Kms>;
+
+function listenHttp(server: http.Server, host: string, port: number): Promise<AddressInfo> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve(server.address() as AddressInfo);
+    });
+  });
+}
+
+function listenError(what: string, host: string, port: number, err: unknown): Error {
+  const code = (err as NodeJS.ErrnoException).code ?? 'error';
+  return kmsError('CONFIG_INVALID', `cannot listen on ${what} ${formatHostPort(host, port)}: ${code}`);
+}
+
+export async function startDaemon(
+  config: DaemonConfig,
+  logger: Logger,
+  makeKms: KmsFactory = createKms,
+): Promise<RunningDaemon> {
+  for (const where of exposedListeners(config)) {
+    logger.warn(`INSECURE: ${where} is reachable from other machines without TLS or tokens (--insecure)`);
+  }
+  const kms = await makeKms({ ...config.kms, logger });
+  const auth = new Authenticator(config.tokens, config.tls);
+  const metrics = new DaemonMetrics();
+  let draining = false;
+  const services: RouteServices = { kms, metrics, limits: config.limits, accepting: () => !draining };
+  const app = createHttpApp({ services, auth, logger, draining: () => draining });
+  const tlsOptions = auth.serverTlsOptions();
+  const serverOptions: http.ServerOptions = {
+    keepAliveTimeout: 65_000,
+    headersTimeout: 20_000,
+    requestTimeout: 60_000,
+  };
+  const httpServer = tlsOptions
+    ? https.createServer({ ...tlsOptions, ...serverOptions }, app.callback())
+    : http.createServer(serverOptions, app.callback());
+  httpServer.maxConnections = config.limits.maxConnections;
+  const bridge = config.bridge
+    ? new BridgeServer({ kms, auth, metrics, limits: config.limits, logger }, config.limits.maxConnections)
+    : null;
+
+  const tlsMode = config.tls === null ? 'off' : config.tls.ca ? 'mutual' : 'on';
+  const announce = (listener: string, scheme: string, address: AddressInfo) => {
+    const where = formatHostPort(address.address, address.port);
+    logger.info(
+      { listener, address: where, port: address.port, tls: tlsMode, auth: auth.mode },
+      `${listener} listening on ${scheme}://${where} (TLS ${tlsMode}, auth ${auth.mode})`,
+    );
+  };
+
+  let httpAddress: AddressInfo;
+  let bridgeAddress: AddressInfo | null = null;
+  try {
+    httpAddress = await listenHttp(httpServer, config.http.host, config.http.port).catch((err) => {
+      throw listenError('endpoint', config.http.host, config.http.port, err);
+    });
+    if (bridge && config.bridge) {
+      bridgeAddress = await bridge.listen(config.bridge.host, config.bridge.port).catch((err) => {
+        throw listenError('bridge endpoint', config.bridge!.host, config.bridge!.port, err);
+      });
+    }
+  } catch (err) {
+    httpServer.close();
+    await kms.close();
+    throw err;
+  }
+  announce('http', tlsOptions ? 'https' : 'http', httpAddress);
+  if (bridgeAddress) announce('bridge', tlsOptions ? 'tls' : 'tcp', bridgeAddress);
+
+  let closing: Promise<void> | null = null;
+  const close = () => {
+    closing ??= (async () => {
+      draining = true;
+      const deadline = config.drainTimeoutMs;
+      const httpClosed = new Promise<void>((resolve) => httpServer.close(() => resolve()));
+      httpServer.closeIdleConnections();
+      const forceHttp = setTimeout(() => httpServer.closeAllConnections(), deadline);
+      await Promise.all([httpClosed, bridge?.close(deadline)]);
+      clearTimeout(forceHttp);
+      await kms.close();
+    })();
+    return closing;
+  };
+  return { http: httpAddress, bridge: bridgeAddress, close };
+}
+
+/** CLI entry: runs until SIGTERM/SIGINT, then drains and resolves. Config errors reject. */
+export async function serve(flags: ServeFlags, makeKms: KmsFactory = createKms): Promise<void> {
+  const config = loadDaemonConfig(flags);
+  const logger = createLogger('progressdb-kms');
+  const daemon = await startDaemon(config, logger, makeKms);
+  await new Promise<void>((resolve, reject) => {
+    const stop = (signal: NodeJS.Signals) => {
+      process.off('SIGTERM', stop);
+      process.off('SIGINT', stop);
+      logger.info({ signal }, 'shutting down: draining in-flight requests');
+      daemon.close().then(() => {
+        logger.info('stopped');
+        resolve();
+      }, reject);
+    };
+    process.on('SIGTERM', stop);
+    process.on('SIGINT', stop);
+  });
+}

@@ -1,0 +1,229 @@
+/**
+ * The KMS over the daemon's TCP bridge: one connection, opened lazily, carrying many pipelined
+ * requests whose answers are matched by id. Frames written in one tick share one write. With a
+ * token, an AUTH frame goes first on every new connection (pipelined: we do not wait for it).
+ *
+ * When the connection drops, every request on it fails with KMS_UNAVAILABLE (the retry layer in
+ * index.ts decides what to resend) and the next call connects again.
+ */
+import net, { type Socket } from 'node:net';
+import tls from 'node:tls';
+import { type CodedError, kmsError, toCodedError } from '../errors.js';
+import type { KmsOp, KmsRequest } from '../protocol.js';
+import {
+  DEFAULT_MAX_FRAME_BYTES,
+  decodeError,
+  decodeResult,
+  encodeAuth,
+  encodeRequest,
+  FRAME_ERROR,
+  FRAME_RESULT,
+  type Frame,
+  FrameDecoder,
+} from '../wire/bridge-codec.js';
+import { CorkedWriter } from '../wire/corked-writer.js';
+import { formatHostPort } from '../wire/endpoint.js';
+import { type RemoteTlsOptions, type RemoteTransport, socketError, unavailable } from './transport.js';
+
+export interface TcpTransportOptions {
+  host: string;
+  port: number;
+  /** TLS (node:tls) when set, with the daemon's CA and our client certificate if any. */
+  tlsOptions?: RemoteTlsOptions | undefined;
+  token?: string | undefined;
+  timeoutMs: number;
+}
+
+interface Pending {
+  /** null for the AUTH frame. */
+  op: KmsOp | null;
+  resolve(value: unknown): void;
+  reject(err: CodedError): void;
+  timer: NodeJS.Timeout;
+}
+
+/** One socket and the requests sent on it. */
+class Connection {
+  readonly pending = new Map<number, Pending>();
+  private readonly writer: CorkedWriter;
+  private readonly decoder = new FrameDecoder(DEFAULT_MAX_FRAME_BYTES * 4);
+  connected = false;
+  /** Frames queued until the socket connects. */
+  private queued: Buffer[] | null = [];
+  /** Set when the daemon answered with a connection-level error; pending requests get it. */
+  private closeReason: CodedError | null = null;
+  closed = false;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly where: string,
+    private readonly onClosed: (conn: Connection) => void,
+  ) {
+    this.writer = new CorkedWriter(socket);
+    socket.setNoDelay(true);
+    socket.once(socket instanceof tls.TLSSocket ? 'secureConnect' : 'connect', () => {
+      this.connected = true;
+      const queued = this.queued ?? [];
+      this.queued = null;
+      for (const frame of queued) this.writer.write(frame);
+    });
+    socket.on('data', (chunk: Buffer) => {
+      try {
+        this.decoder.push(chunk, (frame) => this.onFrame(frame));
+      } catch (err) {
+        this.closeReason = toCodedError(err);
+        socket.destroy();
+      }
+    });
+    socket.on('error', (err) => {
+      this.closeReason ??= socketError(err, this.where, this.connected);
+    });
+    socket.on('close', () => this.onClose());
+  }
+
+  send(id: number, frame: Buffer, entry: Pending): void {
+    this.pending.set(id, entry);
+    this.socket.ref();
+    if (this.queued) this.queued.push(frame);
+    else this.writer.write(frame);
+  }
+
+  forget(id: number): void {
+    this.pending.delete(id);
+    if (this.pending.size === 0) this.socket.unref();
+  }
+
+  private onFrame(frame: Frame): void {
+    if (frame.type === FRAME_ERROR && frame.id === 0) {
+      // The daemon rejected the connection itself (malformed frame, say) and is closing it.
+      this.closeReason = decodeError(frame.body);
+      return;
+    }
+    const entry = this.pending.get(frame.id);
+    if (!entry) return;
+    this.forget(frame.id);
+    clearTimeout(entry.timer);
+    if (frame.type === FRAME_ERROR) {
+      const err = decodeError(frame.body);
+      // A refused AUTH closes the connection: everything queued behind it fails the same way.
+      if (entry.op === null) this.closeReason = err;
+      entry.reject(err);
+    } else if (frame.type === FRAME_RESULT && entry.op !== null) {
+      try {
+        entry.resolve(decodeResult(entry.op, frame.body));
+      } catch (err) {
+        entry.reject(toCodedError(err));
+      }
+    } else if (entry.op === null) {
+      entry.resolve(undefined);
+    } else {
+      entry.reject(kmsError('INTERNAL', `unexpected frame type ${frame.type} from the KMS daemon`));
+    }
+  }
+
+  private onClose(): void {
+    this.closed = true;
+    const reason = this.closeReason;
+    for (const [id, entry] of this.pending) {
+      clearTimeout(entry.timer);
+      this.pending.delete(id);
+      entry.reject(
+        reason ?? unavailable(`connection to the KMS daemon at ${this.where} closed`, this.connected),
+      );
+    }
+    this.onClosed(this);
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+
+  end(): void {
+    this.socket.end();
+    this.socket.destroySoon();
+  }
+}
+
+export class TcpTransport implements RemoteTransport {
+  readonly maxBatchBytes = 4 * 1024 * 1024;
+  private conn: Connection | null = null;
+  private nextId = 1;
+  private readonly where: string;
+
+  constructor(private readonly opts: TcpTransportOptions) {
+    this.where = formatHostPort(opts.host, opts.port);
+  }
+
+  private newId(): number {
+    const id = this.nextId;
+    // Ids wrap within u32; 0 is reserved for connection-level errors.
+    this.nextId = id >= 0xffffffff ? 1 : id + 1;
+    return id;
+  }
+
+  private connection(): Connection {
+    if (this.conn && !this.conn.closed) return this.conn;
+    const { host, port, tlsOptions } = this.opts;
+    const socket = tlsOptions
+      ? tls.connect({ host, port, ...tlsOptions, ...(net.isIP(host) ? {} : { servername: host }) })
+      : net.connect({ host, port });
+    const conn = new Connection(socket, this.where, (c) => {
+      if (this.conn === c) this.conn = null;
+    });
+    this.conn = conn;
+    if (this.opts.token !== undefined) {
+      const id = this.newId();
+      conn.send(
+        id,
+        encodeAuth(id, this.opts.token),
+        this.entry(
+          conn,
+          id,
+          null,
+          () => {},
+          () => {},
+        ),
+      );
+    }
+    return conn;
+  }
+
+  private entry(
+    conn: Connection,
+    id: number,
+    op: KmsOp | null,
+    resolve: (v: unknown) => void,
+    reject: (e: CodedError) => void,
+  ): Pending {
+    const timer = setTimeout(() => {
+      conn.forget(id);
+      if (!conn.connected) {
+        reject(
+          unavailable(
+            `could not connect to the KMS daemon at ${this.where} in ${this.opts.timeoutMs} ms`,
+            false,
+          ),
+        );
+        conn.destroy();
+        return;
+      }
+      reject(
+        kmsError('TIMEOUT', `KMS daemon at ${this.where} did not answer within ${this.opts.timeoutMs} ms`),
+      );
+    }, this.opts.timeoutMs);
+    return { op, resolve, reject, timer };
+  }
+
+  call(req: KmsRequest): Promise<unknown> {
+    return new Promise((resolve, reject) => {
+      const conn = this.connection();
+      const id = this.newId();
+      conn.send(id, encodeRequest(id, req), this.entry(conn, id, req.op, resolve, reject));
+    });
+  }
+
+  async close(): Promise<void> {
+    this.conn?.end();
+    this.conn = null;
+  }
+}

@@ -1,0 +1,621 @@
+/**
+ * The TCP bridge wire format, shared by the daemon's bridge listener and the TCP client.
+ *
+ * Frame (all integers big-endian):
+ *   u32 length   bytes that follow this field (5 + body length)
+ *   u32 id       request id chosen by the client; the answer carries the same id. 0 = connection
+ *   u8  type     an op code (request), AUTH, RESULT or ERROR
+ *   ... body     the fields of that type, in order; binary fields are raw bytes
+ *
+ * Field encodings: u32; f64 (counts); str = u32 byte length + UTF-8; bytes = u32 length + raw;
+ * optional bytes/u32 use 0xFFFFFFFF for "absent". A body must be consumed exactly: trailing or
+ * missing bytes make the frame malformed. Op codes are part of the wire contract: never renumber.
+ */
+import { type CodedError, type ErrorCode, fromWire, kmsError } from '../errors.js';
+import type {
+  DecryptItem,
+  DekInfo,
+  DestroyResult,
+  EncryptItem,
+  EncryptResult,
+  ItemResult,
+  KmsHealth,
+  KmsOp,
+  KmsRequest,
+  RotationState,
+  RotationStatus,
+} from '../protocol.js';
+
+export const FRAME_LENGTH_BYTES = 4;
+/** id (u32) + type (u8): the part of the header counted in `length`. */
+export const FRAME_HEADER_BYTES = 5;
+export const DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024;
+
+export const OP_CODES = {
+  create_dek_for_thread: 0x01,
+  get_wrapped: 0x02,
+  encrypt: 0x03,
+  decrypt: 0x04,
+  reencrypt: 0x05,
+  rewrap: 0x06,
+  rotate_dek: 0x07,
+  destroy_dek_versions_before: 0x08,
+  destroy_dek: 0x09,
+  rotate_kek: 0x0a,
+  rotation_status: 0x0b,
+  health: 0x0c,
+} as const satisfies Record<KmsOp, number>;
+
+const OP_OF_CODE = new Map<number, KmsOp>(Object.entries(OP_CODES).map(([op, code]) => [code, op as KmsOp]));
+
+/** Client → daemon, body `str token`; answered by an empty RESULT or an ERROR (then close). */
+export const FRAME_AUTH = 0x20;
+/** Daemon → client: the result of the request with this id; body depends on that request's op. */
+export const FRAME_RESULT = 0x80;
+/** Daemon → client: body `str code, str message`; id 0 means the whole connection failed. */
+export const FRAME_ERROR = 0x81;
+
+const ABSENT = 0xffffffff;
+
+export function opOfCode(code: number): KmsOp | undefined {
+  return OP_OF_CODE.get(code);
+}
+
+export function malformed(message: string): CodedError {
+  return kmsError('MALFORMED_FRAME', message);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing
+// ---------------------------------------------------------------------------------------------
+
+/** Builds one frame in a growable buffer; `finish` patches the length and returns it. */
+export class FrameWriter {
+  private buf: Buffer;
+  private pos = FRAME_LENGTH_BYTES + FRAME_HEADER_BYTES;
+
+  constructor(id: number, type: number, sizeHint = 256) {
+    this.buf = Buffer.allocUnsafe(Math.max(64, sizeHint + this.pos));
+    this.buf.writeUInt32BE(id >>> 0, 4);
+    this.buf[8] = type;
+  }
+
+  private ensure(n: number): void {
+    if (this.pos + n <= this.buf.length) return;
+    const next = Buffer.allocUnsafe(Math.max(this.buf.length * 2, this.pos + n));
+    this.buf.copy(next, 0, 0, this.pos);
+    this.buf = next;
+  }
+
+  u8(v: number): this {
+    this.ensure(1);
+    this.buf[this.pos++] = v;
+    return this;
+  }
+
+  u32(v: number): this {
+    this.ensure(4);
+    this.buf.writeUInt32BE(v >>> 0, this.pos);
+    this.pos += 4;
+    return this;
+  }
+
+  f64(v: number): this {
+    this.ensure(8);
+    this.buf.writeDoubleBE(v, this.pos);
+    this.pos += 8;
+    return this;
+  }
+
+  bytes(v: Uint8Array): this {
+    this.u32(v.byteLength);
+    this.ensure(v.byteLength);
+    this.buf.set(v, this.pos);
+    this.pos += v.byteLength;
+    return this;
+  }
+
+  optBytes(v: Uint8Array | undefined): this {
+    return v === undefined ? this.u32(ABSENT) : this.bytes(v);
+  }
+
+  optU32(v: number | null): this {
+    return this.u32(v === null ? ABSENT : v);
+  }
+
+  str(v: string): this {
+    const max = Buffer.byteLength(v);
+    this.ensure(4 + max);
+    const n = this.buf.write(v, this.pos + 4, 'utf8');
+    this.buf.writeUInt32BE(n, this.pos);
+    this.pos += 4 + n;
+    return this;
+  }
+
+  optStr(v: string | null): this {
+    return v === null ? this.u32(ABSENT) : this.str(v);
+  }
+
+  finish(): Buffer {
+    this.buf.writeUInt32BE(this.pos - FRAME_LENGTH_BYTES, 0);
+    return this.buf.subarray(0, this.pos);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+// ---------------------------------------------------------------------------------------------
+
+/** Reads a frame body; every read is bounds-checked and fails with MALFORMED_FRAME. */
+export class BodyReader {
+  private pos = 0;
+
+  constructor(private readonly buf: Buffer) {}
+
+  private need(n: number): void {
+    if (this.pos + n > this.buf.length) throw malformed('frame body is truncated');
+  }
+
+  u8(): number {
+    this.need(1);
+    return this.buf[this.pos++]!;
+  }
+
+  u32(): number {
+    this.need(4);
+    const v = this.buf.readUInt32BE(this.pos);
+    this.pos += 4;
+    return v;
+  }
+
+  f64(): number {
+    this.need(8);
+    const v = this.buf.readDoubleBE(this.pos);
+    this.pos += 8;
+    if (!Number.isSafeInteger(v) || v < 0) throw malformed('count is not a non-negative integer');
+    return v;
+  }
+
+  private slice(n: number): Buffer {
+    this.need(n);
+    const v = this.buf.subarray(this.pos, this.pos + n);
+    this.pos += n;
+    return v;
+  }
+
+  bytes(): Buffer {
+    return this.slice(this.u32());
+  }
+
+  optBytes(): Buffer | undefined {
+    const n = this.u32();
+    return n === ABSENT ? undefined : this.slice(n);
+  }
+
+  optU32(): number | null {
+    const n = this.u32();
+    return n === ABSENT ? null : n;
+  }
+
+  str(): string {
+    return this.slice(this.u32()).toString('utf8');
+  }
+
+  optStr(): string | null {
+    const n = this.u32();
+    return n === ABSENT ? null : this.slice(n).toString('utf8');
+  }
+
+  /** Item counts are bounded by the bytes left, so a forged count cannot make us loop for long. */
+  count(minItemBytes: number): number {
+    const n = this.u32();
+    if (n * minItemBytes > this.buf.length - this.pos) throw malformed('item count exceeds frame size');
+    return n;
+  }
+
+  end(): void {
+    if (this.pos !== this.buf.length) throw malformed('frame body has trailing bytes');
+  }
+}
+
+export interface Frame {
+  id: number;
+  type: number;
+  body: Buffer;
+}
+
+/**
+ * Splits a byte stream into frames. Complete frames inside one chunk are sliced without copying;
+ * a frame spanning chunks is copied once into a buffer of its final size. The length is checked
+ * against the limit before any of the body is buffered.
+ */
+export class FrameDecoder {
+  /** Fewer than 4 bytes of a length prefix. */
+  private head: Buffer | null = null;
+  /** A frame being filled across chunks (length prefix included). */
+  private partial: Buffer | null = null;
+  private filled = 0;
+
+  constructor(private readonly maxFrameBytes: number) {}
+
+  /** True when some bytes of an unfinished frame are buffered. */
+  get midFrame(): boolean {
+    return this.head !== null || this.partial !== null;
+  }
+
+  /** Calls `onFrame` for each complete frame; throws a CodedError on a bad length prefix. */
+  push(chunk: Buffer, onFrame: (frame: Frame) => void): void {
+    let buf = chunk;
+    if (this.partial) {
+      const n = Math.min(buf.length, this.partial.length - this.filled);
+      buf.copy(this.partial, this.filled, 0, n);
+      this.filled += n;
+      buf = buf.subarray(n);
+      if (this.filled < this.partial.length) return;
+      const whole = this.partial;
+      this.partial = null;
+      onFrame(this.frameOf(whole));
+    }
+    if (this.head) {
+      buf = Buffer.concat([this.head, buf]);
+      this.head = null;
+    }
+    while (buf.length >= FRAME_LENGTH_BYTES) {
+      const length = buf.readUInt32BE(0);
+      if (length > this.maxFrameBytes) {
+        throw kmsError(
+          'PAYLOAD_TOO_LARGE',
+          `frame of ${length} bytes exceeds the limit of ${this.maxFrameBytes}`,
+        );
+      }
+      if (length < FRAME_HEADER_BYTES) throw malformed(`frame length ${length} is shorter than its header`);
+      const total = FRAME_LENGTH_BYTES + length;
+      if (buf.length < total) {
+        this.partial = Buffer.allocUnsafe(total);
+        buf.copy(this.partial, 0);
+        this.filled = buf.length;
+        return;
+      }
+      const frame = buf.subarray(0, total);
+      buf = buf.subarray(total);
+      onFrame(this.frameOf(frame));
+    }
+    if (buf.length > 0) this.head = Buffer.from(buf);
+  }
+
+  private frameOf(whole: Buffer): Frame {
+    return { id: whole.readUInt32BE(4), type: whole[8]!, body: whole.subarray(9) };
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+// ---------------------------------------------------------------------------------------------
+
+function writeItems(w: FrameWriter, items: readonly (EncryptItem | DecryptItem)[], encrypt: boolean): void {
+  w.u32(items.length);
+  for (const item of items) {
+    w.str(item.keyId);
+    w.bytes(encrypt ? (item as EncryptItem).plaintext : (item as DecryptItem).ciphertext);
+    w.optBytes(item.aad);
+  }
+}
+
+/** Smallest encoded item: empty key id, empty data, absent AAD. */
+const MIN_ITEM_BYTES = 12;
+
+function readItems<T>(r: BodyReader, make: (keyId: string, data: Buffer, aad: Buffer | undefined) => T): T[] {
+  const n = r.count(MIN_ITEM_BYTES);
+  const items = new Array<T>(n);
+  for (let i = 0; i < n; i++) items[i] = make(r.str(), r.bytes(), r.optBytes());
+  return items;
+}
+
+export function encodeRequest(id: number, req: KmsRequest): Buffer {
+  const w = new FrameWriter(id, OP_CODES[req.op], requestSizeHint(req));
+  switch (req.op) {
+    case 'create_dek_for_thread':
+      w.str(req.threadId);
+      break;
+    case 'get_wrapped':
+    case 'rewrap':
+    case 'rotate_dek':
+    case 'destroy_dek':
+      w.str(req.keyId);
+      break;
+    case 'encrypt':
+      writeItems(w, req.items, true);
+      break;
+    case 'decrypt':
+      writeItems(w, req.items, false);
+      break;
+    case 'reencrypt':
+      w.str(req.keyId).bytes(req.ciphertext).optBytes(req.aad);
+      break;
+    case 'destroy_dek_versions_before':
+      w.str(req.keyId).u32(req.keepFromVersion);
+      break;
+    case 'rotate_kek':
+    case 'rotation_status':
+    case 'health':
+      break;
+  }
+  return w.finish();
+}
+
+/** Bytes the variable-size fields of a request will take, so the writer allocates once. */
+export function requestSizeHint(req: KmsRequest): number {
+  if (req.op === 'encrypt') {
+    let n = 4;
+    for (const it of req.items)
+      n += 12 + it.keyId.length * 3 + it.plaintext.byteLength + (it.aad?.byteLength ?? 0);
+    return n;
+  }
+  if (req.op === 'decrypt') {
+    let n = 4;
+    for (const it of req.items)
+      n += 12 + it.keyId.length * 3 + it.ciphertext.byteLength + (it.aad?.byteLength ?? 0);
+    return n;
+  }
+  if (req.op === 'reencrypt')
+    return 12 + req.keyId.length * 3 + req.ciphertext.byteLength + (req.aad?.byteLength ?? 0);
+  return 128;
+}
+
+/** Decodes a request body for a known op; throws MALFORMED_FRAME on any shape error. */
+export function decodeRequest(op: KmsOp, body: Buffer): KmsRequest {
+  const r = new BodyReader(body);
+  let req: KmsRequest;
+  switch (op) {
+    case 'create_dek_for_thread':
+      req = { op, threadId: r.str() };
+      break;
+    case 'get_wrapped':
+    case 'rewrap':
+    case 'rotate_dek':
+    case 'destroy_dek':
+      req = { op, keyId: r.str() };
+      break;
+    case 'encrypt':
+      req = { op, items: readItems(r, (keyId, plaintext, aad) => ({ keyId, plaintext, aad })) };
+      break;
+    case 'decrypt':
+      req = { op, items: readItems(r, (keyId, ciphertext, aad) => ({ keyId, ciphertext, aad })) };
+      break;
+    case 'reencrypt':
+      req = { op, keyId: r.str(), ciphertext: r.bytes(), aad: r.optBytes() };
+      break;
+    case 'destroy_dek_versions_before':
+      req = { op, keyId: r.str(), keepFromVersion: r.u32() };
+      break;
+    case 'rotate_kek':
+    case 'rotation_status':
+    case 'health':
+      req = { op };
+      break;
+  }
+  r.end();
+  return req;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results
+// ---------------------------------------------------------------------------------------------
+
+function writeDekInfo(w: FrameWriter, d: DekInfo): void {
+  w.str(d.keyId)
+    .str(d.threadId)
+    .str(d.kekId)
+    .u32(d.kekVersion)
+    .u32(d.keyVersion)
+    .bytes(d.wrapped)
+    .str(d.createdAt);
+}
+
+function readDekInfo(r: BodyReader): DekInfo {
+  return {
+    keyId: r.str(),
+    threadId: r.str(),
+    kekId: r.str(),
+    kekVersion: r.u32(),
+    keyVersion: r.u32(),
+    wrapped: r.bytes(),
+    createdAt: r.str(),
+  };
+}
+
+const STATE_CODES: readonly RotationState[] = ['idle', 'running', 'completed'];
+
+function writeRotation(w: FrameWriter, s: RotationStatus): void {
+  w.u8(STATE_CODES.indexOf(s.state)).str(s.kekId).u32(s.activeKekVersion).optU32(s.targetKekVersion);
+  w.f64(s.done).f64(s.total).optStr(s.startedAt).optStr(s.finishedAt);
+  w.u32(s.kekVersions.length);
+  for (const v of s.kekVersions) w.u32(v);
+}
+
+function readRotation(r: BodyReader): RotationStatus {
+  const state = STATE_CODES[r.u8()];
+  if (state === undefined) throw malformed('unknown rotation state');
+  const status: RotationStatus = {
+    state,
+    kekId: r.str(),
+    activeKekVersion: r.u32(),
+    targetKekVersion: r.optU32(),
+    done: r.f64(),
+    total: r.f64(),
+    startedAt: r.optStr(),
+    finishedAt: r.optStr(),
+    kekVersions: [],
+  };
+  const n = r.count(4);
+  for (let i = 0; i < n; i++) status.kekVersions.push(r.u32());
+  return status;
+}
+
+function writeItemResults<T>(
+  w: FrameWriter,
+  results: readonly ItemResult<T>[],
+  writeValue: (v: T) => void,
+): void {
+  w.u32(results.length);
+  for (const res of results) {
+    if (res.ok) {
+      w.u8(0);
+      writeValue(res.value);
+    } else {
+      w.u8(1).str(res.error.code).str(res.error.message);
+    }
+  }
+}
+
+function readItemResults<T>(r: BodyReader, readValue: () => T): ItemResult<T>[] {
+  const n = r.count(1);
+  const out = new Array<ItemResult<T>>(n);
+  for (let i = 0; i < n; i++) {
+    out[i] =
+      r.u8() === 0 ? { ok: true, value: readValue() } : { ok: false, error: fromWire(r.str(), r.str()) };
+  }
+  return out;
+}
+
+/** Encodes the value `dispatch` returned for `op` as a RESULT frame. */
+export function encodeResult(id: number, op: KmsOp, value: unknown): Buffer {
+  const w = new FrameWriter(id, FRAME_RESULT, resultSizeHint(op, value));
+  switch (op) {
+    case 'create_dek_for_thread':
+    case 'get_wrapped':
+    case 'rewrap':
+    case 'rotate_dek':
+      writeDekInfo(w, value as DekInfo);
+      break;
+    case 'encrypt':
+      writeItemResults(w, value as ItemResult<EncryptResult>[], (v) =>
+        w.bytes(v.ciphertext).u32(v.keyVersion),
+      );
+      break;
+    case 'decrypt':
+      writeItemResults(w, value as ItemResult<Buffer>[], (v) => w.bytes(v));
+      break;
+    case 'reencrypt': {
+      const v = value as EncryptResult;
+      w.bytes(v.ciphertext).u32(v.keyVersion);
+      break;
+    }
+    case 'destroy_dek_versions_before':
+    case 'destroy_dek': {
+      const v = value as DestroyResult;
+      w.str(v.keyId).u32(v.destroyedVersions.length);
+      for (const n of v.destroyedVersions) w.u32(n);
+      break;
+    }
+    case 'rotate_kek':
+    case 'rotation_status':
+      writeRotation(w, value as RotationStatus);
+      break;
+    case 'health': {
+      const h = value as KmsHealth;
+      w.u8(h.ok ? 1 : 0)
+        .str(h.kekId)
+        .u32(h.activeKekVersion)
+        .f64(h.dekCount)
+        .u32(h.poolThreads)
+        .f64(h.queueDepth);
+      writeRotation(w, h.rotation);
+      break;
+    }
+  }
+  return w.finish();
+}
+
+function resultSizeHint(op: KmsOp, value: unknown): number {
+  if (op !== 'encrypt' && op !== 'decrypt') return 256;
+  let n = 4;
+  for (const res of value as ItemResult<EncryptResult | Buffer>[]) {
+    if (!res.ok) n += 96;
+    else
+      n +=
+        12 + (Buffer.isBuffer(res.value) ? res.value.length : (res.value as EncryptResult).ciphertext.length);
+  }
+  return n;
+}
+
+/** Decodes a RESULT body for the op of the request it answers. */
+export function decodeResult(op: KmsOp, body: Buffer): unknown {
+  const r = new BodyReader(body);
+  let value: unknown;
+  switch (op) {
+    case 'create_dek_for_thread':
+    case 'get_wrapped':
+    case 'rewrap':
+    case 'rotate_dek':
+      value = readDekInfo(r);
+      break;
+    case 'encrypt':
+      value = readItemResults(r, () => ({ ciphertext: r.bytes(), keyVersion: r.u32() }));
+      break;
+    case 'decrypt':
+      value = readItemResults(r, () => r.bytes());
+      break;
+    case 'reencrypt':
+      value = { ciphertext: r.bytes(), keyVersion: r.u32() } satisfies EncryptResult;
+      break;
+    case 'destroy_dek_versions_before':
+    case 'destroy_dek': {
+      const keyId = r.str();
+      const n = r.count(4);
+      const destroyedVersions: number[] = [];
+      for (let i = 0; i < n; i++) destroyedVersions.push(r.u32());
+      value = { keyId, destroyedVersions } satisfies DestroyResult;
+      break;
+    }
+    case 'rotate_kek':
+    case 'rotation_status':
+      value = readRotation(r);
+      break;
+    case 'health':
+      value = {
+        ok: r.u8() === 1,
+        mode: 'external',
+        kekId: r.str(),
+        activeKekVersion: r.u32(),
+        dekCount: r.f64(),
+        poolThreads: r.u32(),
+        queueDepth: r.f64(),
+        rotation: readRotation(r),
+      } satisfies KmsHealth;
+      break;
+  }
+  r.end();
+  return value;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Auth and errors
+// ---------------------------------------------------------------------------------------------
+
+export function encodeAuth(id: number, token: string): Buffer {
+  return new FrameWriter(id, FRAME_AUTH, token.length * 3).str(token).finish();
+}
+
+export function decodeAuth(body: Buffer): string {
+  const r = new BodyReader(body);
+  const token = r.str();
+  r.end();
+  return token;
+}
+
+export function encodeEmptyResult(id: number): Buffer {
+  return new FrameWriter(id, FRAME_RESULT, 0).finish();
+}
+
+export function encodeError(id: number, code: ErrorCode, message: string): Buffer {
+  return new FrameWriter(id, FRAME_ERROR, 64 + message.length * 3).str(code).str(message).finish();
+}
+
+export function decodeError(body: Buffer): CodedError {
+  const r = new BodyReader(body);
+  const code = r.str();
+  const message = r.str();
+  r.end();
+  return fromWire(code, message);
+}

@@ -1,0 +1,60 @@
+/**
+ * Endpoint strings as both the daemon (to listen) and the clients (to connect) accept them:
+ * `host:port`, `[v6]:port`, `http://host:port`, `https://host:port` or `tcp://host:port`.
+ */
+import { isIP } from 'node:net';
+import { kmsError } from '../errors.js';
+
+export type EndpointScheme = 'http' | 'https' | 'tcp';
+
+export interface Endpoint {
+  /** The scheme written in the string, if any. */
+  scheme: EndpointScheme | undefined;
+  /** Host name or IP address, without IPv6 brackets. */
+  host: string;
+  port: number;
+}
+
+export const DEFAULT_HTTP_PORT = 6820;
+
+const SCHEME = /^([a-z][a-z0-9+.-]*):\/\/(.*)$/i;
+const HOST_PORT = /^(?:\[([0-9a-fA-F:.]+)\]|([^:/[\]\s]+))(?::(\d{1,5}))?\/?$/;
+
+export function parseEndpoint(input: string, defaultPort = DEFAULT_HTTP_PORT): Endpoint {
+  const text = input.trim();
+  let scheme: EndpointScheme | undefined;
+  let rest = text;
+  const schemeMatch = SCHEME.exec(text);
+  if (schemeMatch) {
+    const name = schemeMatch[1]!.toLowerCase();
+    if (name !== 'http' && name !== 'https' && name !== 'tcp') {
+      throw kmsError(
+        'CONFIG_INVALID',
+        `endpoint "${input}": unsupported scheme "${name}" (http, https or tcp)`,
+      );
+    }
+    scheme = name;
+    rest = schemeMatch[2]!;
+  }
+  const m = HOST_PORT.exec(rest);
+  if (!m) throw kmsError('CONFIG_INVALID', `endpoint "${input}" is not host:port`);
+  const host = m[1] ?? m[2]!;
+  if (m[1] !== undefined && isIP(host) !== 6) {
+    throw kmsError('CONFIG_INVALID', `endpoint "${input}": "${host}" is not an IPv6 address`);
+  }
+  const port = m[3] === undefined ? defaultPort : Number(m[3]);
+  if (port > 65535) throw kmsError('CONFIG_INVALID', `endpoint "${input}": port must be 0 to 65535`);
+  return { scheme, host, port };
+}
+
+/** True for addresses only this machine can reach; names other than localhost count as remote. */
+export function isLoopbackHost(host: string): boolean {
+  if (host === 'localhost' || host === '::1') return true;
+  if (isIP(host) === 4) return host.startsWith('127.');
+  return host.toLowerCase().startsWith('::ffff:127.');
+}
+
+/** `host:port` with brackets around IPv6 literals, for logs and URLs. */
+export function formatHostPort(host: string, port: number): string {
+  return isIP(host) === 6 ? `[${host}]:${port}` : `${host}:${port}`;
+}

@@ -1,0 +1,181 @@
+/**
+ * The HTTP JSON shapes of KMS results, written by the daemon's routes and read back by the HTTP
+ * client. Every response field is a JSON string (numbers too, binary as standard base64), so
+ * clients in any language read them the same way; lists of versions are comma-separated.
+ */
+import { kmsError } from '../errors.js';
+import type { DekInfo, DestroyResult, EncryptResult, KmsHealth, KmsOp, RotationStatus } from '../protocol.js';
+import { decodeBase64Field, encodeBase64 } from './base64.js';
+
+export type WireObject = Record<string, unknown>;
+
+/** Where each typed operation lives on the HTTP API. */
+export const HTTP_ROUTES = {
+  create_dek_for_thread: { method: 'POST', path: '/create_dek_for_thread' },
+  get_wrapped: { method: 'GET', path: '/get_wrapped' },
+  encrypt: { method: 'POST', path: '/encrypt' },
+  decrypt: { method: 'POST', path: '/decrypt' },
+  reencrypt: { method: 'POST', path: '/reencrypt' },
+  rewrap: { method: 'POST', path: '/rewrap' },
+  rotate_dek: { method: 'POST', path: '/rotate_dek' },
+  destroy_dek_versions_before: { method: 'POST', path: '/destroy_dek_versions_before' },
+  destroy_dek: { method: 'POST', path: '/destroy_dek' },
+  rotate_kek: { method: 'POST', path: '/rotate_kek' },
+  rotation_status: { method: 'GET', path: '/rotate_kek' },
+  health: { method: 'GET', path: '/health' },
+} as const satisfies Record<KmsOp, { method: 'GET' | 'POST'; path: string }>;
+
+// --- writing (daemon) ---------------------------------------------------------------------------
+
+export function dekInfoToWire(d: DekInfo): Record<string, string> {
+  return {
+    key_id: d.keyId,
+    thread_id: d.threadId,
+    wrapped: encodeBase64(d.wrapped),
+    kek_id: d.kekId,
+    kek_version: String(d.kekVersion),
+    key_version: String(d.keyVersion),
+    created_at: d.createdAt,
+  };
+}
+
+export function encryptResultToWire(r: EncryptResult): Record<string, string> {
+  return { ciphertext: encodeBase64(r.ciphertext), key_version: String(r.keyVersion) };
+}
+
+export function plaintextToWire(p: Uint8Array): Record<string, string> {
+  return { plaintext: encodeBase64(p) };
+}
+
+export function destroyResultToWire(r: DestroyResult): Record<string, string> {
+  return { key_id: r.keyId, destroyed_versions: r.destroyedVersions.join(',') };
+}
+
+/** Absent values (null) are left out rather than sent as an empty string. */
+export function rotationStatusToWire(s: RotationStatus): Record<string, string> {
+  const out: Record<string, string> = {
+    state: s.state,
+    kek_id: s.kekId,
+    active_kek_version: String(s.activeKekVersion),
+    done: String(s.done),
+    total: String(s.total),
+    kek_versions: s.kekVersions.join(','),
+  };
+  if (s.targetKekVersion !== null) out.target_kek_version = String(s.targetKekVersion);
+  if (s.startedAt !== null) out.started_at = s.startedAt;
+  if (s.finishedAt !== null) out.finished_at = s.finishedAt;
+  return out;
+}
+
+export function healthToWire(h: KmsHealth): WireObject {
+  return {
+    ok: String(h.ok),
+    mode: h.mode,
+    kek_id: h.kekId,
+    active_kek_version: String(h.activeKekVersion),
+    dek_count: String(h.dekCount),
+    pool_threads: String(h.poolThreads),
+    queue_depth: String(h.queueDepth),
+    rotation: rotationStatusToWire(h.rotation),
+  };
+}
+
+// --- reading (client) ---------------------------------------------------------------------------
+
+function badResponse(field: string): Error {
+  return kmsError('INTERNAL', `unexpected response from the KMS daemon: field "${field}"`);
+}
+
+export function wireString(o: WireObject, field: string): string {
+  const v = o[field];
+  if (typeof v !== 'string') throw badResponse(field);
+  return v;
+}
+
+function wireOptionalString(o: WireObject, field: string): string | null {
+  return o[field] === undefined ? null : wireString(o, field);
+}
+
+const UINT = /^\d{1,15}$/;
+
+export function wireUint(o: WireObject, field: string): number {
+  const v = wireString(o, field);
+  if (!UINT.test(v)) throw badResponse(field);
+  return Number(v);
+}
+
+function wireUintList(o: WireObject, field: string): number[] {
+  const v = wireString(o, field);
+  if (v === '') return [];
+  return v.split(',').map((part) => {
+    if (!UINT.test(part)) throw badResponse(field);
+    return Number(part);
+  });
+}
+
+export function wireBytes(o: WireObject, field: string): Buffer {
+  try {
+    return decodeBase64Field(wireString(o, field), field);
+  } catch {
+    throw badResponse(field);
+  }
+}
+
+export function dekInfoFromWire(o: WireObject): DekInfo {
+  return {
+    keyId: wireString(o, 'key_id'),
+    threadId: wireString(o, 'thread_id'),
+    kekId: wireString(o, 'kek_id'),
+    kekVersion: wireUint(o, 'kek_version'),
+    keyVersion: wireUint(o, 'key_version'),
+    wrapped: wireBytes(o, 'wrapped'),
+    createdAt: wireString(o, 'created_at'),
+  };
+}
+
+export function encryptResultFromWire(o: WireObject): EncryptResult {
+  return { ciphertext: wireBytes(o, 'ciphertext'), keyVersion: wireUint(o, 'key_version') };
+}
+
+export function plaintextFromWire(o: WireObject): Buffer {
+  return wireBytes(o, 'plaintext');
+}
+
+export function destroyResultFromWire(o: WireObject): DestroyResult {
+  return { keyId: wireString(o, 'key_id'), destroyedVersions: wireUintList(o, 'destroyed_versions') };
+}
+
+const ROTATION_STATES = new Set(['idle', 'running', 'completed']);
+
+export function rotationStatusFromWire(o: WireObject): RotationStatus {
+  const state = wireString(o, 'state');
+  if (!ROTATION_STATES.has(state)) throw badResponse('state');
+  const target = wireOptionalString(o, 'target_kek_version');
+  if (target !== null && !UINT.test(target)) throw badResponse('target_kek_version');
+  return {
+    state: state as RotationStatus['state'],
+    kekId: wireString(o, 'kek_id'),
+    activeKekVersion: wireUint(o, 'active_kek_version'),
+    targetKekVersion: target === null ? null : Number(target),
+    done: wireUint(o, 'done'),
+    total: wireUint(o, 'total'),
+    startedAt: wireOptionalString(o, 'started_at'),
+    finishedAt: wireOptionalString(o, 'finished_at'),
+    kekVersions: wireUintList(o, 'kek_versions'),
+  };
+}
+
+export function healthFromWire(o: WireObject): KmsHealth {
+  const rotation = o.rotation;
+  if (typeof rotation !== 'object' || rotation === null) throw badResponse('rotation');
+  return {
+    ok: wireString(o, 'ok') === 'true',
+    mode: 'external',
+    kekId: wireString(o, 'kek_id'),
+    activeKekVersion: wireUint(o, 'active_kek_version'),
+    dekCount: wireUint(o, 'dek_count'),
+    poolThreads: wireUint(o, 'pool_threads'),
+    queueDepth: wireUint(o, 'queue_depth'),
+    rotation: rotationStatusFromWire(rotation as WireObject),
+  };
+}
