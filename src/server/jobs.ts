@@ -202,10 +202,12 @@ export class JobRunner {
       );
       const updates = this.collect(old, settled, job.undecryptable);
       const next = { ...job, cursor: batch[batch.length - 1]!.id, scanned: job.scanned + batch.length };
-      const written = await this.store.replaceContents(job.threadId, updates, { key, value: next });
+      const written = await this.store.replaceContents(job.threadId, updates, {
+        key,
+        value: (n) => Object.assign(next, { reencrypted: job.reencrypted + n }),
+      });
       if (written === 'thread-gone') return this.finish(key, job, 'failed', 'the thread was deleted');
       if (written === 'stale') continue;
-      next.reencrypted += written;
       Object.assign(job, next);
       this.metrics.jobItems.inc({ job: 'rotate-thread-dek' }, written);
       if (this.pauseMs > 0) await delay(this.pauseMs);
@@ -299,10 +301,12 @@ export class JobRunner {
       job.undecryptable,
     );
     const next = { ...job, current: { threadId, cursor: batch[batch.length - 1]!.id } };
-    const written = await this.store.replaceContents(threadId, updates, { key: ENCRYPT_KEY, value: next });
+    const written = await this.store.replaceContents(threadId, updates, {
+      key: ENCRYPT_KEY,
+      value: (n) => Object.assign(next, { encrypted: job.encrypted + n }),
+    });
     if (written === 'thread-gone') return true;
     if (written === 'stale') return false;
-    next.encrypted += written;
     Object.assign(job, next);
     this.metrics.jobItems.inc({ job: 'encrypt-threads' }, written);
     return false;

@@ -297,7 +297,8 @@ export class Store {
   async replaceContents(
     threadId: string,
     updates: readonly { id: string; rev: number; content: MessageContent }[],
-    job: { key: string; value: object },
+    /** The job's progress record, given how many messages this batch actually rewrote. */
+    job: { key: string; value: (written: number) => object },
   ): Promise<number | 'stale' | 'thread-gone'> {
     return this.root.transaction(() => {
       const t = this.threads.get(threadId);
@@ -312,7 +313,7 @@ export class Store {
         this.messages.put(key, { ...kept, ...u.content, rev: current.rev + 1 });
         written++;
       }
-      this.jobs.put(job.key, job.value as Record<string, unknown>);
+      this.jobs.put(job.key, job.value(written) as Record<string, unknown>);
       return written;
     });
   }
