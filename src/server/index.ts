@@ -10,6 +10,7 @@ import { kmsError, toCodedError } from '../errors.js';
 import { createKms } from '../kms/index.js';
 import type { Logger } from '../log.js';
 import type { Kms } from '../protocol.js';
+import { createRemoteKms, type RemoteTlsOptions } from '../remote/index.js';
 import { createApp } from './app.js';
 import { KeyRing } from './auth.js';
 import { BodyCodec } from './encryption.js';
@@ -47,19 +48,29 @@ export function readAdminKey(config: ServerConfig): string {
   return text;
 }
 
+/** PEM files for TLS to the external KMS (a TLS client identity, not KMS key material). */
+function readTlsFiles(files: ServerConfig['kmsTls']): RemoteTlsOptions {
+  const tls: RemoteTlsOptions = {};
+  for (const name of ['ca', 'cert', 'key'] as const) {
+    const file = files[name];
+    if (file === undefined) continue;
+    try {
+      tls[name] = readFileSync(file);
+    } catch (err) {
+      throw kmsError(
+        'CONFIG_INVALID',
+        `cannot read KMS TLS ${name} file ${file}: ${(err as NodeJS.ErrnoException).code}`,
+      );
+    }
+  }
+  return tls;
+}
+
 async function openKms(config: ServerConfig, logger: Logger): Promise<Kms> {
   if (config.kmsMode === 'external') {
-    const transport = config.kmsEndpoint.startsWith('tcp://') ? 'tcp' : 'http';
-    const tls = Object.keys(config.kmsTls).length > 0 ? config.kmsTls : undefined;
-    // TEMPORARY until src/remote lands (issue 3): typed locally, switched to a static import then.
-    const remoteModule = '../remote/index.js';
-    const { createRemoteKms } = (await import(remoteModule)) as {
-      createRemoteKms: (opts: Record<string, unknown>) => Kms;
-    };
     return createRemoteKms({
       endpoint: config.kmsEndpoint,
-      transport,
-      ...(tls && { tls }),
+      ...(Object.keys(config.kmsTls).length > 0 && { tls: readTlsFiles(config.kmsTls) }),
       ...(config.kmsToken !== undefined && { token: config.kmsToken }),
       timeoutMs: config.kmsTimeoutMs,
     });
