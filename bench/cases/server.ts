@@ -42,9 +42,9 @@ async function call(proc: ServerProc, method: string, urlPath: string, json?: un
 }
 
 /** Threads with a full first page each, so every read decrypts PAGE bodies. */
-async function prepare(proc: ServerProc, body: unknown): Promise<Prepared> {
+async function prepare(proc: ServerProc, body: unknown, count: number): Promise<Prepared> {
   const threads: string[] = [];
-  for (let t = 0; t < THREADS; t++) {
+  for (let t = 0; t < count; t++) {
     const created = (await call(proc, 'POST', '/v1/threads', { title: `bench ${t}` })) as { id: string };
     threads.push(created.id);
   }
@@ -71,20 +71,22 @@ export async function run(ctx: BenchContext): Promise<CaseReport> {
     return p;
   };
   try {
-    const variants: Record<string, Prepared> = {
-      off: await prepare(await start(ctx, { mode: 'off' }), body),
-      embedded: await prepare(await start(ctx, { mode: 'embedded' }), body),
-      external_tcp: await prepare(
-        await start(ctx, { mode: 'external', kmsEndpoint: `tcp://${daemon.bridge!}` }),
-        body,
-      ),
-    };
+    const threads = ctx.mode === 'quick' ? THREADS / 2 : THREADS;
+    const wanted: [string, Parameters<typeof startServerProcess>[1]][] = [
+      ['off', { mode: 'off' }],
+      ['embedded', { mode: 'embedded' }],
+      ['external_tcp', { mode: 'external', kmsEndpoint: `tcp://${daemon.bridge!}` }],
+    ];
     if (ctx.mode !== 'quick') {
-      variants.external_http = await prepare(
-        await start(ctx, { mode: 'external', kmsEndpoint: `http://${daemon.http}` }),
-        body,
-      );
+      wanted.push(['external_http', { mode: 'external', kmsEndpoint: `http://${daemon.http}` }]);
     }
+    const variants: Record<string, Prepared> = Object.fromEntries(
+      await Promise.all(
+        wanted.map(
+          async ([vName, opts]) => [vName, await prepare(await start(ctx, opts), body, threads)] as const,
+        ),
+      ),
+    );
     // Each autocannon run opens its connections anew: windows under half a second are mostly set-up.
     const seconds = Math.max(ctx.ms, 500) / 1000;
     const create = (v: Prepared, s = seconds) =>
@@ -142,9 +144,9 @@ export async function run(ctx: BenchContext): Promise<CaseReport> {
     }
     return {
       metrics,
-      details: { samples, threads: THREADS, pageSize: PAGE, connections: CONNECTIONS },
+      details: { samples, threads, pageSize: PAGE, connections: CONNECTIONS },
       notes: [
-        `~1 KiB JSON bodies over ${THREADS} threads, ${CONNECTIONS} connections; reads are pages of ${PAGE}` +
+        `~1 KiB JSON bodies over ${threads} threads, ${CONNECTIONS} connections; reads are pages of ${PAGE}` +
           (ctx.mode === 'quick' ? '; quick runs skip the external-over-HTTP server' : ''),
       ],
     };
