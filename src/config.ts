@@ -129,34 +129,32 @@ const list = <T extends z.ZodType>(item: T) =>
     z.array(item, { error: 'must be a list (or a comma-separated string)' }),
   );
 
-const apiKeyEntry = z.union(
-  [
-    z.string().transform((s, ctx): ApiKey => {
-      // `name:key` or a bare key; keys are base64url/hex so ':' cannot be part of one.
-      const at = s.indexOf(':');
-      const name = at > 0 ? s.slice(0, at) : '';
-      const key = at >= 0 ? s.slice(at + 1) : s;
-      if (key.length < MIN_KEY_CHARS) {
-        ctx.addIssue({
-          code: 'custom',
-          message: `each API key must have at least ${MIN_KEY_CHARS} characters`,
-        });
-      }
-      return { name, key };
-    }),
-    z.object({
-      name: nonEmpty,
-      key: z.string().min(MIN_KEY_CHARS, `each API key must have at least ${MIN_KEY_CHARS} characters`),
-    }),
-  ],
-  { error: 'each API key must be "name:key", a key, or {name, key}' },
+/** `name:key`, a bare key, or {name, key}; keys are base64url/hex, so ':' cannot be part of one. */
+const apiKeyEntry = z.preprocess(
+  (v) => {
+    if (typeof v !== 'string') return v;
+    const at = v.indexOf(':');
+    return at >= 0 ? { name: v.slice(0, at), key: v.slice(at + 1) } : { name: '', key: v };
+  },
+  z.object(
+    {
+      name: z.string({ error: 'each API key name must be a string' }),
+      key: z
+        .string({ error: 'each API key must be a string' })
+        .min(MIN_KEY_CHARS, `each API key must have at least ${MIN_KEY_CHARS} characters`),
+    },
+    { error: 'each API key must be "name:key", a key, or {name, key}' },
+  ),
 );
 
 const FIELD_PATH = /^[A-Za-z0-9_$-]+(\.([A-Za-z0-9_$-]+|\*))*$/;
 
 const SCHEMA = z.object({
   data_dir: nonEmpty.default('./data'),
-  addr: nonEmpty.default(DEFAULT_ADDR),
+  addr: nonEmpty.default(DEFAULT_ADDR).superRefine((v, ctx) => {
+    const parsed = parseAddr(v);
+    if (typeof parsed === 'string') ctx.addIssue({ code: 'custom', message: parsed });
+  }),
   use_encryption: bool.default(true),
   kms_mode: z
     .enum(['embedded', 'external'], { error: 'must be "embedded" or "external"' })
@@ -291,8 +289,7 @@ export function loadConfig(opts: LoadConfigOptions = {}): ServerConfig {
   }
   const c = parsed.data;
 
-  const addr = parseAddr(c.addr);
-  if (typeof addr === 'string') problems.push(`${origin.get('addr') ?? 'addr'}: ${addr}`);
+  const addr = parseAddr(c.addr) as { host: string; port: number };
 
   const masterKey = resolveMasterKey(c.master_key_file, origin, masterKeyInFile, configFile, env, problems);
 
@@ -302,17 +299,12 @@ export function loadConfig(opts: LoadConfigOptions = {}): ServerConfig {
     );
   }
   const names = new Set<string>();
-  const apiKeys = c.api_keys.map((k, i) => ({ name: k.name || `key-${i + 1}`, key: k.key }));
+  const apiKeys: ApiKey[] = c.api_keys.map((k, i) => ({ name: k.name || `key-${i + 1}`, key: k.key }));
   for (const k of apiKeys) {
     if (names.has(k.name)) problems.push(`${origin.get('api_keys')}: API key name "${k.name}" is used twice`);
     names.add(k.name);
   }
-  if (
-    typeof addr !== 'string' &&
-    !isLoopback(addr.host) &&
-    apiKeys.length === 0 &&
-    origin.get('api_keys') === undefined
-  ) {
+  if (!isLoopback(addr.host) && apiKeys.length === 0) {
     problems.push(
       `${origin.get('addr') ?? 'addr'}: refusing to listen on ${addr.host}, beyond loopback, without API keys: ` +
         'set PROGRESSDB_API_KEYS',
@@ -332,7 +324,7 @@ export function loadConfig(opts: LoadConfigOptions = {}): ServerConfig {
   }
 
   const dataDir = path.resolve(c.data_dir);
-  const { host, port } = addr as { host: string; port: number };
+  const { host, port } = addr;
   return {
     dataDir,
     host,

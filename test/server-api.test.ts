@@ -6,7 +6,7 @@ import { cpSync, readFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
 import { open } from 'lmdb';
-import { filesContaining, startServer, tempDir } from './helpers/server.js';
+import { filesContaining, type Json, type Reply, startServer, tempDir } from './helpers/server.js';
 
 test('embedded: thread and message life cycle with paging, newest first', async (t) => {
   const server = await startServer();
@@ -91,7 +91,7 @@ test('every error status, as {"error":{"code","message"}}', async (t) => {
   const mid = (await api.postMessage(tid, 'x')).body.id as string;
   const missing = '01ARZ3NDEKTSV4RRFFQ69G5FAV';
 
-  const cases: [string, Promise<{ status: number; body: any }>, number, string][] = [
+  const cases: [string, Promise<Reply>, number, string][] = [
     [
       'malformed JSON',
       api.request('POST', `/v1/threads/${tid}/messages`, {
@@ -166,7 +166,7 @@ test('no plaintext body on disk; an AAD swap in LMDB fails with 422, not the wro
 
   // Copy A's stored ciphertext onto B (same thread) and C's onto A (another thread).
   const root = open({ path: path.join(server.dataDir, 'store'), maxDbs: 8 });
-  const messages = root.openDB<any, string>({ name: 'messages' });
+  const messages = root.openDB<Json, string>({ name: 'messages' });
   const recA = messages.get(`${tid}:${a}`);
   const recC = messages.get(`${other}:${c}`);
   await messages.put(`${tid}:${b}`, { ...messages.get(`${tid}:${b}`), ct: recA.ct, kv: recA.kv });

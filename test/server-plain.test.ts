@@ -79,7 +79,9 @@ test('encrypt-threads on a plaintext data dir: survives kill -9, writers keep go
   }
 
   // A rotation now works on the converted threads, and the data dir can no longer run unencrypted.
-  const rotated = await second.admin.post('/admin/encryption/rotate-thread-dek?wait=true', { thread_id: threads[0] });
+  const rotated = await second.admin.post('/admin/encryption/rotate-thread-dek?wait=true', {
+    thread_id: threads[0],
+  });
   t.is(rotated.body.state, 'completed');
   await second.stop();
   const refused = await runCli(SERVER_CLI, [], {

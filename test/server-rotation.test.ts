@@ -7,7 +7,9 @@ import { missingOrWrong, seed, Traffic } from './helpers/load.js';
 import { startServer, until } from './helpers/server.js';
 
 test('thread DEK rotation and KEK rotation while a writer and a reader run lose nothing', async (t) => {
-  const server = await startServer({ env: { PROGRESSDB_JOB_BATCH_SIZE: '16', PROGRESSDB_JOB_PAUSE_MS: '2' } });
+  const server = await startServer({
+    env: { PROGRESSDB_JOB_BATCH_SIZE: '16', PROGRESSDB_JOB_PAUSE_MS: '2' },
+  });
   t.teardown(() => server.stop());
   const { api, admin } = server;
   const tid = await api.createThread();

