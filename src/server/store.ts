@@ -336,9 +336,11 @@ export class Store {
     }));
   }
 
-  /** Counts stored records (for /admin/health); walks keys only. */
+  /** Record counts for /admin/health, from LMDB's statistics (constant time, no scan). */
   counts(): { threads: number; messages: number } {
-    return { threads: this.threads.getKeysCount(), messages: this.messages.getKeysCount() };
+    const entries = (db: Database<unknown, string>) =>
+      (db.getStats() as { entryCount?: number }).entryCount ?? 0;
+    return { threads: entries(this.threads), messages: entries(this.messages) };
   }
 }
 
