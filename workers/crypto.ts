@@ -107,9 +107,14 @@ function zeroAll(): void {
 // rather than waiting for LRU eviction.
 const channel = new BroadcastChannel(init.evictChannel);
 channel.onmessage = (event) => {
-  const message = (event as MessageEvent).data as { type: 'evict'; keyId: string } | { type: 'zeroize' };
+  const message = (event as MessageEvent).data as
+    | { type: 'evict'; keyId: string }
+    | { type: 'zeroize' }
+    | { type: 'zeroized' };
   if (message.type === 'evict') deks.deletePrefix(`${message.keyId}#`);
-  else {
+  else if (message.type === 'zeroize') {
+    // Only 'zeroize': the other workers' 'zeroized' acknowledgements arrive here too, and
+    // answering them would make the workers ping-pong acknowledgements until destroyed.
     zeroAll();
     channel.postMessage({ type: 'zeroized' });
   }
@@ -364,7 +369,8 @@ function checkKek(task: CheckKekTask): CheckKekResult {
   } catch (err) {
     const code = codeOf(err);
     if (code !== 'MASTER_KEY_MISMATCH') throw err;
-    auditOne(task.audit, code);
+    // No audit line: it would be signed with an audit key derived from the wrong master key, and
+    // so break the verification of the data directory's log (and the directory must stay untouched).
     return { ok: false };
   }
   auditOne(task.audit, null);
