@@ -331,7 +331,13 @@ class EmbeddedKms implements Kms {
 
   // --- create / get ------------------------------------------------------------------------
 
+  /** After close() the registry is closed too: every call fails with NOT_READY, never an LMDB error. */
+  #assertOpen(): void {
+    if (this.#closed) throw kmsError('NOT_READY', 'the KMS is closed');
+  }
+
   createDekForThread(threadId: string, ctx?: CallContext): Promise<DekInfo> {
+    if (this.#closed) return Promise.reject(kmsError('NOT_READY', 'the KMS is closed'));
     let id: string;
     try {
       id = checkId('thread_id', threadId);
@@ -381,6 +387,7 @@ class EmbeddedKms implements Kms {
   }
 
   async getWrappedDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
+    this.#assertOpen();
     const record = typeof keyId === 'string' ? this.#activeRecord(keyId) : undefined;
     const preError = this.#idError(keyId) ?? (record === undefined ? 'KEY_NOT_FOUND' : null);
     const audit = this.#audit('get_wrapped', ctx, typeof keyId === 'string' ? keyId : undefined, record);
@@ -424,6 +431,7 @@ class EmbeddedKms implements Kms {
     let record: DekRecord | undefined;
     let deks: DekRef[] = [];
     try {
+      this.#assertOpen();
       checkId('key_id', keyId);
       const max = kind === OpKind.encrypt ? MAX_PLAINTEXT_BYTES : MAX_PLAINTEXT_BYTES + CIPHERTEXT_OVERHEAD;
       const input = checkBytes(kind === OpKind.encrypt ? 'plaintext' : 'ciphertext', data, max);
@@ -549,6 +557,7 @@ class EmbeddedKms implements Kms {
   // --- key versions ------------------------------------------------------------------------
 
   async rewrapDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
+    this.#assertOpen();
     const record = await this.#requireKey('rewrap', keyId, ctx);
     const target = this.#kek.activeVersion;
     const rewrapped = await Promise.all(
@@ -577,6 +586,7 @@ class EmbeddedKms implements Kms {
   }
 
   async rotateDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
+    this.#assertOpen();
     const record = await this.#requireKey('rotate_dek', keyId, ctx);
     const version = Math.max(...record.versions.map((v) => v.v)) + 1;
     const kekVersion = this.#kek.activeVersion;
@@ -609,6 +619,7 @@ class EmbeddedKms implements Kms {
     keepFromVersion: number,
     ctx?: CallContext,
   ): Promise<DestroyResult> {
+    this.#assertOpen();
     if (!Number.isInteger(keepFromVersion) || keepFromVersion < 1) {
       return this.#auditedFailure(
         'destroy_dek_versions',
@@ -642,6 +653,7 @@ class EmbeddedKms implements Kms {
   }
 
   async destroyDek(keyId: string, ctx?: CallContext): Promise<DestroyResult> {
+    this.#assertOpen();
     const preError = this.#idError(keyId);
     const record = preError === null ? this.#registry.dek(keyId) : undefined;
     if (preError !== null || record === undefined) {
@@ -712,10 +724,12 @@ class EmbeddedKms implements Kms {
   }
 
   async rotationStatus(): Promise<RotationStatus> {
+    this.#assertOpen();
     return this.#rotation.status();
   }
 
   async health(): Promise<KmsHealth> {
+    this.#assertOpen();
     return {
       ok: !this.#closed && !(this.#auditFile?.failed ?? false),
       mode: 'embedded',
@@ -730,6 +744,7 @@ class EmbeddedKms implements Kms {
 
   /** Verifies this data directory's audit log inside a worker. */
   verifyAudit(): Promise<VerifyAuditResult> {
+    if (this.#closed) return Promise.reject(kmsError('NOT_READY', 'the KMS is closed'));
     return this.#pool.run<VerifyAuditResult>({
       type: 'verify-audit',
       path: path.join(this.#opts.dataDir, AUDIT_FILE_NAME),
