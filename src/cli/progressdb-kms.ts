@@ -6,9 +6,10 @@
  */
 import { Command, InvalidArgumentError } from 'commander';
 import { CodedError } from '../errors.js';
-import { auditVerifyCommand, keygenCommand, rotateCommand } from '../kms/cli-commands.js';
 import type { ServeFlags } from '../kms-server/config.js';
-import { serve } from '../kms-server/serve.js';
+
+// Each sub-command loads only what it needs: keygen should not pay for Koa, LMDB and the pool.
+const commands = () => import('../kms/cli-commands.js');
 
 function wholeNumber(value: string): number {
   if (!/^\d+$/.test(value)) throw new InvalidArgumentError('expected a whole number');
@@ -64,13 +65,13 @@ program
   .option('--max-frame-bytes <n>', 'largest bridge frame (default 8388608)', wholeNumber)
   .option('--max-batch-items <n>', 'most items in one batch (default 1024)', wholeNumber)
   .option('--insecure', 'allow a non-loopback listener without TLS or tokens (not for production)')
-  .action((opts: ServeFlags) => exitWith(() => serve(opts))());
+  .action((opts: ServeFlags) => exitWith(async () => (await import('../kms-server/serve.js')).serve(opts))());
 
 program
   .command('keygen')
   .description('write a new random master key (64 hex characters)')
   .option('--out <file>', 'file to create (mode 0600); stdout when omitted')
-  .action((opts: { out?: string }) => exitWith(() => keygenCommand(opts))());
+  .action((opts: { out?: string }) => exitWith(async () => (await commands()).keygenCommand(opts))());
 
 program
   .command('audit')
@@ -79,13 +80,17 @@ program
   .description('verify the signatures and chain of kms-audit.log')
   .requiredOption('--data-dir <dir>', 'the KMS data directory')
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
-  .action((opts: { dataDir: string; masterKeyFile?: string }) => exitWith(() => auditVerifyCommand(opts))());
+  .action((opts: { dataDir: string; masterKeyFile?: string }) =>
+    exitWith(async () => (await commands()).auditVerifyCommand(opts))(),
+  );
 
 program
   .command('rotate')
   .description('rotate the KEK offline (the daemon must be stopped) and rewrap every DEK')
   .requiredOption('--data-dir <dir>', 'the KMS data directory')
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
-  .action((opts: { dataDir: string; masterKeyFile?: string }) => exitWith(() => rotateCommand(opts))());
+  .action((opts: { dataDir: string; masterKeyFile?: string }) =>
+    exitWith(async () => (await commands()).rotateCommand(opts))(),
+  );
 
 program.parseAsync(process.argv).catch(fail);

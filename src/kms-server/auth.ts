@@ -1,8 +1,10 @@
 /**
  * Who may call the daemon, on both listeners.
  *
- * - TLS: server certificate and key; with a CA, client certificates signed by it are required at
- *   the handshake (a connection without one never reaches the HTTP parser or the frame decoder).
+ * - TLS: server certificate and key; with a CA, client certificates signed by it are required.
+ *   The handshake asks for one but does not abort without it: every request (HTTP) or connection
+ *   (bridge) is refused before anything else runs, with 401 (no certificate) or 403 (not
+ *   trusted). The caller then gets a clear auth error instead of a reset connection.
  * - Bearer tokens from the config: HTTP `Authorization: Bearer T`, bridge AUTH frame. Tokens are
  *   compared as SHA-256 digests with timingSafeEqual (fixed length, so the comparison time says
  *   nothing about the token), and every configured token is compared, so the time does not say
@@ -70,6 +72,7 @@ export class Authenticator {
    * Throws UNAUTHENTICATED or FORBIDDEN.
    */
   authenticate(token: string | undefined, socket: Socket): CallContext {
+    this.requireClientCertificate(socket);
     let caller: string | undefined;
     if (this.tokensRequired) {
       if (token === undefined) throw authError('UNAUTHENTICATED');
@@ -80,6 +83,18 @@ export class Authenticator {
       caller: caller ?? this.certificateSubject(socket) ?? 'anonymous',
       remoteAddress: socket.remoteAddress,
     };
+  }
+
+  /** With mutual TLS, a verified client certificate comes before everything else. */
+  requireClientCertificate(socket: Socket): void {
+    if (!this.tls?.ca) return;
+    const tlsSocket = socket as TLSSocket;
+    if (tlsSocket.authorized) return;
+    const cert = tlsSocket.getPeerCertificate?.();
+    if (!cert || Object.keys(cert).length === 0) {
+      throw kmsError('UNAUTHENTICATED', 'a client certificate is required');
+    }
+    throw kmsError('FORBIDDEN', 'the client certificate is not trusted');
   }
 
   /** Subject CN of a verified client certificate (cached per connection). */
@@ -104,7 +119,8 @@ export class Authenticator {
       key: this.tls.key,
       ...(mtls ? { ca: this.tls.ca } : {}),
       requestCert: mtls,
-      rejectUnauthorized: mtls,
+      // Checked per request / connection by requireClientCertificate, to answer 401/403.
+      rejectUnauthorized: false,
       minVersion: 'TLSv1.2',
     };
   }

@@ -79,6 +79,11 @@ class BridgeConnection {
     // A peer that resets is not our error; 'close' follows and cleans up.
     socket.on('error', () => {});
     socket.on('close', () => onClosed(this));
+    try {
+      deps.auth.requireClientCertificate(socket);
+    } catch (err) {
+      this.fail(0, toCodedError(err));
+    }
   }
 
   private onData(chunk: Buffer): void {

@@ -41,9 +41,9 @@ function handlerOf(spec: RouteSpec, deps: HttpAppDeps): Koa.Middleware {
   return async (ctx) => {
     const startedAt = performance.now();
     try {
-      const caller = spec.public
-        ? PUBLIC_CALLER
-        : auth.authenticate(bearerToken(ctx.req.headers.authorization), ctx.req.socket);
+      let caller = PUBLIC_CALLER;
+      if (spec.public) auth.requireClientCertificate(ctx.req.socket);
+      else caller = auth.authenticate(bearerToken(ctx.req.headers.authorization), ctx.req.socket);
       const input: RouteInput = {
         services,
         caller,
