@@ -164,31 +164,29 @@ export interface Child {
   stdout(): string;
   stderr(): string;
   kill(signal: NodeJS.Signals): void;
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }>;
+  exited: Promise<ChildExit>;
+}
+
+export interface ChildExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
 }
 
 /** Starts `node --import=tsx <script> ...args` from the repo root; killed at teardown if still alive. */
-export function startChild(
-  t: ExecutionContext,
-  script: string,
-  args: string[] = [],
-  env?: NodeJS.ProcessEnv,
-): Child {
-  const child = spawn(process.execPath, ['--import=tsx', script, ...args], {
-    cwd: ROOT,
-    env: env ?? process.env,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+export function startChild(t: ExecutionContext, script: string, args: string[] = []): Child {
+  return startProcess(t, process.execPath, ['--import=tsx', script, ...args]);
+}
+
+/** Starts any command from the repo root; killed at teardown if still alive. */
+export function startProcess(t: ExecutionContext, command: string, args: string[]): Child {
+  const child = spawn(command, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
   child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
-  const exited = new Promise<{
-    code: number | null;
-    signal: NodeJS.Signals | null;
-    stdout: string;
-    stderr: string;
-  }>((resolve, reject) => {
+  const exited = new Promise<ChildExit>((resolve, reject) => {
     child.on('error', reject);
     child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
   });
@@ -204,13 +202,17 @@ export function startChild(
   };
 }
 
-/** Runs a child script to completion and returns its output; fails the test on a non-zero exit. */
+/** Runs a child script to completion and returns its stdout; throws on a non-zero exit. */
 export async function runChild(t: ExecutionContext, script: string, args: string[] = []): Promise<string> {
-  const result = await startChild(t, script, args).exited;
-  if (result.code !== 0) {
-    throw new Error(
-      `child ${path.basename(script)} exited ${result.code ?? result.signal}: ${result.stderr}`,
-    );
-  }
+  return checkExit(path.basename(script), await startChild(t, script, args).exited);
+}
+
+/** Runs a command to completion and returns its stdout; throws on a non-zero exit. */
+export async function runProcess(t: ExecutionContext, command: string, args: string[]): Promise<string> {
+  return checkExit(command, await startProcess(t, command, args).exited);
+}
+
+function checkExit(what: string, result: ChildExit): string {
+  if (result.code !== 0) throw new Error(`${what} exited ${result.code ?? result.signal}: ${result.stderr}`);
   return result.stdout;
 }

@@ -1,0 +1,278 @@
+/**
+ * The embedded KMS audit log: one line per operation (failures too), no secrets in it, signature
+ * and chain verification (library and CLI) catching edits, deletions, insertions and reordering,
+ * and failing closed when the log cannot be written at run time.
+ */
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import test, { type ExecutionContext } from 'ava';
+import { auditVerifyCommand } from '../src/kms/cli-commands.js';
+import {
+  type AuditLine,
+  auditLines,
+  auditPath,
+  auditText,
+  captureStdout,
+  openKms,
+  ROOT,
+  runProcess,
+  startChild,
+  writeScript,
+} from './helpers/kms.js';
+
+/** Opens a KMS (one worker, so one audit stream in call order) and runs a known sequence. */
+async function knownSequence(t: ExecutionContext) {
+  const fixture = await openKms(t, { poolSize: 1 });
+  const { kms } = fixture;
+  const marker = `PLAINTEXT-MARKER-${randomBytes(8).toString('hex')}`;
+  const aadMarker = `AAD-MARKER-${randomBytes(8).toString('hex')}`;
+  const dek = await kms.createDekForThread('thread-audit');
+  await kms.createDekForThread('thread-audit');
+  const { ciphertext } = await kms.encrypt(dek.keyId, Buffer.from(marker), Buffer.from(aadMarker));
+  await kms.decrypt(dek.keyId, ciphertext, Buffer.from(aadMarker));
+  await kms.decrypt(dek.keyId, ciphertext, Buffer.from('wrong')).catch(() => {});
+  await kms.encrypt('dek_unknown', Buffer.from(marker)).catch(() => {});
+  await kms.encrypt(dek.keyId, marker as unknown as Uint8Array).catch(() => {});
+  const wrapped = await kms.getWrappedDek(dek.keyId);
+  await kms.rotateDek(dek.keyId);
+  await kms.encryptBatch([
+    { keyId: dek.keyId, plaintext: Buffer.from(marker) },
+    { keyId: 'dek_missing', plaintext: Buffer.from(marker) },
+    { keyId: dek.keyId, plaintext: Buffer.from(marker) },
+  ]);
+  await kms.createDekForThread(42 as unknown as string).catch(() => {});
+  const expected: [op: string, outcome: string, code?: string][] = [
+    ['start', 'ok'],
+    ['create_dek_for_thread', 'ok'],
+    ['create_dek_for_thread', 'ok'],
+    ['encrypt', 'ok'],
+    ['decrypt', 'ok'],
+    ['decrypt', 'error', 'DECRYPT_FAILED'],
+    ['encrypt', 'error', 'KEY_NOT_FOUND'],
+    ['encrypt', 'error', 'INVALID_INPUT'],
+    ['get_wrapped', 'ok'],
+    ['rotate_dek', 'ok'],
+    ['encrypt', 'ok'],
+    ['encrypt', 'error', 'KEY_NOT_FOUND'],
+    ['encrypt', 'ok'],
+    ['create_dek_for_thread', 'error', 'INVALID_INPUT'],
+  ];
+  return { ...fixture, dek, marker, aadMarker, wrapped: wrapped.wrapped, expected };
+}
+
+function summary(lines: AuditLine[]): [string, string, string?][] {
+  return lines.map((l) => (l.code === undefined ? [l.op, l.outcome] : [l.op, l.outcome, l.code]));
+}
+
+test('every operation writes one signed line, failures too; no plaintext or key material', async (t) => {
+  const { kms, dataDir, dek, marker, aadMarker, keyHex, wrapped, expected, reopen } = await knownSequence(t);
+  const lines = auditLines(dataDir);
+  t.deepEqual(summary(lines), expected);
+  lines.forEach((line, i) => {
+    t.is(line.v, 1);
+    t.false(Number.isNaN(Date.parse(line.ts)), `line ${i + 1} time`);
+    t.is(line.n, i, 'one stream, numbered in order');
+  });
+  const created = lines[1]!;
+  t.like(created, { key_id: dek.keyId, thread_id: 'thread-audit', kek_version: '1', caller: 'embedded' });
+  t.like(lines[3], { key_id: dek.keyId, thread_id: 'thread-audit' });
+  t.is(lines[6]!.key_id, 'dek_unknown');
+  t.truthy(lines.at(-1)!.mac);
+
+  const text = fs.readFileSync(auditPath(dataDir), 'utf8');
+  const master = Buffer.from(keyHex, 'hex');
+  const secrets: Record<string, string> = {
+    'plaintext marker': marker,
+    'plaintext marker (hex)': Buffer.from(marker).toString('hex'),
+    'plaintext marker (base64)': Buffer.from(marker).toString('base64'),
+    'AAD marker': aadMarker,
+    'master key hex': keyHex,
+    'master key HEX': keyHex.toUpperCase(),
+    'master key base64': master.toString('base64'),
+    'master key base64url': master.toString('base64url'),
+    'wrapped DEK hex': wrapped.toString('hex'),
+    'wrapped DEK base64': wrapped.toString('base64'),
+  };
+  for (const [what, needle] of Object.entries(secrets)) t.false(text.includes(needle), what);
+
+  // Close and reopen add a stop and a start line (a new worker stream), and the log still verifies.
+  await kms.close();
+  const again = await reopen();
+  await again.encrypt(dek.keyId, Buffer.from('x'));
+  const result = await again.verifyAudit();
+  const after = auditLines(dataDir);
+  t.deepEqual(summary(after.slice(expected.length)), [
+    ['stop', 'ok'],
+    ['start', 'ok'],
+    ['encrypt', 'ok'],
+  ]);
+  t.not(after.at(-1)!.s, lines[0]!.s, 'a new stream per worker');
+  t.deepEqual(result, { ok: true, linesVerified: after.length, firstBadLine: null, reason: null });
+});
+
+/** The 1-based number of the first line of the signed block that holds line index `k`. */
+function blockStart(lines: AuditLine[], k: number): number {
+  let j = k;
+  while (j > 0 && lines[j - 1]!.s === lines[k]!.s && lines[j - 1]!.mac === undefined) j--;
+  return j + 1;
+}
+
+test('audit verify passes an intact log and reports the first bad line of tampered copies', async (t) => {
+  const { kms, dir, dataDir, keyFile } = await knownSequence(t);
+  await kms.close();
+  const intact = await captureStdout(() => auditVerifyCommand({ dataDir, masterKeyFile: keyFile }));
+  const raw = auditText(dataDir);
+  const lines = raw.map((l) => JSON.parse(l) as AuditLine);
+  t.is(intact.result, 0);
+  t.is(intact.out.trim(), `ok: ${raw.length} lines verified in ${auditPath(dataDir)}`);
+
+  const failedLine = lines.findIndex((l) => l.code === 'DECRYPT_FAILED');
+  const batchMiddle = lines.findIndex((l, i) => l.code === 'KEY_NOT_FOUND' && i > failedLine + 1);
+  t.true(failedLine > 0 && batchMiddle > failedLine);
+  t.truthy(lines[failedLine]!.mac, 'the failed decrypt is a block of its own');
+  t.is(lines[batchMiddle]!.mac, undefined, 'the batch shares one signed block');
+
+  const cases: Record<string, { edit: (l: string[]) => string[]; firstBad: number }> = {
+    'edited outcome': {
+      edit: (l) => l.map((s, i) => (i === failedLine ? s.replace('"outcome":"error"', '"outcome":"ok"') : s)),
+      firstBad: failedLine + 1,
+    },
+    'edited key id inside a block': {
+      edit: (l) => l.map((s, i) => (i === batchMiddle ? s.replace('dek_missing', 'dek_elsewhere') : s)),
+      firstBad: blockStart(lines, batchMiddle),
+    },
+    'edited caller on the first line': {
+      edit: (l) => l.map((s, i) => (i === 0 ? s.replace('"op":"start"', '"op":"stop"') : s)),
+      firstBad: 1,
+    },
+    'deleted line': { edit: (l) => l.filter((_, i) => i !== failedLine), firstBad: failedLine + 1 },
+    'deleted first line': { edit: (l) => l.slice(1), firstBad: 1 },
+    'inserted copy': {
+      edit: (l) => [...l.slice(0, failedLine + 1), l[failedLine]!, ...l.slice(failedLine + 1)],
+      firstBad: failedLine + 2,
+    },
+    'swapped lines': {
+      edit: (l) => {
+        const out = [...l];
+        [out[2], out[failedLine]] = [out[failedLine]!, out[2]!];
+        return out;
+      },
+      firstBad: 3,
+    },
+    'swapped adjacent lines': {
+      edit: (l) => {
+        const out = [...l];
+        [out[failedLine], out[failedLine + 1]] = [out[failedLine + 1]!, out[failedLine]!];
+        return out;
+      },
+      firstBad: failedLine + 1,
+    },
+    'garbage line': {
+      edit: (l) => [...l.slice(0, 4), 'not json', ...l.slice(4)],
+      firstBad: 5,
+    },
+  };
+  for (const [what, { edit, firstBad }] of Object.entries(cases)) {
+    const copy = path.join(dir, `tampered-${what.replaceAll(' ', '-')}`);
+    fs.mkdirSync(copy);
+    const edited = edit(raw);
+    t.notDeepEqual(edited, raw, `${what}: the copy differs`);
+    fs.writeFileSync(auditPath(copy), `${edited.join('\n')}\n`);
+    const { result, out } = await captureStdout(() =>
+      auditVerifyCommand({ dataDir: copy, masterKeyFile: keyFile }),
+    );
+    t.is(result, 1, what);
+    t.regex(out, new RegExp(`^first bad line: ${firstBad}$`, 'm'), `${what}: ${out}`);
+  }
+
+  // The same log checked with another master key fails at its first line.
+  const otherKey = path.join(dir, 'other.key');
+  fs.writeFileSync(otherKey, randomBytes(32).toString('hex'));
+  const wrongKey = await captureStdout(() => auditVerifyCommand({ dataDir, masterKeyFile: otherKey }));
+  t.is(wrongKey.result, 1);
+  t.regex(wrongKey.out, /^first bad line: 1$/m);
+
+  // And through the real command line: exit codes 0 and 1.
+  const cli = path.join(ROOT, 'src/cli/progressdb-kms.ts');
+  const script = writeScript(
+    dir,
+    'cli',
+    `process.argv.splice(2, 0, 'audit', 'verify');\nawait import(${JSON.stringify(cli)});\n`,
+  );
+  const ok = await startChild(t, script, ['--data-dir', dataDir, '--master-key-file', keyFile]).exited;
+  t.is(ok.code, 0, ok.stderr);
+  t.regex(ok.stdout, new RegExp(`ok: ${raw.length} lines verified`));
+  const bad = await startChild(t, script, [
+    '--data-dir',
+    path.join(dir, 'tampered-deleted-line'),
+    '--master-key-file',
+    keyFile,
+  ]).exited;
+  t.is(bad.code, 1);
+  t.regex(bad.stdout, new RegExp(`first bad line: ${failedLine + 1}`));
+});
+
+test('a runtime audit write failure fails the operation and every later one (fail closed)', async (t) => {
+  // Root ignores file modes, so the failure comes from a file size limit instead: the child
+  // starts normally, then lowers its own RLIMIT_FSIZE (prlimit on its pid) to a little above the
+  // log's current size. Writes past the limit fail with EFBIG (Node ignores SIGXFSZ, and bash's
+  // trap keeps it ignored), while the LMDB file, already large enough, is not written past it.
+  const fixture = await openKms(t, { poolSize: 2 });
+  const dek = await fixture.kms.createDekForThread('thread-fail');
+  const earlier = await fixture.kms.encrypt(dek.keyId, Buffer.from('written before'));
+  await fixture.kms.close();
+  const script = writeScript(
+    fixture.dir,
+    'efbig',
+    `import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import { createKms } from 'KMS_MODULE';
+const [dataDir, keyFile, keyId] = process.argv.slice(2);
+const kms = await createKms({ dataDir, masterKeyFile: keyFile, poolSize: 2 });
+const limit = fs.statSync(dataDir + '/kms-audit.log').size + 2000;
+execFileSync('prlimit', ['--pid', String(process.pid), '--fsize=' + limit]);
+const outcomes = [];
+const record = async (op, f) => {
+  try { await f(); outcomes.push([op, 'ok']); } catch (e) { outcomes.push([op, e.code]); }
+};
+for (let i = 0; i < 40; i++) await record('encrypt', () => kms.encrypt(keyId, Buffer.from('payload ' + i)));
+await record('batch', async () => {
+  const r = await kms.encryptBatch([{ keyId, plaintext: Buffer.from('b') }, { keyId, plaintext: Buffer.from('c') }]);
+  const bad = r.find((x) => !x.ok);
+  if (bad) throw bad.error;
+});
+await record('create', () => kms.createDekForThread('thread-after-failure'));
+await record('getWrapped', () => kms.getWrappedDek(keyId));
+const health = await kms.health();
+await kms.close();
+process.stdout.write(JSON.stringify({ outcomes, ok: health.ok, limit }));
+`,
+  );
+  const out = await runProcess(t, '/bin/bash', [
+    '-c',
+    `trap "" XFSZ; exec ${JSON.stringify(process.execPath)} --import=tsx ${JSON.stringify(script)} "$@"`,
+    'bash',
+    fixture.dataDir,
+    fixture.keyFile,
+    dek.keyId,
+  ]).catch((err: Error) => {
+    t.fail(err.message);
+    return '{}';
+  });
+  const { outcomes, ok, limit } = JSON.parse(out) as {
+    outcomes: [string, string][];
+    ok: boolean;
+    limit: number;
+  };
+  const firstFailure = outcomes.findIndex(([, code]) => code !== 'ok');
+  t.true(firstFailure > 0, 'some operations succeeded before the limit');
+  for (const [op, code] of outcomes.slice(firstFailure)) t.is(code, 'AUDIT_WRITE_FAILED', op);
+  t.false(ok, 'health reports the failure');
+  t.true(fs.statSync(auditPath(fixture.dataDir)).size <= limit);
+
+  // The log up to the failure is intact apart from the torn tail, and the data dir still works.
+  const kms = await fixture.reopen();
+  t.deepEqual(await kms.decrypt(dek.keyId, earlier.ciphertext), Buffer.from('written before'));
+  t.is((await kms.createDekForThread('thread-fail')).keyId, dek.keyId);
+});
