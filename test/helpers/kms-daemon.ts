@@ -7,7 +7,9 @@ import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
+import { connect, type Socket } from 'node:net';
 import path from 'node:path';
+import { type Frame, FrameDecoder } from '../../src/wire/bridge-codec.js';
 import { cleanEnv, type ExitInfo, KMS_CLI, runCli, tempDir, until } from './server.js';
 
 const running = new Set<ChildProcess>();
@@ -334,4 +336,48 @@ export function makePki(): Pki {
       serverKey: path.join(dir, 'server.key'),
     },
   };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw bridge connections
+// ---------------------------------------------------------------------------------------------
+
+/** A raw TCP connection to the bridge that collects decoded frames, for protocol-level tests. */
+export class BridgeSocket {
+  readonly frames: Frame[] = [];
+  readonly closed: Promise<void>;
+  private readonly socket: Socket;
+  private readonly decoder = new FrameDecoder(64 * 1024 * 1024);
+
+  constructor(port: number) {
+    this.socket = connect({ host: '127.0.0.1', port });
+    this.socket.on('data', (chunk: Buffer) => this.decoder.push(chunk, (f) => this.frames.push(f)));
+    this.socket.on('error', () => {});
+    this.closed = new Promise((resolve) => this.socket.on('close', () => resolve()));
+  }
+
+  write(bytes: Buffer): void {
+    this.socket.write(bytes);
+  }
+
+  end(): void {
+    this.socket.end();
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+
+  /** Waits until `n` frames arrived (or the connection closed with fewer). */
+  async waitFrames(n: number, ms = 10_000): Promise<Frame[]> {
+    let isClosed = false;
+    void this.closed.then(() => (isClosed = true));
+    await until(`${n} bridge frames`, () => (this.frames.length >= n || isClosed ? true : undefined), ms);
+    return this.frames;
+  }
+
+  /** The frame answering request `id`. */
+  async answer(id: number): Promise<Frame> {
+    return until(`answer to ${id}`, () => this.frames.find((f) => f.id === id));
+  }
 }
