@@ -49,6 +49,9 @@ export interface PoolOptions {
   activeKekVersion: () => number;
 }
 
+/** Smallest share of a burst worth a task of its own when splitting it across idle workers. */
+const MIN_SPLIT_OPS = 8;
+
 /** Tasks with at least this many payload bytes transfer their buffers instead of copying them. */
 const TRANSFER_THRESHOLD = 16 * 1024;
 
@@ -140,7 +143,14 @@ export class CryptoPool {
 
   #drain(): void {
     while (this.#queue.length > 0 && this.#inFlight < this.#maxInFlight) {
-      const { maxBatch } = this.#opts;
+      // A burst that meets idle workers (one page of decrypts, say) is split between them, so they
+      // share it instead of one worker doing it all while the others wait.
+      const idleWorkers = this.#opts.threads - this.#inFlight;
+      const share =
+        idleWorkers > 1 && this.#queue.length >= 2 * MIN_SPLIT_OPS
+          ? Math.max(MIN_SPLIT_OPS, Math.ceil(this.#queue.length / idleWorkers))
+          : this.#opts.maxBatch;
+      const maxBatch = Math.min(this.#opts.maxBatch, share);
       let count = 0;
       let bytes = 0;
       while (count < this.#queue.length && count < maxBatch && (count === 0 || bytes < MAX_TASK_BYTES)) {
