@@ -62,7 +62,7 @@ export function svgChart(metrics: readonly Metric[], title: string): string {
   ];
   for (let decade = lo; decade <= hi * 1.0001; decade *= 10) {
     for (const mult of [1, 3]) {
-      const v = decade * mult;
+      const v = Number((decade * mult).toPrecision(3));
       if (v > hi * 1.0001) continue;
       const gx = x(v).toFixed(1);
       out.push(

@@ -6,9 +6,14 @@
  *                                 bench/results/latest.{json,md,svg}
  *   npm run bench -- --full       adds 1,000,000 DEKs for rotation and start-up
  *   npm run bench -- --quick      reduced set in under a minute; writes no files
- *   --only a,b                    only these cases (by name or number, e.g. --only audit,2)
+ *   --only a,b                    only these cases (by name or number, e.g. --only audit,2);
+ *                                 writes no files. Names: embedded tcp http peer rotation audit
+ *                                 server startup
  *   --rounds N --ms N             override rounds per comparison and the timed window
- *   --out DIR                     where to write results (default bench/results; quick: none)
+ *   --out DIR                     where to write results (default bench/results; quick and
+ *                                 --only runs write only when --out is given)
+ *
+ * Exit code 1 when a case could not run (e.g. a daemon missing); missed targets do not fail.
  *
  * Progress goes to stderr, one line per case (plus per-round detail). The last stdout line is one
  * JSON object: {"quick":bool,"<metric id>":{"ratio","target","better","met"},...}.
@@ -116,7 +121,8 @@ cleanup();
 const metrics = outcomes.flatMap((o) => o.report?.metrics ?? []);
 const table = markdownTable(outcomes);
 const command = `npm run bench${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}`;
-if (mode !== 'quick' || values.out !== undefined) {
+// Quick and --only runs are partial: they write files only when --out asks for them.
+if ((mode !== 'quick' && only === null) || values.out !== undefined) {
   const outDir = path.resolve(values.out ?? path.join(REPO_ROOT, 'bench/results'));
   fs.mkdirSync(outDir, { recursive: true });
   const machine = {
@@ -155,5 +161,6 @@ const last: Record<string, unknown> = { quick: mode === 'quick' };
 for (const m of metrics) last[m.id] = { ratio: m.ratio, target: m.target, better: m.better, met: m.met };
 for (const o of outcomes) if (o.report === null) last[o.name] = { error: o.error };
 process.stdout.write(`${table}\n${JSON.stringify(last)}\n`);
-// Children are gone and loops have ended; exit in case a library keeps a handle open.
-process.exit(0);
+// Children are gone and loops have ended; exit in case a library keeps a handle open. A case that
+// could not run makes the exit code 1 (its error is in the summary), a missed target does not.
+process.exit(outcomes.some((o) => o.report === null) ? 1 : 0);
