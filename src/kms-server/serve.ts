@@ -17,6 +17,7 @@ import { BridgeServer } from './bridge.js';
 import { type DaemonConfig, exposedListeners, loadDaemonConfig, type ServeFlags } from './config.js';
 import { createHttpApp } from './http-app.js';
 import { DaemonMetrics } from './metrics.js';
+import { trackRotations } from './rotation-tracker.js';
 import type { RouteServices } from './route.js';
 
 export interface RunningDaemon {
@@ -51,7 +52,7 @@ export async function startDaemon(
   for (const where of exposedListeners(config)) {
     logger.warn(`INSECURE: ${where} is reachable from other machines without TLS or tokens (--insecure)`);
   }
-  const kms = await makeKms({ ...config.kms, logger });
+  const kms = trackRotations(await makeKms({ ...config.kms, logger }), logger);
   const auth = new Authenticator(config.tokens, config.tls);
   const metrics = new DaemonMetrics();
   let draining = false;

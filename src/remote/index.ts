@@ -196,21 +196,15 @@ class RemoteKms implements Kms {
     return this.call({ op: 'rotate_kek' });
   }
 
-  /** Starts (or joins) a rotation, then polls its status until that rotation has finished. */
+  /**
+   * Starts (or joins) a rotation, then polls its status until it has completed. The daemon reports
+   * "running" until the rotation it started or joined has finished, so "completed" is final.
+   */
   async rotateKek(ctx?: CallContext): Promise<RotationStatus> {
-    const started = await this.startKekRotation(ctx);
-    // The version ours rotates to. The status may still describe the previous rotation for a
-    // moment, so "not running" alone is not enough; a later rotation running means ours finished.
-    const ours = started.targetKekVersion ?? started.activeKekVersion + 1;
-    const finished = (s: RotationStatus) =>
-      (s.state !== 'running' && s.activeKekVersion >= ours) || (s.targetKekVersion ?? 0) > ours;
-    let status = started;
-    for (
-      let delay = ROTATION_POLL_MIN_MS;
-      !finished(status);
-      delay = Math.min(ROTATION_POLL_MAX_MS, delay * 2)
-    ) {
+    let status = await this.startKekRotation(ctx);
+    for (let delay = ROTATION_POLL_MIN_MS; status.state !== 'completed'; ) {
       await sleep(delay);
+      delay = Math.min(ROTATION_POLL_MAX_MS, delay * 2);
       status = await this.rotationStatus();
     }
     return status;

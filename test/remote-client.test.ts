@@ -1,0 +1,184 @@
+/**
+ * createRemoteKms against the real daemon, over HTTP and over the TCP bridge: the whole Kms
+ * interface behaves as embedded does (same results, same error codes), batches larger than one
+ * request are split, and while the daemon is down every call fails promptly with
+ * KMS_UNAVAILABLE, then works again with the same client once the daemon is back.
+ */
+import test from 'ava';
+import type { CodedError } from '../src/errors.js';
+import type { Kms } from '../src/protocol.js';
+import { createRemoteKms } from '../src/remote/index.js';
+import { type Daemon, spawnDaemon } from './helpers/kms-daemon.js';
+import { until } from './helpers/server.js';
+
+const transports = [
+  ['http', (d: Daemon) => `http://${d.http}`],
+  ['tcp', (d: Daemon) => `tcp://${d.bridge}`],
+] as const;
+
+let daemon: Daemon;
+
+test.before(async () => {
+  daemon = await spawnDaemon({ bridgePort: 0 });
+});
+
+test.after.always(async () => {
+  await daemon?.kill9();
+});
+
+for (const [name, endpointOf] of transports) {
+  test(`${name}: the whole Kms interface`, async (t) => {
+    const kms = createRemoteKms({ endpoint: endpointOf(daemon) });
+    t.teardown(() => kms.close());
+    const dek = await kms.createDekForThread(`remote-${name}`);
+    t.deepEqual(await kms.createDekForThread(`remote-${name}`), dek);
+    t.is((await kms.getWrappedDek(dek.keyId)).keyId, dek.keyId);
+    t.true(Buffer.isBuffer(dek.wrapped));
+
+    const aad = Buffer.from('thread/message');
+    const enc = await kms.encrypt(dek.keyId, Buffer.from('body'), aad);
+    t.is(enc.keyVersion, 1);
+    t.is((await kms.decrypt(dek.keyId, enc.ciphertext, aad)).toString(), 'body');
+    const wrongAad = await t.throwsAsync<CodedError>(
+      kms.decrypt(dek.keyId, enc.ciphertext, Buffer.from('x')),
+    );
+    t.is(wrongAad?.code, 'DECRYPT_FAILED');
+    t.is(wrongAad?.status, 422);
+    t.is((await t.throwsAsync<CodedError>(kms.getWrappedDek('dek_nope')))?.code, 'KEY_NOT_FOUND');
+
+    const batch = await kms.encryptBatch([
+      { keyId: dek.keyId, plaintext: Buffer.from('a') },
+      { keyId: 'dek_nope', plaintext: Buffer.from('b') },
+    ]);
+    t.true(batch[0]!.ok);
+    t.false(batch[1]!.ok);
+    t.is(!batch[1]!.ok && batch[1]!.error.code, 'KEY_NOT_FOUND');
+    t.deepEqual(await kms.encryptBatch([]), []);
+
+    const rotated = await kms.rotateDek(dek.keyId);
+    t.is(rotated.keyVersion, 2);
+    const re = await kms.reencrypt(dek.keyId, enc.ciphertext, aad);
+    t.is(re.keyVersion, 2);
+    t.deepEqual((await kms.destroyDekVersionsBefore(dek.keyId, 2)).destroyedVersions, [1]);
+    t.is((await kms.decrypt(dek.keyId, re.ciphertext, aad)).toString(), 'body');
+
+    const before = await kms.rotationStatus();
+    const status = await kms.rotateKek();
+    t.is(status.state, 'completed');
+    t.true(status.activeKekVersion > before.activeKekVersion);
+    t.is((await kms.rewrapDek(dek.keyId)).kekVersion, status.activeKekVersion);
+    const health = await kms.health();
+    t.true(health.ok);
+    t.is(health.mode, 'external');
+    t.deepEqual((await kms.destroyDek(dek.keyId)).destroyedVersions, [2]);
+    t.is(
+      (await t.throwsAsync<CodedError>(kms.decrypt(dek.keyId, re.ciphertext, aad)))?.code,
+      'KEY_NOT_FOUND',
+    );
+  });
+
+  test(`${name}: batches larger than one request are split and answered in order`, async (t) => {
+    const kms = createRemoteKms({ endpoint: endpointOf(daemon) });
+    t.teardown(() => kms.close());
+    const dek = await kms.createDekForThread(`remote-split-${name}`);
+    const items = Array.from({ length: 2500 }, (_, i) => ({
+      keyId: dek.keyId,
+      plaintext: Buffer.from(`m${i}`),
+    }));
+    const encrypted = await kms.encryptBatch(items);
+    t.is(encrypted.length, items.length);
+    const decrypted = await kms.decryptBatch(
+      encrypted.map((r) => ({ keyId: dek.keyId, ciphertext: r.ok ? r.value.ciphertext : Buffer.alloc(0) })),
+    );
+    t.true(decrypted.every((r, i) => r.ok && r.value.toString() === `m${i}`));
+    // Many concurrent single calls share connections (HTTP keep-alive, one pipelined socket).
+    const singles = await Promise.all(items.slice(0, 500).map((it) => kms.encrypt(it.keyId, it.plaintext)));
+    t.is(singles.length, 500);
+  });
+}
+
+test.serial(
+  'while the daemon is down every call fails fast with KMS_UNAVAILABLE; then it recovers',
+  async (t) => {
+    const own = await spawnDaemon({ bridgePort: 0 });
+    t.teardown(() => own.kill9());
+    const clients: [string, Kms][] = transports.map(([name, endpointOf]) => [
+      name,
+      createRemoteKms({ endpoint: endpointOf(own), timeoutMs: 5000 }),
+    ]);
+    t.teardown(() => Promise.all(clients.map(([, k]) => k.close())));
+    const keys = new Map<string, { keyId: string; ciphertext: Buffer }>();
+    for (const [name, kms] of clients) {
+      const dek = await kms.createDekForThread(`outage-${name}`);
+      keys.set(name, {
+        keyId: dek.keyId,
+        ciphertext: (await kms.encrypt(dek.keyId, Buffer.from(name))).ciphertext,
+      });
+    }
+
+    await own.kill9();
+    for (const [name, kms] of clients) {
+      const { keyId, ciphertext } = keys.get(name)!;
+      const calls: [string, () => Promise<unknown>][] = [
+        ['decrypt (idempotent)', () => kms.decrypt(keyId, ciphertext)],
+        ['encrypt', () => kms.encrypt(keyId, Buffer.from('x'))],
+        ['rotateDek (not idempotent)', () => kms.rotateDek(keyId)],
+        ['health', () => kms.health()],
+      ];
+      for (const [what, call] of calls) {
+        const started = Date.now();
+        const err = await t.throwsAsync<CodedError>(call());
+        t.is(err?.code, 'KMS_UNAVAILABLE', `${name} ${what}`);
+        t.is(err?.status, 503);
+        t.true(Date.now() - started < 2000, `${name} ${what} failed promptly`);
+      }
+    }
+
+    const back = await spawnDaemon({
+      dir: own.dir,
+      httpPort: own.httpPort,
+      bridgePort: own.bridgePort!,
+    });
+    t.teardown(() => back.kill9());
+    for (const [name, kms] of clients) {
+      const { keyId, ciphertext } = keys.get(name)!;
+      const plaintext = await until(`${name} client recovers`, () =>
+        kms.decrypt(keyId, ciphertext).then(
+          (p) => p,
+          () => undefined,
+        ),
+      );
+      t.is(plaintext.toString(), name);
+    }
+  },
+);
+
+test.serial('a daemon that stops answering makes calls time out instead of hanging', async (t) => {
+  const own = await spawnDaemon({ bridgePort: 0 });
+  t.teardown(async () => {
+    own.child.kill('SIGCONT');
+    await own.kill9();
+  });
+  for (const [name, endpointOf] of transports) {
+    const kms = createRemoteKms({ endpoint: endpointOf(own), timeoutMs: 300, retries: 0 });
+    t.teardown(() => kms.close());
+    const dek = await kms.createDekForThread(`stall-${name}`);
+    own.child.kill('SIGSTOP');
+    const err = await t.throwsAsync<CodedError>(kms.getWrappedDek(dek.keyId));
+    t.is(err?.code, 'TIMEOUT', name);
+    own.child.kill('SIGCONT');
+    t.is((await kms.getWrappedDek(dek.keyId)).keyId, dek.keyId);
+  }
+});
+
+test('bad client options are refused at creation', (t) => {
+  for (const opts of [
+    { endpoint: 'ftp://x:1' },
+    { endpoint: '127.0.0.1:0' },
+    { endpoint: 'tcp://127.0.0.1:1', transport: 'http' as const },
+    { endpoint: '127.0.0.1:1', retries: -1 },
+    { endpoint: '127.0.0.1:1', timeoutMs: 0 },
+  ]) {
+    t.is((t.throws(() => createRemoteKms(opts)) as CodedError).code, 'CONFIG_INVALID', JSON.stringify(opts));
+  }
+});
