@@ -251,59 +251,28 @@ function openssl(dir: string, args: string[]): void {
   execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
 }
 
+/** A new P-256 key written to `name.key`, with the subject CN. */
+const newKey = (name: string, cn: string) => [
+  '-newkey',
+  'ec',
+  '-pkeyopt',
+  'ec_paramgen_curve:P-256',
+  '-nodes',
+  '-keyout',
+  `${name}.key`,
+  '-subj',
+  `/CN=${cn}`,
+];
+
 function issue(dir: string, name: string, cn: string, ca: string, ext: string): void {
-  openssl(dir, [
-    'req',
-    '-newkey',
-    'ec',
-    '-pkeyopt',
-    'ec_paramgen_curve:P-256',
-    '-nodes',
-    '-keyout',
-    `${name}.key`,
-    '-out',
-    `${name}.csr`,
-    '-subj',
-    `/CN=${cn}`,
-  ]);
+  openssl(dir, ['req', ...newKey(name, cn), '-out', `${name}.csr`]);
   writeFileSync(path.join(dir, `${name}.ext`), ext);
-  openssl(dir, [
-    'x509',
-    '-req',
-    '-in',
-    `${name}.csr`,
-    '-CA',
-    `${ca}.crt`,
-    '-CAkey',
-    `${ca}.key`,
-    '-CAcreateserial',
-    '-out',
-    `${name}.crt`,
-    '-days',
-    '2',
-    '-extfile',
-    `${name}.ext`,
-  ]);
+  const signer = ['-CA', `${ca}.crt`, '-CAkey', `${ca}.key`, '-CAcreateserial', '-extfile', `${name}.ext`];
+  openssl(dir, ['x509', '-req', '-in', `${name}.csr`, ...signer, '-out', `${name}.crt`, '-days', '2']);
 }
 
 function selfSignedCa(dir: string, name: string, cn: string): void {
-  openssl(dir, [
-    'req',
-    '-x509',
-    '-newkey',
-    'ec',
-    '-pkeyopt',
-    'ec_paramgen_curve:P-256',
-    '-nodes',
-    '-keyout',
-    `${name}.key`,
-    '-out',
-    `${name}.crt`,
-    '-days',
-    '2',
-    '-subj',
-    `/CN=${cn}`,
-  ]);
+  openssl(dir, ['req', '-x509', ...newKey(name, cn), '-out', `${name}.crt`, '-days', '2']);
 }
 
 /** A CA, a server certificate for 127.0.0.1, a client certificate, and a rogue client certificate. */

@@ -1,0 +1,132 @@
+/**
+ * The daemon's HTTP layer in-process, over a stub Kms whose failures we control: readiness (503
+ * from /healthz), a KMS that is not ready (503), an unexpected bug (500 with a generic message:
+ * nothing of the thrown text reaches the caller), and /healthz turning 503 once draining starts.
+ * Everything the real KMS does is covered by the tests that run the real daemon.
+ */
+import test from 'ava';
+import { kmsError } from '../src/errors.js';
+import { loadDaemonConfig } from '../src/kms-server/config.js';
+import { startDaemon } from '../src/kms-server/serve.js';
+import { createLogger } from '../src/log.js';
+import type { Kms, KmsHealth, RotationStatus } from '../src/protocol.js';
+import { postJson, request } from './helpers/kms-daemon.js';
+
+const rotation: RotationStatus = {
+  state: 'idle',
+  kekId: 'kek_stub',
+  activeKekVersion: 1,
+  targetKekVersion: null,
+  done: 0,
+  total: 0,
+  startedAt: null,
+  finishedAt: null,
+  kekVersions: [1],
+};
+
+interface StubState {
+  ready: boolean;
+  /** createDekForThread waits for this, so a request can be held in flight. */
+  gate: Promise<void>;
+  /** Called when createDekForThread starts waiting at the gate. */
+  entered: () => void;
+}
+
+function stubKms(state: StubState): Kms {
+  const unexpected = () => Promise.reject(new Error('plaintext "hunter2" leaked into an error message'));
+  const health = async (): Promise<KmsHealth> => ({
+    ok: state.ready,
+    mode: 'embedded',
+    kekId: 'kek_stub',
+    activeKekVersion: 1,
+    dekCount: 0,
+    poolThreads: 1,
+    queueDepth: 7,
+    rotation,
+  });
+  return {
+    createDekForThread: async (threadId) => {
+      state.entered();
+      await state.gate;
+      return {
+        keyId: `dek_${threadId}`,
+        threadId,
+        kekId: 'kek_stub',
+        kekVersion: 1,
+        keyVersion: 1,
+        wrapped: Buffer.from('wrapped'),
+        createdAt: new Date(0).toISOString(),
+      };
+    },
+    getWrappedDek: () => Promise.reject(kmsError('NOT_READY')),
+    encrypt: unexpected,
+    decrypt: unexpected,
+    encryptBatch: unexpected,
+    decryptBatch: () => Promise.reject(kmsError('AUDIT_WRITE_FAILED')),
+    reencrypt: unexpected,
+    rewrapDek: unexpected,
+    rotateDek: unexpected,
+    destroyDekVersionsBefore: unexpected,
+    destroyDek: unexpected,
+    rotateKek: async () => rotation,
+    startKekRotation: async () => rotation,
+    rotationStatus: async () => rotation,
+    health,
+    close: async () => {},
+  };
+}
+
+test('readiness, 5xx mapping without leaks, and draining', async (t) => {
+  let openGate = () => {};
+  let signalEntered = () => {};
+  const entered = new Promise<void>((resolve) => (signalEntered = resolve));
+  const state: StubState = {
+    ready: false,
+    gate: new Promise((resolve) => (openGate = resolve)),
+    entered: () => signalEntered(),
+  };
+  const config = loadDaemonConfig({ endpoint: '127.0.0.1:0', dataDir: 'unused-by-the-stub' });
+  const daemon = await startDaemon(config, createLogger('test', 'silent'), async () => stubKms(state));
+  t.teardown(() => daemon.close());
+  const base = `http://127.0.0.1:${daemon.http.port}`;
+
+  const notReady = await request(base, '/healthz');
+  t.is(notReady.status, 503);
+  t.is(notReady.json.error.code, 'NOT_READY');
+  state.ready = true;
+  t.is((await request(base, '/healthz')).status, 200);
+
+  const unready = await request(base, '/get_wrapped?key_id=k');
+  t.is(unready.status, 503);
+  t.is(unready.json.error.code, 'NOT_READY');
+  const audit = await postJson(base, '/decrypt', { key_id: 'k', ciphertext: 'QQ==' });
+  t.is(audit.status, 503);
+  t.is(audit.json.error.code, 'AUDIT_WRITE_FAILED');
+
+  const bug = await postJson(base, '/encrypt', { key_id: 'k', plaintext: 'QQ==' });
+  t.is(bug.status, 500);
+  t.deepEqual(bug.json, { error: { code: 'INTERNAL', message: 'internal error' } });
+  t.false(bug.text.includes('hunter2'));
+
+  const metrics = await request(base, '/metrics');
+  t.regex(metrics.text, /progressdb_kms_pool_queue_depth 7/);
+  t.regex(
+    metrics.text,
+    /progressdb_kms_requests_total\{op="encrypt",transport="http",outcome="server_error"\} 1/,
+  );
+
+  // Shutdown waits for the request in flight, which still gets its answer (and Connection: close).
+  const held = postJson(base, '/create_dek_for_thread', { thread_id: 't1' });
+  await entered;
+  let closed = false;
+  const closing = daemon.close().then(() => (closed = true));
+  for (let i = 0; i < 5; i++) await new Promise((resolve) => setImmediate(resolve));
+  t.false(closed);
+  openGate();
+  const answer = await held;
+  t.is(answer.status, 200);
+  t.is(answer.json.key_id, 'dek_t1');
+  t.is(answer.headers.connection, 'close');
+  await closing;
+  await t.throwsAsync(request(base, '/healthz'));
+});
