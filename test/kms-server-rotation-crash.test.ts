@@ -70,7 +70,7 @@ test.serial('kill -9 during a KEK rotation: restart resumes it and every key sti
     },
     60_000,
   );
-  t.is(done.activeKekVersion, midway.targetKekVersion);
+  t.is(done.activeKekVersion, midway.targetKekVersion!);
   t.true(done.activeKekVersion > before.activeKekVersion);
   t.deepEqual(done.kekVersions, [done.activeKekVersion]);
 
