@@ -11,3 +11,4 @@ export {
 } from './kms/index.js';
 export type { KmsOptions } from './kms/options.js';
 export type * from './protocol.js';
+export { createRemoteKms, type RemoteKmsOptions } from './remote/index.js';
