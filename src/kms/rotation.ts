@@ -164,9 +164,11 @@ export class KekRotation {
         done: Math.min(progress.total, progress.done + records.length),
       };
       await pendingCommit;
-      pendingCommit = registry.applyRewraps(rewraps, next);
+      // Status reports durable progress only: a batch counts once its transaction has committed.
+      pendingCommit = registry.applyRewraps(rewraps, next).then(() => {
+        this.#progress = next;
+      });
       progress = next;
-      this.#progress = next;
     }
 
     const finished: RotationRecord = {
