@@ -3,7 +3,7 @@
  * Redaction is a second line of defence: code must never hand key material or plaintext to a
  * logger in the first place.
  */
-import { pino, type Logger } from 'pino';
+import { type Logger, pino } from 'pino';
 
 export type { Logger };
 
