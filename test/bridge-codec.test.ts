@@ -3,6 +3,7 @@
  * operation and result, streaming decode across arbitrary chunk boundaries, and the refusals
  * (oversized, short, truncated, trailing bytes, strict base64, endpoints).
  */
+import { randomBytes } from 'node:crypto';
 import test from 'ava';
 import { CodedError, kmsError } from '../src/errors.js';
 import type { DekInfo, KmsHealth, KmsRequest, RotationStatus } from '../src/protocol.js';
@@ -203,8 +204,8 @@ test('bodies with missing or trailing bytes, or forged counts, are malformed', (
 });
 
 test('strict base64: padding, alphabet and canonical tail bits', (t) => {
-  for (const ok of ['', 'QQ==', 'QUI=', 'QUJD', 'aGVsbG8=', '+/+/']) t.true(isStrictBase64(ok), ok);
-  for (const bad of [
+  const good = ['', 'QQ==', 'QUI=', 'QUJD', 'aGVsbG8=', '+/+/'];
+  const bad = [
     'Q',
     'QQ',
     'QQ=',
@@ -216,8 +217,30 @@ test('strict base64: padding, alphabet and canonical tail bits', (t) => {
     ' QUJD',
     'QQ==QQ==',
     '====',
-  ]) {
-    t.false(isStrictBase64(bad), bad);
+    'QUJD====',
+  ];
+  // The regex and the fast decode-and-compare path must agree on every case.
+  for (const ok of good) {
+    t.true(isStrictBase64(ok), ok);
+    t.notThrows(() => decodeBase64Field(ok, 'f'), ok);
+  }
+  for (const b of bad) {
+    t.false(isStrictBase64(b), b);
+    t.throws(() => decodeBase64Field(b, 'f'), undefined, b);
+  }
+  const agrees = (s: string) => {
+    let fast = true;
+    try {
+      decodeBase64Field(s, 'f');
+    } catch {
+      fast = false;
+    }
+    return fast === isStrictBase64(s);
+  };
+  for (let n = 0; n < 300; n++) {
+    const random = randomBytes(n % 7).toString('base64');
+    const mangled = random.replace(/.$/, (c) => (c === '=' ? 'A' : '='));
+    t.true(agrees(random) && agrees(mangled), random);
   }
   t.deepEqual(decodeBase64Field('aGVsbG8=', 'x'), Buffer.from('hello'));
   const err = t.throws(() => decodeBase64Field('a$==', 'plaintext')) as CodedError;
