@@ -543,7 +543,7 @@ export async function seededDir(ctx: BenchContext, n: number): Promise<SeededDir
           await kms.createDekForThread(`bench-thread-${i}`);
           if (performance.now() - lastReport > 10_000) {
             lastReport = performance.now();
-            ctx.progress(`  seeding: ${fmt(next)}/${fmt(n)} DEKs`);
+            ctx.progress(`  seeding: ${fmt(Math.min(next, n))}/${fmt(n)} DEKs`);
           }
         }
       }),
