@@ -42,8 +42,8 @@ export async function run(ctx: BenchContext): Promise<CaseReport> {
     const headers = { 'content-type': 'application/json' };
     const single = JSON.stringify(item);
     const batch = JSON.stringify({ batch_input: Array.from({ length: BATCH }, () => item) });
-    // Each autocannon run opens its connections anew: windows under half a second are mostly set-up.
-    const seconds = Math.max(ctx.ms, 500) / 1000;
+    // Each autocannon run opens its connections anew: very short windows are mostly set-up.
+    const seconds = Math.max(ctx.ms, ctx.mode === 'quick' ? 300 : 500) / 1000;
     const load = (what: string, url: string, body: string, s = seconds) =>
       httpLoad({ url, method: 'POST', headers, body, connections: CONNECTIONS, seconds: s }).then(
         (r) => checkLoad(what, r).reqPerSec,

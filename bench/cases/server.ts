@@ -87,8 +87,8 @@ export async function run(ctx: BenchContext): Promise<CaseReport> {
         ),
       ),
     );
-    // Each autocannon run opens its connections anew: windows under half a second are mostly set-up.
-    const seconds = Math.max(ctx.ms, 500) / 1000;
+    // Each autocannon run opens its connections anew: very short windows are mostly set-up.
+    const seconds = Math.max(ctx.ms, ctx.mode === 'quick' ? 300 : 500) / 1000;
     const create = (v: Prepared, s = seconds) =>
       httpLoad({
         url: v.proc.url,
