@@ -7,6 +7,7 @@
  *    plaintext and ciphertext only; never an unwrapped key).
  */
 import type { CodedError, ErrorCode } from './errors.js';
+import { CIPHERTEXT_HEADER_BYTES, CIPHERTEXT_OVERHEAD, NONCE_BYTES, WRAPPED_KEY_BYTES } from './format.js';
 
 // ---------------------------------------------------------------------------------------------
 // Library API
@@ -253,11 +254,49 @@ export interface AuditFields {
 
 /**
  * Number of Int32 slots per op in `BatchTask.ops`:
- * [kind, dekIndex, dataOffset, dataLength, aadOffset, aadLength, auditIndex, errorIndex]
+ * [kind, dekIndex, dataOffset, dataLength, aadOffset, aadLength, auditIndex, errorIndex, outOffset]
  * dekIndex / auditIndex / errorIndex are -1 when absent. `errorIndex` points into `errors`: the op
- * failed before dispatch and the worker only audits it.
+ * failed before dispatch and the worker only audits it. `outOffset` is where the worker writes the
+ * op's output in `data` itself (see opSlotBytes), so results travel back in the same buffer.
  */
-export const OP_SLOTS = 8;
+export const OP_SLOTS = 9;
+
+/**
+ * Bytes an op occupies in `BatchTask.data` (before its AAD): its input plus room for its output,
+ * which the worker writes in place from the slot's start. An encrypt's plaintext sits after
+ * PLAINTEXT_LEAD bytes, leaving room for the ciphertext header and nonce.
+ */
+export function opSlotBytes(kind: number, inputLength: number): number {
+  switch (kind) {
+    case OpKind.encrypt:
+      return inputLength + CIPHERTEXT_OVERHEAD;
+    case OpKind.generate:
+    case OpKind.rewrap:
+      return WRAPPED_KEY_BYTES;
+    default:
+      return inputLength;
+  }
+}
+
+/** Where an encrypt's plaintext starts inside its slot. */
+export const PLAINTEXT_LEAD = CIPHERTEXT_HEADER_BYTES + NONCE_BYTES;
+
+/** Bytes of output an op produces from an input of `inputLength` bytes. */
+export function opOutputBytes(kind: number, inputLength: number): number {
+  switch (kind) {
+    case OpKind.encrypt:
+      return inputLength + CIPHERTEXT_OVERHEAD;
+    case OpKind.decrypt:
+      return Math.max(0, inputLength - CIPHERTEXT_OVERHEAD);
+    case OpKind.reencrypt:
+      return inputLength;
+    case OpKind.generate:
+    case OpKind.rewrap:
+      return WRAPPED_KEY_BYTES;
+    default:
+      return 0;
+  }
+}
 
 export interface BatchTask {
   type: 'batch';
@@ -268,7 +307,10 @@ export interface BatchTask {
   /** KEK version that `generate` and `rewrap` ops wrap under. */
   targetKekVersion: number;
   ops: Int32Array;
-  /** All plaintexts, ciphertexts and AADs of the batch, packed (transferred, not copied). */
+  /**
+   * Every op's slot (input plus room for its output) and AAD, packed; transferred to the worker
+   * and back, never copied.
+   */
   data: ArrayBuffer;
   audit: AuditFields[];
   errors: ErrorCode[];
@@ -282,6 +324,7 @@ export const RESULT_SLOTS = 4;
 
 export interface BatchResult {
   results: Int32Array;
+  /** The task's `data` buffer, sent back with every op's output written in place. */
   out: ArrayBuffer;
   errors: ErrorCode[];
   /** Whether this task appended audit lines (the main thread then schedules a group fsync). */

@@ -31,6 +31,8 @@ import {
   type NewKekTask,
   OP_SLOTS,
   OpKind,
+  opOutputBytes,
+  opSlotBytes,
   RESULT_SLOTS,
   type VerifyAuditResult,
   type WorkerInit,
@@ -181,22 +183,6 @@ function codeOf(err: unknown): ErrorCode {
   return (match?.[1] as ErrorCode | undefined) ?? 'INTERNAL';
 }
 
-function outputBytes(kind: number, inputLength: number): number {
-  switch (kind) {
-    case OpKind.encrypt:
-      return inputLength + CIPHERTEXT_OVERHEAD;
-    case OpKind.decrypt:
-      return Math.max(0, inputLength - CIPHERTEXT_OVERHEAD);
-    case OpKind.reencrypt:
-      return inputLength;
-    case OpKind.generate:
-    case OpKind.rewrap:
-      return WRAPPED_KEY_BYTES;
-    default:
-      return 0;
-  }
-}
-
 let isoMillis = 0;
 let isoText = '';
 /** The current time as ISO 8601, formatted at most once per millisecond. */
@@ -212,11 +198,9 @@ function isoNow(): string {
 function runBatch(task: BatchTask): BatchResult {
   const ops = task.ops;
   const count = ops.length / OP_SLOTS;
-  const data = Buffer.from(task.data);
-  let outSize = 0;
-  for (let i = 0; i < count; i++) outSize += outputBytes(ops[i * OP_SLOTS]!, ops[i * OP_SLOTS + 3]!);
-  // A fresh (zeroed) ArrayBuffer: failed ops leave zeros, never stale memory.
-  const out = Buffer.from(new ArrayBuffer(outSize));
+  // Outputs are written in place, each over its op's own slot of the buffer that brought the input,
+  // and that buffer goes back: one allocation per task, made (and zeroed) by the main thread.
+  const out = Buffer.from(task.data);
   const results = new Int32Array(count * RESULT_SLOTS);
   const errors: ErrorCode[] = [];
   const errorIndex = (code: ErrorCode): number => {
@@ -224,7 +208,6 @@ function runBatch(task: BatchTask): BatchResult {
     return at >= 0 ? at : errors.push(code) - 1;
   };
   const ts = isoNow();
-  let outPos = 0;
   // After a failed audit write nothing more is computed: no key use without its audit line.
   const refused: ErrorCode | null = auditFailure === null ? null : 'AUDIT_WRITE_FAILED';
 
@@ -232,10 +215,11 @@ function runBatch(task: BatchTask): BatchResult {
     const base = i * OP_SLOTS;
     const kind = ops[base]!;
     const dek = ops[base + 1]! >= 0 ? task.deks[ops[base + 1]!]! : null;
-    const input = data.subarray(ops[base + 2]!, ops[base + 2]! + ops[base + 3]!);
-    const aad = ops[base + 5]! > 0 ? data.subarray(ops[base + 4]!, ops[base + 4]! + ops[base + 5]!) : null;
+    const input = out.subarray(ops[base + 2]!, ops[base + 2]! + ops[base + 3]!);
+    const aad = ops[base + 5]! > 0 ? out.subarray(ops[base + 4]!, ops[base + 4]! + ops[base + 5]!) : null;
     const preError = ops[base + 7]!;
-    const size = preError >= 0 ? 0 : outputBytes(kind, input.length);
+    const outPos = ops[base + 8]!;
+    const size = opOutputBytes(kind, input.length);
     let code: ErrorCode | null = refused ?? (preError >= 0 ? task.errors[preError]! : null);
     let keyVersion = dek?.keyVersion ?? 0;
     if (code === null) {
@@ -291,7 +275,7 @@ function runBatch(task: BatchTask): BatchResult {
       } catch (err) {
         code = codeOf(err);
         keyVersion = 0;
-        out.fill(0, outPos, outPos + size);
+        out.fill(0, outPos, outPos + opSlotBytes(kind, input.length));
       }
     }
     const r = i * RESULT_SLOTS;
@@ -299,12 +283,10 @@ function runBatch(task: BatchTask): BatchResult {
       results[r] = -1;
       results[r + 1] = outPos;
       results[r + 2] = size;
-      outPos += size;
     } else {
       results[r] = errorIndex(code);
       results[r + 1] = 0;
       results[r + 2] = 0;
-      outPos += size;
     }
     results[r + 3] = keyVersion;
     const auditAt = ops[base + 6]!;
@@ -327,13 +309,9 @@ function runBatch(task: BatchTask): BatchResult {
     }
   }
   const result: BatchResult = { results, out: out.buffer as ArrayBuffer, errors, audited };
-  // Small results are cheaper to copy than to transfer (detaching buffers has a fixed cost).
-  if (outSize < TRANSFER_THRESHOLD) return result;
   const transfer: ArrayBuffer[] = [results.buffer as ArrayBuffer, out.buffer as ArrayBuffer];
   return move({ [transferableSymbol]: transfer, [valueSymbol]: result }) as unknown as BatchResult;
 }
-
-const TRANSFER_THRESHOLD = 16 * 1024;
 
 function unwrapForRewrap(dek: DekRef, task: BatchTask): Buffer {
   const kek = kekFor(dek.kekVersion, task.keks);

@@ -50,6 +50,15 @@ interface OpOutput {
   keyVersion: number;
 }
 
+interface AuditSlot {
+  op: string;
+  ctx: CallContext | undefined;
+  kekVersion: number;
+  fields: AuditFields;
+}
+
+const AUDIT_SLOTS_PER_RECORD = 8;
+
 /** An op checked and resolved against the registry, ready to queue. */
 interface PreparedOp {
   kind: OpKindValue;
@@ -113,7 +122,7 @@ class EmbeddedKms implements Kms {
   readonly #lock: DirLock;
   readonly #kekRefs = new Map<number, KekRef>();
   readonly #creating = new Map<string, Promise<DekInfo>>();
-  readonly #auditCache = new WeakMap<DekRecord, Map<string, AuditFields>>();
+  readonly #auditCache = new WeakMap<DekRecord, AuditSlot[]>();
   #kek: KekMeta = { kekId: '', activeVersion: 0, createdAt: '' };
   #rotation!: KekRotation;
   #closed = false;
@@ -231,21 +240,22 @@ class EmbeddedKms implements Kms {
   }
 
   /**
-   * Audit fields for a successful data op, shared by every op with the same key version, op and
-   * caller, so a batch sends them to the worker once (see the pool's dedupe).
+   * Audit fields for a successful data op, shared by every op with the same record, op, KEK
+   * version and caller context, so a batch sends them to the worker once (the pool dedupes by
+   * identity). A handful of slots per record, matched by identity: no allocation on a hit.
    */
   #dataAudit(op: string, ctx: CallContext | undefined, record: DekRecord, kekVersion: number): AuditFields {
-    let perRecord = this.#auditCache.get(record);
-    if (perRecord === undefined) {
-      perRecord = new Map();
-      this.#auditCache.set(record, perRecord);
+    let slots = this.#auditCache.get(record);
+    if (slots === undefined) {
+      slots = [];
+      this.#auditCache.set(record, slots);
     }
-    const cacheKey = `${op}\u0000${kekVersion}\u0000${ctx?.caller ?? ''}\u0000${ctx?.remoteAddress ?? ''}`;
-    let fields = perRecord.get(cacheKey);
-    if (fields === undefined) {
-      fields = this.#audit(op, ctx, record.keyId, record, kekVersion);
-      if (perRecord.size < 64) perRecord.set(cacheKey, fields);
+    for (const slot of slots) {
+      if (slot.op === op && slot.ctx === ctx && slot.kekVersion === kekVersion) return slot.fields;
     }
+    const fields = this.#audit(op, ctx, record.keyId, record, kekVersion);
+    if (slots.length >= AUDIT_SLOTS_PER_RECORD) slots.shift();
+    slots.push({ op, ctx, kekVersion, fields });
     return fields;
   }
 

@@ -19,6 +19,8 @@ import {
   OP_SLOTS,
   OpKind,
   type OpKindValue,
+  opSlotBytes,
+  PLAINTEXT_LEAD,
   RESULT_SLOTS,
   type WorkerInit,
   type WorkerTask,
@@ -52,13 +54,15 @@ export interface PoolOptions {
 /** Smallest share of a burst worth a task of its own when splitting it across idle workers. */
 const MIN_SPLIT_OPS = 8;
 
-/** Tasks with at least this many payload bytes transfer their buffers instead of copying them. */
-const TRANSFER_THRESHOLD = 16 * 1024;
-
 /** Bytes packed into one task before it leaves even if it has fewer than maxBatch ops. */
 const MAX_TASK_BYTES = 1 << 20;
 
 const EMPTY = new Uint8Array(0);
+
+/** Bytes an op takes in its task's buffer: its slot (input and output room) and its AAD. */
+function opBytes(op: PendingOp): number {
+  return opSlotBytes(op.kind, op.input?.length ?? 0) + (op.aad?.length ?? 0);
+}
 
 /** URL of a file in workers/. Under tsx (tests) this module is .ts and so are they; built, .js. */
 export function workerFile(name: 'crypto' | 'keygen'): string {
@@ -155,7 +159,7 @@ export class CryptoPool {
       let bytes = 0;
       while (count < this.#queue.length && count < maxBatch && (count === 0 || bytes < MAX_TASK_BYTES)) {
         const op = this.#queue[count]!;
-        bytes += (op.input?.length ?? 0) + (op.aad?.length ?? 0);
+        bytes += opBytes(op);
         count++;
       }
       const batch = count === this.#queue.length ? this.#queue : this.#queue.slice(0, count);
@@ -173,11 +177,13 @@ export class CryptoPool {
     const count = deks.length + (audit === null ? 0 : 1);
     const ops = new Int32Array(count * OP_SLOTS).fill(-1);
     const kekVersions = new Set<number>([this.#opts.activeKekVersion()]);
+    const slot = opSlotBytes(kind, 0);
     for (let i = 0; i < deks.length; i++) {
       const base = i * OP_SLOTS;
       ops[base] = kind;
       ops[base + 1] = i;
       ops[base + 2] = ops[base + 3] = ops[base + 4] = ops[base + 5] = 0;
+      ops[base + 8] = i * slot;
       kekVersions.add(deks[i]!.kekVersion);
     }
     if (audit !== null) {
@@ -185,6 +191,7 @@ export class CryptoPool {
       ops[base] = OpKind.note;
       ops[base + 2] = ops[base + 3] = ops[base + 4] = ops[base + 5] = 0;
       ops[base + 6] = 0;
+      ops[base + 8] = deks.length * slot;
     }
     const task: BatchTask = {
       type: 'batch',
@@ -192,13 +199,14 @@ export class CryptoPool {
       deks,
       targetKekVersion: this.#opts.activeKekVersion(),
       ops,
-      data: new ArrayBuffer(0),
+      data: new ArrayBuffer(deks.length * slot),
       audit: audit === null ? [] : [audit],
       errors: [],
     };
     this.#inFlight++;
     try {
-      const result = (await this.#piscina.run(task)) as BatchResult;
+      const transferList = [task.data, ops.buffer as ArrayBuffer];
+      const result = (await this.#piscina.run(task, { transferList })) as BatchResult;
       if (result.audited || result.errors.includes('AUDIT_WRITE_FAILED')) this.#opts.onAudit(!result.audited);
       return result;
     } catch (err) {
@@ -221,7 +229,7 @@ export class CryptoPool {
     const data = new Uint8Array(new ArrayBuffer(bytes));
     const ops = new Int32Array(batch.length * OP_SLOTS);
     const deks: DekRef[] = [];
-    const dekIndex = new Map<string, number>();
+    const dekIndex = new Map<DekRef, number>();
     const kekVersions = new Set<number>();
     const audit: AuditFields[] = [];
     // Ops usually share their audit fields object (same key, op and caller): send each once.
@@ -231,12 +239,12 @@ export class CryptoPool {
     let pos = 0;
     let needsTarget = false;
 
+    // DekRefs are cached per record version, so object identity finds repeats of the same key.
     const indexDek = (dek: DekRef, unique: boolean): number => {
-      const id = `${dek.keyId}#${dek.keyVersion}#${dek.kekVersion}`;
-      let at = unique ? undefined : dekIndex.get(id);
+      let at = unique ? undefined : dekIndex.get(dek);
       if (at === undefined) {
         at = deks.push(dek) - 1;
-        if (!unique) dekIndex.set(id, at);
+        if (!unique) dekIndex.set(dek, at);
         if (dek.wrapped.length > 0) kekVersions.add(dek.kekVersion);
       }
       return at;
@@ -254,11 +262,14 @@ export class CryptoPool {
         indexDek(op.deks[1]!, true);
       }
       if (op.kind === OpKind.generate || op.kind === OpKind.rewrap) needsTarget = true;
+      // The op's slot: its input, placed so that the worker can write the output over it.
       const input = op.input ?? EMPTY;
-      data.set(input, pos);
-      ops[base + 2] = pos;
+      const inputAt = op.kind === OpKind.encrypt ? pos + PLAINTEXT_LEAD : pos;
+      data.set(input, inputAt);
+      ops[base + 2] = inputAt;
       ops[base + 3] = input.length;
-      pos += input.length;
+      ops[base + 8] = pos;
+      pos += opSlotBytes(op.kind, input.length);
       const aad = op.aad ?? EMPTY;
       data.set(aad, pos);
       ops[base + 4] = pos;
@@ -287,9 +298,8 @@ export class CryptoPool {
       errors,
     };
     this.#inFlight++;
-    // Large batches move their bytes; for a few KiB a copy is cheaper than detaching buffers.
-    const transferList = bytes >= TRANSFER_THRESHOLD ? [task.data, ops.buffer as ArrayBuffer] : undefined;
-    this.#piscina.run(task, { transferList }).then(
+    // The bytes move, never copied: measured cheaper at every size from one op up.
+    this.#piscina.run(task, { transferList: [task.data, ops.buffer as ArrayBuffer] }).then(
       (result: BatchResult) => this.#settle(batch, result),
       (err: unknown) => this.#fail(batch, err),
     );
