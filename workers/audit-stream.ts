@@ -23,6 +23,27 @@ const MAC_SUFFIX_LENGTH = MAC_FIELD.length + MAC_BYTES * 2 + 2;
 
 export type Outcome = 'ok' | 'error';
 
+/**
+ * The part of a line that depends only on its fields (op, key, thread, KEK version, caller, ...).
+ * Ops of a task share their fields object, so this is rendered once per object, not once per line.
+ */
+const fieldsText = new WeakMap<AuditFields, string>();
+
+function fieldsPart(fields: AuditFields): string {
+  let text = fieldsText.get(fields);
+  if (text === undefined) {
+    text = `,"op":${JSON.stringify(fields.op)}`;
+    if (fields.keyId !== undefined) text += `,"key_id":${JSON.stringify(fields.keyId)}`;
+    if (fields.threadId !== undefined) text += `,"thread_id":${JSON.stringify(fields.threadId)}`;
+    if (fields.kekVersion !== undefined) text += `,"kek_version":"${fields.kekVersion}"`;
+    if (fields.caller !== undefined) text += `,"caller":${JSON.stringify(fields.caller)}`;
+    if (fields.remote !== undefined) text += `,"remote":${JSON.stringify(fields.remote)}`;
+    if (fields.detail !== undefined) text += `,"detail":${JSON.stringify(fields.detail)}`;
+    fieldsText.set(fields, text);
+  }
+  return text;
+}
+
 function lineText(
   fields: AuditFields,
   ts: string,
@@ -31,15 +52,8 @@ function lineText(
   outcome: Outcome,
   code: string | null,
 ): string {
-  let text = `{"v":1,"ts":"${ts}","s":"${stream}","n":${n},"op":${JSON.stringify(fields.op)},"outcome":"${outcome}"`;
-  if (code !== null) text += `,"code":"${code}"`;
-  if (fields.keyId !== undefined) text += `,"key_id":${JSON.stringify(fields.keyId)}`;
-  if (fields.threadId !== undefined) text += `,"thread_id":${JSON.stringify(fields.threadId)}`;
-  if (fields.kekVersion !== undefined) text += `,"kek_version":"${fields.kekVersion}"`;
-  if (fields.caller !== undefined) text += `,"caller":${JSON.stringify(fields.caller)}`;
-  if (fields.remote !== undefined) text += `,"remote":${JSON.stringify(fields.remote)}`;
-  if (fields.detail !== undefined) text += `,"detail":${JSON.stringify(fields.detail)}`;
-  return text;
+  const result = code === null ? `"outcome":"${outcome}"` : `"outcome":"${outcome}","code":"${code}"`;
+  return `{"v":1,"ts":"${ts}","s":"${stream}","n":${n},${result}${fieldsPart(fields)}`;
 }
 
 export class AuditStream {
