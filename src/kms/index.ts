@@ -664,20 +664,9 @@ class EmbeddedKms implements Kms {
 
   async destroyDek(keyId: string, ctx?: CallContext): Promise<DestroyResult> {
     this.#assertOpen();
-    const preError = this.#idError(keyId);
-    const record = preError === null ? this.#registry.dek(keyId) : undefined;
-    if (preError !== null || record === undefined) {
-      const audit = this.#audit('destroy_dek', ctx, typeof keyId === 'string' ? keyId : undefined);
-      await this.#run(
-        OpKind.note,
-        [],
-        null,
-        null,
-        audit,
-        preError ?? 'KEY_NOT_FOUND',
-        this.#notFoundMessage(keyId),
-      );
-    }
+    // Destroyed keys count as found here: destroying one again is a no-op, not an error.
+    const record = this.#idError(keyId) === null ? this.#registry.dek(keyId) : undefined;
+    if (record === undefined) await this.#rejectMissingKey('destroy_dek', keyId, ctx);
     const destroyed: number[] = [];
     const updated = await this.#registry.updateDek(keyId, (current) => {
       if (current.state === 'destroyed') return current;
@@ -695,21 +684,24 @@ class EmbeddedKms implements Kms {
 
   /** Resolves an active key or fails with an audited KEY_NOT_FOUND / INVALID_INPUT. */
   async #requireKey(op: string, keyId: unknown, ctx: CallContext | undefined): Promise<DekRecord> {
-    const preError = this.#idError(keyId);
-    const record = preError === null ? this.#activeRecord(keyId as string) : undefined;
-    if (record === undefined) {
-      const audit = this.#audit(op, ctx, typeof keyId === 'string' ? keyId : undefined);
-      await this.#run(
-        OpKind.note,
-        [],
-        null,
-        null,
-        audit,
-        preError ?? 'KEY_NOT_FOUND',
-        this.#notFoundMessage(keyId),
-      );
-    }
-    return record!;
+    const record = this.#idError(keyId) === null ? this.#activeRecord(keyId as string) : undefined;
+    return record ?? this.#rejectMissingKey(op, keyId, ctx);
+  }
+
+  /** Audits a call that names no usable key (malformed or unknown id), then fails it. */
+  #rejectMissingKey(op: string, keyId: unknown, ctx: CallContext | undefined): Promise<never> {
+    const audit = this.#audit(op, ctx, typeof keyId === 'string' ? keyId : undefined);
+    const code = this.#idError(keyId) ?? 'KEY_NOT_FOUND';
+    // A note op with a pre-dispatch error always rejects, after its audit line is written.
+    return this.#run(
+      OpKind.note,
+      [],
+      null,
+      null,
+      audit,
+      code,
+      this.#notFoundMessage(keyId),
+    ) as Promise<never>;
   }
 
   // --- KEK rotation ------------------------------------------------------------------------
