@@ -19,7 +19,16 @@ import net, { type AddressInfo, type Server, type Socket } from 'node:net';
 import tls from 'node:tls';
 import { type CodedError, kmsError, toCodedError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { type CallContext, dispatch, type ItemResult, type Kms, type KmsOp } from '../protocol.js';
+import {
+  type CallContext,
+  type DecryptItem,
+  dispatch,
+  type EncryptItem,
+  type ItemResult,
+  type Kms,
+  type KmsOp,
+  type KmsRequest,
+} from '../protocol.js';
 import {
   decodeAuth,
   decodeRequest,
@@ -40,6 +49,19 @@ import type { Limits } from './route.js';
 const MAX_IN_FLIGHT = 4096;
 /** A frame that stays unfinished this long is treated as truncated. */
 const STALLED_FRAME_MS = 30_000;
+/** Most items handed to the KMS in one merged call (frames of one chunk, see BridgeConnection). */
+const MAX_MERGED_ITEMS = 1024;
+
+type ItemOp = 'encrypt' | 'decrypt';
+type ItemRequest = Extract<KmsRequest, { op: ItemOp }>;
+
+/** Consecutive encrypt (or decrypt) frames of one chunk, run as one KMS batch call. */
+interface Group {
+  op: ItemOp;
+  ids: number[];
+  requests: ItemRequest[];
+  items: number;
+}
 
 export interface BridgeDeps {
   kms: Kms;
@@ -57,6 +79,8 @@ class BridgeConnection {
   private paused = { backlog: false, drain: false };
   /** No more frames are processed: failed, or the daemon is draining. */
   private stopped = false;
+  /** Item frames decoded from the current chunk, not yet handed to the KMS. */
+  private group: Group | null = null;
 
   constructor(
     private readonly socket: Socket,
@@ -64,7 +88,7 @@ class BridgeConnection {
     onClosed: (conn: BridgeConnection) => void,
   ) {
     this.decoder = new FrameDecoder(deps.limits.maxFrameBytes);
-    this.writer = new CorkedWriter(socket);
+    this.writer = new CorkedWriter(socket, 'immediate');
     socket.setNoDelay(true);
     socket.setTimeout(STALLED_FRAME_MS);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
@@ -89,11 +113,15 @@ class BridgeConnection {
   private onData(chunk: Buffer): void {
     if (this.stopped) return;
     try {
-      this.decoder.push(chunk, (frame) => this.onFrame(frame));
+      this.decoder.push(chunk, this.onFrameBound);
     } catch (err) {
       this.fail(0, toCodedError(err));
+      return;
     }
+    this.runGroup();
   }
+
+  private readonly onFrameBound = (frame: Frame) => this.onFrame(frame);
 
   private onEnd(): void {
     if (this.stopped) return;
@@ -131,17 +159,77 @@ class BridgeConnection {
       this.fail(frame.id, toCodedError(err));
       return;
     }
-    if ((req.op === 'encrypt' || req.op === 'decrypt') && req.items.length > this.deps.limits.maxBatchItems) {
-      const max = this.deps.limits.maxBatchItems;
-      this.answerError(
-        frame.id,
-        op,
-        performance.now(),
-        kmsError('PAYLOAD_TOO_LARGE', `batch exceeds ${max} items`),
-      );
+    if (req.op === 'encrypt' || req.op === 'decrypt') {
+      if (req.items.length > this.deps.limits.maxBatchItems) {
+        const max = this.deps.limits.maxBatchItems;
+        this.answerError(
+          frame.id,
+          op,
+          performance.now(),
+          kmsError('PAYLOAD_TOO_LARGE', `batch exceeds ${max} items`),
+        );
+        return;
+      }
+      this.addToGroup(frame.id, req);
       return;
     }
+    // Requests start in the order they arrived: item frames queued before this one go first.
+    this.runGroup();
     this.run(frame.id, op, req);
+  }
+
+  /**
+   * Queues an encrypt/decrypt frame. The frames of one chunk go to the KMS as one batch call (one
+   * promise, one pass through the KMS's batch path) instead of one call each; every frame is
+   * still answered, counted and timed on its own, with its own slice of the results.
+   */
+  private addToGroup(id: number, req: ItemRequest): void {
+    const g = this.group;
+    if (g !== null && (g.op !== req.op || g.items + req.items.length > MAX_MERGED_ITEMS)) this.runGroup();
+    if (this.group === null) this.group = { op: req.op, ids: [], requests: [], items: 0 };
+    this.group.ids.push(id);
+    this.group.requests.push(req);
+    this.group.items += req.items.length;
+  }
+
+  private runGroup(): void {
+    const g = this.group;
+    if (g === null) return;
+    this.group = null;
+    if (g.ids.length === 1) {
+      this.run(g.ids[0]!, g.op, g.requests[0]!);
+      return;
+    }
+    const startedAt = performance.now();
+    const n = g.ids.length;
+    this.inFlight += n;
+    this.updateFlow();
+    const items: (EncryptItem | DecryptItem)[] = [];
+    for (const r of g.requests) for (const item of r.items) items.push(item);
+    const kms = this.deps.kms;
+    const call: Promise<ItemResult<unknown>[]> =
+      g.op === 'encrypt'
+        ? kms.encryptBatch(items as EncryptItem[], this.caller!)
+        : kms.decryptBatch(items as DecryptItem[], this.caller!);
+    call.then(
+      (results) => {
+        let at = 0;
+        for (let i = 0; i < n; i++) {
+          const count = g.requests[i]!.items.length;
+          const mine = results.slice(at, at + count);
+          at += count;
+          this.countItemErrors(mine);
+          this.deps.metrics.observe(g.op, 'bridge', startedAt);
+          this.send(encodeResult(g.ids[i]!, g.op, mine));
+        }
+        this.settled(n);
+      },
+      (thrown) => {
+        const err = toCodedError(thrown);
+        for (const id of g.ids) this.answerError(id, g.op, startedAt, err);
+        this.settled(n);
+      },
+    );
   }
 
   private onAuth(frame: Frame): void {
@@ -182,8 +270,8 @@ class BridgeConnection {
     for (const r of results) if (!r.ok) this.deps.metrics.itemError(r.error.code, 'bridge');
   }
 
-  private settled(): void {
-    this.inFlight--;
+  private settled(n = 1): void {
+    this.inFlight -= n;
     this.updateFlow();
     if (this.stopped) this.endWhenIdle();
   }
@@ -205,16 +293,22 @@ class BridgeConnection {
   /** Answers with an error frame and closes this connection (only). */
   private fail(id: number, err: CodedError): void {
     if (this.stopped && this.socket.writableEnded) return;
+    // Frames that arrived before the failing one were accepted: they run, as they always did.
+    this.runGroup();
     this.stopped = true;
     this.socket.pause();
     this.send(encodeError(id, err.code, err.message));
+    this.writer.flushNow();
     this.socket.end();
     // A peer that never reads must not hold the socket open.
     setTimeout(() => this.socket.destroy(), 5_000).unref();
   }
 
   private endWhenIdle(): void {
-    if (this.inFlight === 0 && !this.socket.writableEnded) this.socket.end();
+    if (this.inFlight === 0 && !this.socket.writableEnded) {
+      this.writer.flushNow();
+      this.socket.end();
+    }
   }
 
   /** Stops reading new frames; the connection ends once its in-flight requests are answered. */

@@ -122,6 +122,8 @@ class RemoteKms implements Kms {
     sizeOf: (item: I) => number,
   ): Promise<ItemResult<R>[]> {
     if (items.length === 0) return [];
+    // One item (every single encrypt/decrypt) is one request: no splitting, no Promise.all.
+    if (items.length === 1) return this.call<ItemResult<R>[]>({ op, items: items as I[] } as KmsRequest);
     const parts = chunk(items, sizeOf, this.transport.maxBatchBytes);
     const answers = await Promise.all(
       parts.map((part) => this.call<ItemResult<R>[]>({ op, items: part } as KmsRequest)),

@@ -39,7 +39,10 @@ interface Pending {
   op: KmsOp | null;
   resolve(value: unknown): void;
   reject(err: CodedError): void;
-  timer: NodeJS.Timeout;
+  /** performance.now() after which the request times out. */
+  deadline: number;
+  /** Called instead of `reject` when the deadline passes. */
+  expire(): void;
 }
 
 /** One socket and the requests sent on it. */
@@ -53,6 +56,24 @@ class Connection {
   /** Set when the daemon answered with a connection-level error; pending requests get it. */
   private closeReason: CodedError | null = null;
   closed = false;
+  /**
+   * One timer per connection, not one per request: it fires at the oldest request's deadline.
+   * Every request has the same timeout, so the pending map (in send order) is in deadline order.
+   */
+  private sweeper: NodeJS.Timeout | null = null;
+  private readonly sweep = () => {
+    this.sweeper = null;
+    const now = performance.now();
+    for (const [id, entry] of this.pending) {
+      if (entry.deadline > now) {
+        this.sweeper = setTimeout(this.sweep, Math.ceil(entry.deadline - now));
+        return;
+      }
+      this.forget(id);
+      entry.expire();
+      if (this.closed) return;
+    }
+  };
 
   constructor(
     private readonly socket: Socket,
@@ -81,16 +102,23 @@ class Connection {
     socket.on('close', () => this.onClose());
   }
 
-  send(id: number, frame: Buffer, entry: Pending): void {
+  send(id: number, frame: Buffer, entry: Pending, timeoutMs: number): void {
+    if (this.pending.size === 0) this.socket.ref();
     this.pending.set(id, entry);
-    this.socket.ref();
+    this.sweeper ??= setTimeout(this.sweep, timeoutMs);
     if (this.queued) this.queued.push(frame);
     else this.writer.write(frame);
   }
 
   forget(id: number): void {
     this.pending.delete(id);
-    if (this.pending.size === 0) this.socket.unref();
+    if (this.pending.size === 0) {
+      this.socket.unref();
+      if (this.sweeper !== null) {
+        clearTimeout(this.sweeper);
+        this.sweeper = null;
+      }
+    }
   }
 
   private onFrame(frame: Frame): void {
@@ -102,7 +130,6 @@ class Connection {
     const entry = this.pending.get(frame.id);
     if (!entry) return;
     this.forget(frame.id);
-    clearTimeout(entry.timer);
     if (frame.type === FRAME_ERROR) {
       const err = decodeError(frame.body);
       // A refused AUTH closes the connection: everything queued behind it fails the same way.
@@ -124,8 +151,9 @@ class Connection {
   private onClose(): void {
     this.closed = true;
     const reason = this.closeReason;
+    if (this.sweeper !== null) clearTimeout(this.sweeper);
+    this.sweeper = null;
     for (const [id, entry] of this.pending) {
-      clearTimeout(entry.timer);
       this.pending.delete(id);
       entry.reject(
         reason ?? unavailable(`connection to the KMS daemon at ${this.where} closed`, this.connected),
@@ -139,6 +167,7 @@ class Connection {
   }
 
   end(): void {
+    this.writer.flushNow();
     this.socket.end();
     this.socket.destroySoon();
   }
@@ -178,11 +207,11 @@ export class TcpTransport implements RemoteTransport {
         encodeAuth(id, this.opts.token),
         this.entry(
           conn,
-          id,
           null,
           () => {},
           () => {},
         ),
+        this.opts.timeoutMs,
       );
     }
     return conn;
@@ -190,13 +219,11 @@ export class TcpTransport implements RemoteTransport {
 
   private entry(
     conn: Connection,
-    id: number,
     op: KmsOp | null,
     resolve: (v: unknown) => void,
     reject: (e: CodedError) => void,
   ): Pending {
-    const timer = setTimeout(() => {
-      conn.forget(id);
+    const expire = () => {
       if (!conn.connected) {
         reject(
           unavailable(
@@ -210,15 +237,15 @@ export class TcpTransport implements RemoteTransport {
       reject(
         kmsError('TIMEOUT', `KMS daemon at ${this.where} did not answer within ${this.opts.timeoutMs} ms`),
       );
-    }, this.opts.timeoutMs);
-    return { op, resolve, reject, timer };
+    };
+    return { op, resolve, reject, deadline: performance.now() + this.opts.timeoutMs, expire };
   }
 
   call(req: KmsRequest): Promise<unknown> {
     return new Promise((resolve, reject) => {
       const conn = this.connection();
       const id = this.newId();
-      conn.send(id, encodeRequest(id, req), this.entry(conn, id, req.op, resolve, reject));
+      conn.send(id, encodeRequest(id, req), this.entry(conn, req.op, resolve, reject), this.opts.timeoutMs);
     });
   }
 
