@@ -99,6 +99,64 @@ for (const [name, endpointOf] of transports) {
   });
 }
 
+test('tcp: concurrent single calls share requests, each caller gets its own result or error', async (t) => {
+  const kms = createRemoteKms({ endpoint: `tcp://${daemon.bridge}` });
+  t.teardown(() => kms.close());
+  const dek = await kms.createDekForThread('remote-coalesce');
+  // Made in one tick: coalesced into batch requests; a bad key fails only its own call.
+  const calls = Array.from({ length: 600 }, (_, i) =>
+    i % 7 === 3
+      ? kms.encrypt('no-such-key', Buffer.from(`m${i}`))
+      : kms.encrypt(dek.keyId, Buffer.from(`m${i}`), Buffer.from(`aad${i}`)),
+  );
+  const settled = await Promise.allSettled(calls);
+  const decrypts: Promise<Buffer>[] = [];
+  settled.forEach((r, i) => {
+    if (i % 7 === 3) {
+      t.is(r.status, 'rejected');
+      if (r.status === 'rejected') t.is((r.reason as CodedError).code, 'KEY_NOT_FOUND');
+    } else if (r.status === 'fulfilled') {
+      decrypts.push(kms.decrypt(dek.keyId, r.value.ciphertext, Buffer.from(`aad${i}`)));
+    } else t.fail(`call ${i} failed: ${String(r.reason)}`);
+  });
+  const plain = await Promise.all(decrypts);
+  const expected = settled.flatMap((_, i) => (i % 7 === 3 ? [] : [`m${i}`]));
+  t.deepEqual(
+    plain.map((p) => p.toString()),
+    expected,
+  );
+  // A wrong AAD fails that decrypt alone, even when it shares a request with good ones.
+  const good = settled.find((r) => r.status === 'fulfilled')!;
+  const ct = (good as PromiseFulfilledResult<{ ciphertext: Buffer }>).value.ciphertext;
+  const [ok, bad] = await Promise.allSettled([
+    kms.decrypt(dek.keyId, ct, Buffer.from('aad0')),
+    kms.decrypt(dek.keyId, ct, Buffer.from('wrong')),
+  ]);
+  t.is(ok.status, 'fulfilled');
+  t.is(bad.status, 'rejected');
+});
+
+test('tcp: against a daemon whose batch limit is below the coalesced size, single calls still work', async (t) => {
+  const own = await spawnDaemon({ bridgePort: 0, args: ['--max-batch-items', '2'] });
+  t.teardown(() => own.kill9());
+  const kms = createRemoteKms({ endpoint: `tcp://${own.bridge}`, retries: 0 });
+  t.teardown(() => kms.close());
+  const dek = await kms.createDekForThread('remote-coalesce-limit');
+  const results = await Promise.all(
+    Array.from({ length: 20 }, (_, i) => kms.encrypt(dek.keyId, Buffer.from(`x${i}`))),
+  );
+  const plain = await Promise.all(results.map((r) => kms.decrypt(dek.keyId, r.ciphertext)));
+  t.deepEqual(
+    plain.map((p) => p.toString()),
+    Array.from({ length: 20 }, (_, i) => `x${i}`),
+  );
+  // Explicit batches over the daemon's limit are still refused as a whole.
+  const err = await t.throwsAsync<CodedError>(
+    kms.encryptBatch([1, 2, 3].map((n) => ({ keyId: dek.keyId, plaintext: Buffer.from([n]) }))),
+  );
+  t.is(err?.code, 'PAYLOAD_TOO_LARGE');
+});
+
 test.serial(
   'while the daemon is down every call fails fast with KMS_UNAVAILABLE; then it recovers',
   async (t) => {

@@ -57,6 +57,29 @@ const IDEMPOTENT: ReadonlySet<KmsOp> = new Set<KmsOp>([
 
 /** Most items per batch request; the daemon's default limit. */
 const MAX_BATCH_ITEMS = 1024;
+/**
+ * Single calls coalesced into one request: at most this many items and bytes, well inside the
+ * daemon's default limits (1024 items, 8 MiB frames). A daemon configured lower answers
+ * PAYLOAD_TOO_LARGE before running anything; the items are then resent one by one and this
+ * client stops coalescing.
+ */
+const COALESCE_MAX_ITEMS = 256;
+const COALESCE_MAX_BYTES = 256 * 1024;
+
+type ItemOp = 'encrypt' | 'decrypt';
+
+interface Waiting {
+  item: EncryptItem | DecryptItem;
+  resolve(value: unknown): void;
+  reject(err: unknown): void;
+}
+
+/** Single calls of one op waiting for the end of the tick. */
+interface Coalescer {
+  waiting: Waiting[];
+  bytes: number;
+  flush: () => void;
+}
 const ROTATION_POLL_MIN_MS = 50;
 const ROTATION_POLL_MAX_MS = 1000;
 
@@ -94,13 +117,83 @@ function single<T>(results: ItemResult<T>[]): T {
   return only.value;
 }
 
+/** Wire bytes of one item, roughly; malformed items count as small (the encoder rejects them). */
+function itemBytes(op: ItemOp, item: EncryptItem | DecryptItem): number {
+  const data = op === 'encrypt' ? (item as EncryptItem).plaintext : (item as DecryptItem).ciphertext;
+  const keyId = typeof item.keyId === 'string' ? item.keyId.length * 3 : 0;
+  return (data?.byteLength ?? 0) + (item.aad?.byteLength ?? 0) + keyId + 12;
+}
+
+/** After a coalesced request was refused as too large, single calls go alone for this long. */
+const COALESCE_BACKOFF_MS = 60_000;
+
 class RemoteKms implements Kms {
   private closed = false;
+  private readonly coalesce: boolean;
+  /** performance.now() until which coalescing is off (see COALESCE_BACKOFF_MS). */
+  private coalesceOffUntil = 0;
+  private readonly coalescers: Record<ItemOp, Coalescer>;
 
   constructor(
     private readonly transport: RemoteTransport,
     private readonly retries: number,
-  ) {}
+  ) {
+    this.coalesce = transport.coalesce === true;
+    const coalescer = (op: ItemOp): Coalescer => {
+      const c: Coalescer = { waiting: [], bytes: 0, flush: () => this.flushSingles(op, c) };
+      return c;
+    };
+    this.coalescers = { encrypt: coalescer('encrypt'), decrypt: coalescer('decrypt') };
+  }
+
+  /**
+   * One single-item call. With a coalescing transport, the single calls made in one tick (many
+   * concurrent callers) go out as one batch request, each caller getting its own item's result
+   * or error: the same answers as separate requests, at a fraction of the per-request cost.
+   */
+  private one<R>(op: ItemOp, item: EncryptItem | DecryptItem): Promise<R> {
+    if (!this.coalesce || (this.coalesceOffUntil !== 0 && performance.now() < this.coalesceOffUntil)) {
+      return this.batch<EncryptItem | DecryptItem, R>(op, [item], () => 0).then(single);
+    }
+    const c = this.coalescers[op];
+    const bytes = itemBytes(op, item);
+    if (c.waiting.length > 0 && c.bytes + bytes > COALESCE_MAX_BYTES) c.flush();
+    return new Promise<R>((resolve, reject) => {
+      c.waiting.push({ item, resolve: resolve as (v: unknown) => void, reject });
+      c.bytes += bytes;
+      if (c.waiting.length === 1) process.nextTick(c.flush);
+      else if (c.waiting.length >= COALESCE_MAX_ITEMS) c.flush();
+    });
+  }
+
+  private flushSingles(op: ItemOp, c: Coalescer): void {
+    const waiting = c.waiting;
+    if (waiting.length === 0) return;
+    c.waiting = [];
+    c.bytes = 0;
+    const items = waiting.map((w) => w.item);
+    this.call<ItemResult<unknown>[]>({ op, items } as KmsRequest).then(
+      (results) => {
+        for (let i = 0; i < waiting.length; i++) {
+          const r = results[i];
+          const w = waiting[i]!;
+          if (r === undefined) w.reject(kmsError('INTERNAL', 'the KMS daemon answered a short batch'));
+          else if (r.ok) w.resolve(r.value);
+          else w.reject(r.error);
+        }
+      },
+      (thrown) => {
+        const err = toCodedError(thrown);
+        if (err.code === 'PAYLOAD_TOO_LARGE' && waiting.length > 1) {
+          // Refused before anything ran (item or frame limit set below our batch): resend alone.
+          this.coalesceOffUntil = performance.now() + COALESCE_BACKOFF_MS;
+          for (const w of waiting) this.one(op, w.item).then(w.resolve, w.reject);
+          return;
+        }
+        for (const w of waiting) w.reject(err);
+      },
+    );
+  }
 
   private async call<T>(req: KmsRequest): Promise<T> {
     if (this.closed) throw kmsError('KMS_UNAVAILABLE', 'the remote KMS client is closed');
@@ -139,22 +232,17 @@ class RemoteKms implements Kms {
     return this.call({ op: 'get_wrapped', keyId });
   }
 
-  async encrypt(
+  encrypt(
     keyId: string,
     plaintext: Uint8Array,
     aad?: Uint8Array,
     _ctx?: CallContext,
   ): Promise<EncryptResult> {
-    return single(await this.encryptBatch([{ keyId, plaintext, aad }]));
+    return this.one('encrypt', { keyId, plaintext, aad });
   }
 
-  async decrypt(
-    keyId: string,
-    ciphertext: Uint8Array,
-    aad?: Uint8Array,
-    _ctx?: CallContext,
-  ): Promise<Buffer> {
-    return single(await this.decryptBatch([{ keyId, ciphertext, aad }]));
+  decrypt(keyId: string, ciphertext: Uint8Array, aad?: Uint8Array, _ctx?: CallContext): Promise<Buffer> {
+    return this.one('decrypt', { keyId, ciphertext, aad });
   }
 
   encryptBatch(items: readonly EncryptItem[], _ctx?: CallContext): Promise<ItemResult<EncryptResult>[]> {

@@ -175,6 +175,7 @@ class Connection {
 
 export class TcpTransport implements RemoteTransport {
   readonly maxBatchBytes = 4 * 1024 * 1024;
+  readonly coalesce = true;
   private conn: Connection | null = null;
   private nextId = 1;
   private readonly where: string;

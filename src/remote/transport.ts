@@ -11,6 +11,11 @@ export interface RemoteTransport {
   call(req: KmsRequest): Promise<unknown>;
   /** Most bytes of plaintext/ciphertext per batch request before the client splits a batch. */
   readonly maxBatchBytes: number;
+  /**
+   * Single-item encrypt/decrypt calls made in the same tick may share one batch request: each
+   * request costs far more than an item on this transport (frame, syscall, daemon dispatch).
+   */
+  readonly coalesce?: boolean;
   close(): Promise<void>;
 }
 
