@@ -76,8 +76,8 @@ export class AuditStream {
     this.#pending.push(lineText(fields, ts, this.id, this.#next++, outcome, code));
   }
 
-  /** Closes the open block: returns its lines (newline-terminated, last one signed), or null. */
-  seal(): Uint8Array | null {
+  /** Closes the open block: returns its text (lines newline-terminated, last one signed), or null. */
+  seal(): string | null {
     const lines = this.#pending;
     if (lines.length === 0) return null;
     this.#pending = [];
@@ -89,11 +89,7 @@ export class AuditStream {
     hmac.update(`${last}}`);
     const mac = hmac.digest();
     this.#prevMac = mac;
-    const text = `${body}${last}${MAC_FIELD}${mac.toString('hex')}"}\n`;
-    // Its own ArrayBuffer (not a slice of Node's shared pool), so it can be transferred, not cloned.
-    const out = Buffer.allocUnsafeSlow(Buffer.byteLength(text));
-    out.write(text, 'utf8');
-    return out;
+    return `${body}${last}${MAC_FIELD}${mac.toString('hex')}"}\n`;
   }
 
   zero(): void {

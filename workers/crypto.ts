@@ -59,6 +59,7 @@ function roots(): RootKeys {
 }
 
 let auditFd = -1;
+let auditScratch = Buffer.allocUnsafeSlow(64 * 1024);
 /** Set once an audit write failed: from then on this worker refuses every op (fail closed). */
 let auditFailure: string | null = null;
 
@@ -67,12 +68,15 @@ let auditFailure: string | null = null;
  * write per block keep blocks whole when several workers append; each worker's own stream stays in
  * order because a worker runs one task at a time.
  */
-function appendAudit(lines: Uint8Array): void {
+function appendAudit(text: string): void {
   if (auditFailure !== null) throw coded('AUDIT_WRITE_FAILED', `audit log unavailable (${auditFailure})`);
+  // Encoded into one reused buffer: a fresh buffer per block cost more than the write itself.
+  if (text.length * 3 > auditScratch.length) auditScratch = Buffer.allocUnsafeSlow(text.length * 3);
+  const length = auditScratch.write(text, 0, 'utf8');
   try {
     if (auditFd < 0) auditFd = fs.openSync(init.auditFile!, 'a', 0o600);
     let written = 0;
-    while (written < lines.length) written += fs.writeSync(auditFd, lines, written, lines.length - written);
+    while (written < length) written += fs.writeSync(auditFd, auditScratch, written, length - written);
     if (init.auditFsyncEachWrite) fs.fdatasyncSync(auditFd);
   } catch (err) {
     auditFailure = (err as NodeJS.ErrnoException).code ?? 'write error';
