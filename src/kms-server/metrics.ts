@@ -1,9 +1,14 @@
 /**
  * Prometheus metrics for the daemon, on a registry of its own (never the global one, so two
- * daemons in one process, as in tests, do not collide). Labelled children are cached: the hot
- * path does one Map lookup instead of prom-client hashing the label set on every call.
+ * daemons in one process, as in tests, do not collide).
+ *
+ * The per-request series are tallied in plain arrays and handed to prom-client only when
+ * /metrics is scraped: prom-client hashes the label set on every observe() and inc(), even on a
+ * `.labels()` child, which cost about a microsecond per request. Counters are flushed into
+ * prom-client Counters (inc by the tally) from their collect() hook; the duration histogram is a
+ * small metric of our own that renders the same series prom-client's Histogram would.
  */
-import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
+import { Counter, collectDefaultMetrics, Gauge, type Metric, Registry } from 'prom-client';
 import type { CodedError } from '../errors.js';
 import type { KmsHealth } from '../protocol.js';
 
@@ -12,44 +17,112 @@ type Outcome = 'ok' | 'client_error' | 'server_error';
 
 const PREFIX = 'progressdb_kms_';
 
-interface OpChildren {
-  duration: { observe(seconds: number): void };
-  ok: { inc(): void };
-  clientError: { inc(): void };
-  serverError: { inc(): void };
+const DURATION_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5];
+
+/** Tallies of one (op, transport) since the last scrape, plus its histogram (never reset). */
+interface OpSeries {
+  op: string;
+  transport: Transport;
+  /** Not yet flushed into the requests counter: ok, client_error, server_error. */
+  ok: number;
+  clientError: number;
+  serverError: number;
+  /** Per bucket (non-cumulative), the last slot is +Inf. */
+  buckets: Float64Array;
+  sum: number;
+  count: number;
+}
+
+interface ErrorSeries {
+  code: string;
+  transport: Transport;
+  pending: number;
+}
+
+type MetricValue = { labels: Record<string, string | number>; value: number; metricName?: string };
+
+/** A histogram rendered like prom-client's, fed from OpSeries without hashing labels. */
+class DurationHistogram {
+  readonly type = 'histogram';
+  readonly aggregator = 'sum';
+
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    private readonly series: () => Iterable<OpSeries>,
+  ) {}
+
+  get(): Promise<{ name: string; help: string; type: string; values: MetricValue[]; aggregator: string }> {
+    const values: MetricValue[] = [];
+    const bucket = `${this.name}_bucket`;
+    for (const s of this.series()) {
+      const labels = { op: s.op, transport: s.transport };
+      let acc = 0;
+      for (let i = 0; i < DURATION_BUCKETS.length; i++) {
+        acc += s.buckets[i]!;
+        values.push({ labels: { le: DURATION_BUCKETS[i]!, ...labels }, value: acc, metricName: bucket });
+      }
+      values.push({ labels: { le: '+Inf', ...labels }, value: s.count, metricName: bucket });
+      values.push({ labels, value: s.sum, metricName: `${this.name}_sum` });
+      values.push({ labels, value: s.count, metricName: `${this.name}_count` });
+    }
+    return Promise.resolve({
+      name: this.name,
+      help: this.help,
+      type: this.type,
+      values,
+      aggregator: this.aggregator,
+    });
+  }
+
+  reset(): void {}
 }
 
 export class DaemonMetrics {
   readonly registry = new Registry();
-  private readonly requests: Counter<'op' | 'transport' | 'outcome'>;
-  private readonly errors: Counter<'code' | 'transport'>;
-  private readonly duration: Histogram<'op' | 'transport'>;
   private readonly health: Record<string, Gauge>;
   private readonly bridgeConnections: Gauge;
-  private readonly children = new Map<string, OpChildren>();
-  private readonly errorChildren = new Map<string, { inc(): void }>();
+  private readonly series = new Map<string, OpSeries>();
+  private readonly errorSeries = new Map<string, ErrorSeries>();
 
   constructor() {
     const registers = [this.registry];
-    this.requests = new Counter({
+    const series = this.series;
+    const errorSeries = this.errorSeries;
+    new Counter({
       name: `${PREFIX}requests_total`,
       help: 'KMS requests handled, by operation, transport and outcome',
       labelNames: ['op', 'transport', 'outcome'],
       registers,
+      collect() {
+        for (const s of series.values()) {
+          const { op, transport } = s;
+          if (s.ok > 0) this.inc({ op, transport, outcome: 'ok' }, s.ok);
+          if (s.clientError > 0) this.inc({ op, transport, outcome: 'client_error' }, s.clientError);
+          if (s.serverError > 0) this.inc({ op, transport, outcome: 'server_error' }, s.serverError);
+          s.ok = s.clientError = s.serverError = 0;
+        }
+      },
     });
-    this.errors = new Counter({
+    new Counter({
       name: `${PREFIX}errors_total`,
       help: 'Errors answered (whole requests and batch items), by error code and transport',
       labelNames: ['code', 'transport'],
       registers,
+      collect() {
+        for (const e of errorSeries.values()) {
+          if (e.pending > 0) this.inc({ code: e.code, transport: e.transport }, e.pending);
+          e.pending = 0;
+        }
+      },
     });
-    this.duration = new Histogram({
-      name: `${PREFIX}request_duration_seconds`,
-      help: 'Time to answer a KMS request, by operation and transport',
-      labelNames: ['op', 'transport'],
-      buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5],
-      registers,
-    });
+    this.registry.registerMetric(
+      new DurationHistogram(
+        `${PREFIX}request_duration_seconds`,
+        'Time to answer a KMS request, by operation and transport',
+        () => series.values(),
+      ) as unknown as Metric,
+    );
     const gauge = (name: string, help: string) => new Gauge({ name: `${PREFIX}${name}`, help, registers });
     this.health = {
       ready: gauge('ready', '1 when the worker pool and store are ready'),
@@ -65,43 +138,53 @@ export class DaemonMetrics {
     collectDefaultMetrics({ register: this.registry, prefix: PREFIX });
   }
 
-  private childrenOf(op: string, transport: Transport): OpChildren {
-    const key = `${op}\u0000${transport}`;
-    let c = this.children.get(key);
-    if (!c) {
-      c = {
-        duration: this.duration.labels(op, transport),
-        ok: this.requests.labels(op, transport, 'ok'),
-        clientError: this.requests.labels(op, transport, 'client_error'),
-        serverError: this.requests.labels(op, transport, 'server_error'),
+  private seriesOf(op: string, transport: Transport): OpSeries {
+    const key = transport === 'http' ? op : `${op}\u0000bridge`;
+    let s = this.series.get(key);
+    if (!s) {
+      s = {
+        op,
+        transport,
+        ok: 0,
+        clientError: 0,
+        serverError: 0,
+        buckets: new Float64Array(DURATION_BUCKETS.length + 1),
+        sum: 0,
+        count: 0,
       };
-      this.children.set(key, c);
+      this.series.set(key, s);
     }
-    return c;
+    return s;
   }
 
   /** Records one answered request; `startedAt` is from performance.now(). */
   observe(op: string, transport: Transport, startedAt: number, error?: CodedError): void {
-    const c = this.childrenOf(op, transport);
-    c.duration.observe((performance.now() - startedAt) / 1000);
+    const s = this.seriesOf(op, transport);
+    const seconds = (performance.now() - startedAt) / 1000;
+    let b = 0;
+    while (b < DURATION_BUCKETS.length && seconds > DURATION_BUCKETS[b]!) b++;
+    s.buckets[b]!++;
+    s.sum += seconds;
+    s.count++;
     if (!error) {
-      c.ok.inc();
+      s.ok++;
       return;
     }
     const outcome: Outcome = error.status < 500 ? 'client_error' : 'server_error';
-    (outcome === 'client_error' ? c.clientError : c.serverError).inc();
+    if (outcome === 'client_error') s.clientError++;
+    else s.serverError++;
     this.itemError(error.code, transport);
   }
 
   /** Counts an error answered for one item of a batch (or a whole request). */
   itemError(code: string, transport: Transport): void {
     const key = `${code}\u0000${transport}`;
-    let c = this.errorChildren.get(key);
-    if (!c) {
-      c = this.errors.labels(code, transport);
-      this.errorChildren.set(key, c);
+    let e = this.errorSeries.get(key);
+    if (!e) {
+      e = { code, transport, pending: 0 };
+      this.errorSeries.set(key, e);
     }
-    c.inc();
+    e.pending++;
   }
 
   bridgeConnectionOpened(): void {

@@ -148,6 +148,9 @@ export async function runBatchRoute<I, R>(route: BatchRoute<I, R>, input: RouteI
     } catch (err) {
       results[i] = { ok: false, error: toCodedError(err) };
     }
+    // The decoded item replaces its JSON text: with many batches in flight, holding every
+    // base64 string until the answer keeps megabytes alive across young-generation GCs.
+    raw[i] = undefined;
   }
   if (valid.length > 0) {
     const answered = await route.run(valid, input.caller);
