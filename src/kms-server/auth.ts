@@ -30,6 +30,9 @@ export interface TlsMaterial {
   ca?: Buffer | undefined;
 }
 
+/** Distinct (caller, address) contexts kept; the cache starts over beyond this. */
+const MAX_CACHED_CONTEXTS = 4096;
+
 export type AuthMode = 'none' | 'token' | 'mtls' | 'mtls+token';
 
 function digest(token: string): Buffer {
@@ -39,6 +42,7 @@ function digest(token: string): Buffer {
 export class Authenticator {
   private readonly digests: { name: string; digest: Buffer }[];
   private readonly callerOfSocket = new WeakMap<Socket, string>();
+  private readonly contexts = new Map<string, CallContext>();
 
   constructor(
     tokens: readonly TokenEntry[],
@@ -79,10 +83,23 @@ export class Authenticator {
       caller = this.tokenName(token);
       if (caller === undefined) throw authError('FORBIDDEN');
     }
-    return {
-      caller: caller ?? this.certificateSubject(socket) ?? 'anonymous',
-      remoteAddress: socket.remoteAddress,
-    };
+    return this.context(caller ?? this.certificateSubject(socket) ?? 'anonymous', socket.remoteAddress);
+  }
+
+  /**
+   * The (frozen) context for a caller and address, shared by every request with the same pair:
+   * the KMS caches audit fields by context identity, so requests from the same caller on
+   * different connections share them instead of building and shipping a new set each.
+   */
+  private context(caller: string, remoteAddress: string | undefined): CallContext {
+    const key = `${caller}\u0000${remoteAddress ?? ''}`;
+    let ctx = this.contexts.get(key);
+    if (ctx === undefined) {
+      if (this.contexts.size >= MAX_CACHED_CONTEXTS) this.contexts.clear();
+      ctx = Object.freeze({ caller, remoteAddress });
+      this.contexts.set(key, ctx);
+    }
+    return ctx;
   }
 
   /** With mutual TLS, a verified client certificate comes before everything else. */
