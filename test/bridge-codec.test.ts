@@ -25,6 +25,12 @@ import {
   opOfCode,
 } from '../src/wire/bridge-codec.js';
 import { isLoopbackHost, parseEndpoint } from '../src/wire/endpoint.js';
+import {
+  encryptResultJson,
+  encryptResultToWire,
+  plaintextJson,
+  plaintextToWire,
+} from '../src/wire/http-json.js';
 
 const dek: DekInfo = {
   keyId: 'dek_1',
@@ -268,4 +274,16 @@ test('endpoints: forms, defaults and loopback detection', (t) => {
   t.false(isLoopbackHost('::'));
   t.false(isLoopbackHost('10.0.0.1'));
   t.false(isLoopbackHost('kms.example.com'));
+});
+
+test('HTTP JSON fast paths give exactly what JSON.stringify gives for the result objects', (t) => {
+  for (const n of [0, 1, 2, 3, 64, 1024, 4099]) {
+    const bytes = randomBytes(n);
+    for (const keyVersion of [1, 7, 4294967295]) {
+      const r = { ciphertext: bytes, keyVersion };
+      t.is(encryptResultJson(r), JSON.stringify(encryptResultToWire(r)));
+    }
+    t.is(plaintextJson(bytes), JSON.stringify(plaintextToWire(bytes)));
+    t.deepEqual(JSON.parse(plaintextJson(bytes)), { plaintext: bytes.toString('base64') });
+  }
 });

@@ -122,7 +122,11 @@ export interface BatchRoute<I, R> {
   parseItem: (input: unknown) => I;
   run: (items: I[], caller: CallContext) => Promise<ItemResult<R>[]>;
   toWire: (value: R) => Record<string, string>;
+  /** Optional fast path: exactly JSON.stringify(toWire(value)). */
+  toJson?: (value: R) => string;
 }
+
+const JSON_TYPE = 'application/json; charset=utf-8';
 
 /**
  * `{...fields}` → one item, answered with its fields or its error status;
@@ -156,12 +160,26 @@ export async function runBatchRoute<I, R>(route: BatchRoute<I, R>, input: RouteI
     const answered = await route.run(valid, input.caller);
     for (let j = 0; j < positions.length; j++) results[positions[j]!] = answered[j]!;
   }
+  const toJson = route.toJson;
   if (!isBatch) {
     const only = results[0]!;
     if (!only.ok) throw only.error;
+    if (toJson) return { status: 200, contentType: JSON_TYPE, text: toJson(only.value) };
     return { json: route.toWire(only.value) };
   }
   const metrics = input.services.metrics;
+  if (toJson) {
+    const parts = new Array<string>(results.length);
+    for (let i = 0; i < results.length; i++) {
+      const r = results[i]!;
+      if (r.ok) parts[i] = toJson(r.value);
+      else {
+        metrics.itemError(r.error.code, 'http');
+        parts[i] = JSON.stringify(errorBody(r.error));
+      }
+    }
+    return { status: 200, contentType: JSON_TYPE, text: `{"batch_results":[${parts.join(',')}]}` };
+  }
   const out = new Array<unknown>(results.length);
   for (let i = 0; i < results.length; i++) {
     const r = results[i]!;

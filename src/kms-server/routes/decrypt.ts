@@ -1,6 +1,6 @@
 /** POST /decrypt: decrypts with the DEK version named in the ciphertext; batchable. */
 import type { DecryptItem } from '../../protocol.js';
-import { HTTP_ROUTES, plaintextToWire } from '../../wire/http-json.js';
+import { HTTP_ROUTES, plaintextJson, plaintextToWire } from '../../wire/http-json.js';
 import { compileSchema, type RouteSpec, runBatchRoute } from '../route.js';
 
 const parseItem = compileSchema({
@@ -23,6 +23,7 @@ export const decryptRoute: RouteSpec = {
         },
         run: (items, caller) => input.services.kms.decryptBatch(items, caller),
         toWire: plaintextToWire,
+        toJson: plaintextJson,
       },
       input,
     ),

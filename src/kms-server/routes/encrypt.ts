@@ -1,6 +1,6 @@
 /** POST /encrypt: encrypts under the key's current DEK version; batchable. */
 import type { EncryptItem, EncryptResult } from '../../protocol.js';
-import { encryptResultToWire, HTTP_ROUTES } from '../../wire/http-json.js';
+import { encryptResultJson, encryptResultToWire, HTTP_ROUTES } from '../../wire/http-json.js';
 import { compileSchema, type RouteSpec, runBatchRoute } from '../route.js';
 
 const parseItem = compileSchema({
@@ -23,6 +23,7 @@ export const encryptRoute: RouteSpec = {
         },
         run: (items, caller) => input.services.kms.encryptBatch(items, caller),
         toWire: encryptResultToWire,
+        toJson: encryptResultJson,
       },
       input,
     ),
