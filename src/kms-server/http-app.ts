@@ -1,10 +1,10 @@
 /**
- * The daemon's Koa app. Deliberately one app-level middleware (errors, 404/405, draining) that
- * finds the route in a map by path and method: per-request overhead matters here (the /encrypt
- * benchmark is measured against a bare Koa echo), and a general router builds a middleware chain
- * per request. Paths match like @koa/router's defaults did: case-insensitive, and an optional
- * trailing slash. Each route handler authenticates, reads its body, runs, and records metrics.
+ * The daemon's Koa app: one app-level middleware (errors, 404/405, draining) around one
+ * @koa/router layer holding a route per endpoint. Per-request overhead matters here (the /encrypt
+ * benchmark is measured against a bare Koa echo), so there are no other middleware; each route
+ * handler authenticates, reads its body, runs, and records metrics.
  */
+import Router from '@koa/router';
 import Koa from 'koa';
 import { type CodedError, errorBody, kmsError, toCodedError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -75,36 +75,30 @@ export function createHttpApp(deps: HttpAppDeps): Koa {
   const app = new Koa();
   // Every error is answered by the middleware below; nothing reaches Koa's default stderr printer.
   app.silent = true;
-  /** Path (lower case, no trailing slash) → method → handler; GET routes answer HEAD too. */
-  const routes = new Map<string, Map<string, Koa.Middleware>>();
+  const router = new Router();
+  const methodsOfPath = new Map<string, string[]>();
   for (const spec of ROUTES) {
     const handler = handlerOf(spec, deps);
-    let byMethod = routes.get(spec.path);
-    if (!byMethod) {
-      byMethod = new Map();
-      routes.set(spec.path.toLowerCase(), byMethod);
-    }
-    byMethod.set(spec.method, handler);
-    if (spec.method === 'GET') byMethod.set('HEAD', handler);
+    if (spec.method === 'GET') router.get(spec.path, handler);
+    else router.post(spec.path, handler);
+    const methods = methodsOfPath.get(spec.path) ?? [];
+    methods.push(spec.method, ...(spec.method === 'GET' ? ['HEAD'] : []));
+    methodsOfPath.set(spec.path, methods);
   }
-  const routeOf = (path: string): Map<string, Koa.Middleware> | undefined => {
-    const exact = routes.get(path);
-    if (exact) return exact;
-    let p = path.toLowerCase();
-    if (p.length > 1 && p.endsWith('/')) p = p.slice(0, -1);
-    return routes.get(p);
-  };
+  const routes = router.routes();
 
   app.use(async (ctx, next) => {
     try {
-      const byMethod = routeOf(ctx.path);
-      const handler = byMethod?.get(ctx.method);
-      if (handler) await handler(ctx, next);
-      else if (byMethod) {
-        ctx.set('Allow', [...byMethod.keys()].join(', '));
-        writeError(ctx, kmsError('METHOD_NOT_ALLOWED', `${ctx.method} is not allowed on ${ctx.path}`));
-      } else {
-        writeError(ctx, kmsError('NOT_FOUND', 'no such endpoint'));
+      await routes(ctx as Parameters<typeof routes>[0], next);
+      // Every route handler sets a body, errors included: none means no route matched.
+      if (ctx.body == null) {
+        const allowed = methodsOfPath.get(ctx.path.toLowerCase().replace(/(.)\/$/, '$1'));
+        if (allowed) {
+          ctx.set('Allow', allowed.join(', '));
+          writeError(ctx, kmsError('METHOD_NOT_ALLOWED', `${ctx.method} is not allowed on ${ctx.path}`));
+        } else {
+          writeError(ctx, kmsError('NOT_FOUND', 'no such endpoint'));
+        }
       }
     } catch (thrown) {
       writeError(ctx, toCodedError(thrown));
