@@ -653,13 +653,7 @@ class EmbeddedKms implements Kms {
       for (const v of current.versions) if (v.v < keepFromVersion) destroyed.push(v.v);
       return { ...current, versions: kept };
     });
-    this.#pool.evict(keyId);
-    const audit = {
-      ...this.#audit('destroy_dek_versions', ctx, keyId, updated),
-      detail: `destroyed [${destroyed.join(',')}]`,
-    };
-    await this.#run(OpKind.note, [], null, null, audit, null);
-    return { keyId, destroyedVersions: destroyed };
+    return this.#destroyed('destroy_dek_versions', ctx, updated, destroyed);
   }
 
   async destroyDek(keyId: string, ctx?: CallContext): Promise<DestroyResult> {
@@ -673,13 +667,23 @@ class EmbeddedKms implements Kms {
       destroyed.push(...current.versions.map((v) => v.v));
       return { ...current, state: 'destroyed', versions: [], destroyedAt: new Date().toISOString() };
     });
-    this.#pool.evict(keyId);
+    return this.#destroyed('destroy_dek', ctx, updated, destroyed);
+  }
+
+  /** After a destroy commits: every worker drops the key's cached versions; the audit line says which. */
+  async #destroyed(
+    op: string,
+    ctx: CallContext | undefined,
+    record: DekRecord,
+    destroyed: number[],
+  ): Promise<DestroyResult> {
+    this.#pool.evict(record.keyId);
     const audit = {
-      ...this.#audit('destroy_dek', ctx, keyId, updated),
+      ...this.#audit(op, ctx, record.keyId, record),
       detail: `destroyed [${destroyed.join(',')}]`,
     };
     await this.#run(OpKind.note, [], null, null, audit, null);
-    return { keyId, destroyedVersions: destroyed };
+    return { keyId: record.keyId, destroyedVersions: destroyed };
   }
 
   /** Resolves an active key or fails with an audited KEY_NOT_FOUND / INVALID_INPUT. */
