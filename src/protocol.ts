@@ -141,21 +141,6 @@ export type KmsRequest =
 
 export type KmsOp = KmsRequest['op'];
 
-export const KMS_OPS: readonly KmsOp[] = [
-  'create_dek_for_thread',
-  'get_wrapped',
-  'encrypt',
-  'decrypt',
-  'reencrypt',
-  'rewrap',
-  'rotate_dek',
-  'destroy_dek_versions_before',
-  'destroy_dek',
-  'rotate_kek',
-  'rotation_status',
-  'health',
-];
-
 /** Runs one typed request against any Kms: the single dispatch used by the bridge server. */
 export async function dispatch(kms: Kms, req: KmsRequest, ctx?: CallContext): Promise<unknown> {
   switch (req.op) {

@@ -68,10 +68,6 @@ export class AuditStream {
     this.#key = auditKey;
   }
 
-  get nextSeq(): number {
-    return this.#next;
-  }
-
   add(fields: AuditFields, ts: string, outcome: Outcome, code: string | null): void {
     this.#pending.push(lineText(fields, ts, this.id, this.#next++, outcome, code));
   }
@@ -90,10 +86,6 @@ export class AuditStream {
     const mac = hmac.digest();
     this.#prevMac = mac;
     return `${body}${last}${MAC_FIELD}${mac.toString('hex')}"}\n`;
-  }
-
-  zero(): void {
-    this.#key.fill(0);
   }
 }
 

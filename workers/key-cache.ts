@@ -18,10 +18,6 @@ export class KeyCache {
     this.#capacity = Math.max(1, capacity);
   }
 
-  get size(): number {
-    return this.#entries.size;
-  }
-
   get(id: string): Buffer | undefined {
     const entry = this.#entries.get(id);
     if (entry === undefined) return undefined;

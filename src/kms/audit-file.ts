@@ -56,10 +56,6 @@ export class AuditFile {
     this.#failed ??= reason;
   }
 
-  get failure(): string | null {
-    return this.#failed;
-  }
-
   #flushAsync(): void {
     if (!this.#dirty || this.#failed !== null) return;
     this.#dirty = false;
