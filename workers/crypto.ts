@@ -40,6 +40,7 @@ import {
 } from '../src/protocol.js';
 import { AuthFailure, newKey, openInto, sealInto, unwrapKey, wrapKeyInto } from './aead.js';
 import { AuditStream, verifyAuditFile } from './audit-stream.js';
+import { IdleSpin } from './idle-spin.js';
 import { KeyCache } from './key-cache.js';
 import { coded, loadRootKeys, type RootKeys } from './master-key.js';
 
@@ -363,7 +364,19 @@ function verifyAudit(path: string): VerifyAuditResult {
   return verifyAuditFile(roots().auditKey, path);
 }
 
+const idleSpin = init.idleSpin === null ? null : new IdleSpin(init.idleSpin);
+
 export default function handle(task: WorkerTask): unknown {
+  if (idleSpin === null) return runTask(task);
+  idleSpin.taskStarted();
+  try {
+    return runTask(task);
+  } finally {
+    idleSpin.taskEnded();
+  }
+}
+
+function runTask(task: WorkerTask): unknown {
   switch (task.type) {
     case 'batch':
       return runBatch(task);

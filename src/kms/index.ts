@@ -143,6 +143,7 @@ class EmbeddedKms implements Kms {
     this.#pool = new CryptoPool({
       threads: opts.poolSize,
       maxBatch: opts.maxBatch,
+      idleSpinUs: opts.idleSpinUs,
       init: {
         masterKey: opts.masterKey,
         dekCacheSize: opts.dekCacheSize,

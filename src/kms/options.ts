@@ -26,6 +26,12 @@ export interface KmsOptions {
   poolSize?: number;
   /** Max operations coalesced into one worker task. Env: PROGRESSDB_KMS_MAX_BATCH. Default 64. */
   maxBatch?: number;
+  /**
+   * How long (µs) a crypto worker that finished a task spins for the next one before it parks;
+   * waking a parked thread costs tens of µs on a VM. Adaptive and bounded (see
+   * workers/idle-spin.ts). 0 disables. Env: PROGRESSDB_KMS_WORKER_SPIN_US. Default 150.
+   */
+  idleSpinUs?: number;
   /** Unwrapped DEK versions cached per worker. Env: PROGRESSDB_KMS_DEK_CACHE_SIZE. Default 10000. */
   dekCacheSize?: number;
   /** Write the signed audit log. Env: PROGRESSDB_KMS_AUDIT (false|0|no disables). Default true. */
@@ -44,6 +50,7 @@ export interface ResolvedKmsOptions {
   masterKey: MasterKeyRef;
   poolSize: number;
   maxBatch: number;
+  idleSpinUs: number;
   dekCacheSize: number;
   audit: boolean;
   auditFsyncMs: number;
@@ -123,6 +130,12 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
       opts.maxBatch ?? envInt('PROGRESSDB_KMS_MAX_BATCH', 1, 4096) ?? 64,
       1,
       4096,
+    ),
+    idleSpinUs: checkRange(
+      'idleSpinUs',
+      opts.idleSpinUs ?? envInt('PROGRESSDB_KMS_WORKER_SPIN_US', 0, 10_000) ?? 150,
+      0,
+      10_000,
     ),
     dekCacheSize: checkRange(
       'dekCacheSize',

@@ -7,6 +7,7 @@
  * the end of the current microtask turn (lowest latency for a lone caller); while tasks are in
  * flight ops wait for the next event-loop turn, so batches fill up under load.
  */
+import { availableParallelism } from 'node:os';
 import { BroadcastChannel } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { type ErrorCode, toCodedError } from '../errors.js';
@@ -15,6 +16,9 @@ import {
   type BatchResult,
   type BatchTask,
   type DekRef,
+  IDLE_SPIN_SIGNAL_BYTES,
+  IDLE_SPIN_WORKER_SLOTS,
+  IdleSpinSlot,
   type KekRef,
   OP_SLOTS,
   OpKind,
@@ -43,7 +47,9 @@ export interface PendingOp {
 export interface PoolOptions {
   threads: number;
   maxBatch: number;
-  init: WorkerInit;
+  /** How long a worker spins for its next task before parking (0: never). See workers/idle-spin.ts. */
+  idleSpinUs: number;
+  init: Omit<WorkerInit, 'idleSpin'>;
   /** KEK records the batch needs, by version (main-thread cache of wrapped KEKs). */
   kekRef: (version: number) => KekRef | undefined;
   /** Called after each task that appended audit lines, or whose audit write failed. */
@@ -62,6 +68,42 @@ const EMPTY = new Uint8Array(0);
 /** Bytes an op takes in its task's buffer: its slot (input and output room) and its AAD. */
 function opBytes(op: PendingOp): number {
   return opSlotBytes(op.kind, op.input?.length ?? 0) + (op.aad?.length ?? 0);
+}
+
+type LoadBalancer = NonNullable<NonNullable<ConstructorParameters<typeof Piscina>[0]>['loadBalancer']>;
+
+/**
+ * Piscina's least-busy choice, except that an idle worker that is spinning for work gets it (no
+ * wake-up to pay), and every post is counted in the worker's slot of the idle-spin signal: that
+ * count is what a spinning worker watches.
+ */
+function spinAwareBalancer(signal: Int32Array, maximumUsage: number): LoadBalancer {
+  return (_task, workers) => {
+    const spinner = Atomics.load(signal, IdleSpinSlot.spinner);
+    let idle: (typeof workers)[number] | null = null;
+    let leastBusy: (typeof workers)[number] | null = null;
+    let lowest = maximumUsage;
+    for (const worker of workers) {
+      if (worker.currentUsage === 0) {
+        if (worker.id === spinner) {
+          idle = worker;
+          break;
+        }
+        idle ??= worker;
+      } else if (worker.currentUsage < lowest) {
+        leastBusy = worker;
+        lowest = worker.currentUsage;
+      }
+    }
+    const candidate = idle ?? leastBusy;
+    if (candidate !== null) {
+      const slot = IdleSpinSlot.posted + (candidate.id % IDLE_SPIN_WORKER_SLOTS);
+      // Counted after Piscina has posted the task (it does so synchronously once we return), so a
+      // spinner that sees the count finds the message already there.
+      queueMicrotask(() => Atomics.add(signal, slot, 1));
+    }
+    return candidate;
+  };
 }
 
 /** URL of a file in workers/. Under tsx (tests) this module is .ts and so are they; built, .js. */
@@ -90,6 +132,9 @@ export class CryptoPool {
 
   constructor(opts: PoolOptions) {
     this.#opts = opts;
+    const signal = new SharedArrayBuffer(IDLE_SPIN_SIGNAL_BYTES);
+    const idleSpin =
+      opts.idleSpinUs > 0 ? { signal, budgetUs: opts.idleSpinUs, cores: availableParallelism() } : null;
     this.#piscina = new Piscina({
       filename: workerFile('crypto'),
       minThreads: opts.threads,
@@ -98,7 +143,8 @@ export class CryptoPool {
       // A worker holds its next task while it runs one, so it never idles waiting for the main
       // thread to hand it more work.
       concurrentTasksPerWorker: 2,
-      workerData: opts.init,
+      loadBalancer: spinAwareBalancer(new Int32Array(signal), 2),
+      workerData: { ...opts.init, idleSpin } satisfies WorkerInit,
       // Without it, deep queues starve some tasks for hundreds of ms.
       stricterFIFO: true,
       // 'sync' (the default) parks idle workers in a blocking Atomics.wait, so they never run

@@ -10,6 +10,7 @@ export async function runVerifyAudit(masterKey: MasterKeyRef, file: string): Pro
     evictChannel: `progressdb-verify-${process.pid}`,
     auditFile: null,
     auditFsyncEachWrite: false,
+    idleSpin: null,
   };
   const pool = new Piscina({
     filename: workerFile('crypto'),
