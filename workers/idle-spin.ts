@@ -5,15 +5,18 @@
  * and only then parks. It stays out of the way of the rest of the process:
  * - at most one worker spins at a time, and only while no more than `cores - 2` other workers
  *   are busy, so a core is always left for the main thread;
- * - after a few spins in a row that found nothing, it stops spinning until traffic again arrives
- *   within the budget (adaptive: idle processes do not burn CPU).
+ * - it spins only while its recent idle gaps (a moving average) are shorter than the budget, so a
+ *   spin is likely to pay: sparse traffic, or a main thread too busy to feed it quickly (a loaded
+ *   server sharing its cores with other work), turns spinning off by itself.
  * The spin runs from setImmediate, after Piscina has posted the task's result.
  */
 import { threadId } from 'node:worker_threads';
 import { IDLE_SPIN_WORKER_SLOTS, IdleSpinSlot, type WorkerInit } from '../src/protocol.js';
 
-/** Spins in a row that may find nothing before spinning pauses. */
-const MAX_MISSES = 3;
+/** Weight of the newest idle gap in the moving average. */
+const GAP_WEIGHT = 1 / 4;
+/** A gap counts as at most this many budgets, so one long pause does not stop spinning for long. */
+const GAP_CAP = 4;
 
 export class IdleSpin {
   readonly #signal: Int32Array;
@@ -21,7 +24,8 @@ export class IdleSpin {
   readonly #maxOtherBusy: number;
   readonly #postedSlot = IdleSpinSlot.posted + (threadId % IDLE_SPIN_WORKER_SLOTS);
   #received = 0;
-  #misses = 0;
+  /** Moving average of the time from the end of one task to the start of the next (ms). */
+  #gapMs = 0;
   #lastEnd = 0;
   /** Spins run, and how many of them found a task (for tests and diagnostics). */
   readonly stats = { spins: 0, found: 0 };
@@ -39,14 +43,16 @@ export class IdleSpin {
   taskStarted(): void {
     this.#received++;
     Atomics.add(this.#signal, IdleSpinSlot.busy, 1);
-    // A task that came within the budget after the last one shows spinning would have paid.
-    if (this.#lastEnd > 0 && this.#now() - this.#lastEnd <= this.#budgetMs) this.#misses = 0;
+    if (this.#lastEnd > 0) {
+      const gap = Math.min(this.#now() - this.#lastEnd, GAP_CAP * this.#budgetMs);
+      this.#gapMs += (gap - this.#gapMs) * GAP_WEIGHT;
+    }
   }
 
   taskEnded(): void {
     const otherBusy = Atomics.sub(this.#signal, IdleSpinSlot.busy, 1) - 1;
     this.#lastEnd = this.#now();
-    if (this.#misses >= MAX_MISSES || otherBusy > this.#maxOtherBusy || this.#taskWaiting()) return;
+    if (this.#gapMs > this.#budgetMs || otherBusy > this.#maxOtherBusy || this.#taskWaiting()) return;
     setImmediate(this.#spin);
   }
 
@@ -63,7 +69,6 @@ export class IdleSpin {
       // Busy wait by design: the point is to keep this vCPU from being descheduled.
     }
     Atomics.store(this.#signal, IdleSpinSlot.spinner, 0);
-    this.#misses = found ? 0 : this.#misses + 1;
     this.stats.spins++;
     if (found) this.stats.found++;
   };
