@@ -65,6 +65,30 @@ function summary(lines: AuditLine[]): [string, string, string?][] {
   return lines.map((l) => (l.code === undefined ? [l.op, l.outcome] : [l.op, l.outcome, l.code]));
 }
 
+test('each line names its own caller and remote address, whatever context objects callers pass', async (t) => {
+  const { kms, dataDir } = await openKms(t, { poolSize: 1 });
+  const dek = await kms.createDekForThread('thread-callers');
+  const plaintext = Buffer.from('x');
+  // Fresh context objects with equal values (as the server makes per request), then other values:
+  // the audit fields are shared between equal contexts, never across different ones.
+  const calls: [caller: string, remote: string][] = [
+    ['alice', '10.0.0.1'],
+    ['alice', '10.0.0.1'],
+    ['bob', '10.0.0.1'],
+    ['alice', '10.0.0.2'],
+    ['alice', '10.0.0.1'],
+  ];
+  await Promise.all(
+    calls.map(([caller, remoteAddress]) => kms.encrypt(dek.keyId, plaintext, undefined, { caller, remoteAddress })),
+  );
+  await kms.encrypt(dek.keyId, plaintext);
+  const encrypts = auditLines(dataDir).filter((l) => l.op === 'encrypt');
+  t.deepEqual(
+    encrypts.map((l) => [l.caller, l.remote]),
+    [...calls, ['embedded', undefined]],
+  );
+});
+
 test('every operation writes one signed line, failures too; no plaintext or key material', async (t) => {
   const { kms, dataDir, dek, marker, aadMarker, keyHex, wrapped, expected, reopen } = await knownSequence(t);
   const lines = auditLines(dataDir);

@@ -52,7 +52,8 @@ interface OpOutput {
 
 interface AuditSlot {
   op: string;
-  ctx: CallContext | undefined;
+  caller: string | undefined;
+  remote: string | undefined;
   kekVersion: number;
   fields: AuditFields;
 }
@@ -251,12 +252,23 @@ class EmbeddedKms implements Kms {
       slots = [];
       this.#auditCache.set(record, slots);
     }
+    // By value: callers (the server, the daemon) make a fresh context per request, and a new
+    // fields object per op would be sent, and rendered into its audit line, once per op.
+    const caller = ctx?.caller;
+    const remote = ctx?.remoteAddress;
     for (const slot of slots) {
-      if (slot.op === op && slot.ctx === ctx && slot.kekVersion === kekVersion) return slot.fields;
+      if (
+        slot.op === op &&
+        slot.caller === caller &&
+        slot.remote === remote &&
+        slot.kekVersion === kekVersion
+      ) {
+        return slot.fields;
+      }
     }
     const fields = this.#audit(op, ctx, record.keyId, record, kekVersion);
     if (slots.length >= AUDIT_SLOTS_PER_RECORD) slots.shift();
-    slots.push({ op, ctx, kekVersion, fields });
+    slots.push({ op, caller, remote, kekVersion, fields });
     return fields;
   }
 

@@ -95,6 +95,7 @@ export interface AuditLine {
   thread_id?: string;
   kek_version?: string;
   caller?: string;
+  remote?: string;
   detail?: string;
   mac?: string;
 }
