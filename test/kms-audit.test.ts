@@ -79,7 +79,9 @@ test('each line names its own caller and remote address, whatever context object
     ['alice', '10.0.0.1'],
   ];
   await Promise.all(
-    calls.map(([caller, remoteAddress]) => kms.encrypt(dek.keyId, plaintext, undefined, { caller, remoteAddress })),
+    calls.map(([caller, remoteAddress]) =>
+      kms.encrypt(dek.keyId, plaintext, undefined, { caller, remoteAddress }),
+    ),
   );
   await kms.encrypt(dek.keyId, plaintext);
   const encrypts = auditLines(dataDir).filter((l) => l.op === 'encrypt');

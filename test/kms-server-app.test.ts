@@ -2,15 +2,17 @@
  * The daemon's HTTP layer in-process, over a stub Kms whose failures we control: readiness (503
  * from /healthz), a KMS that is not ready (503), an unexpected bug (500 with a generic message:
  * nothing of the thrown text reaches the caller), and /healthz turning 503 once draining starts.
- * Everything the real KMS does is covered by the tests that run the real daemon.
+ * Also: how the TCP bridge groups pipelined frames into KMS calls. Everything the real KMS does is
+ * covered by the tests that run the real daemon.
  */
 import test from 'ava';
 import { kmsError } from '../src/errors.js';
 import { loadDaemonConfig } from '../src/kms-server/config.js';
 import { startDaemon } from '../src/kms-server/serve.js';
 import { createLogger } from '../src/log.js';
-import type { Kms, KmsHealth, RotationStatus } from '../src/protocol.js';
-import { postJson, request } from './helpers/kms-daemon.js';
+import type { EncryptResult, ItemResult, Kms, KmsHealth, RotationStatus } from '../src/protocol.js';
+import { decodeResult, encodeRequest, FRAME_RESULT } from '../src/wire/bridge-codec.js';
+import { BridgeSocket, postJson, request } from './helpers/kms-daemon.js';
 
 const rotation: RotationStatus = {
   state: 'idle',
@@ -129,4 +131,57 @@ test('readiness, 5xx mapping without leaks, and draining', async (t) => {
   t.is(answer.headers.connection, 'close');
   await closing;
   await t.throwsAsync(request(base, '/healthz'));
+});
+
+test('the bridge merges pipelined frames into KMS calls of at most one worker task (64 items)', async (t) => {
+  const state: StubState = { ready: true, gate: Promise.resolve(), entered: () => {} };
+  const callSizes: number[] = [];
+  const kms: Kms = {
+    ...stubKms(state),
+    encryptBatch: async (items) => {
+      callSizes.push(items.length);
+      return items.map(
+        (item): ItemResult<EncryptResult> => ({
+          ok: true,
+          value: { ciphertext: Buffer.from(item.plaintext), keyVersion: 1 },
+        }),
+      );
+    },
+  };
+  const config = loadDaemonConfig({
+    endpoint: '127.0.0.1:0',
+    bridgeEndpoint: '127.0.0.1:0',
+    dataDir: 'unused-by-the-stub',
+  });
+  const daemon = await startDaemon(config, createLogger('test', 'silent'), async () => kms);
+  t.teardown(() => daemon.close());
+  const conn = new BridgeSocket(daemon.bridge!.port);
+  t.teardown(() => conn.destroy());
+  // Six frames of 20 items in one write. Merged without a limit they would be one call of 120,
+  // answered only when all 120 are done; capped, each call is at most one task's worth.
+  const frames = Array.from({ length: 6 }, (_, f) =>
+    encodeRequest(f + 1, {
+      op: 'encrypt',
+      items: Array.from({ length: 20 }, (_, i) => ({ keyId: 'k', plaintext: Buffer.from(`${f}:${i}`) })),
+    }),
+  );
+  conn.write(Buffer.concat(frames));
+  await conn.waitFrames(6);
+  t.is(
+    callSizes.reduce((a, b) => a + b, 0),
+    120,
+  );
+  t.true(
+    callSizes.every((n) => n <= 64),
+    `calls of ${callSizes.join(', ')} items`,
+  );
+  // Every frame still gets its own items back, in order.
+  for (const frame of conn.frames) {
+    t.is(frame.type, FRAME_RESULT);
+    const results = decodeResult('encrypt', frame.body) as ItemResult<EncryptResult>[];
+    t.deepEqual(
+      results.map((r) => (r.ok ? r.value.ciphertext.toString() : r.error.code)),
+      Array.from({ length: 20 }, (_, i) => `${frame.id - 1}:${i}`),
+    );
+  }
 });

@@ -49,8 +49,6 @@ import type { Limits } from './route.js';
 const MAX_IN_FLIGHT = 4096;
 /** A frame that stays unfinished this long is treated as truncated. */
 const STALLED_FRAME_MS = 30_000;
-/** Most items handed to the KMS in one merged call (frames of one chunk, see BridgeConnection). */
-const MAX_MERGED_ITEMS = 1024;
 
 type ItemOp = 'encrypt' | 'decrypt';
 type ItemRequest = Extract<KmsRequest, { op: ItemOp }>;
@@ -69,6 +67,13 @@ export interface BridgeDeps {
   metrics: DaemonMetrics;
   limits: Limits;
   logger: Logger;
+  /**
+   * Most items handed to the KMS in one merged call (frames of one chunk, see BridgeConnection):
+   * the KMS's ops per worker task. A merged call is answered only when all its items are done, so
+   * merging several tasks' worth made a busy connection run in lockstep (workers idle while one
+   * big answer travelled and the next big request came): 76-79k ops/s at 1024 against 86-105k at 64.
+   */
+  mergeItems: number;
 }
 
 class BridgeConnection {
@@ -185,7 +190,7 @@ class BridgeConnection {
    */
   private addToGroup(id: number, req: ItemRequest): void {
     const g = this.group;
-    if (g !== null && (g.op !== req.op || g.items + req.items.length > MAX_MERGED_ITEMS)) this.runGroup();
+    if (g !== null && (g.op !== req.op || g.items + req.items.length > this.deps.mergeItems)) this.runGroup();
     if (this.group === null) this.group = { op: req.op, ids: [], requests: [], items: 0 };
     this.group.ids.push(id);
     this.group.requests.push(req);

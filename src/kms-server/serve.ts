@@ -9,6 +9,7 @@ import type { AddressInfo } from 'node:net';
 import { kmsError } from '../errors.js';
 import { createKms } from '../kms/index.js';
 import type { KmsOptions } from '../kms/options.js';
+import { resolveMaxBatch } from '../kms/options.js';
 import { createLogger, type Logger } from '../log.js';
 import type { Kms } from '../protocol.js';
 import { formatHostPort } from '../wire/endpoint.js';
@@ -69,7 +70,10 @@ export async function startDaemon(
     : http.createServer(serverOptions, app.callback());
   httpServer.maxConnections = config.limits.maxConnections;
   const bridge = config.bridge
-    ? new BridgeServer({ kms, auth, metrics, limits: config.limits, logger }, config.limits.maxConnections)
+    ? new BridgeServer(
+        { kms, auth, metrics, limits: config.limits, logger, mergeItems: resolveMaxBatch(config.kms) },
+        config.limits.maxConnections,
+      )
     : null;
 
   const tlsMode = config.tls === null ? 'off' : config.tls.ca ? 'mutual' : 'on';

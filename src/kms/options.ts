@@ -114,6 +114,11 @@ export function resolveMasterKeyRef(opts: KmsOptions): MasterKeyRef {
   );
 }
 
+/** Ops per worker task (option, else PROGRESSDB_KMS_MAX_BATCH, else 64). */
+export function resolveMaxBatch(opts: KmsOptions): number {
+  return checkRange('maxBatch', opts.maxBatch ?? envInt('PROGRESSDB_KMS_MAX_BATCH', 1, 4096) ?? 64, 1, 4096);
+}
+
 export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
   const dataDir = opts.dataDir ?? envString('PROGRESSDB_KMS_DATA_DIR');
   if (dataDir === undefined) {
@@ -125,12 +130,7 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     dataDir: path.resolve(dataDir),
     masterKey: resolveMasterKeyRef(opts),
     poolSize: checkRange('poolSize', poolSize, 1, 256),
-    maxBatch: checkRange(
-      'maxBatch',
-      opts.maxBatch ?? envInt('PROGRESSDB_KMS_MAX_BATCH', 1, 4096) ?? 64,
-      1,
-      4096,
-    ),
+    maxBatch: resolveMaxBatch(opts),
     idleSpinUs: checkRange(
       'idleSpinUs',
       opts.idleSpinUs ?? envInt('PROGRESSDB_KMS_WORKER_SPIN_US', 0, 10_000) ?? 150,

@@ -61,9 +61,12 @@ const MAX_BATCH_ITEMS = 1024;
  * Single calls coalesced into one request: at most this many items and bytes, well inside the
  * daemon's default limits (1024 items, 8 MiB frames). A daemon configured lower answers
  * PAYLOAD_TOO_LARGE before running anything; the items are then resent one by one and this
- * client stops coalescing.
+ * client stops coalescing. 64 items is one worker task at the daemon's default: a request is
+ * answered only when all its items are done, so many callers are better served by several
+ * task-sized requests, answered as each finishes, than by one big one (1.3x over 256 with 256
+ * callers on one connection).
  */
-const COALESCE_MAX_ITEMS = 256;
+const COALESCE_MAX_ITEMS = 64;
 const COALESCE_MAX_BYTES = 256 * 1024;
 
 type ItemOp = 'encrypt' | 'decrypt';
