@@ -56,36 +56,60 @@ function lineText(
   return `{"v":1,"ts":"${ts}","s":"${stream}","n":${n},${result}${fieldsPart(fields)}`;
 }
 
+/** A sealed block: the first `length` bytes of `buffer`, valid until the stream's next seal(). */
+export interface SealedBlock {
+  buffer: Buffer;
+  length: number;
+}
+
 export class AuditStream {
   readonly id = randomBytes(6).toString('hex');
   #key: Buffer;
   #next = 0;
   #prevMac = Buffer.alloc(MAC_BYTES);
-  /** Lines of the open block, without their closing brace. */
-  #pending: string[] = [];
+  /** The open block's lines, each ending `}\n`. */
+  #text = '';
+  /**
+   * Sealed blocks are encoded once into this buffer, reused from block to block, and both hashed
+   * and written from it: hashing a string and then encoding it again for the write cost more than
+   * the hashing itself.
+   */
+  #block = Buffer.allocUnsafeSlow(64 * 1024);
 
   constructor(auditKey: Buffer) {
     this.#key = auditKey;
   }
 
   add(fields: AuditFields, ts: string, outcome: Outcome, code: string | null): void {
-    this.#pending.push(lineText(fields, ts, this.id, this.#next++, outcome, code));
+    this.#text += `${lineText(fields, ts, this.id, this.#next++, outcome, code)}}\n`;
   }
 
-  /** Closes the open block: returns its text (lines newline-terminated, last one signed), or null. */
-  seal(): string | null {
-    const lines = this.#pending;
-    if (lines.length === 0) return null;
-    this.#pending = [];
-    const hmac = createHmac('sha256', this.#key).update(this.#prevMac);
-    let body = '';
-    for (let i = 0; i < lines.length - 1; i++) body += `${lines[i]}}\n`;
-    const last = lines[lines.length - 1]!;
-    hmac.update(body);
-    hmac.update(`${last}}`);
-    const mac = hmac.digest();
+  /**
+   * Closes the open block: its bytes (lines newline-terminated, the last one signed), valid until
+   * the next seal(), or null if the block is empty. The MAC covers the block as written but for the
+   * last line's final newline, before `mac` is added to it.
+   */
+  seal(): SealedBlock | null {
+    const text = this.#text;
+    if (text.length === 0) return null;
+    this.#text = '';
+    // UTF-8 needs at most 3 bytes per UTF-16 unit.
+    const room = text.length * 3 + MAC_SUFFIX_LENGTH;
+    if (room > this.#block.length)
+      this.#block = Buffer.allocUnsafeSlow(Math.max(room, this.#block.length * 2));
+    const block = this.#block;
+    const length = block.write(text, 0, 'utf8');
+    const mac = createHmac('sha256', this.#key)
+      .update(this.#prevMac)
+      .update(block.subarray(0, length - 1))
+      .digest();
     this.#prevMac = mac;
-    return `${body}${last}${MAC_FIELD}${mac.toString('hex')}"}\n`;
+    // The last line's `}\n` becomes `,"mac":"<hex>"}\n`.
+    let at = length - 2;
+    at += block.write(MAC_FIELD, at, 'latin1');
+    at += block.write(mac.toString('hex'), at, 'latin1');
+    at += block.write('"}\n', at, 'latin1');
+    return { buffer: block, length: at };
   }
 }
 

@@ -39,7 +39,7 @@ import {
   type WorkerTask,
 } from '../src/protocol.js';
 import { AuthFailure, newKey, openInto, sealInto, unwrapKey, wrapKeyInto } from './aead.js';
-import { AuditStream, verifyAuditFile } from './audit-stream.js';
+import { AuditStream, type SealedBlock, verifyAuditFile } from './audit-stream.js';
 import { IdleSpin } from './idle-spin.js';
 import { KeyCache } from './key-cache.js';
 import { coded, loadRootKeys, type RootKeys } from './master-key.js';
@@ -60,7 +60,6 @@ function roots(): RootKeys {
 }
 
 let auditFd = -1;
-let auditScratch = Buffer.allocUnsafeSlow(64 * 1024);
 /** Set once an audit write failed: from then on this worker refuses every op (fail closed). */
 let auditFailure: string | null = null;
 
@@ -69,15 +68,14 @@ let auditFailure: string | null = null;
  * write per block keep blocks whole when several workers append; each worker's own stream stays in
  * order because a worker runs one task at a time.
  */
-function appendAudit(text: string): void {
+function appendAudit(block: SealedBlock): void {
   if (auditFailure !== null) throw coded('AUDIT_WRITE_FAILED', `audit log unavailable (${auditFailure})`);
-  // Encoded into one reused buffer: a fresh buffer per block cost more than the write itself.
-  if (text.length * 3 > auditScratch.length) auditScratch = Buffer.allocUnsafeSlow(text.length * 3);
-  const length = auditScratch.write(text, 0, 'utf8');
   try {
     if (auditFd < 0) auditFd = fs.openSync(init.auditFile!, 'a', 0o600);
     let written = 0;
-    while (written < length) written += fs.writeSync(auditFd, auditScratch, written, length - written);
+    while (written < block.length) {
+      written += fs.writeSync(auditFd, block.buffer, written, block.length - written);
+    }
     if (init.auditFsyncEachWrite) fs.fdatasyncSync(auditFd);
   } catch (err) {
     auditFailure = (err as NodeJS.ErrnoException).code ?? 'write error';
@@ -87,9 +85,9 @@ function appendAudit(text: string): void {
 
 /** Seals and appends the open audit block, if any. Returns whether anything was written. */
 function flushAudit(): boolean {
-  const lines = auditStream?.seal() ?? null;
-  if (lines === null) return false;
-  appendAudit(lines);
+  const block = auditStream?.seal() ?? null;
+  if (block === null) return false;
+  appendAudit(block);
   return true;
 }
 
