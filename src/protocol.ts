@@ -373,4 +373,16 @@ export interface VerifyAuditResult {
   reason: string | null;
 }
 
-export type WorkerTask = BatchTask | NewKekTask | CheckKekTask | VerifyAuditTask;
+/**
+ * Zeroes every key the worker holds (at close). Sent as one task per worker rather than broadcast:
+ * a task also reaches a worker still loading its code, where a broadcast would be lost.
+ */
+export interface ZeroizeTask {
+  type: 'zeroize';
+}
+
+export interface ZeroizeResult {
+  threadId: number;
+}
+
+export type WorkerTask = BatchTask | NewKekTask | CheckKekTask | VerifyAuditTask | ZeroizeTask;

@@ -229,16 +229,19 @@ test('close(): later calls reject with NOT_READY, closing twice is fine, workers
   }
   t.truthy(channelName);
   const listener = new BroadcastChannel(channelName!);
-  let acks = 0;
+  const zeroed = new Set<number>();
   listener.onmessage = (event) => {
-    if ((event as MessageEvent).data?.type === 'zeroized') acks++;
+    const data = (event as MessageEvent).data as { type?: string; threadId?: number } | null;
+    if (data?.type === 'zeroized' && typeof data.threadId === 'number') zeroed.add(data.threadId);
   };
   t.teardown(() => listener.close());
 
   await Promise.all([kms.close(), kms.close()]);
   await kms.close();
-  await pollUntil('both workers to acknowledge the zeroize', 5000, () => (acks >= 2 ? true : undefined));
-  t.is(acks, 2);
+  await pollUntil('both workers to confirm zeroing their keys', 5000, () =>
+    zeroed.size >= 2 ? true : undefined,
+  );
+  t.is(zeroed.size, 2, 'each of the two workers, not one twice');
 
   const calls: Record<string, () => Promise<unknown>> = {
     encrypt: () => kms.encrypt(dek.keyId, Buffer.from('x')),

@@ -7,7 +7,7 @@
  * transfers the packed results back.
  */
 import fs from 'node:fs';
-import { BroadcastChannel } from 'node:worker_threads';
+import { BroadcastChannel, threadId } from 'node:worker_threads';
 import { move, transferableSymbol, valueSymbol, workerData } from 'piscina';
 import type { ErrorCode } from '../src/errors.js';
 import {
@@ -37,6 +37,7 @@ import {
   type VerifyAuditResult,
   type WorkerInit,
   type WorkerTask,
+  type ZeroizeResult,
 } from '../src/protocol.js';
 import { AuthFailure, newKey, openInto, sealInto, unwrapKey, wrapKeyInto } from './aead.js';
 import { AuditStream, type SealedBlock, verifyAuditFile } from './audit-stream.js';
@@ -108,21 +109,12 @@ function zeroAll(): void {
   }
 }
 
-// The main thread announces destroyed keys and shutdown here, so every worker drops them at once
-// rather than waiting for LRU eviction.
+// The main thread announces destroyed keys here, so every worker drops them at once rather than
+// waiting for LRU eviction.
 const channel = new BroadcastChannel(init.evictChannel);
 channel.onmessage = (event) => {
-  const message = (event as MessageEvent).data as
-    | { type: 'evict'; keyId: string }
-    | { type: 'zeroize' }
-    | { type: 'zeroized' };
+  const message = (event as MessageEvent).data as { type: 'evict'; keyId: string } | { type: 'zeroized' };
   if (message.type === 'evict') deks.deletePrefix(`${message.keyId}#`);
-  else if (message.type === 'zeroize') {
-    // Only 'zeroize': the other workers' 'zeroized' acknowledgements arrive here too, and
-    // answering them would make the workers ping-pong acknowledgements until destroyed.
-    zeroAll();
-    channel.postMessage({ type: 'zeroized' });
-  }
 };
 channel.unref();
 
@@ -358,6 +350,13 @@ function checkKek(task: CheckKekTask): CheckKekResult {
   return { ok: true };
 }
 
+function zeroize(): ZeroizeResult {
+  zeroAll();
+  // Announced on the channel too, so that anyone watching (tests) sees each worker confirm it.
+  channel.postMessage({ type: 'zeroized', threadId });
+  return { threadId };
+}
+
 function verifyAudit(path: string): VerifyAuditResult {
   return verifyAuditFile(roots().auditKey, path);
 }
@@ -384,5 +383,7 @@ function runTask(task: WorkerTask): unknown {
       return checkKek(task);
     case 'verify-audit':
       return verifyAudit(task.path);
+    case 'zeroize':
+      return zeroize();
   }
 }

@@ -784,7 +784,10 @@ class EmbeddedKms implements Kms {
       );
     }
     this.#closed = true;
-    await this.#pool.close();
+    const { workers, zeroed } = await this.#pool.close();
+    // Not expected: workers that did not answer are stopped anyway, and their memory freed unzeroed.
+    if (zeroed < workers)
+      this.#log.warn(`only ${zeroed} of ${workers} crypto workers confirmed zeroing their keys`);
     this.#auditFile?.close();
     await this.#registry.close();
     this.#lock.release();

@@ -28,6 +28,8 @@ import {
   RESULT_SLOTS,
   type WorkerInit,
   type WorkerTask,
+  type ZeroizeResult,
+  type ZeroizeTask,
 } from '../protocol.js';
 
 /** Settles one op: `error` null on success, with the output bytes and the DEK version used. */
@@ -392,26 +394,20 @@ export class CryptoPool {
   }
 
   /**
-   * Zeroes every key in every worker, waiting for each worker's acknowledgement (bounded), then
-   * stops the threads.
+   * Zeroes every key in every worker, then stops the threads. Returns how many workers confirmed.
+   * One zeroize task per worker: the balancer hands each of N tasks posted together to a different
+   * idle worker, and a task also reaches a worker still loading its code (a broadcast would be lost
+   * there, and close() used to wait in vain for its acknowledgement).
    */
-  async close(): Promise<void> {
+  async close(): Promise<{ workers: number; zeroed: number }> {
     await this.idle();
-    const expected = this.#piscina.threads.length;
-    const listener = new BroadcastChannel(this.#opts.init.evictChannel);
-    let acknowledged = 0;
-    await new Promise<void>((resolve) => {
-      const timer = setTimeout(resolve, 2000);
-      listener.onmessage = (event) => {
-        if ((event as MessageEvent).data?.type === 'zeroized' && ++acknowledged >= expected) {
-          clearTimeout(timer);
-          resolve();
-        }
-      };
-      this.#channel.postMessage({ type: 'zeroize' });
-    });
-    listener.close();
+    const workers = this.#piscina.threads.length;
+    const task: ZeroizeTask = { type: 'zeroize' };
+    const results = await Promise.allSettled(Array.from({ length: workers }, () => this.#piscina.run(task)));
+    const zeroed = new Set<number>();
+    for (const r of results) if (r.status === 'fulfilled') zeroed.add((r.value as ZeroizeResult).threadId);
     this.#channel.close();
     await this.#piscina.destroy();
+    return { workers, zeroed: zeroed.size };
   }
 }
