@@ -91,6 +91,15 @@ test('each line names its own caller and remote address, whatever context object
   );
 });
 
+test('notes (get_wrapped) are audited on a worker whose first task holds no crypto', async (t) => {
+  const { kms, dataDir } = await openKms(t, { poolSize: 2 });
+  const dek = await kms.createDekForThread('thread-notes');
+  // A burst meeting idle workers is split between them, so both workers get some of these notes,
+  // and at most one of them has done any crypto yet.
+  await Promise.all(Array.from({ length: 40 }, () => kms.getWrappedDek(dek.keyId)));
+  t.is(auditLines(dataDir).filter((l) => l.op === 'get_wrapped').length, 40);
+});
+
 test('every operation writes one signed line, failures too; no plaintext or key material', async (t) => {
   const { kms, dataDir, dek, marker, aadMarker, keyHex, wrapped, expected, reopen } = await knownSequence(t);
   const lines = auditLines(dataDir);

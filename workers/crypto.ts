@@ -202,6 +202,9 @@ function runBatch(task: BatchTask): BatchResult {
     const at = errors.indexOf(code);
     return at >= 0 ? at : errors.push(code) - 1;
   };
+  // Notes need no key, but their audit lines need the audit key: a worker whose first task held
+  // only notes (get_wrapped, say) would otherwise have had no stream to write them to.
+  roots();
   const ts = isoNow();
   // After a failed audit write nothing more is computed: no key use without its audit line.
   const refused: ErrorCode | null = auditFailure === null ? null : 'AUDIT_WRITE_FAILED';
@@ -219,7 +222,6 @@ function runBatch(task: BatchTask): BatchResult {
     let keyVersion = dek?.keyVersion ?? 0;
     if (code === null) {
       try {
-        if (kind !== OpKind.note) roots();
         switch (kind) {
           case OpKind.encrypt:
             sealInto(dekFor(dek!, task), dek!.keyVersion, input, aad, out, outPos);
