@@ -349,10 +349,10 @@ export interface NewKekResult {
 }
 
 /** Proves the master key can unwrap the stored active KEK (start-up check). */
+/** Proves the master key unwraps the active KEK. Writes no audit line (see EmbeddedKms.start). */
 export interface CheckKekTask {
   type: 'check-kek';
   kek: KekRef;
-  audit: AuditFields;
 }
 
 export interface CheckKekResult {

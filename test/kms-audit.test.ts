@@ -100,6 +100,47 @@ test('notes (get_wrapped) are audited on a worker whose first task holds no cryp
   t.is(auditLines(dataDir).filter((l) => l.op === 'get_wrapped').length, 40);
 });
 
+test('a block cut short by a crash is dropped at the next start, recorded, and the log verifies', async (t) => {
+  const { kms, dataDir, keyFile, reopen } = await openKms(t);
+  const dek = await kms.createDekForThread('thread-torn');
+  await kms.encrypt(dek.keyId, Buffer.from('x'));
+  await kms.close();
+  const log = auditPath(dataDir);
+  const intact = fs.readFileSync(log);
+  // What a kill -9 during a worker's write can leave: whole lines of a block without its signed
+  // last line, then half a line.
+  const unsigned = (n: number) =>
+    `{"v":1,"ts":"2026-01-01T00:00:00.000Z","s":"0123456789ab","n":${n},"outcome":"ok","op":"encrypt"}\n`;
+  const torn = Buffer.from(`${unsigned(0)}${unsigned(1)}{"v":1,"ts":"2026-01-01T00:00`);
+  fs.appendFileSync(log, torn);
+
+  // A wrong master key refuses to start and leaves the log exactly as it was, torn tail included.
+  const wrongKey = path.join(path.dirname(keyFile), 'wrong.key');
+  fs.writeFileSync(wrongKey, randomBytes(32).toString('hex'), { mode: 0o600 });
+  await t.throwsAsync(reopen({ masterKeyFile: wrongKey }), { code: 'MASTER_KEY_MISMATCH' });
+  t.deepEqual(fs.readFileSync(log), Buffer.concat([intact, torn]));
+
+  const again = await reopen();
+  t.true((await again.verifyAudit()).ok);
+  const after = fs.readFileSync(log);
+  t.deepEqual(after.subarray(0, intact.length), intact, 'every complete block is kept as it was');
+  const added = auditLines(dataDir).slice(intact.toString().split('\n').length - 1);
+  t.deepEqual(
+    added.map((l) => [l.op, l.detail]),
+    [
+      ['audit_repair', `dropped ${torn.length} bytes of a block cut short by a crash`],
+      ['start', `pid ${process.pid}`],
+    ],
+  );
+
+  // Complete but unsigned lines alone (the write stopped at a line end) are dropped the same way.
+  await again.close();
+  fs.appendFileSync(log, unsigned(2));
+  const third = await reopen();
+  t.true((await third.verifyAudit()).ok);
+  t.is(auditLines(dataDir).filter((l) => l.op === 'audit_repair').length, 2);
+});
+
 test('every operation writes one signed line, failures too; no plaintext or key material', async (t) => {
   const { kms, dataDir, dek, marker, aadMarker, keyHex, wrapped, expected, reopen } = await knownSequence(t);
   const lines = auditLines(dataDir);

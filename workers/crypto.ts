@@ -344,11 +344,10 @@ function checkKek(task: CheckKekTask): CheckKekResult {
   } catch (err) {
     const code = codeOf(err);
     if (code !== 'MASTER_KEY_MISMATCH') throw err;
-    // No audit line: it would be signed with an audit key derived from the wrong master key, and
-    // so break the verification of the data directory's log (and the directory must stay untouched).
+    // Nothing is written: a line signed with an audit key derived from the wrong master key would
+    // break the verification of the data directory's log (and the directory must stay untouched).
     return { ok: false };
   }
-  auditOne(task.audit, null);
   return { ok: true };
 }
 

@@ -11,6 +11,44 @@ import { kmsError } from '../errors.js';
 
 export const AUDIT_FILE_NAME = 'kms-audit.log';
 
+/** The end of a signed line: every block ends with one. Inside JSON strings `"` and newlines are escaped. */
+const SIGNED_LINE_END = /,"mac":"[0-9a-f]{64}"\}\n/g;
+const TAIL_CHUNK_BYTES = 64 * 1024;
+
+/**
+ * Where the log's last complete block ends. Workers append whole blocks with one write each, but a
+ * process killed during a write can leave a prefix of its block (lines without their signed last
+ * line, or half a line); no result of that block was released, since results wait for the write.
+ * Returns null if the log ends with a signed line (or is empty), else the length to keep.
+ * Reads backwards from the end: one small read for an intact log.
+ */
+export function tornTailStart(filePath: string): number | null {
+  let fd: number;
+  try {
+    fd = fs.openSync(filePath, 'r');
+  } catch {
+    return null;
+  }
+  try {
+    const size = fs.fstatSync(fd).size;
+    if (size === 0) return null;
+    let from = size;
+    while (from > 0) {
+      from = Math.max(0, from - TAIL_CHUNK_BYTES);
+      // Re-read up to the end each time: a signed line may straddle the chunk boundary.
+      const buffer = Buffer.allocUnsafe(size - from);
+      const read = fs.readSync(fd, buffer, 0, buffer.length, from);
+      const text = buffer.toString('latin1', 0, read);
+      let lastEnd = -1;
+      for (const match of text.matchAll(SIGNED_LINE_END)) lastEnd = match.index + match[0].length;
+      if (lastEnd >= 0) return from + lastEnd === size ? null : from + lastEnd;
+    }
+    return 0;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 export class AuditFile {
   readonly path: string;
   #fd: number;
@@ -39,6 +77,20 @@ export class AuditFile {
       throw kmsError('AUDIT_UNWRITABLE', `audit log ${filePath} is not writable (${code})`);
     }
     return new AuditFile(filePath, fd, fsyncMs);
+  }
+
+  /**
+   * Cuts a torn tail (see tornTailStart) so that new blocks follow the last complete one. Returns
+   * the number of bytes dropped (0 if the log was intact). Called at start-up, once the master key
+   * is known to match, before anything is appended.
+   */
+  repairTornTail(): number {
+    const keep = tornTailStart(this.path);
+    if (keep === null) return 0;
+    const size = fs.fstatSync(this.#fd).size;
+    fs.ftruncateSync(this.#fd, keep);
+    fs.fdatasyncSync(this.#fd);
+    return size - keep;
   }
 
   get failed(): boolean {

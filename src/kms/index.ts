@@ -161,10 +161,26 @@ class EmbeddedKms implements Kms {
     });
   }
 
+  /**
+   * Cuts the unfinished block a crash (kill -9 during a worker's write) can leave at the end of
+   * the audit log, so that new blocks follow the last complete one and the log verifies. None of
+   * that block's results was released. Returns the bytes dropped.
+   */
+  #repairAuditLog(): number {
+    const dropped = this.#auditFile?.repairTornTail() ?? 0;
+    if (dropped > 0) {
+      this.#log.warn(
+        `audit log: dropped ${dropped} bytes of an unfinished block left by a crash (no result of it was released)`,
+      );
+    }
+    return dropped;
+  }
+
   /** First start creates KEK version 1; later starts prove the master key unwraps the active KEK. */
   async start(): Promise<void> {
     const existing = this.#registry.kekMeta();
     if (existing === undefined) {
+      this.#repairAuditLog();
       const kekId = `kek_${randomBytes(8).toString('hex')}`;
       const created = await this.#pool.run<NewKekResult>({
         type: 'new-kek',
@@ -187,11 +203,7 @@ class EmbeddedKms implements Kms {
     if (active === undefined)
       throw kmsError('STORE_CORRUPT', 'the active KEK version is missing from the registry');
     if (existing !== undefined) {
-      const check = await this.#pool.run<CheckKekResult>({
-        type: 'check-kek',
-        kek: active,
-        audit: { op: 'start', kekVersion: active.version, detail: `pid ${process.pid}` },
-      });
+      const check = await this.#pool.run<CheckKekResult>({ type: 'check-kek', kek: active });
       if (!check.ok) {
         throw kmsError(
           'MASTER_KEY_MISMATCH',
@@ -199,6 +211,26 @@ class EmbeddedKms implements Kms {
             'Nothing was changed. Use the master key this directory was created with.',
         );
       }
+      // Only now, with the key proven, may the log be touched: repaired, then the start line.
+      const dropped = this.#repairAuditLog();
+      if (dropped > 0) {
+        await this.#run(
+          OpKind.note,
+          [],
+          null,
+          null,
+          { op: 'audit_repair', detail: `dropped ${dropped} bytes of a block cut short by a crash` },
+          null,
+        );
+      }
+      await this.#run(
+        OpKind.note,
+        [],
+        null,
+        null,
+        { op: 'start', kekVersion: active.version, detail: `pid ${process.pid}` },
+        null,
+      );
     }
     this.#rotation = new KekRotation({
       registry: this.#registry,
