@@ -348,7 +348,6 @@ export interface NewKekResult {
   wrapped: Uint8Array;
 }
 
-/** Proves the master key can unwrap the stored active KEK (start-up check). */
 /** Proves the master key unwraps the active KEK. Writes no audit line (see EmbeddedKms.start). */
 export interface CheckKekTask {
   type: 'check-kek';
