@@ -5,8 +5,10 @@
  */
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
+import { tornTailStart } from '../src/kms/audit-file.js';
 import { auditVerifyCommand } from '../src/kms/cli-commands.js';
 import {
   type AuditLine,
@@ -139,6 +141,27 @@ test('a block cut short by a crash is dropped at the next start, recorded, and t
   const third = await reopen();
   t.true((await third.verifyAudit()).ok);
   t.is(auditLines(dataDir).filter((l) => l.op === 'audit_repair').length, 2);
+});
+
+test('tornTailStart finds the last signed line from the end, across chunk boundaries', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'torn-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'log');
+  const signed = `{"v":1,"n":0,"op":"start","mac":"${'ab'.repeat(32)}"}\n`;
+  const unsigned = (bytes: number) =>
+    `{"v":1,"op":"encrypt","pad":"${'x'.repeat(bytes - 30)}"}\n`.padEnd(bytes, ' ');
+  const cases: [string, string, number | null][] = [
+    ['empty log', '', null],
+    ['ends with a signed line', signed + signed, null],
+    ['half a line after it', `${signed}{"v":1,"op"`, signed.length],
+    // 64 KiB chunks are read from the end: this signed line straddles the first chunk boundary.
+    ['a long torn tail', signed + unsigned(64 * 1024 - 10), signed.length],
+    ['no signed line at all', unsigned(200 * 1024), 0],
+  ];
+  for (const [what, content, expected] of cases) {
+    fs.writeFileSync(file, content);
+    t.is(tornTailStart(file), expected, what);
+  }
 });
 
 test('every operation writes one signed line, failures too; no plaintext or key material', async (t) => {
@@ -303,6 +326,7 @@ test('a runtime audit write failure fails the operation and every later one (fai
     'efbig',
     `import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import { createKms } from 'KMS_MODULE';
 const [dataDir, keyFile, keyId] = process.argv.slice(2);
 const kms = await createKms({ dataDir, masterKeyFile: keyFile, poolSize: 2 });

@@ -14,13 +14,15 @@ export const AUDIT_FILE_NAME = 'kms-audit.log';
 /** The end of a signed line: every block ends with one. Inside JSON strings `"` and newlines are escaped. */
 const SIGNED_LINE_END = /,"mac":"[0-9a-f]{64}"\}\n/g;
 const TAIL_CHUNK_BYTES = 64 * 1024;
+/** Length of what SIGNED_LINE_END matches. */
+const SIGNED_LINE_END_BYTES = ',"mac":"'.length + 64 + 3;
 
 /**
  * Where the log's last complete block ends. Workers append whole blocks with one write each, but a
  * process killed during a write can leave a prefix of its block (lines without their signed last
  * line, or half a line); no result of that block was released, since results wait for the write.
  * Returns null if the log ends with a signed line (or is empty), else the length to keep.
- * Reads backwards from the end: one small read for an intact log.
+ * Reads backwards from the end in chunks: one small read for an intact log.
  */
 export function tornTailStart(filePath: string): number | null {
   let fd: number;
@@ -32,16 +34,20 @@ export function tornTailStart(filePath: string): number | null {
   try {
     const size = fs.fstatSync(fd).size;
     if (size === 0) return null;
-    let from = size;
-    while (from > 0) {
-      from = Math.max(0, from - TAIL_CHUNK_BYTES);
-      // Re-read up to the end each time: a signed line may straddle the chunk boundary.
-      const buffer = Buffer.allocUnsafe(size - from);
-      const read = fs.readSync(fd, buffer, 0, buffer.length, from);
+    const buffer = Buffer.allocUnsafe(TAIL_CHUNK_BYTES + SIGNED_LINE_END_BYTES);
+    // Chunks from the end backwards, each overlapping the next one up by a signed line's end, so a
+    // match across a chunk boundary is seen whole. Linear in the bytes read, even for a log with
+    // no signed line at all.
+    let end = size;
+    while (end > 0) {
+      const start = Math.max(0, end - TAIL_CHUNK_BYTES);
+      const stop = Math.min(size, end + SIGNED_LINE_END_BYTES);
+      const read = fs.readSync(fd, buffer, 0, stop - start, start);
       const text = buffer.toString('latin1', 0, read);
       let lastEnd = -1;
       for (const match of text.matchAll(SIGNED_LINE_END)) lastEnd = match.index + match[0].length;
-      if (lastEnd >= 0) return from + lastEnd === size ? null : from + lastEnd;
+      if (lastEnd >= 0) return start + lastEnd === size ? null : start + lastEnd;
+      end = start;
     }
     return 0;
   } finally {
