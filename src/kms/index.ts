@@ -214,23 +214,12 @@ class EmbeddedKms implements Kms {
       // Only now, with the key proven, may the log be touched: repaired, then the start line.
       const dropped = this.#repairAuditLog();
       if (dropped > 0) {
-        await this.#run(
-          OpKind.note,
-          [],
-          null,
-          null,
-          { op: 'audit_repair', detail: `dropped ${dropped} bytes of a block cut short by a crash` },
-          null,
-        );
+        await this.#note({
+          op: 'audit_repair',
+          detail: `dropped ${dropped} bytes of a block cut short by a crash`,
+        });
       }
-      await this.#run(
-        OpKind.note,
-        [],
-        null,
-        null,
-        { op: 'start', kekVersion: active.version, detail: `pid ${process.pid}` },
-        null,
-      );
+      await this.#note({ op: 'start', kekVersion: active.version, detail: `pid ${process.pid}` });
     }
     this.#rotation = new KekRotation({
       registry: this.#registry,
@@ -246,7 +235,7 @@ class EmbeddedKms implements Kms {
         });
         return result.wrapped;
       },
-      note: (audit) => this.#run(OpKind.note, [], null, null, audit, null).then(() => undefined),
+      note: (audit) => this.#note(audit),
       onActiveChanged: (version) => {
         this.#kek = { ...this.#kek, activeVersion: version };
       },
@@ -348,6 +337,11 @@ class EmbeddedKms implements Kms {
     this.#pool.enqueue({ kind, deks, input, aad, audit: this.#opts.audit ? audit : null, preError, done });
   }
 
+  /** Writes one audit line and uses no key (start, stop, destroys, existing keys). */
+  #note(audit: AuditFields): Promise<void> {
+    return this.#run(OpKind.note, [], null, null, audit, null).then(() => undefined);
+  }
+
   #run(
     kind: OpKindValue,
     deks: DekRef[],
@@ -409,9 +403,7 @@ class EmbeddedKms implements Kms {
         existing,
         existing.versions.at(-1)?.kek,
       );
-      return this.#run(OpKind.note, [], null, null, { ...audit, detail: 'existing' }, null).then(() =>
-        this.#info(existing),
-      );
+      return this.#note({ ...audit, detail: 'existing' }).then(() => this.#info(existing));
     }
     // Concurrent calls for one thread share one creation; the registry transaction settles races
     // with other processes' callers.
@@ -727,7 +719,7 @@ class EmbeddedKms implements Kms {
       ...this.#audit(op, ctx, record.keyId, record),
       detail: `destroyed [${destroyed.join(',')}]`,
     };
-    await this.#run(OpKind.note, [], null, null, audit, null);
+    await this.#note(audit);
     return { keyId: record.keyId, destroyedVersions: destroyed };
   }
 
@@ -811,9 +803,7 @@ class EmbeddedKms implements Kms {
     await this.#rotation?.stop();
     await this.#pool.idle();
     if (this.#opts.audit && !(this.#auditFile?.failed ?? true)) {
-      await this.#run(OpKind.note, [], null, null, { op: 'stop', detail: `pid ${process.pid}` }, null).catch(
-        () => {},
-      );
+      await this.#note({ op: 'stop', detail: `pid ${process.pid}` }).catch(() => {});
     }
     this.#closed = true;
     const { workers, zeroed } = await this.#pool.close();
