@@ -5,7 +5,6 @@
  */
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
 import { tornTailStart } from '../src/kms/audit-file.js';
@@ -20,6 +19,7 @@ import {
   ROOT,
   runProcess,
   startChild,
+  tempDir,
   writeScript,
 } from './helpers/kms.js';
 
@@ -144,9 +144,7 @@ test('a block cut short by a crash is dropped at the next start, recorded, and t
 });
 
 test('tornTailStart finds the last signed line from the end, across chunk boundaries', (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'torn-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'log');
+  const file = path.join(tempDir(t, 'torn-'), 'log');
   const signed = `{"v":1,"n":0,"op":"start","mac":"${'ab'.repeat(32)}"}\n`;
   const unsigned = (bytes: number) =>
     `{"v":1,"op":"encrypt","pad":"${'x'.repeat(bytes - 30)}"}\n`.padEnd(bytes, ' ');
@@ -326,7 +324,6 @@ test('a runtime audit write failure fails the operation and every later one (fai
     'efbig',
     `import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import { createKms } from 'KMS_MODULE';
 const [dataDir, keyFile, keyId] = process.argv.slice(2);
 const kms = await createKms({ dataDir, masterKeyFile: keyFile, poolSize: 2 });

@@ -6,7 +6,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
 import type { RotationStatus } from '../src/protocol.js';
-import { type Child, openKms, pollUntil, runChild, startChild, writeScript } from './helpers/kms.js';
+import { type Child, openKms, runChild, startChild, writeScript } from './helpers/kms.js';
+import { until } from './helpers/server.js';
 
 const DEKS = 30_000;
 const SAMPLE_EVERY = 100;
@@ -64,10 +65,14 @@ function statuses(child: Child): RotationStatus[] {
  * rewraps are computed while the previous batch commits), hence margins of a few batches.
  */
 async function killMidRotation(child: Child, after: number): Promise<RotationStatus> {
-  const seen = await pollUntil('the rotation to be part-way', 60_000, () => {
-    if (child.stdout().includes('error')) throw new Error(child.stdout());
-    return statuses(child).find((s) => s.state === 'running' && s.done > after && s.done < s.total);
-  });
+  const seen = await until(
+    'the rotation to be part-way',
+    () => {
+      if (child.stdout().includes('error')) throw new Error(child.stdout());
+      return statuses(child).find((s) => s.state === 'running' && s.done > after && s.done < s.total);
+    },
+    60_000,
+  );
   child.kill('SIGKILL');
   const exit = await child.exited;
   if (exit.signal !== 'SIGKILL') throw new Error(`child exited on its own: ${exit.code} ${exit.stderr}`);
@@ -133,10 +138,14 @@ test('kill -9 during KEK rotation: every key decrypts before and after, and rest
 
   // 3. Restart normally: the background resume finishes the rotation.
   kms = await fixture.reopen({ poolSize: 2 });
-  const finished = await pollUntil('the resumed rotation to complete', 60_000, async () => {
-    const s = await kms.rotationStatus();
-    return s.state === 'completed' ? s : undefined;
-  });
+  const finished = await until(
+    'the resumed rotation to complete',
+    async () => {
+      const s = await kms.rotationStatus();
+      return s.state === 'completed' ? s : undefined;
+    },
+    60_000,
+  );
   t.like(finished, { activeKekVersion: 2, targetKekVersion: 2, kekVersions: [2], done: DEKS, total: DEKS });
   await checkSamples(kms, 'after the resumed rotation');
   const after = await Promise.all(samples.map(async (s) => (await kms.getWrappedDek(s.keyId)).kekVersion));

@@ -13,13 +13,13 @@ import {
   auditPath,
   expectCode,
   openKms,
-  pollUntil,
   randomKeyHex,
   startChild,
   tempDir,
   writeMasterKey,
   writeScript,
 } from './helpers/kms.js';
+import { until } from './helpers/server.js';
 
 function sha256(file: string): string {
   return createHash('sha256').update(fs.readFileSync(file)).digest('hex');
@@ -176,8 +176,10 @@ setInterval(() => {}, 1000);
 `,
   );
   const child = startChild(t, script, [fixture.dataDir, fixture.keyFile]);
-  await pollUntil('the child to open the KMS', 20_000, () =>
-    child.stdout().includes('ready') ? true : undefined,
+  await until(
+    'the child to open the KMS',
+    () => (child.stdout().includes('ready') ? true : undefined),
+    20_000,
   );
   const lockFile = path.join(fixture.dataDir, 'kms.lock');
   t.is(fs.readFileSync(lockFile, 'utf8').trim(), String(child.pid));
@@ -238,8 +240,10 @@ test('close(): later calls reject with NOT_READY, closing twice is fine, workers
 
   await Promise.all([kms.close(), kms.close()]);
   await kms.close();
-  await pollUntil('both workers to confirm zeroing their keys', 5000, () =>
-    zeroed.size >= 2 ? true : undefined,
+  await until(
+    'both workers to confirm zeroing their keys',
+    () => (zeroed.size >= 2 ? true : undefined),
+    5000,
   );
   t.is(zeroed.size, 2, 'each of the two workers, not one twice');
 

@@ -134,21 +134,6 @@ export async function captureStdout<T>(fn: () => Promise<T>): Promise<{ result: 
   }
 }
 
-/** Polls `check` until it returns a value other than undefined, or fails after `ms`. */
-export async function pollUntil<T>(
-  what: string,
-  ms: number,
-  check: () => T | undefined | Promise<T | undefined>,
-): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}
-
 /**
  * Writes a child script (ESM TypeScript, `.mts` so it is a module outside the package) into
  * `dir`. `KMS_MODULE` in the source is replaced by the KMS entry URL.
