@@ -13,14 +13,12 @@ import path from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { kmsError } from './errors.js';
+import { describeMasterKeyRef, type MasterKeyRef } from './protocol.js';
 
 export type KmsMode = 'embedded' | 'external';
 
 /** Where the embedded KMS finds the master key; never the key itself. */
-export type MasterKeySource =
-  | { kind: 'file'; path: string }
-  | { kind: 'env'; name: string }
-  | { kind: 'config'; path: string };
+export type MasterKeySource = MasterKeyRef;
 
 export interface ApiKey {
   name: string;
@@ -318,7 +316,7 @@ export function loadConfig(opts: LoadConfigOptions = {}): ServerConfig {
   if (c.kms_mode === 'external' && c.use_encryption && masterKey !== null) {
     throw kmsError(
       'MASTER_KEY_REFUSED',
-      `a master key was given (${describeMasterKey(masterKey)}) but PROGRESSDB_KMS_MODE is external: ` +
+      `a master key was given (${describeMasterKeyRef(masterKey)}) but PROGRESSDB_KMS_MODE is external: ` +
         'the external KMS (progressdb-kms) must hold the master key; remove it from the server configuration',
     );
   }
@@ -394,17 +392,6 @@ function resolveMasterKey(
   if (fileSetting !== undefined) return { kind: 'file', path: path.resolve(fileSetting) };
   if (masterKeyInFile && configFile) return { kind: 'config', path: configFile };
   return null;
-}
-
-function describeMasterKey(source: MasterKeySource): string {
-  switch (source.kind) {
-    case 'file':
-      return `master key file ${source.path}`;
-    case 'env':
-      return `environment variable ${source.name}`;
-    case 'config':
-      return `master_key in ${source.path}`;
-  }
 }
 
 function configError(problems: string[]) {

@@ -182,6 +182,18 @@ export type MasterKeyRef =
   /** Discouraged: hex in a config file (`master_key`); the worker reads the file itself. */
   | { kind: 'config'; path: string };
 
+/** Names a master key source in messages (never its value). */
+export function describeMasterKeyRef(ref: MasterKeyRef): string {
+  switch (ref.kind) {
+    case 'file':
+      return `master key file ${ref.path}`;
+    case 'env':
+      return `environment variable ${ref.name}`;
+    case 'config':
+      return `master_key in config file ${ref.path}`;
+  }
+}
+
 export interface WorkerInit {
   masterKey: MasterKeyRef;
   /** Max unwrapped DEK versions cached per worker (LRU, zeroed on eviction). */

@@ -6,7 +6,7 @@
 import { hkdfSync } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { parse as parseYaml } from 'yaml';
-import type { MasterKeyRef } from '../src/protocol.js';
+import { describeMasterKeyRef, type MasterKeyRef } from '../src/protocol.js';
 
 export interface RootKeys {
   kekWrapKey: Buffer;
@@ -20,17 +20,6 @@ export function coded(code: string, message: string): Error {
 
 const HEX_KEY = /^[0-9a-fA-F]{64}$/;
 
-function describe(ref: MasterKeyRef): string {
-  switch (ref.kind) {
-    case 'file':
-      return `master key file ${ref.path}`;
-    case 'env':
-      return `environment variable ${ref.name}`;
-    case 'config':
-      return `master_key in config file ${ref.path}`;
-  }
-}
-
 function readHex(ref: MasterKeyRef): string {
   switch (ref.kind) {
     case 'file': {
@@ -38,13 +27,13 @@ function readHex(ref: MasterKeyRef): string {
         return readFileSync(ref.path, 'utf8').trim();
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
-        throw coded('MASTER_KEY_MISSING', `cannot read ${describe(ref)} (${code ?? 'error'})`);
+        throw coded('MASTER_KEY_MISSING', `cannot read ${describeMasterKeyRef(ref)} (${code ?? 'error'})`);
       }
     }
     case 'env': {
       const value = process.env[ref.name];
       if (value === undefined || value === '')
-        throw coded('MASTER_KEY_MISSING', `${describe(ref)} is not set`);
+        throw coded('MASTER_KEY_MISSING', `${describeMasterKeyRef(ref)} is not set`);
       return value.trim();
     }
     case 'config': {
@@ -55,7 +44,8 @@ function readHex(ref: MasterKeyRef): string {
         throw coded('MASTER_KEY_MISSING', `cannot read or parse config file ${ref.path}`);
       }
       const value = (doc as { master_key?: unknown } | null)?.master_key;
-      if (typeof value !== 'string') throw coded('MASTER_KEY_MISSING', `${describe(ref)} is missing`);
+      if (typeof value !== 'string')
+        throw coded('MASTER_KEY_MISSING', `${describeMasterKeyRef(ref)} is missing`);
       return value.trim();
     }
   }
@@ -64,7 +54,10 @@ function readHex(ref: MasterKeyRef): string {
 export function loadRootKeys(ref: MasterKeyRef): RootKeys {
   const hex = readHex(ref);
   if (!HEX_KEY.test(hex)) {
-    throw coded('MASTER_KEY_INVALID', `${describe(ref)} must hold exactly 64 hex characters (32 bytes)`);
+    throw coded(
+      'MASTER_KEY_INVALID',
+      `${describeMasterKeyRef(ref)} must hold exactly 64 hex characters (32 bytes)`,
+    );
   }
   const master = Buffer.from(hex, 'hex');
   try {
