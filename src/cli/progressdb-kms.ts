@@ -7,6 +7,7 @@
 import { Command, InvalidArgumentError } from 'commander';
 import { CodedError } from '../errors.js';
 import type { ServeFlags } from '../kms-server/config.js';
+import { tuneHeapForThroughput } from './heap-tuning.js';
 
 // Each sub-command loads only what it needs: keygen should not pay for Koa, LMDB and the pool.
 const commands = () => import('../kms/cli-commands.js');
@@ -65,7 +66,12 @@ program
   .option('--max-frame-bytes <n>', 'largest bridge frame (default 8388608)', wholeNumber)
   .option('--max-batch-items <n>', 'most items in one batch (default 1024)', wholeNumber)
   .option('--insecure', 'allow a non-loopback listener without TLS or tokens (not for production)')
-  .action((opts: ServeFlags) => exitWith(async () => (await import('../kms-server/serve.js')).serve(opts))());
+  .action((opts: ServeFlags) =>
+    exitWith(async () => {
+      tuneHeapForThroughput();
+      return (await import('../kms-server/serve.js')).serve(opts);
+    })(),
+  );
 
 program
   .command('keygen')

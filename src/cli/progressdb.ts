@@ -16,6 +16,7 @@ import { toCodedError } from '../errors.js';
 import { generateMasterKeyFile } from '../kms/index.js';
 import { createLogger } from '../log.js';
 import { startServer } from '../server/index.js';
+import { tuneHeapForThroughput } from './heap-tuning.js';
 
 interface CliOptions {
   config?: string;
@@ -70,6 +71,7 @@ function warnDevelopment(made: { masterKey?: string; adminKey?: string }): void 
 }
 
 async function main(opts: CliOptions): Promise<void> {
+  tuneHeapForThroughput();
   const config = loadConfig({
     configFile: opts.config,
     overrides: {
