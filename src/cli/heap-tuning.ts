@@ -8,7 +8,7 @@
  * daemon was running a full mark-compact every ~55 ms (86 in 5 s at ~90k bridge ops/s of 1 KiB),
  * with the concurrent marking threads taking ~3.6 µs of CPU per op. Letting the limit grow
  * further past the live heap takes that to a few per run: +20% bridge throughput on this machine,
- * for ~40 MB more peak RSS (`.scratch` A/B in the bench notes of the README).
+ * for ~40 MB more peak RSS (README, "How it stays fast"; 200 gave no measurable gain).
  *
  * --heap-growing-percent is the one such flag that V8 reads at every GC, so it can be set from
  * inside the process (the others, such as --initial-old-space-size, only at start-up, and Node
