@@ -24,39 +24,49 @@ const MAC_SUFFIX_LENGTH = MAC_FIELD.length + MAC_BYTES * 2 + 2;
 export type Outcome = 'ok' | 'error';
 
 /**
- * The part of a line that depends only on its fields (op, key, thread, KEK version, caller, ...).
- * Ops of a task share their fields object, so this is rendered once per object, not once per line.
+ * The part of a line that depends only on its fields (op, key, thread, KEK version, caller, ...),
+ * as UTF-8. Ops of a task share their fields object, so this is rendered and encoded once per
+ * object, not once per line.
  */
-const fieldsText = new WeakMap<AuditFields, string>();
+const fieldsBytes = new WeakMap<AuditFields, Buffer>();
 
-function fieldsPart(fields: AuditFields): string {
-  let text = fieldsText.get(fields);
-  if (text === undefined) {
-    text = `,"op":${JSON.stringify(fields.op)}`;
+function fieldsPart(fields: AuditFields): Buffer {
+  let bytes = fieldsBytes.get(fields);
+  if (bytes === undefined) {
+    let text = `,"op":${JSON.stringify(fields.op)}`;
     if (fields.keyId !== undefined) text += `,"key_id":${JSON.stringify(fields.keyId)}`;
     if (fields.threadId !== undefined) text += `,"thread_id":${JSON.stringify(fields.threadId)}`;
     if (fields.kekVersion !== undefined) text += `,"kek_version":"${fields.kekVersion}"`;
     if (fields.caller !== undefined) text += `,"caller":${JSON.stringify(fields.caller)}`;
     if (fields.remote !== undefined) text += `,"remote":${JSON.stringify(fields.remote)}`;
     if (fields.detail !== undefined) text += `,"detail":${JSON.stringify(fields.detail)}`;
-    fieldsText.set(fields, text);
+    bytes = Buffer.from(text, 'utf8');
+    fieldsBytes.set(fields, bytes);
   }
-  return text;
+  return bytes;
 }
 
-function lineText(
-  fields: AuditFields,
-  ts: string,
-  stream: string,
-  n: number,
-  outcome: Outcome,
-  code: string | null,
-): string {
-  const result = code === null ? `"outcome":"${outcome}"` : `"outcome":"${outcome}","code":"${code}"`;
-  return `{"v":1,"ts":"${ts}","s":"${stream}","n":${n},${result}${fieldsPart(fields)}`;
+const OUTCOME_OK = Buffer.from(',"outcome":"ok"', 'latin1');
+/** Error codes are a short fixed list (errors.ts), so their outcome parts are kept. */
+const outcomeErrorBytes = new Map<string, Buffer>();
+
+function outcomePart(outcome: Outcome, code: string | null): Buffer {
+  if (outcome === 'ok' && code === null) return OUTCOME_OK;
+  const key = `${outcome}/${code ?? ''}`;
+  let bytes = outcomeErrorBytes.get(key);
+  if (bytes === undefined) {
+    const text = code === null ? `,"outcome":"${outcome}"` : `,"outcome":"${outcome}","code":"${code}"`;
+    bytes = Buffer.from(text, 'utf8');
+    outcomeErrorBytes.set(key, bytes);
+  }
+  return bytes;
 }
 
-/** A sealed block: the first `length` bytes of `buffer`, valid until the stream's next seal(). */
+/** Most bytes a line's sequence number takes in decimal (n < 2^53). */
+const MAX_SEQUENCE_DIGITS = 16;
+const CLOSE_LINE = 2; // `}\n`
+
+/** A sealed block: the first `length` bytes of `buffer`, valid until the stream's next add(). */
 export interface SealedBlock {
   buffer: Buffer;
   length: number;
@@ -67,38 +77,63 @@ export class AuditStream {
   #key: Buffer;
   #next = 0;
   #prevMac = Buffer.alloc(MAC_BYTES);
-  /** The open block's lines, each ending `}\n`. */
-  #text = '';
   /**
-   * Sealed blocks are encoded once into this buffer, reused from block to block, and both hashed
-   * and written from it: hashing a string and then encoding it again for the write cost more than
-   * the hashing itself.
+   * The open block's lines, each ending `}\n`, written as bytes straight into this buffer, which is
+   * reused from block to block and both hashed and written from. Building each line as a string
+   * and encoding the block afterwards cost about as much as everything else the audit does.
    */
   #block = Buffer.allocUnsafeSlow(64 * 1024);
+  #length = 0;
+  /** `{"v":1,"ts":"<ts>","s":"<id>","n":` for the last timestamp seen (one per task). */
+  #prefixTs = '';
+  #prefix = Buffer.alloc(0);
 
   constructor(auditKey: Buffer) {
     this.#key = auditKey;
   }
 
+  /** The line `{"v":1,"ts":…,"s":…,"n":…,"outcome":…<fields>}` plus a newline. */
   add(fields: AuditFields, ts: string, outcome: Outcome, code: string | null): void {
-    this.#text += `${lineText(fields, ts, this.id, this.#next++, outcome, code)}}\n`;
+    if (ts !== this.#prefixTs) {
+      this.#prefixTs = ts;
+      this.#prefix = Buffer.from(`{"v":1,"ts":"${ts}","s":"${this.id}","n":`, 'utf8');
+    }
+    const prefix = this.#prefix;
+    const result = outcomePart(outcome, code);
+    const rest = fieldsPart(fields);
+    this.#ensure(prefix.length + MAX_SEQUENCE_DIGITS + result.length + rest.length + CLOSE_LINE);
+    const block = this.#block;
+    let at = this.#length;
+    block.set(prefix, at);
+    at = writeDecimal(block, at + prefix.length, this.#next++);
+    block.set(result, at);
+    at += result.length;
+    block.set(rest, at);
+    at += rest.length;
+    block[at++] = 0x7d; // }
+    block[at++] = 0x0a; // \n
+    this.#length = at;
+  }
+
+  #ensure(bytes: number): void {
+    // Room for the MAC suffix too, so seal() never has to grow the buffer.
+    const needed = this.#length + bytes + MAC_SUFFIX_LENGTH;
+    if (needed <= this.#block.length) return;
+    const grown = Buffer.allocUnsafeSlow(Math.max(needed, this.#block.length * 2));
+    this.#block.copy(grown, 0, 0, this.#length);
+    this.#block = grown;
   }
 
   /**
    * Closes the open block: its bytes (lines newline-terminated, the last one signed), valid until
-   * the next seal(), or null if the block is empty. The MAC covers the block as written but for the
+   * the next add(), or null if the block is empty. The MAC covers the block as written but for the
    * last line's final newline, before `mac` is added to it.
    */
   seal(): SealedBlock | null {
-    const text = this.#text;
-    if (text.length === 0) return null;
-    this.#text = '';
-    // UTF-8 needs at most 3 bytes per UTF-16 unit.
-    const room = text.length * 3 + MAC_SUFFIX_LENGTH;
-    if (room > this.#block.length)
-      this.#block = Buffer.allocUnsafeSlow(Math.max(room, this.#block.length * 2));
+    const length = this.#length;
+    if (length === 0) return null;
+    this.#length = 0;
     const block = this.#block;
-    const length = block.write(text, 0, 'utf8');
     const mac = createHmac('sha256', this.#key)
       .update(this.#prevMac)
       .update(block.subarray(0, length - 1))
@@ -111,6 +146,18 @@ export class AuditStream {
     at += block.write('"}\n', at, 'latin1');
     return { buffer: block, length: at };
   }
+}
+
+/** Writes `n` (a non-negative safe integer) in decimal at `at`; returns the position after it. */
+function writeDecimal(out: Buffer, at: number, n: number): number {
+  let digits = 1;
+  for (let rest = n; rest >= 10; rest = Math.floor(rest / 10)) digits++;
+  let rest = n;
+  for (let i = at + digits - 1; i >= at; i--) {
+    out[i] = 0x30 + (rest % 10);
+    rest = Math.floor(rest / 10);
+  }
+  return at + digits;
 }
 
 interface StreamState {

@@ -1,0 +1,74 @@
+/**
+ * AuditStream writes each line as bytes straight into its block buffer. These tests read what it
+ * wrote back as text: every line must be the JSON it stands for (UTF-8 fields, error codes,
+ * multi-digit sequence numbers), and blocks, small or past the buffer's initial 64 KiB, must
+ * verify.
+ */
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import test from 'ava';
+import type { AuditFields } from '../src/protocol.js';
+import { AuditStream, verifyAuditFile } from '../workers/audit-stream.js';
+import { tempDir } from './helpers/kms.js';
+
+const FIELDS: AuditFields[] = [
+  { op: 'encrypt', keyId: 'dek_1', threadId: 't1', kekVersion: 3, caller: 'anonymous', remote: '127.0.0.1' },
+  {
+    op: 'decrypt',
+    keyId: 'dek_ü',
+    threadId: 'thread "quoted" \\ \n',
+    caller: 'ユーザー',
+    detail: 'a\u2028b',
+  },
+  { op: 'start', detail: 'pid 1' },
+];
+
+test('lines are the JSON of their fields, in sequence, and every block verifies', (t) => {
+  const auditKey = randomBytes(32);
+  const stream = new AuditStream(auditKey);
+  const file = path.join(tempDir(t), 'kms-audit.log');
+  const expected: { fields: AuditFields; code: string | null; ts: string }[] = [];
+  // Blocks of 1 to 700 lines: the largest (~150 KiB) outgrows the initial buffer.
+  for (const lines of [1, 2, 64, 700, 3]) {
+    const ts = new Date(Date.UTC(2026, 10, 28, 23, 0, lines)).toISOString();
+    for (let i = 0; i < lines; i++) {
+      const fields = FIELDS[i % FIELDS.length]!;
+      const code = i % 5 === 4 ? 'DECRYPT_FAILED' : null;
+      stream.add(fields, ts, code === null ? 'ok' : 'error', code);
+      expected.push({ fields, code, ts });
+    }
+    const block = stream.seal();
+    if (block === null) return t.fail('a block with lines sealed to nothing');
+    fs.appendFileSync(file, block.buffer.subarray(0, block.length));
+  }
+  t.is(stream.seal(), null);
+
+  const lines = fs.readFileSync(file, 'utf8').split('\n');
+  t.is(lines.pop(), '');
+  t.is(lines.length, expected.length);
+  lines.forEach((line, n) => {
+    const { fields, code, ts } = expected[n]!;
+    const record = JSON.parse(line) as Record<string, unknown>;
+    t.is(record.n, n);
+    t.is(record.s, stream.id);
+    t.is(record.ts, ts);
+    t.is(record.outcome, code === null ? 'ok' : 'error');
+    t.is(record.code, code ?? undefined);
+    t.is(record.op, fields.op);
+    t.is(record.key_id, fields.keyId);
+    t.is(record.thread_id, fields.threadId);
+    t.is(record.kek_version, fields.kekVersion === undefined ? undefined : String(fields.kekVersion));
+    t.is(record.caller, fields.caller);
+    t.is(record.remote, fields.remote);
+    t.is(record.detail, fields.detail);
+  });
+  t.deepEqual(verifyAuditFile(auditKey, file), {
+    ok: true,
+    linesVerified: expected.length,
+    firstBadLine: null,
+    reason: null,
+  });
+  // And the signature is over exactly those bytes: any other key rejects the first block.
+  t.false(verifyAuditFile(randomBytes(32), file).ok);
+});
