@@ -10,9 +10,9 @@
  * further past the live heap takes that to a few per run: +20% bridge throughput on this machine,
  * for ~40 MB more peak RSS (README, "How it stays fast"; 200 gave no measurable gain).
  *
- * --heap-growing-percent is the one such flag that V8 reads at every GC, so it can be set from
- * inside the process (the others, such as --initial-old-space-size, only at start-up, and Node
- * does not accept them in NODE_OPTIONS).
+ * V8 reads --heap-growing-percent each time it sets the limit after a GC, so it can be set from
+ * inside the running process. --initial-old-space-size worked as well in the A/B, but only on the
+ * node command line: Node refuses it in NODE_OPTIONS, and setting it at run time does nothing.
  */
 import v8 from 'node:v8';
 
