@@ -5,13 +5,12 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createCipheriv, createDecipheriv, randomBytes, randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import autocannon, { type AutocannonRequest } from 'autocannon';
 import { createKms, generateMasterKeyFile, type Kms } from '../src/index.js';
+import { cleanEnv, freePort, until } from '../test/helpers/processes.js';
 
 export function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
@@ -239,35 +238,6 @@ process.once('exit', () => {
   for (const child of children) child.kill('SIGKILL');
 });
 
-/** The parent's environment without PROGRESSDB_* settings, plus `extra`. */
-export function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('PROGRESSDB_')) env[k] = v;
-  return { ...env, ...extra };
-}
-
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as net.AddressInfo;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-/** Polls `check` until it returns something other than undefined; fails after `ms`. */
-export async function until<T>(what: string, check: () => Promise<T | undefined>, ms = 30_000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await delay(25);
-  }
-}
-
 export class Child {
   stdout = '';
   stderr = '';
@@ -387,10 +357,14 @@ export async function startKmsDaemon(
   const args = ['serve', '--endpoint', http, '--data-dir', dataDir, '--master-key-file', masterKeyFile];
   if (bridge !== null) args.push('--bridge-endpoint', bridge);
   const child = spawnNode('progressdb-kms', KMS_CLI, args, { env: cleanEnv(opts.env), cwd: dir });
-  await until('the KMS daemon /healthz', async () => {
-    child.checkAlive();
-    return httpOk(`http://${http}/healthz`);
-  });
+  await until(
+    'the KMS daemon /healthz',
+    async () => {
+      child.checkAlive();
+      return httpOk(`http://${http}/healthz`);
+    },
+    30_000,
+  );
   return { child, http, bridge, dataDir, masterKeyFile };
 }
 

@@ -7,7 +7,7 @@ import path from 'node:path';
 import test from 'ava';
 import type { RotationStatus } from '../src/protocol.js';
 import { type Child, openKms, runChild, startChild, writeScript } from './helpers/kms.js';
-import { until } from './helpers/server.js';
+import { until } from './helpers/processes.js';
 
 const DEKS = 30_000;
 const SAMPLE_EVERY = 100;

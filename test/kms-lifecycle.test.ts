@@ -19,7 +19,7 @@ import {
   writeMasterKey,
   writeScript,
 } from './helpers/kms.js';
-import { until } from './helpers/server.js';
+import { until } from './helpers/processes.js';
 
 function sha256(file: string): string {
   return createHash('sha256').update(fs.readFileSync(file)).digest('hex');

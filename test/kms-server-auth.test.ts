@@ -19,7 +19,8 @@ import {
   request,
   spawnDaemon,
 } from './helpers/kms-daemon.js';
-import { tempDir, until } from './helpers/server.js';
+import { until } from './helpers/processes.js';
+import { tempDir } from './helpers/server.js';
 
 const APP_TOKEN = 'app-token-0123456789abcdef';
 const OPS_TOKEN = 'ops-token-from-a-file-0123456789';

@@ -5,7 +5,7 @@
  */
 import test from 'ava';
 import { b64, type Daemon, postJson, request, spawnDaemon } from './helpers/kms-daemon.js';
-import { until } from './helpers/server.js';
+import { until } from './helpers/processes.js';
 
 let daemon: Daemon;
 let base: string;

@@ -11,7 +11,8 @@ import type { CodedError } from '../src/errors.js';
 import type { EncryptResult, Kms } from '../src/protocol.js';
 import { createRemoteKms } from '../src/remote/index.js';
 import { type Daemon, keygen, spawnDaemon } from './helpers/kms-daemon.js';
-import { KMS_CLI, runCli, tempDir, until } from './helpers/server.js';
+import { until } from './helpers/processes.js';
+import { KMS_CLI, runCli, tempDir } from './helpers/server.js';
 
 const KEYS = 20_000;
 

@@ -9,7 +9,7 @@ import type { CodedError } from '../src/errors.js';
 import type { Kms } from '../src/protocol.js';
 import { createRemoteKms } from '../src/remote/index.js';
 import { type Daemon, spawnDaemon } from './helpers/kms-daemon.js';
-import { until } from './helpers/server.js';
+import { until } from './helpers/processes.js';
 
 const transports = [
   ['http', (d: Daemon) => `http://${d.http}`],

@@ -7,7 +7,8 @@ import path from 'node:path';
 import test from 'ava';
 import { loadConfig } from '../src/config.js';
 import { CodedError } from '../src/errors.js';
-import { cleanEnv, freePort, runCli, SERVER_CLI, tempDir, until } from './helpers/server.js';
+import { cleanEnv, freePort, until } from './helpers/processes.js';
+import { runCli, SERVER_CLI, tempDir } from './helpers/server.js';
 
 function configError(fn: () => unknown): CodedError {
   try {

@@ -4,7 +4,8 @@
  */
 import test from 'ava';
 import { missingOrWrong, seed, Traffic } from './helpers/load.js';
-import { filesContaining, startKmsDaemon, startServer, until } from './helpers/server.js';
+import { until } from './helpers/processes.js';
+import { filesContaining, startKmsDaemon, startServer } from './helpers/server.js';
 
 test('external KMS: life cycle, then the KMS killed and restarted under load', async (t) => {
   let daemon = await startKmsDaemon();

@@ -4,7 +4,8 @@
  */
 import test from 'ava';
 import { missingOrWrong, seed, Traffic } from './helpers/load.js';
-import { startServer, until } from './helpers/server.js';
+import { until } from './helpers/processes.js';
+import { startServer } from './helpers/server.js';
 
 test('thread DEK rotation and KEK rotation while a writer and a reader run lose nothing', async (t) => {
   const server = await startServer({

@@ -10,7 +10,8 @@ import https from 'node:https';
 import { connect, type Socket } from 'node:net';
 import path from 'node:path';
 import { type Frame, FrameDecoder } from '../../src/wire/bridge-codec.js';
-import { cleanEnv, type ExitInfo, KMS_CLI, runCli, tempDir, until } from './server.js';
+import { cleanEnv, until } from './processes.js';
+import { type ExitInfo, KMS_CLI, runCli, tempDir } from './server.js';
 
 const running = new Set<ChildProcess>();
 process.on('exit', () => {

@@ -5,12 +5,11 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { generateMasterKeyFile } from '../../src/kms/index.js';
+import { cleanEnv, freePort, until } from './processes.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const SERVER_CLI = path.join(ROOT, 'dist/src/cli/progressdb.js');
@@ -18,39 +17,6 @@ export const KMS_CLI = path.join(ROOT, 'dist/src/cli/progressdb-kms.js');
 
 export function tempDir(prefix = 'pdb-test-'): string {
   return mkdtempSync(path.join(tmpdir(), prefix));
-}
-
-/** The parent's environment without any PROGRESSDB_* setting, so tests start from defaults. */
-export function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('PROGRESSDB_')) env[k] = v;
-  return { ...env, ...extra };
-}
-
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-/** Polls `check` until it returns a value other than undefined, or fails after `ms`. */
-export async function until<T>(
-  what: string,
-  check: () => Promise<T | undefined> | T | undefined,
-  ms = 15_000,
-) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await delay(20);
-  }
 }
 
 export interface ExitInfo {
