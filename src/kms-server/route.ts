@@ -92,14 +92,37 @@ function parseField(name: string, kind: FieldKind, value: unknown): string | Buf
   return value;
 }
 
+export interface SchemaOptions {
+  /**
+   * Refuse fields the schema does not name: a caller that sends an option we do not have (a
+   * typo, or another KMS's API) learns it was not applied instead of getting a silent 200.
+   */
+  strict?: boolean;
+  /** Appended to the refusal of an unknown field, to say what to do instead. */
+  unknownFieldHint?: string;
+}
+
 /** Precompiles a schema into a parser for a JSON object (or a query string record). */
-export function compileSchema<S extends Schema>(schema: S): (input: unknown) => Parsed<S> {
+export function compileSchema<S extends Schema>(
+  schema: S,
+  options: SchemaOptions = {},
+): (input: unknown) => Parsed<S> {
   const fields = Object.entries(schema).map(([name, spec]) => ({ name, ...spec }));
+  const known = new Set(fields.map((f) => f.name));
+  const hint = options.unknownFieldHint === undefined ? '' : `: ${options.unknownFieldHint}`;
   return (input) => {
     if (typeof input !== 'object' || input === null || Array.isArray(input)) {
       throw kmsError('INVALID_INPUT', 'expected a JSON object');
     }
     const record = input as Record<string, unknown>;
+    if (options.strict) {
+      for (const name of Object.keys(record)) {
+        if (!known.has(name)) {
+          // The name is the caller's text: quoted, and cut so a huge key cannot bloat the answer.
+          throw invalid(name.slice(0, 64), `is not accepted here${hint}`);
+        }
+      }
+    }
     const out: Record<string, unknown> = {};
     for (const f of fields) {
       const value = Object.hasOwn(record, f.name) ? record[f.name] : undefined;

@@ -2,7 +2,7 @@
 import { dekInfoToWire, HTTP_ROUTES } from '../../wire/http-json.js';
 import { compileSchema, jsonReply, type RouteSpec } from '../route.js';
 
-const parse = compileSchema({ thread_id: { kind: 'id' } });
+const parse = compileSchema({ thread_id: { kind: 'id' } }, { strict: true });
 
 export const createDekForThreadRoute: RouteSpec = {
   ...HTTP_ROUTES.create_dek_for_thread,

@@ -2,7 +2,10 @@
 import { destroyResultToWire, HTTP_ROUTES } from '../../wire/http-json.js';
 import { compileSchema, jsonReply, type RouteSpec } from '../route.js';
 
-const parse = compileSchema({ key_id: { kind: 'id' }, keep_from_version: { kind: 'uint' } });
+const parse = compileSchema(
+  { key_id: { kind: 'id' }, keep_from_version: { kind: 'uint' } },
+  { strict: true },
+);
 
 export const destroyDekVersionsBeforeRoute: RouteSpec = {
   ...HTTP_ROUTES.destroy_dek_versions_before,

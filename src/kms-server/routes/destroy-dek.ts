@@ -2,7 +2,7 @@
 import { destroyResultToWire, HTTP_ROUTES } from '../../wire/http-json.js';
 import { compileSchema, jsonReply, type RouteSpec } from '../route.js';
 
-const parse = compileSchema({ key_id: { kind: 'id' } });
+const parse = compileSchema({ key_id: { kind: 'id' } }, { strict: true });
 
 export const destroyDekRoute: RouteSpec = {
   ...HTTP_ROUTES.destroy_dek,

@@ -2,11 +2,14 @@
 import { encryptResultToWire, HTTP_ROUTES } from '../../wire/http-json.js';
 import { compileSchema, jsonReply, type RouteSpec } from '../route.js';
 
-const parse = compileSchema({
-  key_id: { kind: 'id' },
-  ciphertext: { kind: 'base64' },
-  aad: { kind: 'base64', optional: true },
-});
+const parse = compileSchema(
+  {
+    key_id: { kind: 'id' },
+    ciphertext: { kind: 'base64' },
+    aad: { kind: 'base64', optional: true },
+  },
+  { strict: true },
+);
 
 export const reencryptRoute: RouteSpec = {
   ...HTTP_ROUTES.reencrypt,

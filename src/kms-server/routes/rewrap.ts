@@ -2,7 +2,18 @@
 import { dekInfoToWire, HTTP_ROUTES } from '../../wire/http-json.js';
 import { compileSchema, jsonReply, type RouteSpec } from '../route.js';
 
-const parse = compileSchema({ key_id: { kind: 'id' } });
+// ProgressDB's Go server sends {"key_id","new_kek_hex"} here, expecting a rewrap under its own KEK.
+// This KMS generates its KEKs itself and never accepts or reveals one, so a caller's KEK is
+// refused (not silently ignored, which would look like a rotation to that key).
+const parse = compileSchema(
+  { key_id: { kind: 'id' } },
+  {
+    strict: true,
+    unknownFieldHint:
+      'the KEK never leaves the KMS and cannot be supplied; /rewrap rewraps under the active KEK, ' +
+      'and POST /rotate_kek rotates to a new KEK the KMS generates',
+  },
+);
 
 export const rewrapRoute: RouteSpec = {
   ...HTTP_ROUTES.rewrap,
