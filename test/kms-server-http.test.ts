@@ -301,6 +301,66 @@ test('POST /rotate_kek starts a rotation; GET /rotate_kek reports it; /rewrap us
   t.is(missing.status, 404);
 });
 
+test('POST /rewrap refuses a caller-supplied KEK (the Go server sends new_kek_hex) with 400', async (t) => {
+  const keyId = await newKey('thread-rewrap-kek');
+  const before = await request(base, `/get_wrapped?key_id=${keyId}`);
+  const res = await postJson(base, '/rewrap', { key_id: keyId, new_kek_hex: 'ab'.repeat(32) });
+  t.is(res.status, 400);
+  t.is(res.json.error.code, 'INVALID_INPUT');
+  t.regex(res.json.error.message, /new_kek_hex/);
+  t.regex(res.json.error.message, /never leaves the KMS/);
+  t.regex(res.json.error.message, /\/rotate_kek/);
+  const after = await request(base, `/get_wrapped?key_id=${keyId}`);
+  t.is(after.json.wrapped, before.json.wrapped, 'nothing was rewrapped');
+});
+
+test('the other single-item POST routes refuse unknown fields too', async (t) => {
+  const keyId = await newKey('thread-strict');
+  const ct = await postJson(base, '/encrypt', { key_id: keyId, plaintext: b64('x') });
+  const cases: [string, Record<string, unknown>][] = [
+    ['/create_dek_for_thread', { thread_id: 'thread-strict-2', kek: 'x' }],
+    ['/rotate_dek', { key_id: keyId, version: '9' }],
+    ['/reencrypt', { key_id: keyId, ciphertext: ct.json.ciphertext, add: b64('typo') }],
+    ['/destroy_dek_versions_before', { key_id: keyId, keep_from_version: '1', force: true }],
+    ['/destroy_dek', { key_id: keyId, hard: true }],
+  ];
+  for (const [route, body] of cases) {
+    const res = await postJson(base, route, body);
+    t.is(res.status, 400, route);
+    t.is(res.json.error.code, 'INVALID_INPUT', route);
+    t.regex(res.json.error.message, /is not accepted here/, route);
+  }
+  const still = await request(base, `/get_wrapped?key_id=${keyId}`);
+  t.is(still.status, 200, 'destroy_dek with an unknown field destroyed nothing');
+  t.is(still.json.key_version, '1', 'rotate_dek with an unknown field rotated nothing');
+});
+
+/** `[[...[]...]]` opening `depth` arrays. */
+const nested = (depth: number) => `${'['.repeat(depth)}${']'.repeat(depth)}`;
+
+test('bodies nested deeper than 64 levels are 400 INVALID_INPUT, brackets inside strings do not count', async (t) => {
+  const keyId = await newKey('thread-depth');
+  const body = (extra: string) => `{"key_id":"${keyId}","plaintext":"${b64('x')}","x":${extra}}`;
+  // The body object is level 1, so its field holds 63 more at the limit.
+  const atLimit = await postJson(base, '/encrypt', body(nested(63)));
+  t.is(atLimit.status, 200, atLimit.text);
+  for (const depth of [64, 4200]) {
+    const over = await postJson(base, '/encrypt', body(nested(depth)));
+    t.is(over.status, 400, `depth ${depth + 1}`);
+    t.is(over.json.error.code, 'INVALID_INPUT');
+    t.regex(over.json.error.message, /nested deeper than 64 levels/);
+  }
+  const inStrings = JSON.stringify({
+    key_id: keyId,
+    plaintext: b64('x'),
+    x: '['.repeat(5000),
+    y: `\\"${'{'.repeat(100)}\\`,
+    z: [`"[[[\\`, nested(60)],
+  });
+  const fine = await postJson(base, '/encrypt', inStrings);
+  t.is(fine.status, 200, fine.text);
+});
+
 test('GET /health describes the KMS; GET /metrics exposes counts, errors, latency, pool and rotation', async (t) => {
   const health = await request(base, '/health');
   t.is(health.status, 200);

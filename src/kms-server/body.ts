@@ -5,6 +5,13 @@
  */
 import type { IncomingMessage } from 'node:http';
 import { kmsError } from '../errors.js';
+import { jsonDepthExceeds } from '../wire/json-depth.js';
+
+/**
+ * Deepest nesting a daemon body may have. Every body is flat ({"batch_input":[{...}]} is 3
+ * levels), so 64 leaves room for anything legitimate and keeps recursive code far from the stack.
+ */
+export const MAX_BODY_DEPTH = 64;
 
 function isJsonContentType(header: string | undefined): boolean {
   if (header === undefined) return false;
@@ -69,6 +76,10 @@ export function readJsonBody(req: IncomingMessage, limit: number): Promise<Recor
 }
 
 function parseObject(bytes: Buffer): Record<string, unknown> {
+  // Deep nesting is valid JSON, so it is an input error rather than MALFORMED_JSON.
+  if (jsonDepthExceeds(bytes, MAX_BODY_DEPTH)) {
+    throw kmsError('INVALID_INPUT', `request body is nested deeper than ${MAX_BODY_DEPTH} levels`);
+  }
   let value: unknown;
   try {
     value = JSON.parse(bytes.toString('utf8'));
