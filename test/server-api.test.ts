@@ -248,3 +248,32 @@ test('crypto-shredding: a deleted thread cannot be read even from an old copy of
   t.false(page.text.includes(marker));
   t.truthy(page.body?.error ?? page.body.messages[0].error);
 });
+
+test('request bodies nested deeper than 512 levels are 400 INVALID_INPUT; at the limit they round-trip', async (t) => {
+  const server = await startServer();
+  t.teardown(() => server.stop());
+  const { api } = server;
+  const tid = await api.createThread('depth');
+  // `{"body": ...}` is level 1, so the message body itself may open 511 more.
+  const nested = (depth: number) => `${'['.repeat(depth)}${']'.repeat(depth)}`;
+  const post = (body: string) =>
+    api.request('POST', `/v1/threads/${tid}/messages`, {
+      raw: `{"body":${body}}`,
+      headers: { 'content-type': 'application/json' },
+    });
+  const atLimit = await post(nested(511));
+  t.is(atLimit.status, 201, atLimit.text);
+  const stored = await api.get(`/v1/threads/${tid}/messages/${atLimit.body.id}`);
+  t.is(stored.status, 200);
+  t.is(JSON.stringify(stored.body.body), nested(511));
+  for (const depth of [512, 4200]) {
+    const over = await post(nested(depth));
+    t.is(over.status, 400, `depth ${depth + 1}`);
+    t.is(over.body.error.code, 'INVALID_INPUT');
+    t.regex(over.body.error.message, /nested deeper than 512 levels/);
+  }
+  const inStrings = { text: '['.repeat(5000), quoted: `\\"${'{'.repeat(600)}\\`, list: ['"[[\\', '{'] };
+  const fine = await api.postMessage(tid, inStrings);
+  t.is(fine.status, 201, fine.text);
+  t.deepEqual(fine.body.body, inStrings);
+});
