@@ -259,7 +259,8 @@ test('DEK lifecycle: rotate_dek, reencrypt, destroy_dek_versions_before, destroy
     ciphertext: v1.json.ciphertext,
     aad: b64('a'),
   });
-  t.true(oldFails.status >= 400 && oldFails.status < 500);
+  t.is(oldFails.status, 422, JSON.stringify(oldFails.json));
+  t.is(oldFails.json.error.code, 'DECRYPT_FAILED');
   const newWorks = await postJson(base, '/decrypt', {
     key_id: keyId,
     ciphertext: re.json.ciphertext,

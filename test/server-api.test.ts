@@ -242,11 +242,13 @@ test('crypto-shredding: a deleted thread cannot be read even from an old copy of
   const restored = await server.restart();
   t.teardown(() => restored.stop());
   const r = await restored.api.get(`/v1/threads/${tid}/messages/${mid}`);
-  t.not(r.status, 200);
+  t.is(r.status, 404, r.text);
+  t.is(r.body.error.code, 'KEY_NOT_FOUND');
   t.false(r.text.includes(marker));
   const page = await restored.api.get(`/v1/threads/${tid}/messages`);
   t.false(page.text.includes(marker));
-  t.truthy(page.body?.error ?? page.body.messages[0].error);
+  t.is(page.status, 200, page.text);
+  t.is(page.body.messages[0].error.code, 'KEY_NOT_FOUND');
 });
 
 test('request bodies nested deeper than 512 levels are 400 INVALID_INPUT; at the limit they round-trip', async (t) => {

@@ -9,15 +9,22 @@
  * `text, attachments.*.url`, the values at those paths are taken out of the body and encrypted
  * together as one ciphertext (one KMS operation per message either way); the rest of the body stays
  * readable in the store, e.g. for search.
+ *
+ * The walk over a body touches own properties only, and a policy refuses bodies whose matched paths
+ * go through `__proto__`, `constructor` or `prototype`: a restored value can never be written onto a
+ * prototype (which would break every request of the process), whatever the body or the store holds.
  */
 
-import { kmsError } from '../errors.js';
+import { type CodedError, kmsError, UserError } from '../errors.js';
 import type { CallContext, DecryptItem, ItemResult, Kms } from '../protocol.js';
 import type { MessageContent, MessageRecord } from './store.js';
 
 type PathStep = string | number;
 /** The secret values of one body: concrete path → value. */
 type Secrets = [PathStep[], unknown][];
+
+/** Keys a policy path may not go through: assigning through them reaches a prototype. */
+const PROTOTYPE_KEYS: ReadonlySet<string> = new Set(['__proto__', 'constructor', 'prototype']);
 
 export function messageAad(threadId: string, messageId: string): Buffer {
   return Buffer.from(`progressdb/v1/message/${threadId}/${messageId}`);
@@ -60,7 +67,7 @@ export class BodyCodec {
     records: readonly MessageRecord[],
     ctx: CallContext,
   ): Promise<ItemResult<MessageContent>[]> {
-    const parts = records.map((r) => this.split(JSON.parse(r.plain ?? 'null')));
+    const parts = records.map((r) => this.splitStored(JSON.parse(r.plain ?? 'null')));
     const results = await this.requireKms().encryptBatch(
       parts.map((p, i) => ({ keyId, plaintext: p.plaintext, aad: messageAad(threadId, records[i]!.id) })),
       ctx,
@@ -158,11 +165,27 @@ export class BodyCodec {
     return { plaintext: Buffer.from(JSON.stringify(secrets)), rest: JSON.stringify(copy) };
   }
 
+  /**
+   * split() for a body stored in plaintext before encryption was on: one the policy refuses (a
+   * prototype key on a policy path) is encrypted whole rather than left readable or failing the job.
+   */
+  private splitStored(body: unknown): { plaintext: Buffer; rest?: string } {
+    try {
+      return this.split(body);
+    } catch (err) {
+      if ((err as CodedError).code !== 'INVALID_INPUT') throw err;
+      return { plaintext: Buffer.from(JSON.stringify(body)) };
+    }
+  }
+
   private join(plaintext: Buffer, rest: string | undefined): unknown {
     const decoded: unknown = JSON.parse(plaintext.toString('utf8'));
     if (rest === undefined) return decoded;
     const body: unknown = JSON.parse(rest);
-    for (const [where, value] of decoded as Secrets) putAt(body, where, value);
+    const secrets = decoded as Secrets;
+    // Last taken, first restored: with overlapping patterns (`meta.*.*, meta.*`) a later secret is
+    // the container an earlier one was taken out of, so it has to be back before its contents.
+    for (let i = secrets.length - 1; i >= 0; i--) putAt(body, secrets[i]![0], secrets[i]![1]);
     return body;
   }
 }
@@ -185,9 +208,17 @@ function takeMatches(
   const step = pattern[depth]!;
   const last = depth === pattern.length - 1;
   const visit = (container: Record<string, unknown> | unknown[], key: string | number) => {
+    if (!Object.hasOwn(container, key)) return;
+    const where = [...here, key];
+    if (typeof key === 'string' && PROTOTYPE_KEYS.has(key)) {
+      throw new UserError(
+        'INVALID_INPUT',
+        `body field "${['body', ...where].join('.')}" is under the encryption field policy, where ` +
+          'the keys "__proto__", "constructor" and "prototype" are not allowed',
+      );
+    }
     const child = (container as Record<string | number, unknown>)[key];
     if (child === undefined) return;
-    const where = [...here, key];
     if (last) {
       secrets.push([where, child]);
       if (Array.isArray(container)) container[key as number] = null;
@@ -205,13 +236,14 @@ function takeMatches(
   }
 }
 
+/** Puts a secret back; walks own properties only, so an inherited value (a prototype) is never reached. */
 function putAt(root: unknown, where: readonly PathStep[], value: unknown): void {
-  let node = root as Record<string | number, unknown>;
+  let node = root;
   for (let i = 0; i < where.length - 1; i++) {
-    const next = node[where[i]!];
-    if (typeof next !== 'object' || next === null) return;
-    node = next as Record<string | number, unknown>;
+    if (typeof node !== 'object' || node === null || !Object.hasOwn(node, where[i]!)) return;
+    node = (node as Record<string | number, unknown>)[where[i]!];
   }
+  if (typeof node !== 'object' || node === null) return;
   // defineProperty, not assignment: a body key named "__proto__" must stay a plain own property.
   Object.defineProperty(node, where[where.length - 1]!, {
     value,
