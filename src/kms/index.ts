@@ -71,11 +71,30 @@ interface PreparedOp {
   message: string | undefined;
 }
 
+/**
+ * C0 controls and DEL. No id the KMS or the server makes holds one (key ids are `dek_<hex>`,
+ * server thread ids are ULIDs); refusing them keeps log and audit lines one line per entry.
+ */
+const ID_CONTROL_CHARS = /[\u0000-\u001f\u007f]/;
+
+/**
+ * Whether a key or thread id may reach the registry. Checked before any lookup: an id longer than
+ * LMDB's key limit (~2 KB) would otherwise fail inside LMDB as INTERNAL.
+ */
+function isValidId(value: unknown): value is string {
+  return (
+    typeof value === 'string' &&
+    value.length > 0 &&
+    value.length <= MAX_ID_LENGTH &&
+    !ID_CONTROL_CHARS.test(value)
+  );
+}
+
 function checkId(name: string, value: unknown): string {
-  if (typeof value !== 'string' || value.length === 0 || value.length > MAX_ID_LENGTH) {
+  if (!isValidId(value)) {
     throw kmsError(
       'INVALID_INPUT',
-      `${name} must be a non-empty string of at most ${MAX_ID_LENGTH} characters`,
+      `${name} must be a non-empty string of at most ${MAX_ID_LENGTH} characters, without control characters`,
     );
   }
   return value;
@@ -435,21 +454,19 @@ class EmbeddedKms implements Kms {
 
   async getWrappedDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
     this.#assertOpen();
-    const record = typeof keyId === 'string' ? this.#activeRecord(keyId) : undefined;
+    const record = isValidId(keyId) ? this.#activeRecord(keyId) : undefined;
     const preError = this.#idError(keyId) ?? (record === undefined ? 'KEY_NOT_FOUND' : null);
-    const audit = this.#audit('get_wrapped', ctx, typeof keyId === 'string' ? keyId : undefined, record);
+    const audit = this.#audit('get_wrapped', ctx, isValidId(keyId) ? keyId : undefined, record);
     await this.#run(OpKind.note, [], null, null, audit, preError, this.#notFoundMessage(keyId));
     return this.#info(record!);
   }
 
   #idError(keyId: unknown): ErrorCode | null {
-    return typeof keyId !== 'string' || keyId.length === 0 || keyId.length > MAX_ID_LENGTH
-      ? 'INVALID_INPUT'
-      : null;
+    return isValidId(keyId) ? null : 'INVALID_INPUT';
   }
 
   #notFoundMessage(keyId: unknown): string | undefined {
-    return typeof keyId === 'string' && keyId.length <= MAX_ID_LENGTH ? `no key ${keyId}` : undefined;
+    return isValidId(keyId) ? `no key ${keyId}` : undefined;
   }
 
   #auditedFailure<T>(op: string, ctx: CallContext | undefined, err: CodedError, keyId?: string): Promise<T> {
@@ -474,7 +491,8 @@ class EmbeddedKms implements Kms {
     aad: unknown,
     ctx: CallContext | undefined,
   ): PreparedOp {
-    const id = typeof keyId === 'string' ? keyId : undefined;
+    // An invalid id is not written into the audit line (it may be megabytes long).
+    const id = isValidId(keyId) ? keyId : undefined;
     let record: DekRecord | undefined;
     let deks: DekRef[] = [];
     try {
@@ -672,7 +690,7 @@ class EmbeddedKms implements Kms {
         'destroy_dek_versions',
         ctx,
         kmsError('INVALID_INPUT', 'keep_from_version must be a positive integer'),
-        typeof keyId === 'string' ? keyId : undefined,
+        isValidId(keyId) ? keyId : undefined,
       );
     }
     await this.#requireKey('destroy_dek_versions', keyId, ctx);
@@ -731,7 +749,7 @@ class EmbeddedKms implements Kms {
 
   /** Audits a call that names no usable key (malformed or unknown id), then fails it. */
   #rejectMissingKey(op: string, keyId: unknown, ctx: CallContext | undefined): Promise<never> {
-    const audit = this.#audit(op, ctx, typeof keyId === 'string' ? keyId : undefined);
+    const audit = this.#audit(op, ctx, isValidId(keyId) ? keyId : undefined);
     const code = this.#idError(keyId) ?? 'KEY_NOT_FOUND';
     // A note op with a pre-dispatch error always rejects, after its audit line is written.
     return this.#run(
