@@ -75,7 +75,13 @@ interface PreparedOp {
  * C0 controls and DEL. No id the KMS or the server makes holds one (key ids are `dek_<hex>`,
  * server thread ids are ULIDs); refusing them keeps log and audit lines one line per entry.
  */
-const ID_CONTROL_CHARS = /[\u0000-\u001f\u007f]/;
+function hasControlChar(value: string): boolean {
+  for (let i = 0; i < value.length; i++) {
+    const c = value.charCodeAt(i);
+    if (c < 0x20 || c === 0x7f) return true;
+  }
+  return false;
+}
 
 /**
  * Whether a key or thread id may reach the registry. Checked before any lookup: an id longer than
@@ -86,7 +92,7 @@ function isValidId(value: unknown): value is string {
     typeof value === 'string' &&
     value.length > 0 &&
     value.length <= MAX_ID_LENGTH &&
-    !ID_CONTROL_CHARS.test(value)
+    !hasControlChar(value)
   );
 }
 
