@@ -89,10 +89,7 @@ function hasControlChar(value: string): boolean {
  */
 function isValidId(value: unknown): value is string {
   return (
-    typeof value === 'string' &&
-    value.length > 0 &&
-    value.length <= MAX_ID_LENGTH &&
-    !hasControlChar(value)
+    typeof value === 'string' && value.length > 0 && value.length <= MAX_ID_LENGTH && !hasControlChar(value)
   );
 }
 
