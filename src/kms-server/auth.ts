@@ -10,10 +10,18 @@
  *   nothing about the token), and every configured token is compared, so the time does not say
  *   which one matched either. Missing token → 401 UNAUTHENTICATED, wrong token → 403 FORBIDDEN.
  *
- * The audit caller is the token name, else the client certificate's subject CN, else "anonymous".
+ * - Allowed networks (`allowed_networks`, CIDR): a caller whose remote address is in one of them
+ *   is authorized by its address alone, without a token or a client certificate (the ProgressDB Go
+ *   client sends neither). A token it does present is still checked (a wrong one is refused).
+ *   Callers outside every network need the token or certificate configured; with neither
+ *   configured they are refused with 403. The list only adds callers: it never refuses a valid
+ *   token or certificate, and loopback is not special (list 127.0.0.0/8 or ::1/128 to admit it).
+ *
+ * The audit caller is the token name, else `network:<cidr>`, else the client certificate's subject
+ * CN, else "anonymous". The remote address recorded is the plain IPv4 form of an IPv4-mapped one.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
-import type { Socket } from 'node:net';
+import { BlockList, isIPv4, type Socket } from 'node:net';
 import type { TLSSocket, TlsOptions } from 'node:tls';
 import { type CodedError, kmsError } from '../errors.js';
 import type { CallContext } from '../protocol.js';
@@ -33,7 +41,27 @@ export interface TlsMaterial {
 /** Distinct (caller, address) contexts kept; the cache starts over beyond this. */
 const MAX_CACHED_CONTEXTS = 4096;
 
-export type AuthMode = 'none' | 'token' | 'mtls' | 'mtls+token';
+/** An `allowed_networks` entry, as written in the config (`text`) and parsed. */
+export interface AllowedNetwork {
+  text: string;
+  address: string;
+  prefix: number;
+  family: 'ipv4' | 'ipv6';
+}
+
+/** E.g. `none`, `token`, `mtls+token`, `token+network`: what a caller can authenticate with. */
+export type AuthMode = string;
+
+/** The remote address of a socket; an IPv4-mapped IPv6 address (`::ffff:10.1.2.3`) as plain IPv4. */
+export function remoteAddressOf(socket: Socket): string | undefined {
+  const address = socket.remoteAddress;
+  if (address === undefined) return undefined;
+  if (address.length > 7 && address.slice(0, 7).toLowerCase() === '::ffff:') {
+    const v4 = address.slice(7);
+    if (isIPv4(v4)) return v4;
+  }
+  return address;
+}
 
 function digest(token: string): Buffer {
   return createHash('sha256').update(token, 'utf8').digest();
@@ -43,12 +71,29 @@ export class Authenticator {
   private readonly digests: { name: string; digest: Buffer }[];
   private readonly callerOfSocket = new WeakMap<Socket, string>();
   private readonly contexts = new Map<string, CallContext>();
+  private readonly networks: { text: string; list: BlockList }[];
 
   constructor(
     tokens: readonly TokenEntry[],
     private readonly tls: TlsMaterial | null,
+    networks: readonly AllowedNetwork[] = [],
   ) {
     this.digests = tokens.map((t) => ({ name: t.name, digest: digest(t.token) }));
+    // One list per network, so the audit caller can name the network that matched.
+    this.networks = networks.map((n) => {
+      const list = new BlockList();
+      list.addSubnet(n.address, n.prefix, n.family);
+      return { text: n.text, list };
+    });
+  }
+
+  /** The first allowed network holding the socket's remote address, as written in the config. */
+  networkOf(socket: Socket): string | undefined {
+    if (this.networks.length === 0) return undefined;
+    const address = remoteAddressOf(socket);
+    if (address === undefined) return undefined;
+    const family = isIPv4(address) ? 'ipv4' : 'ipv6';
+    return this.networks.find((n) => n.list.check(address, family))?.text;
   }
 
   get tokensRequired(): boolean {
@@ -56,9 +101,25 @@ export class Authenticator {
   }
 
   get mode(): AuthMode {
-    const mtls = Boolean(this.tls?.ca);
-    if (mtls) return this.tokensRequired ? 'mtls+token' : 'mtls';
-    return this.tokensRequired ? 'token' : 'none';
+    const parts = [
+      ...(this.tls?.ca ? ['mtls'] : []),
+      ...(this.tokensRequired ? ['token'] : []),
+      ...(this.networks.length > 0 ? ['network'] : []),
+    ];
+    return parts.length > 0 ? parts.join('+') : 'none';
+  }
+
+  /**
+   * The caller of a new bridge connection when it is known at accept time (client certificate,
+   * allowed network, or no tokens configured), or null when it must still send an AUTH frame.
+   * Throws UNAUTHENTICATED or FORBIDDEN.
+   */
+  callerAtAccept(socket: Socket): CallContext | null {
+    if (this.tokensRequired && this.networkOf(socket) === undefined) {
+      this.requireClientCertificate(socket);
+      return null;
+    }
+    return this.authenticate(undefined, socket);
   }
 
   /** Name of the token, or undefined when it matches none. Constant time in the token value. */
@@ -76,14 +137,21 @@ export class Authenticator {
    * Throws UNAUTHENTICATED or FORBIDDEN.
    */
   authenticate(token: string | undefined, socket: Socket): CallContext {
+    const network = this.networkOf(socket);
+    const address = remoteAddressOf(socket);
+    if (network !== undefined && (token === undefined || !this.tokensRequired)) {
+      return this.context(`network:${network}`, address);
+    }
     this.requireClientCertificate(socket);
     let caller: string | undefined;
     if (this.tokensRequired) {
       if (token === undefined) throw authError('UNAUTHENTICATED');
       caller = this.tokenName(token);
       if (caller === undefined) throw authError('FORBIDDEN');
+    } else if (this.networks.length > 0 && !this.tls?.ca) {
+      throw kmsError('FORBIDDEN', `the address ${address ?? '(unknown)'} is not in allowed_networks`);
     }
-    return this.context(caller ?? this.certificateSubject(socket) ?? 'anonymous', socket.remoteAddress);
+    return this.context(caller ?? this.certificateSubject(socket) ?? 'anonymous', address);
   }
 
   /**
@@ -104,7 +172,7 @@ export class Authenticator {
 
   /** With mutual TLS, a verified client certificate comes before everything else. */
   requireClientCertificate(socket: Socket): void {
-    if (!this.tls?.ca) return;
+    if (!this.tls?.ca || this.networkOf(socket) !== undefined) return;
     const tlsSocket = socket as TLSSocket;
     if (tlsSocket.authorized) return;
     const cert = tlsSocket.getPeerCertificate?.();

@@ -9,7 +9,20 @@
  *
  * Auth: with tokens configured, the first frame must be AUTH (a request first is answered
  * UNAUTHENTICATED and the connection closed; a wrong token FORBIDDEN and closed). The caller is
- * then fixed for the connection, like a client certificate is.
+ * then fixed for the connection, like a client certificate is. Until then the connection costs
+ * little: it may send one frame of at most PRE_AUTH_FRAME_BYTES (a larger length prefix is
+ * refused before any of it is buffered), and must send it within `auth_timeout_ms`. A caller
+ * known at accept time (client certificate, allowed network, no tokens) gets the normal limits.
+ *
+ * Memory: a frame that spans chunks is buffered only while the listener-wide FrameBudget
+ * (`max_buffered_frame_bytes`) has room for all of it; otherwise that connection gets an ERROR
+ * (KMS_UNAVAILABLE, which clients retry) and is closed. Closing rather than pausing: a paused
+ * connection would keep its slot and its partial frame, and connections waiting on each other's
+ * budget could all stall.
+ *
+ * Idle: a connection with nothing in flight and no bytes for `idle_timeout_ms` is closed (plain
+ * end, no ERROR: the client simply reconnects on its next call); the same timer ends a frame that
+ * stalls midway.
  *
  * A malformed, oversized or truncated frame is answered with an ERROR frame (id 0 when the
  * request id could not be read) and closes that connection only. An unknown op code, or a batch
@@ -37,18 +50,25 @@ import {
   encodeResult,
   FRAME_AUTH,
   type Frame,
+  FrameBudget,
   FrameDecoder,
   opOfCode,
 } from '../wire/bridge-codec.js';
 import { CorkedWriter } from '../wire/corked-writer.js';
 import type { Authenticator } from './auth.js';
+import type { DaemonLimits } from './config.js';
+import { PerAddressLimit } from './connection-limits.js';
 import type { DaemonMetrics } from './metrics.js';
-import type { Limits } from './route.js';
 
 /** Requests in flight per connection before we stop reading from it. */
 const MAX_IN_FLIGHT = 4096;
-/** A frame that stays unfinished this long is treated as truncated. */
-const STALLED_FRAME_MS = 30_000;
+/**
+ * Largest frame before AUTH: header, u32 length and a token of at most MAX_TOKEN_BYTES (1 KiB,
+ * config.ts), with room to spare.
+ */
+export const PRE_AUTH_FRAME_BYTES = 4096;
+/** A peer that never reads our last frame must not hold the socket open. */
+const CLOSE_GRACE_MS = 5_000;
 
 type ItemOp = 'encrypt' | 'decrypt';
 type ItemRequest = Extract<KmsRequest, { op: ItemOp }>;
@@ -65,7 +85,7 @@ export interface BridgeDeps {
   kms: Kms;
   auth: Authenticator;
   metrics: DaemonMetrics;
-  limits: Limits;
+  limits: DaemonLimits;
   logger: Logger;
   /**
    * Most items handed to the KMS in one merged call (frames of one chunk, see BridgeConnection):
@@ -86,33 +106,58 @@ class BridgeConnection {
   private stopped = false;
   /** Item frames decoded from the current chunk, not yet handed to the KMS. */
   private group: Group | null = null;
+  /** Runs until the AUTH frame arrives (tokens required, caller not known at accept). */
+  private authTimer: NodeJS.Timeout | null = null;
 
   constructor(
     private readonly socket: Socket,
     private readonly deps: BridgeDeps,
+    budget: FrameBudget,
     onClosed: (conn: BridgeConnection) => void,
   ) {
-    this.decoder = new FrameDecoder(deps.limits.maxFrameBytes);
+    this.decoder = new FrameDecoder(deps.limits.maxFrameBytes, budget);
     this.writer = new CorkedWriter(socket, 'immediate');
     socket.setNoDelay(true);
-    socket.setTimeout(STALLED_FRAME_MS);
+    socket.setTimeout(deps.limits.idleTimeoutMs);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('end', () => this.onEnd());
-    socket.on('timeout', () => {
-      if (this.decoder.midFrame) this.fail(0, kmsError('MALFORMED_FRAME', 'frame stalled (truncated)'));
-    });
+    socket.on('timeout', () => this.onTimeout());
     socket.on('drain', () => {
       this.paused.drain = false;
       this.updateFlow();
     });
     // A peer that resets is not our error; 'close' follows and cleans up.
     socket.on('error', () => {});
-    socket.on('close', () => onClosed(this));
+    socket.on('close', () => {
+      if (this.authTimer !== null) clearTimeout(this.authTimer);
+      this.decoder.dispose();
+      onClosed(this);
+    });
     try {
-      deps.auth.requireClientCertificate(socket);
+      this.caller = deps.auth.callerAtAccept(socket);
     } catch (err) {
       this.fail(0, toCodedError(err));
+      return;
     }
+    if (this.caller === null) {
+      this.decoder.maxFrameBytes = PRE_AUTH_FRAME_BYTES;
+      const ms = deps.limits.authTimeoutMs;
+      this.authTimer = setTimeout(() => {
+        deps.metrics.connectionClosed('bridge', 'auth_timeout');
+        this.fail(0, kmsError('UNAUTHENTICATED', `no AUTH frame within ${ms} ms`));
+      }, ms);
+    }
+  }
+
+  private onTimeout(): void {
+    if (this.stopped) return;
+    if (this.decoder.midFrame) {
+      this.fail(0, kmsError('MALFORMED_FRAME', 'frame stalled (truncated)'));
+    } else if (this.inFlight === 0 && this.group === null) {
+      this.deps.metrics.connectionClosed('bridge', 'idle');
+      this.drain();
+    }
+    // Requests in flight: their answers are activity, which re-arms the timer.
   }
 
   private onData(chunk: Buffer): void {
@@ -120,7 +165,9 @@ class BridgeConnection {
     try {
       this.decoder.push(chunk, this.onFrameBound);
     } catch (err) {
-      this.fail(0, toCodedError(err));
+      const coded = toCodedError(err);
+      if (coded.code === 'KMS_UNAVAILABLE') this.deps.metrics.connectionClosed('bridge', 'frame_budget');
+      this.fail(0, coded);
       return;
     }
     this.runGroup();
@@ -145,17 +192,14 @@ class BridgeConnection {
       this.onAuth(frame);
       return;
     }
+    if (this.caller === null) {
+      this.fail(frame.id, kmsError('UNAUTHENTICATED', 'send an AUTH frame first'));
+      return;
+    }
     const op = opOfCode(frame.type);
     if (op === undefined) {
       this.send(encodeError(frame.id, 'UNSUPPORTED_OPERATION', `unknown frame type ${frame.type}`));
       return;
-    }
-    if (this.caller === null) {
-      if (this.deps.auth.tokensRequired) {
-        this.fail(frame.id, kmsError('UNAUTHENTICATED', 'send an AUTH frame first'));
-        return;
-      }
-      this.caller = this.deps.auth.authenticate(undefined, this.socket);
     }
     let req: ReturnType<typeof decodeRequest>;
     try {
@@ -240,6 +284,9 @@ class BridgeConnection {
   private onAuth(frame: Frame): void {
     try {
       this.caller = this.deps.auth.authenticate(decodeAuth(frame.body), this.socket);
+      this.decoder.maxFrameBytes = this.deps.limits.maxFrameBytes;
+      if (this.authTimer !== null) clearTimeout(this.authTimer);
+      this.authTimer = null;
       this.send(encodeEmptyResult(frame.id));
     } catch (err) {
       this.fail(frame.id, toCodedError(err));
@@ -304,15 +351,18 @@ class BridgeConnection {
     this.socket.pause();
     this.send(encodeError(id, err.code, err.message));
     this.writer.flushNow();
+    this.endSocket();
+  }
+
+  private endSocket(): void {
     this.socket.end();
-    // A peer that never reads must not hold the socket open.
-    setTimeout(() => this.socket.destroy(), 5_000).unref();
+    setTimeout(() => this.socket.destroy(), CLOSE_GRACE_MS).unref();
   }
 
   private endWhenIdle(): void {
     if (this.inFlight === 0 && !this.socket.writableEnded) {
       this.writer.flushNow();
-      this.socket.end();
+      this.endSocket();
     }
   }
 
@@ -331,13 +381,18 @@ class BridgeConnection {
 export class BridgeServer {
   private readonly server: Server;
   private readonly connections = new Set<BridgeConnection>();
+  private readonly budget: FrameBudget;
 
-  constructor(deps: BridgeDeps, maxConnections: number) {
+  constructor(deps: BridgeDeps) {
     const tlsOptions = deps.auth.serverTlsOptions();
+    const perAddress = new PerAddressLimit(deps.limits.maxConnectionsPerAddress);
+    this.budget = new FrameBudget(deps.limits.maxBufferedFrameBytes);
+    deps.metrics.bufferedFrameBytes = () => this.budget.used;
     const onConnection = (socket: Socket) => {
+      if (socket.destroyed) return; // refused by the per-address limit below
       deps.metrics.bridgeConnectionOpened();
       this.connections.add(
-        new BridgeConnection(socket, deps, (conn) => {
+        new BridgeConnection(socket, deps, this.budget, (conn) => {
           this.connections.delete(conn);
           deps.metrics.bridgeConnectionClosed();
         }),
@@ -346,7 +401,13 @@ export class BridgeServer {
     this.server = tlsOptions
       ? tls.createServer({ ...tlsOptions, allowHalfOpen: true }, onConnection)
       : net.createServer({ allowHalfOpen: true }, onConnection);
-    this.server.maxConnections = maxConnections;
+    this.server.maxConnections = deps.limits.maxConnections;
+    // On the raw socket, before a TLS handshake: an address at its limit costs no handshake either.
+    this.server.prependListener('connection', (socket: Socket) => {
+      if (perAddress.admit(socket)) return;
+      deps.metrics.connectionClosed('bridge', 'per_address_limit');
+      socket.destroy();
+    });
     // Failed handshakes (no or wrong client certificate) are the peer's problem: drop quietly.
     this.server.on('tlsClientError', (err: Error) =>
       deps.logger.debug({ err: err.message }, 'bridge TLS handshake failed'),

@@ -7,6 +7,7 @@
  * holds `master_key`) is handed to createKms, whose worker reads it.
  */
 import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import path from 'node:path';
 import tls from 'node:tls';
 import { parse as parseYaml } from 'yaml';
@@ -15,12 +16,17 @@ import { kmsError } from '../errors.js';
 import type { KmsOptions } from '../kms/options.js';
 import { DEFAULT_MAX_FRAME_BYTES } from '../wire/bridge-codec.js';
 import { type Endpoint, isLoopbackHost, parseEndpoint } from '../wire/endpoint.js';
-import type { TlsMaterial, TokenEntry } from './auth.js';
+import type { AllowedNetwork, TlsMaterial, TokenEntry } from './auth.js';
 import type { Limits } from './route.js';
 
 export const DEFAULT_ENDPOINT = '127.0.0.1:6820';
 export const DEFAULT_BRIDGE_PORT = 6821;
 const MIN_TOKEN_LENGTH = 16;
+/**
+ * Longest token, in bytes. Before a bridge connection is authenticated it may send only an AUTH
+ * frame of PRE_AUTH_FRAME_BYTES (bridge.ts), which must hold the longest token.
+ */
+export const MAX_TOKEN_BYTES = 1024;
 
 /** What the `serve` sub-command's flags carry (all optional). */
 export interface ServeFlags {
@@ -50,10 +56,28 @@ export interface DaemonConfig {
   tls: TlsMaterial | null;
   tokens: TokenEntry[];
   insecure: boolean;
-  limits: Limits & { maxConnections: number };
+  /** Callers in these networks are authorized by their address (auth.ts). */
+  allowedNetworks: AllowedNetwork[];
+  limits: DaemonLimits;
   /** How long shutdown waits for in-flight requests before closing connections. */
   drainTimeoutMs: number;
   kms: KmsOptions;
+}
+
+/** Limits of the listeners themselves (connections and their timeouts), beside the request limits. */
+export interface DaemonLimits extends Limits {
+  maxConnections: number;
+  /** Open connections from one remote address, per listener; more are closed at once. */
+  maxConnectionsPerAddress: number;
+  /** Bytes of unfinished bridge frames held across all connections. */
+  maxBufferedFrameBytes: number;
+  /** A bridge connection that needs an AUTH frame and sends none this long is closed. */
+  authTimeoutMs: number;
+  /** A connection with nothing in flight and no bytes this long is closed (both listeners). */
+  idleTimeoutMs: number;
+  /** HTTP: the whole request head must arrive within this time, and the whole request within the next. */
+  headersTimeoutMs: number;
+  requestTimeoutMs: number;
 }
 
 const int = (min: number, max: number) => z.number().int().min(min).max(max);
@@ -80,6 +104,7 @@ const FileSchema = z.strictObject({
     .optional(),
   tokens: z.array(TokenSchema).optional(),
   insecure: z.boolean().optional(),
+  allowed_networks: z.array(z.string()).optional(),
   drain_timeout_ms: int(0, 600_000).optional(),
   limits: z
     .strictObject({
@@ -87,6 +112,12 @@ const FileSchema = z.strictObject({
       max_frame_bytes: int(1024, 1024 ** 3).optional(),
       max_batch_items: int(1, 100_000).optional(),
       max_connections: int(1, 1_000_000).optional(),
+      max_connections_per_address: int(1, 1_000_000).optional(),
+      max_buffered_frame_bytes: int(1024, 1024 ** 4).optional(),
+      auth_timeout_ms: int(50, 600_000).optional(),
+      idle_timeout_ms: int(50, 24 * 3_600_000).optional(),
+      headers_timeout_ms: int(50, 600_000).optional(),
+      request_timeout_ms: int(50, 3_600_000).optional(),
     })
     .optional(),
   kms: z
@@ -148,11 +179,28 @@ function loadTokens(entries: FileConfig['tokens'], baseDir: string): TokenEntry[
     if (token.length < MIN_TOKEN_LENGTH || /\s/.test(token)) {
       throw invalid(`token "${entry.name}" must be at least ${MIN_TOKEN_LENGTH} characters without spaces`);
     }
+    if (Buffer.byteLength(token) > MAX_TOKEN_BYTES) {
+      throw invalid(`token "${entry.name}" must be at most ${MAX_TOKEN_BYTES} bytes`);
+    }
     if (names.has(entry.name)) throw invalid(`token name "${entry.name}" is used twice`);
     names.add(entry.name);
     tokens.push({ name: entry.name, token });
   }
   return tokens;
+}
+
+/** `10.0.0.0/8`, `::1/128`: an address and a prefix length; anything else is CONFIG_INVALID. */
+function parseNetworks(entries: readonly string[], where: string): AllowedNetwork[] {
+  return entries.map((raw) => {
+    const text = raw.trim();
+    const m = /^([^/\s]+)\/(\d{1,3})$/.exec(text);
+    const version = m ? isIP(m[1]!) : 0;
+    const prefix = m ? Number(m[2]) : Number.NaN;
+    if (version === 0 || prefix > (version === 4 ? 32 : 128)) {
+      throw invalid(`${where}: "${raw}" is not a network in CIDR form (e.g. 10.0.0.0/8 or fd00::/8)`);
+    }
+    return { text, address: m![1]!, prefix, family: version === 4 ? 'ipv4' : 'ipv6' };
+  });
 }
 
 function loadTls(
@@ -239,6 +287,14 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
   );
   const tokens = loadTokens(file.tokens, baseDir);
   const insecure = flags.insecure ?? envBool('PROGRESSDB_KMS_INSECURE') ?? file.insecure ?? false;
+  const networksEnv = env('PROGRESSDB_KMS_ALLOWED_NETWORKS');
+  const allowedNetworks =
+    networksEnv !== undefined
+      ? parseNetworks(
+          networksEnv.split(',').filter((n) => n.trim() !== ''),
+          'PROGRESSDB_KMS_ALLOWED_NETWORKS',
+        )
+      : parseNetworks(file.allowed_networks ?? [], 'allowed_networks');
 
   const masterKeyFile =
     flags.masterKeyFile ?? env('PROGRESSDB_KMS_MASTER_KEY_FILE') ?? fromFile(file.master_key_file);
@@ -288,7 +344,22 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
       file.limits?.max_batch_items ??
       1024,
     maxConnections: file.limits?.max_connections ?? 10_000,
+    maxConnectionsPerAddress: file.limits?.max_connections_per_address ?? 256,
+    maxBufferedFrameBytes: 0,
+    authTimeoutMs: file.limits?.auth_timeout_ms ?? 5_000,
+    idleTimeoutMs: file.limits?.idle_timeout_ms ?? 60_000,
+    headersTimeoutMs: file.limits?.headers_timeout_ms ?? 10_000,
+    requestTimeoutMs: file.limits?.request_timeout_ms ?? 30_000,
   };
+  // Room for one frame of the largest size at least, or such frames could never arrive.
+  limits.maxBufferedFrameBytes =
+    file.limits?.max_buffered_frame_bytes ?? Math.max(128 * 1024 * 1024, limits.maxFrameBytes);
+  if (limits.maxBufferedFrameBytes < limits.maxFrameBytes) {
+    throw invalid('limits.max_buffered_frame_bytes must be at least the largest frame (max_frame_bytes)');
+  }
+  if (limits.requestTimeoutMs < limits.headersTimeoutMs) {
+    throw invalid('limits.request_timeout_ms must be at least limits.headers_timeout_ms');
+  }
 
   const config: DaemonConfig = {
     http,
@@ -296,6 +367,7 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
     tls: tlsConfig,
     tokens,
     insecure,
+    allowedNetworks,
     limits,
     drainTimeoutMs: file.drain_timeout_ms ?? 10_000,
     kms,
@@ -304,9 +376,14 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
   return config;
 }
 
-/** Listeners other machines can reach need TLS or tokens, unless --insecure says otherwise. */
+/**
+ * Listeners other machines can reach need an authenticated caller (client certificates, tokens or
+ * allowed networks), unless --insecure says otherwise. TLS alone is not enough: it hides the
+ * traffic but lets anyone call.
+ */
 export function exposedListeners(config: DaemonConfig): string[] {
-  const protectedByConfig = config.tls !== null || config.tokens.length > 0;
+  const protectedByConfig =
+    config.tls?.ca !== undefined || config.tokens.length > 0 || config.allowedNetworks.length > 0;
   if (protectedByConfig) return [];
   const named: [string, ListenerConfig | null][] = [
     ['endpoint', config.http],
@@ -321,8 +398,8 @@ function checkExposure(config: DaemonConfig): void {
   const exposed = exposedListeners(config);
   if (exposed.length > 0 && !config.insecure) {
     throw invalid(
-      `refusing to listen on non-loopback ${exposed.join(' and ')} without TLS or tokens ` +
-        '(configure tls or tokens, or pass --insecure)',
+      `refusing to listen on non-loopback ${exposed.join(' and ')} without authenticated callers ` +
+        '(configure client certificates (tls ca_file), tokens or allowed_networks, or pass --insecure)',
     );
   }
 }

@@ -13,6 +13,8 @@ import type { CodedError } from '../errors.js';
 import type { KmsHealth } from '../protocol.js';
 
 export type Transport = 'http' | 'bridge';
+/** Why a listener closed a connection itself (see serve.ts and bridge.ts). */
+export type CloseReason = 'per_address_limit' | 'auth_timeout' | 'idle' | 'frame_budget';
 type Outcome = 'ok' | 'client_error' | 'server_error';
 
 const PREFIX = 'progressdb_kms_';
@@ -82,6 +84,9 @@ export class DaemonMetrics {
   readonly registry = new Registry();
   private readonly health: Record<string, Gauge>;
   private readonly bridgeConnections: Gauge;
+  private readonly closedConnections: Counter;
+  /** Bytes of unfinished bridge frames held now; set by the bridge listener. */
+  bufferedFrameBytes: () => number = () => 0;
   private readonly series = new Map<string, OpSeries>();
   private readonly errorSeries = new Map<string, ErrorSeries>();
 
@@ -135,6 +140,21 @@ export class DaemonMetrics {
       rotationTotal: gauge('rotation_total', 'DEK records to examine in the current or last KEK rotation'),
     };
     this.bridgeConnections = gauge('bridge_connections', 'Open TCP bridge connections');
+    const metrics = this;
+    new Gauge({
+      name: `${PREFIX}bridge_buffered_frame_bytes`,
+      help: 'Bytes held in unfinished bridge frames, all connections together',
+      registers,
+      collect() {
+        this.set(metrics.bufferedFrameBytes());
+      },
+    });
+    this.closedConnections = new Counter({
+      name: `${PREFIX}connections_closed_total`,
+      help: 'Connections the daemon closed itself, by listener and reason',
+      labelNames: ['listener', 'reason'],
+      registers,
+    });
     collectDefaultMetrics({ register: this.registry, prefix: PREFIX });
   }
 
@@ -193,6 +213,11 @@ export class DaemonMetrics {
 
   bridgeConnectionClosed(): void {
     this.bridgeConnections.dec();
+  }
+
+  /** Counts a connection the daemon closed on its own (refused, idle, no AUTH, frame budget). */
+  connectionClosed(listener: Transport, reason: CloseReason): void {
+    this.closedConnections.inc({ listener, reason });
   }
 
   /** Copies a health snapshot into the gauges; called just before a scrape is rendered. */

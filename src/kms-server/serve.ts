@@ -5,7 +5,7 @@
  */
 import http from 'node:http';
 import https from 'node:https';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { kmsError } from '../errors.js';
 import { createKms } from '../kms/index.js';
 import { type KmsOptions, resolveMaxBatch } from '../kms/options.js';
@@ -14,7 +14,14 @@ import type { Kms } from '../protocol.js';
 import { formatHostPort } from '../wire/endpoint.js';
 import { Authenticator } from './auth.js';
 import { BridgeServer } from './bridge.js';
-import { type DaemonConfig, exposedListeners, loadDaemonConfig, type ServeFlags } from './config.js';
+import {
+  type DaemonConfig,
+  type DaemonLimits,
+  exposedListeners,
+  loadDaemonConfig,
+  type ServeFlags,
+} from './config.js';
+import { PerAddressLimit } from './connection-limits.js';
 import { createHttpApp } from './http-app.js';
 import { DaemonMetrics } from './metrics.js';
 import { trackRotations } from './rotation-tracker.js';
@@ -28,6 +35,36 @@ export interface RunningDaemon {
 }
 
 export type KmsFactory = (opts: KmsOptions) => Promise<Kms>;
+
+/**
+ * Connection limits of the HTTP listener: per-address limit at accept, and an idle timeout that
+ * closes a socket with no request in flight and no bytes for `idle_timeout_ms`, a socket that
+ * never sends a byte included (Node's headersTimeout is only checked every few seconds and only
+ * once a request began). Keep-alive clients see a closed idle socket and open a new one.
+ */
+function limitHttpConnections(server: http.Server, limits: DaemonLimits, metrics: DaemonMetrics): void {
+  const perAddress = new PerAddressLimit(limits.maxConnectionsPerAddress);
+  const inFlight = new WeakMap<Socket, number>();
+  server.timeout = limits.idleTimeoutMs;
+  // On the raw socket, before a TLS handshake: an address at its limit costs no handshake either.
+  server.prependListener('connection', (socket: Socket) => {
+    if (perAddress.admit(socket)) return;
+    metrics.connectionClosed('http', 'per_address_limit');
+    socket.destroy();
+  });
+  server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => {
+    const socket = req.socket;
+    inFlight.set(socket, (inFlight.get(socket) ?? 0) + 1);
+    res.once('close', () => inFlight.set(socket, (inFlight.get(socket) ?? 1) - 1));
+  });
+  // With a listener here Node no longer destroys timed-out sockets itself: a request still being
+  // answered (a slow KMS call) keeps its socket; requestTimeout bounds it.
+  server.on('timeout', (socket: Socket) => {
+    if ((inFlight.get(socket) ?? 0) > 0) return;
+    metrics.connectionClosed('http', 'idle');
+    socket.destroy();
+  });
+}
 
 function listenHttp(server: http.Server, host: string, port: number): Promise<AddressInfo> {
   return new Promise((resolve, reject) => {
@@ -50,29 +87,33 @@ export async function startDaemon(
   makeKms: KmsFactory = createKms,
 ): Promise<RunningDaemon> {
   for (const where of exposedListeners(config)) {
-    logger.warn(`INSECURE: ${where} is reachable from other machines without TLS or tokens (--insecure)`);
+    logger.warn(
+      `INSECURE: ${where} is reachable from other machines and anyone may call it ` +
+        '(no client certificates, tokens or allowed_networks; --insecure)',
+    );
   }
   const kms = trackRotations(await makeKms({ ...config.kms, logger }), logger);
-  const auth = new Authenticator(config.tokens, config.tls);
+  const auth = new Authenticator(config.tokens, config.tls, config.allowedNetworks);
   const metrics = new DaemonMetrics();
   let draining = false;
   const services: RouteServices = { kms, metrics, limits: config.limits, accepting: () => !draining };
   const app = createHttpApp({ services, auth, logger, draining: () => draining });
   const tlsOptions = auth.serverTlsOptions();
+  const { limits } = config;
   const serverOptions: http.ServerOptions = {
-    keepAliveTimeout: 65_000,
-    headersTimeout: 20_000,
-    requestTimeout: 60_000,
+    keepAliveTimeout: limits.idleTimeoutMs,
+    headersTimeout: limits.headersTimeoutMs,
+    requestTimeout: limits.requestTimeoutMs,
+    // How often Node checks headersTimeout and requestTimeout (default 30 s, coarser than they are).
+    connectionsCheckingInterval: Math.min(1_000, limits.headersTimeoutMs),
   };
   const httpServer = tlsOptions
     ? https.createServer({ ...tlsOptions, ...serverOptions }, app.callback())
     : http.createServer(serverOptions, app.callback());
-  httpServer.maxConnections = config.limits.maxConnections;
+  httpServer.maxConnections = limits.maxConnections;
+  limitHttpConnections(httpServer, limits, metrics);
   const bridge = config.bridge
-    ? new BridgeServer(
-        { kms, auth, metrics, limits: config.limits, logger, mergeItems: resolveMaxBatch(config.kms) },
-        config.limits.maxConnections,
-      )
+    ? new BridgeServer({ kms, auth, metrics, limits, logger, mergeItems: resolveMaxBatch(config.kms) })
     : null;
 
   const tlsMode = config.tls === null ? 'off' : config.tls.ca ? 'mutual' : 'on';

@@ -229,6 +229,27 @@ export interface Frame {
  * a frame spanning chunks is copied once into a buffer of its final size. The length is checked
  * against the limit before any of the body is buffered.
  */
+/**
+ * Bytes held in unfinished frames, shared by every connection of a listener: a frame is only
+ * buffered across chunks when its whole size fits, so the daemon's memory for partial frames is
+ * bounded by `limit`, not by connections × max frame size.
+ */
+export class FrameBudget {
+  used = 0;
+
+  constructor(readonly limit: number) {}
+
+  reserve(bytes: number): boolean {
+    if (this.used + bytes > this.limit) return false;
+    this.used += bytes;
+    return true;
+  }
+
+  release(bytes: number): void {
+    this.used -= bytes;
+  }
+}
+
 export class FrameDecoder {
   /** Fewer than 4 bytes of a length prefix. */
   private head: Buffer | null = null;
@@ -236,7 +257,14 @@ export class FrameDecoder {
   private partial: Buffer | null = null;
   private filled = 0;
 
-  constructor(private readonly maxFrameBytes: number) {}
+  /**
+   * `maxFrameBytes` may be changed between pushes (the daemon accepts only a small AUTH frame
+   * until a connection is authenticated); `budget`, when given, must cover every partial frame.
+   */
+  constructor(
+    public maxFrameBytes: number,
+    private readonly budget?: FrameBudget,
+  ) {}
 
   /** True when some bytes of an unfinished frame are buffered. */
   get midFrame(): boolean {
@@ -253,7 +281,7 @@ export class FrameDecoder {
       buf = buf.subarray(n);
       if (this.filled < this.partial.length) return;
       const whole = this.partial;
-      this.partial = null;
+      this.dropPartial();
       onFrame(this.frameOf(whole));
     }
     if (this.head) {
@@ -271,6 +299,9 @@ export class FrameDecoder {
       if (length < FRAME_HEADER_BYTES) throw malformed(`frame length ${length} is shorter than its header`);
       const total = FRAME_LENGTH_BYTES + length;
       if (buf.length < total) {
+        if (this.budget && !this.budget.reserve(total)) {
+          throw kmsError('KMS_UNAVAILABLE', 'the daemon holds too many unfinished frames; retry later');
+        }
         this.partial = Buffer.allocUnsafe(total);
         buf.copy(this.partial, 0);
         this.filled = buf.length;
@@ -281,6 +312,18 @@ export class FrameDecoder {
       onFrame(this.frameOf(frame));
     }
     if (buf.length > 0) this.head = Buffer.from(buf);
+  }
+
+  /** Drops an unfinished frame and gives its bytes back to the budget (the connection closed). */
+  dispose(): void {
+    this.dropPartial();
+    this.head = null;
+  }
+
+  private dropPartial(): void {
+    if (this.partial === null) return;
+    this.budget?.release(this.partial.length);
+    this.partial = null;
   }
 
   private frameOf(whole: Buffer): Frame {

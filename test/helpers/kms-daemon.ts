@@ -179,7 +179,14 @@ export interface HttpReply {
 export function request(
   base: string,
   pathAndQuery: string,
-  opts: { method?: string; headers?: Record<string, string>; body?: string | Buffer; tls?: TlsClient } = {},
+  opts: {
+    method?: string;
+    headers?: Record<string, string>;
+    body?: string | Buffer;
+    tls?: TlsClient;
+    /** Source address of the connection (any 127/8 address works on Linux loopback). */
+    localAddress?: string;
+  } = {},
 ): Promise<HttpReply> {
   const url = new URL(pathAndQuery, base);
   const mod = url.protocol === 'https:' ? https : http;
@@ -190,6 +197,7 @@ export function request(
         method: opts.method ?? 'GET',
         headers: opts.headers,
         agent: false,
+        ...(opts.localAddress ? { localAddress: opts.localAddress } : {}),
         ...(opts.tls ?? {}),
       },
       (res) => {
@@ -218,13 +226,14 @@ export function postJson(
   base: string,
   route: string,
   body: unknown,
-  opts: { headers?: Record<string, string>; tls?: TlsClient } = {},
+  opts: { headers?: Record<string, string>; tls?: TlsClient; localAddress?: string } = {},
 ): Promise<HttpReply> {
   return request(base, route, {
     method: 'POST',
     headers: { 'content-type': 'application/json', ...opts.headers },
     body: typeof body === 'string' ? body : JSON.stringify(body),
     ...(opts.tls ? { tls: opts.tls } : {}),
+    ...(opts.localAddress ? { localAddress: opts.localAddress } : {}),
   });
 }
 
@@ -319,11 +328,18 @@ export class BridgeSocket {
   private readonly socket: Socket;
   private readonly decoder = new FrameDecoder(64 * 1024 * 1024);
 
-  constructor(port: number) {
-    this.socket = connect({ host: '127.0.0.1', port });
+  isClosed = false;
+
+  constructor(port: number, localAddress?: string) {
+    this.socket = connect({ host: '127.0.0.1', port, ...(localAddress ? { localAddress } : {}) });
     this.socket.on('data', (chunk: Buffer) => this.decoder.push(chunk, (f) => this.frames.push(f)));
     this.socket.on('error', () => {});
-    this.closed = new Promise((resolve) => this.socket.on('close', () => resolve()));
+    this.closed = new Promise((resolve) =>
+      this.socket.on('close', () => {
+        this.isClosed = true;
+        resolve();
+      }),
+    );
   }
 
   write(bytes: Buffer): void {
