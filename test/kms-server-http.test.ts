@@ -302,18 +302,21 @@ test('POST /rotate_kek starts a rotation; GET /rotate_kek reports it; /rewrap us
   t.is(missing.status, 404);
 });
 
-test('POST /rewrap refuses a caller-supplied KEK (the Go server sends new_kek_hex) with 400', async (t) => {
-  const keyId = await newKey('thread-rewrap-kek');
-  const before = await request(base, `/get_wrapped?key_id=${keyId}`);
-  const res = await postJson(base, '/rewrap', { key_id: keyId, new_kek_hex: 'ab'.repeat(32) });
-  t.is(res.status, 400);
-  t.is(res.json.error.code, 'INVALID_INPUT');
-  t.regex(res.json.error.message, /new_kek_hex/);
-  t.regex(res.json.error.message, /never leaves the KMS/);
-  t.regex(res.json.error.message, /\/rotate_kek/);
-  const after = await request(base, `/get_wrapped?key_id=${keyId}`);
-  t.is(after.json.wrapped, before.json.wrapped, 'nothing was rewrapped');
-});
+test.serial(
+  'POST /rewrap refuses a caller-supplied KEK (the Go server sends new_kek_hex) with 400',
+  async (t) => {
+    const keyId = await newKey('thread-rewrap-kek');
+    const before = await request(base, `/get_wrapped?key_id=${keyId}`);
+    const res = await postJson(base, '/rewrap', { key_id: keyId, new_kek_hex: 'ab'.repeat(32) });
+    t.is(res.status, 400);
+    t.is(res.json.error.code, 'INVALID_INPUT');
+    t.regex(res.json.error.message, /new_kek_hex/);
+    t.regex(res.json.error.message, /never leaves the KMS/);
+    t.regex(res.json.error.message, /\/rotate_kek/);
+    const after = await request(base, `/get_wrapped?key_id=${keyId}`);
+    t.is(after.json.wrapped, before.json.wrapped, 'nothing was rewrapped');
+  },
+);
 
 test('the other single-item POST routes refuse unknown fields too', async (t) => {
   const keyId = await newKey('thread-strict');
