@@ -67,7 +67,8 @@ test('bridge: 2 KB and 600 KB ids are INVALID_INPUT, and the connection stays us
       { op: 'destroy_dek', keyId: big },
     ];
     for (const req of requests) {
-      const answer = await (conn.write(encodeRequest(id, req)), conn.answer(id++));
+      conn.write(encodeRequest(id, req));
+      const answer = await conn.answer(id++);
       t.is(answer.type, FRAME_ERROR, `${req.op} ${big.length}`);
       t.is(decodeError(answer.body).code, 'INVALID_INPUT', `${req.op} ${big.length}`);
     }
