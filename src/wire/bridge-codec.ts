@@ -225,11 +225,6 @@ export interface Frame {
 }
 
 /**
- * Splits a byte stream into frames. Complete frames inside one chunk are sliced without copying;
- * a frame spanning chunks is copied once into a buffer of its final size. The length is checked
- * against the limit before any of the body is buffered.
- */
-/**
  * Bytes held in unfinished frames, shared by every connection of a listener: a frame is only
  * buffered across chunks when its whole size fits, so the daemon's memory for partial frames is
  * bounded by `limit`, not by connections × max frame size.
@@ -250,6 +245,11 @@ export class FrameBudget {
   }
 }
 
+/**
+ * Splits a byte stream into frames. Complete frames inside one chunk are sliced without copying;
+ * a frame spanning chunks is copied once into a buffer of its final size. The length is checked
+ * against the limit before any of the body is buffered.
+ */
 export class FrameDecoder {
   /** Fewer than 4 bytes of a length prefix. */
   private head: Buffer | null = null;
