@@ -6,6 +6,7 @@
  *  - the worker task shapes that the main thread hands the crypto workers (wrapped keys,
  *    plaintext and ciphertext only; never an unwrapped key).
  */
+import type { AuditHeadRecord, StreamHead } from './audit-link.js';
 import type { CodedError, ErrorCode } from './errors.js';
 import { CIPHERTEXT_HEADER_BYTES, CIPHERTEXT_OVERHEAD, NONCE_BYTES, WRAPPED_KEY_BYTES } from './format.js';
 
@@ -207,6 +208,8 @@ export interface WorkerInit {
   auditFile: string | null;
   /** fdatasync after every block (auditFsyncMs = 0); otherwise the main thread fsyncs in groups. */
   auditFsyncEachWrite: boolean;
+  /** Session link fields for the first line of this worker's stream (src/audit-link.ts), or null. */
+  auditLink: string | null;
   /**
    * Shared with the main thread (layout: IdleSpinSlot): lets a worker that just finished a task spin
    * briefly for the next one instead of parking. Null disables spinning.
@@ -267,6 +270,8 @@ export interface AuditFields {
   caller?: string | undefined;
   remote?: string | undefined;
   detail?: string | undefined;
+  /** The stop line: every stream's head (formatHeads in src/audit-link.ts). */
+  heads?: string | undefined;
 }
 
 /**
@@ -346,6 +351,8 @@ export interface BatchResult {
   errors: ErrorCode[];
   /** Whether this task appended audit lines (the main thread then schedules a group fsync). */
   audited: boolean;
+  /** This worker's stream head after the task, when it appended lines (kept in the registry). */
+  auditHead?: StreamHead | undefined;
 }
 
 /** Creates a KEK version inside the worker and returns it wrapped under the master key. */
@@ -358,6 +365,7 @@ export interface NewKekTask {
 
 export interface NewKekResult {
   wrapped: Uint8Array;
+  auditHead?: StreamHead | undefined;
 }
 
 /** Proves the master key unwraps the active KEK. Writes no audit line (see EmbeddedKms.start). */
@@ -374,6 +382,8 @@ export interface CheckKekResult {
 export interface VerifyAuditTask {
   type: 'verify-audit';
   path: string;
+  /** The registry's audit head, which the log's end must match (null: the registry records none). */
+  head: AuditHeadRecord | null;
 }
 
 export interface VerifyAuditResult {

@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
+import { linkFields } from '../src/audit-link.js';
 import type { AuditFields } from '../src/protocol.js';
 import { AuditStream, verifyAuditFile } from '../workers/audit-stream.js';
 import { tempDir } from './helpers/kms.js';
@@ -71,4 +72,29 @@ test('lines are the JSON of their fields, in sequence, and every block verifies'
   });
   // And the signature is over exactly those bytes: any other key rejects the first block.
   t.false(verifyAuditFile(randomBytes(32), file).ok);
+});
+
+test('a log written before streams were linked verifies, and may be followed by linked sessions only', (t) => {
+  const auditKey = randomBytes(32);
+  const dir = tempDir(t);
+  const write = (file: string, stream: AuditStream, op: string) => {
+    stream.add({ op }, new Date().toISOString(), 'ok', null);
+    const block = stream.seal()!;
+    fs.appendFileSync(file, block.buffer.subarray(0, block.length));
+  };
+  const old = new AuditStream(auditKey);
+  const linked = new AuditStream(auditKey, linkFields(1, null));
+  const upgraded = path.join(dir, 'upgraded.log');
+  write(upgraded, old, 'start');
+  write(upgraded, old, 'stop');
+  write(upgraded, linked, 'start');
+  t.true(verifyAuditFile(auditKey, upgraded).ok);
+
+  // An unlinked stream after a linked session is a stream that someone stripped of its link.
+  const downgraded = path.join(dir, 'downgraded.log');
+  write(downgraded, new AuditStream(auditKey, linkFields(1, null)), 'start');
+  write(downgraded, new AuditStream(auditKey), 'start');
+  const result = verifyAuditFile(auditKey, downgraded);
+  t.false(result.ok);
+  t.is(result.firstBadLine, 2);
 });

@@ -14,6 +14,7 @@
  */
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { type AuditHeadRecord, parseHeads, type SessionClaim, type StreamHead } from '../src/audit-link.js';
 import type { AuditFields, VerifyAuditResult } from '../src/protocol.js';
 
 const MAC_BYTES = 32;
@@ -40,6 +41,7 @@ function fieldsPart(fields: AuditFields): Buffer {
     if (fields.caller !== undefined) text += `,"caller":${JSON.stringify(fields.caller)}`;
     if (fields.remote !== undefined) text += `,"remote":${JSON.stringify(fields.remote)}`;
     if (fields.detail !== undefined) text += `,"detail":${JSON.stringify(fields.detail)}`;
+    if (fields.heads !== undefined) text += `,"heads":${JSON.stringify(fields.heads)}`;
     bytes = Buffer.from(text, 'utf8');
     fieldsBytes.set(fields, bytes);
   }
@@ -64,6 +66,7 @@ function outcomePart(outcome: Outcome, code: string | null): Buffer {
 
 /** Most bytes a line's sequence number takes in decimal (n < 2^53). */
 const MAX_SEQUENCE_DIGITS = 16;
+const NO_LINK = Buffer.alloc(0);
 const CLOSE_LINE = 2; // `}\n`
 
 /** A sealed block: the first `length` bytes of `buffer`, valid until the stream's next add(). */
@@ -87,9 +90,19 @@ export class AuditStream {
   /** `{"v":1,"ts":"<ts>","s":"<id>","n":` for the last timestamp seen (one per task). */
   #prefixTs = '';
   #prefix = Buffer.alloc(0);
+  /** Session link fields, appended to the stream's first line only (src/audit-link.ts). */
+  readonly #link: Buffer;
+  #macHex = '';
+  #macN = -1;
 
-  constructor(auditKey: Buffer) {
+  constructor(auditKey: Buffer, link: string | null = null) {
     this.#key = auditKey;
+    this.#link = Buffer.from(link ?? '', 'latin1');
+  }
+
+  /** The last signed block: what the main thread keeps in the registry. Null before the first. */
+  head(): StreamHead | null {
+    return this.#macHex === '' ? null : { s: this.id, n: this.#macN, mac: this.#macHex };
   }
 
   /** The line `{"v":1,"ts":…,"s":…,"n":…,"outcome":…<fields>}` plus a newline. */
@@ -101,7 +114,10 @@ export class AuditStream {
     const prefix = this.#prefix;
     const result = outcomePart(outcome, code);
     const rest = fieldsPart(fields);
-    this.#ensure(prefix.length + MAX_SEQUENCE_DIGITS + result.length + rest.length + CLOSE_LINE);
+    const link = this.#next === 0 ? this.#link : NO_LINK;
+    this.#ensure(
+      prefix.length + MAX_SEQUENCE_DIGITS + result.length + rest.length + link.length + CLOSE_LINE,
+    );
     const block = this.#block;
     let at = this.#length;
     block.set(prefix, at);
@@ -110,6 +126,10 @@ export class AuditStream {
     at += result.length;
     block.set(rest, at);
     at += rest.length;
+    if (link.length > 0) {
+      block.set(link, at);
+      at += link.length;
+    }
     block[at++] = 0x7d; // }
     block[at++] = 0x0a; // \n
     this.#length = at;
@@ -139,10 +159,12 @@ export class AuditStream {
       .update(block.subarray(0, length - 1))
       .digest();
     this.#prevMac = mac;
+    this.#macHex = mac.toString('hex');
+    this.#macN = this.#next - 1;
     // The last line's `}\n` becomes `,"mac":"<hex>"}\n`.
     let at = length - 2;
     at += block.write(MAC_FIELD, at, 'latin1');
-    at += block.write(mac.toString('hex'), at, 'latin1');
+    at += block.write(this.#macHex, at, 'latin1');
     at += block.write('"}\n', at, 'latin1');
     return { buffer: block, length: at };
   }
@@ -165,52 +187,284 @@ interface StreamState {
   prevMac: Buffer;
   hmacInput: string[];
   firstLine: number;
+  /** Its session; null for a stream written before streams were linked (an older version). */
+  session: SessionState | null;
+  /** `n` and MAC (hex) of its last signed line; -1 and '' before the first. */
+  lastN: number;
+  lastMac: string;
+  /** MACs of earlier signed points that some link or the registry names (see namedPoints). */
+  points: Map<number, string>;
 }
 
-/** Verifies a whole audit log; stops at the first bad line. */
-export function verifyAuditFile(auditKey: Buffer, path: string): VerifyAuditResult {
+interface StopState {
+  line: number;
+  s: string;
+  n: number;
+  /** The stop's own stream's last signed point before the stop line. */
+  before: { n: number; mac: string };
+  heads: Map<string, StreamHead>;
+}
+
+interface SessionState {
+  number: number;
+  /** Its link fields as text: every stream of the session must carry the same. */
+  link: string;
+  streams: Map<string, StreamState>;
+  stop: StopState | null;
+}
+
+class Failure {
+  constructor(
+    readonly line: number | null,
+    readonly reason: string,
+  ) {}
+}
+
+const DECIMAL = /^(0|[1-9][0-9]{0,15})$/;
+
+function decimal(value: unknown): number | null {
+  return typeof value === 'string' && DECIMAL.test(value) ? Number(value) : null;
+}
+
+/**
+ * `s:n` of every point a link or the registry names. Links can name a point before a stream's end
+ * (after an unclean stop the saved head lags the log), and keeping every block's MAC of a large log
+ * to check them would cost memory: this first pass finds the few that are needed.
+ */
+function namedPoints(lines: readonly string[], head: AuditHeadRecord | null): Set<string> {
+  const points = new Set<string>();
+  const add = (heads: readonly StreamHead[] | null | undefined) => {
+    for (const h of heads ?? []) points.add(`${h.s}:${h.n}`);
+  };
+  for (const line of lines) {
+    // Field values are JSON-escaped, so this text only ever occurs as the field itself.
+    if (!line.includes('"prev_heads":"')) continue;
+    try {
+      add(parseHeads((JSON.parse(line) as { prev_heads?: unknown }).prev_heads));
+    } catch {
+      // Reported by the main pass.
+    }
+  }
+  add(head?.heads);
+  add(head?.links?.heads);
+  return points;
+}
+
+/** Why `claim` does not match the sessions read so far, or null if it does. */
+function checkClaim(claim: SessionClaim, sessions: Map<number, SessionState>): string | null {
+  const target = sessions.get(claim.session);
+  if (target === undefined) return `session ${claim.session} is not in the log (session removed or moved)`;
+  for (const head of claim.heads) {
+    const stream = target.streams.get(head.s);
+    const where = `stream ${head.s} of session ${claim.session}`;
+    if (stream === undefined) return `${where} is not in the log (stream removed)`;
+    const mac = head.n === stream.lastN ? stream.lastMac : stream.points.get(head.n);
+    if (mac !== head.mac) return `${where} does not reach its recorded line ${head.n} (lines removed)`;
+    if (claim.sealed && head.n !== stream.lastN) return `${where} goes on after its sealed end`;
+  }
+  if (claim.sealed) {
+    if (claim.heads.length !== target.streams.size) {
+      return `session ${claim.session} was sealed with ${claim.heads.length} streams, the log has ${target.streams.size}`;
+    }
+    if (target.stop === null)
+      return `session ${claim.session} was sealed, but its stop line is not in the log`;
+  }
+  return null;
+}
+
+/** A session's stop line must name every other stream at its end and be its own stream's last. */
+function checkStop(session: SessionState): void {
+  const stop = session.stop;
+  if (stop === null) return;
+  for (const [id, stream] of session.streams) {
+    if (id === stop.s) {
+      if (stream.lastN !== stop.n)
+        throw new Failure(stop.line, 'the stop line is not the last of its stream');
+      continue;
+    }
+    const named = stop.heads.get(id);
+    if (named === undefined || named.n !== stream.lastN || named.mac !== stream.lastMac) {
+      throw new Failure(stop.line, `the stop line does not seal stream ${id} at its end (lines removed?)`);
+    }
+  }
+  for (const id of stop.heads.keys()) {
+    if (!session.streams.has(id)) {
+      throw new Failure(
+        stop.line,
+        `the stop line names stream ${id}, which is not in the log (stream removed)`,
+      );
+    }
+  }
+  const own = stop.heads.get(stop.s);
+  if (own === undefined ? stop.before.n !== -1 : own.n !== stop.before.n || own.mac !== stop.before.mac) {
+    throw new Failure(stop.line, 'the stop line does not seal its own stream');
+  }
+}
+
+interface LinkRecord {
+  session?: unknown;
+  prev_session?: unknown;
+  prev_sealed?: unknown;
+  prev_heads?: unknown;
+}
+
+/**
+ * Verifies a whole audit log; stops at the first bad line. `head` is the registry's audit head:
+ * the sessions must form one chain of links, and the log's end must reach that head.
+ */
+export function verifyAuditFile(
+  auditKey: Buffer,
+  path: string,
+  head: AuditHeadRecord | null = null,
+): VerifyAuditResult {
+  const claim = head === null ? null : head.heads.length > 0 ? { ...head } : head.links;
   let text: string;
   try {
     text = readFileSync(path, 'utf8');
   } catch (err) {
+    const recorded = claim === null ? '' : `, but the registry records lines up to session ${claim.session}`;
     return {
       ok: false,
       linesVerified: 0,
       firstBadLine: null,
-      reason: `cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`,
+      reason: `cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? 'error'}${recorded}`,
     };
   }
   const lines = text.split('\n');
   if (lines[lines.length - 1] === '') lines.pop();
+  try {
+    verifyLines(auditKey, lines, head, claim);
+  } catch (err) {
+    if (!(err instanceof Failure)) throw err;
+    return {
+      ok: false,
+      linesVerified: err.line === null ? lines.length : err.line - 1,
+      firstBadLine: err.line,
+      reason: err.reason,
+    };
+  }
+  return { ok: true, linesVerified: lines.length, firstBadLine: null, reason: null };
+}
+
+function verifyLines(
+  auditKey: Buffer,
+  lines: readonly string[],
+  head: AuditHeadRecord | null,
+  claim: SessionClaim | null,
+): void {
+  const named = namedPoints(lines, head);
   const streams = new Map<string, StreamState>();
-  const fail = (line: number, reason: string): VerifyAuditResult => ({
-    ok: false,
-    linesVerified: line - 1,
-    firstBadLine: line,
-    reason,
-  });
+  const sessions = new Map<number, SessionState>();
+  let current: SessionState | null = null;
+
+  /**
+   * A new stream's first line: it joins its session, or begins the next one (checking its link).
+   * Returns the session now current.
+   */
+  const join = (
+    lineNo: number,
+    s: string,
+    stream: StreamState,
+    record: LinkRecord,
+    current: SessionState | null,
+  ): SessionState | null => {
+    if (record.session === undefined) {
+      if (current !== null) throw new Failure(lineNo, `stream ${s} does not begin with a session link`);
+      return null;
+    }
+    const number = decimal(record.session);
+    const prev = decimal(record.prev_session);
+    const heads = parseHeads(record.prev_heads);
+    const sealed = record.prev_sealed;
+    if (number === null || prev === null || heads === null || (sealed !== 'true' && sealed !== 'false')) {
+      throw new Failure(lineNo, 'malformed session link');
+    }
+    const link = `${prev}|${sealed}|${record.prev_heads as string}`;
+    if (current !== null && number === current.number) {
+      if (link !== current.link) {
+        throw new Failure(lineNo, `stream ${s} links session ${number} unlike its other streams`);
+      }
+    } else {
+      if (current !== null) {
+        if (number < current.number) {
+          throw new Failure(
+            lineNo,
+            `session ${number} begins after session ${current.number} (sessions moved)`,
+          );
+        }
+        checkStop(current);
+      }
+      if (prev === 0) {
+        if (current !== null) {
+          throw new Failure(
+            lineNo,
+            `session ${number} links to no session, but session ${current.number} precedes it`,
+          );
+        }
+      } else {
+        const reason =
+          prev < number
+            ? checkClaim({ session: prev, sealed: sealed === 'true', heads }, sessions)
+            : 'malformed';
+        if (reason !== null) throw new Failure(lineNo, `the link of session ${number}: ${reason}`);
+      }
+      current = { number, link, streams: new Map(), stop: null };
+      sessions.set(number, current);
+    }
+    stream.session = current;
+    current.streams.set(s, stream);
+    return current;
+  };
+
   for (let i = 0; i < lines.length; i++) {
     const lineNo = i + 1;
     const line = lines[i]!;
-    let record: { s?: unknown; n?: unknown; mac?: unknown };
+    let record: LinkRecord & { s?: unknown; n?: unknown; mac?: unknown; op?: unknown; heads?: unknown };
     try {
       record = JSON.parse(line);
     } catch {
-      return fail(lineNo, 'not a JSON line');
+      throw new Failure(lineNo, 'not a JSON line');
     }
-    if (typeof record !== 'object' || record === null) return fail(lineNo, 'not an audit record');
+    if (typeof record !== 'object' || record === null) throw new Failure(lineNo, 'not an audit record');
     const { s, n, mac } = record;
-    if (typeof s !== 'string' || typeof n !== 'number') return fail(lineNo, 'missing stream or sequence');
+    if (typeof s !== 'string' || typeof n !== 'number')
+      throw new Failure(lineNo, 'missing stream or sequence');
     let stream = streams.get(s);
+    const isNew = stream === undefined;
     if (stream === undefined) {
-      stream = { next: 0, prevMac: Buffer.alloc(MAC_BYTES), hmacInput: [], firstLine: lineNo };
+      stream = {
+        next: 0,
+        prevMac: Buffer.alloc(MAC_BYTES),
+        hmacInput: [],
+        firstLine: lineNo,
+        session: null,
+        lastN: -1,
+        lastMac: '',
+        points: new Map(),
+      };
       streams.set(s, stream);
     }
     if (n !== stream.next) {
-      return fail(
+      throw new Failure(
         lineNo,
         `stream ${s}: expected line ${stream.next}, found ${n} (line deleted, inserted or moved)`,
       );
+    }
+    if (isNew) current = join(lineNo, s, stream, record, current);
+    else if (stream.session !== current) {
+      throw new Failure(lineNo, `stream ${s} goes on after a later session began (lines moved)`);
+    }
+    if (record.op === 'stop' && record.heads !== undefined && stream.session !== null) {
+      const heads = parseHeads(record.heads);
+      if (heads === null) throw new Failure(lineNo, 'malformed stop line');
+      if (stream.session.stop !== null) throw new Failure(lineNo, 'a second stop line in one session');
+      stream.session.stop = {
+        line: lineNo,
+        s,
+        n,
+        before: { n: stream.lastN, mac: stream.lastMac },
+        heads: new Map(heads.map((h) => [h.s, h])),
+      };
     }
     stream.next++;
     if (stream.hmacInput.length === 0) stream.firstLine = lineNo;
@@ -219,7 +473,7 @@ export function verifyAuditFile(auditKey: Buffer, path: string): VerifyAuditResu
       continue;
     }
     if (typeof mac !== 'string' || !line.endsWith('"}') || line.length < MAC_SUFFIX_LENGTH) {
-      return fail(lineNo, 'malformed mac');
+      throw new Failure(lineNo, 'malformed mac');
     }
     const signedLast = `${line.slice(0, line.length - MAC_SUFFIX_LENGTH)}}`;
     const expected = Buffer.from(mac, 'hex');
@@ -228,15 +482,39 @@ export function verifyAuditFile(auditKey: Buffer, path: string): VerifyAuditResu
     hmac.update(signedLast);
     const actual = hmac.digest();
     if (expected.length !== MAC_BYTES || !timingSafeEqual(actual, expected)) {
-      return fail(stream.firstLine, `signature mismatch for lines ${stream.firstLine}-${lineNo}`);
+      throw new Failure(stream.firstLine, `signature mismatch for lines ${stream.firstLine}-${lineNo}`);
     }
     stream.prevMac = actual;
     stream.hmacInput = [];
+    stream.lastN = n;
+    stream.lastMac = mac;
+    if (named.size > 0 && named.has(`${s}:${n}`)) stream.points.set(n, mac);
   }
   for (const [id, stream] of streams) {
     if (stream.hmacInput.length > 0) {
-      return fail(stream.firstLine, `stream ${id}: unsigned lines from line ${stream.firstLine} to the end`);
+      throw new Failure(
+        stream.firstLine,
+        `stream ${id}: unsigned lines from line ${stream.firstLine} to the end`,
+      );
     }
   }
-  return { ok: true, linesVerified: lines.length, firstBadLine: null, reason: null };
+  if (current !== null) checkStop(current);
+  // Without the registry (an archived copy of the log) the chain is checked, but not its end.
+  if (head === null) return;
+  if (current !== null && current.number > head.session) {
+    throw new Failure(
+      null,
+      `the log has session ${current.number}, the registry only ${head.session} (registry rolled back?)`,
+    );
+  }
+  if (claim === null) return;
+  if (lines.length === 0) {
+    throw new Failure(
+      null,
+      `the log is empty, but the registry records lines up to session ${claim.session}`,
+    );
+  }
+  const reason = checkClaim(claim, sessions);
+  if (reason !== null)
+    throw new Failure(null, `the end of the log does not reach the registry's head: ${reason}`);
 }

@@ -35,6 +35,7 @@ import {
   opSlotBytes,
   RESULT_SLOTS,
   type VerifyAuditResult,
+  type VerifyAuditTask,
   type WorkerInit,
   type WorkerTask,
   type ZeroizeResult,
@@ -55,7 +56,7 @@ const deks = new KeyCache(init.dekCacheSize);
 function roots(): RootKeys {
   if (rootKeys === null) {
     rootKeys = loadRootKeys(init.masterKey);
-    if (init.auditFile !== null) auditStream = new AuditStream(rootKeys.auditKey);
+    if (init.auditFile !== null) auditStream = new AuditStream(rootKeys.auditKey, init.auditLink);
   }
   return rootKeys;
 }
@@ -305,7 +306,8 @@ function runBatch(task: BatchTask): BatchResult {
       for (let i = 0; i < count; i++) results[i * RESULT_SLOTS] = at;
     }
   }
-  const result: BatchResult = { results, out: out.buffer as ArrayBuffer, errors, audited };
+  const auditHead = audited ? (auditStream?.head() ?? undefined) : undefined;
+  const result: BatchResult = { results, out: out.buffer as ArrayBuffer, errors, audited, auditHead };
   const transfer: ArrayBuffer[] = [results.buffer as ArrayBuffer, out.buffer as ArrayBuffer];
   return move({ [transferableSymbol]: transfer, [valueSymbol]: result }) as unknown as BatchResult;
 }
@@ -334,7 +336,7 @@ function newKek(task: NewKekTask): NewKekResult {
   wrapKeyInto(kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(task.kekId, task.version), key, wrapped, 0);
   auditOne(task.audit, null);
   keks.set(task.version, key);
-  return { wrapped };
+  return { wrapped, auditHead: auditStream?.head() ?? undefined };
 }
 
 function checkKek(task: CheckKekTask): CheckKekResult {
@@ -358,8 +360,8 @@ function zeroize(): ZeroizeResult {
   return { threadId };
 }
 
-function verifyAudit(path: string): VerifyAuditResult {
-  return verifyAuditFile(roots().auditKey, path);
+function verifyAudit(task: VerifyAuditTask): VerifyAuditResult {
+  return verifyAuditFile(roots().auditKey, task.path, task.head);
 }
 
 const idleSpin = init.idleSpin === null ? null : new IdleSpin(init.idleSpin);
@@ -383,7 +385,7 @@ function runTask(task: WorkerTask): unknown {
     case 'check-kek':
       return checkKek(task);
     case 'verify-audit':
-      return verifyAudit(task.path);
+      return verifyAudit(task);
     case 'zeroize':
       return zeroize();
   }

@@ -55,6 +55,9 @@ export function tornTailStart(filePath: string): number | null {
   }
 }
 
+/** How often the durable hook runs when every write is fsynced by itself (auditFsyncMs = 0). */
+const DURABLE_HOOK_MS = 1000;
+
 export class AuditFile {
   readonly path: string;
   #fd: number;
@@ -63,14 +66,23 @@ export class AuditFile {
   #timer: NodeJS.Timeout | null = null;
   readonly #fsyncEachWrite: boolean;
 
+  #beforeFlush: (() => (() => void) | null) | null = null;
+
   private constructor(filePath: string, fd: number, fsyncMs: number) {
     this.path = filePath;
     this.#fd = fd;
     this.#fsyncEachWrite = fsyncMs === 0;
-    if (fsyncMs > 0) {
-      this.#timer = setInterval(() => this.#flushAsync(), fsyncMs);
-      this.#timer.unref();
-    }
+    // With an fsync per write there is nothing to flush, but the flush hook still runs, seldom.
+    this.#timer = setInterval(() => this.#flushAsync(), fsyncMs > 0 ? fsyncMs : DURABLE_HOOK_MS);
+    this.#timer.unref();
+  }
+
+  /**
+   * `beforeFlush` runs before each group flush, and the function it returns (if any) once that
+   * flush is on disk: whatever it captured (the streams' heads) is then durable in the log.
+   */
+  onFlush(beforeFlush: () => (() => void) | null): void {
+    this.#beforeFlush = beforeFlush;
   }
 
   /** Opens (creating, 0600) the log for appending; AUDIT_UNWRITABLE if that is impossible. */
@@ -105,7 +117,6 @@ export class AuditFile {
 
   /** Notes that workers appended lines (fsynced at the next group interval). */
   markDirty(): void {
-    if (this.#fsyncEachWrite) return;
     this.#dirty = true;
   }
 
@@ -117,8 +128,15 @@ export class AuditFile {
   #flushAsync(): void {
     if (!this.#dirty || this.#failed !== null) return;
     this.#dirty = false;
+    const onDurable = this.#beforeFlush?.() ?? null;
+    // Each block was fsynced by its worker before its result came back.
+    if (this.#fsyncEachWrite) {
+      onDurable?.();
+      return;
+    }
     fs.fdatasync(this.#fd, (err) => {
       if (err) this.#failed = err.code ?? 'fsync error';
+      else onDurable?.();
     });
   }
 

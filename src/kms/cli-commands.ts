@@ -9,6 +9,7 @@ import { AUDIT_FILE_NAME } from './audit-file.js';
 import { createKms } from './index.js';
 import { generateMasterKey } from './keygen.js';
 import { resolveMasterKeyRef } from './options.js';
+import { Registry } from './registry.js';
 import { runVerifyAudit } from './verify-audit.js';
 
 export interface DataDirCommandOptions {
@@ -41,11 +42,18 @@ export async function keygenCommand(opts: { out?: string }): Promise<number> {
  */
 export async function auditVerifyCommand(opts: DataDirCommandOptions): Promise<number> {
   try {
-    const file = path.join(path.resolve(opts.dataDir), AUDIT_FILE_NAME);
+    const dataDir = path.resolve(opts.dataDir);
+    const file = path.join(dataDir, AUDIT_FILE_NAME);
     const masterKey = resolveMasterKeyRef({ masterKeyFile: opts.masterKeyFile });
-    const result = await runVerifyAudit(masterKey, file);
+    const head = Registry.readAuditHead(dataDir) ?? null;
+    const result = await runVerifyAudit(masterKey, file, head);
     if (result.ok) {
       process.stdout.write(`ok: ${result.linesVerified} lines verified in ${file}\n`);
+      if (head === null) {
+        process.stdout.write(
+          `note: ${dataDir} has no registry audit head; the log's end was not checked against it\n`,
+        );
+      }
       return 0;
     }
     const where = result.firstBadLine === null ? '' : ` at line ${result.firstBadLine}`;

@@ -25,12 +25,14 @@ import {
   type Kms,
   type KmsHealth,
   type NewKekResult,
+  type NewKekTask,
   OpKind,
   type OpKindValue,
   type RotationStatus,
   type VerifyAuditResult,
 } from '../protocol.js';
 import { AUDIT_FILE_NAME, AuditFile } from './audit-file.js';
+import { AuditHeadKeeper } from './audit-head-keeper.js';
 import { type DirLock, lockDataDir } from './dir-lock.js';
 import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from './options.js';
 import { CryptoPool, type PendingOp } from './pool.js';
@@ -142,6 +144,8 @@ class EmbeddedKms implements Kms {
   readonly #registry: Registry;
   readonly #pool: CryptoPool;
   readonly #auditFile: AuditFile | null;
+  /** Links this session's audit streams to the last one (null with audit off). */
+  readonly #auditHeads: AuditHeadKeeper | null;
   readonly #lock: DirLock;
   readonly #kekRefs = new Map<number, KekRef>();
   readonly #creating = new Map<string, Promise<DekInfo>>();
@@ -163,6 +167,9 @@ class EmbeddedKms implements Kms {
     this.#registry = registry;
     this.#auditFile = auditFile;
     this.#lock = lock;
+    const auditHeads = auditFile === null ? null : new AuditHeadKeeper(registry, log);
+    this.#auditHeads = auditHeads;
+    if (auditHeads !== null) auditFile?.onFlush(auditHeads.beforeFlush);
     this.#pool = new CryptoPool({
       threads: opts.poolSize,
       maxBatch: opts.maxBatch,
@@ -173,11 +180,16 @@ class EmbeddedKms implements Kms {
         evictChannel: `progressdb-kms-${process.pid}-${randomBytes(6).toString('hex')}`,
         auditFile: auditFile === null ? null : auditFile.path,
         auditFsyncEachWrite: opts.auditFsyncMs === 0,
+        auditLink: auditHeads?.linkFields ?? null,
       },
       kekRef: (version) => this.#kekRef(version),
-      onAudit: (failed) => {
-        if (failed) this.#auditFile?.fail('a worker could not append to the audit log');
-        else this.#auditFile?.markDirty();
+      onAudit: (failed, head) => {
+        if (failed) {
+          this.#auditFile?.fail('a worker could not append to the audit log');
+          return;
+        }
+        this.#auditHeads?.report(head);
+        this.#auditFile?.markDirty();
       },
       activeKekVersion: () => this.#kek.activeVersion,
     });
@@ -203,8 +215,9 @@ class EmbeddedKms implements Kms {
     const existing = this.#registry.kekMeta();
     if (existing === undefined) {
       this.#repairAuditLog();
+      this.#auditHeads?.begin();
       const kekId = `kek_${randomBytes(8).toString('hex')}`;
-      const created = await this.#pool.run<NewKekResult>({
+      const created = await this.#newKek({
         type: 'new-kek',
         kekId,
         version: 1,
@@ -235,6 +248,7 @@ class EmbeddedKms implements Kms {
       }
       // Only now, with the key proven, may the log be touched: repaired, then the start line.
       const dropped = this.#repairAuditLog();
+      this.#auditHeads?.begin();
       if (dropped > 0) {
         await this.#note({
           op: 'audit_repair',
@@ -249,12 +263,7 @@ class EmbeddedKms implements Kms {
       batchSize: this.#opts.rotationBatchSize,
       kekId: () => this.#kek.kekId,
       newKek: async (version, audit) => {
-        const result = await this.#pool.run<NewKekResult>({
-          type: 'new-kek',
-          kekId: this.#kek.kekId,
-          version,
-          audit,
-        });
+        const result = await this.#newKek({ type: 'new-kek', kekId: this.#kek.kekId, version, audit });
         return result.wrapped;
       },
       note: (audit) => this.#note(audit),
@@ -271,6 +280,14 @@ class EmbeddedKms implements Kms {
         );
       });
     }
+  }
+
+  /** Creates a KEK version in a worker; its audit line counts like a batch's. */
+  async #newKek(task: NewKekTask): Promise<NewKekResult> {
+    const result = await this.#pool.run<NewKekResult>(task);
+    this.#auditHeads?.report(result.auditHead);
+    this.#auditFile?.markDirty();
+    return result;
   }
 
   #kekRef(version: number): KekRef | undefined {
@@ -812,6 +829,7 @@ class EmbeddedKms implements Kms {
     return this.#pool.run<VerifyAuditResult>({
       type: 'verify-audit',
       path: path.join(this.#opts.dataDir, AUDIT_FILE_NAME),
+      head: this.#registry.auditHead() ?? null,
     });
   }
 
@@ -823,8 +841,14 @@ class EmbeddedKms implements Kms {
   async #close(): Promise<void> {
     await this.#rotation?.stop();
     await this.#pool.idle();
+    let stopped = false;
     if (this.#opts.audit && !(this.#auditFile?.failed ?? true)) {
-      await this.#note({ op: 'stop', detail: `pid ${process.pid}` }).catch(() => {});
+      // The stop line names every stream's end, so no stream of this session can be cut unseen.
+      const heads = this.#auditHeads?.stopHeads();
+      stopped = await this.#note({ op: 'stop', detail: `pid ${process.pid}`, heads }).then(
+        () => true,
+        () => false,
+      );
     }
     this.#closed = true;
     const { workers, zeroed } = await this.#pool.close();
@@ -832,6 +856,10 @@ class EmbeddedKms implements Kms {
     if (zeroed < workers)
       this.#log.warn(`only ${zeroed} of ${workers} crypto workers confirmed zeroing their keys`);
     this.#auditFile?.close();
+    // Sealed only once the stop line is on disk (close fsyncs).
+    if (stopped && !(this.#auditFile?.failed ?? true)) {
+      this.#auditHeads?.seal();
+    }
     await this.#registry.close();
     this.#lock.release();
   }

@@ -10,6 +10,7 @@
 import { availableParallelism } from 'node:os';
 import { BroadcastChannel } from 'node:worker_threads';
 import { Piscina } from 'piscina';
+import type { StreamHead } from '../audit-link.js';
 import { type ErrorCode, toCodedError } from '../errors.js';
 import {
   type AuditFields,
@@ -54,8 +55,11 @@ export interface PoolOptions {
   init: Omit<WorkerInit, 'idleSpin'>;
   /** KEK records the batch needs, by version (main-thread cache of wrapped KEKs). */
   kekRef: (version: number) => KekRef | undefined;
-  /** Called after each task that appended audit lines, or whose audit write failed. */
-  onAudit: (failed: boolean) => void;
+  /**
+   * Called after each task that appended audit lines (with its worker's stream head), or whose
+   * audit write failed.
+   */
+  onAudit: (failed: boolean, head: StreamHead | undefined) => void;
   activeKekVersion: () => number;
 }
 
@@ -255,7 +259,9 @@ export class CryptoPool {
     try {
       const transferList = [task.data, ops.buffer as ArrayBuffer];
       const result = (await this.#piscina.run(task, { transferList })) as BatchResult;
-      if (result.audited || result.errors.includes('AUDIT_WRITE_FAILED')) this.#opts.onAudit(!result.audited);
+      if (result.audited || result.errors.includes('AUDIT_WRITE_FAILED')) {
+        this.#opts.onAudit(!result.audited, result.auditHead);
+      }
       return result;
     } catch (err) {
       throw fromWorkerError(err);
@@ -356,7 +362,7 @@ export class CryptoPool {
   #settle(batch: PendingOp[], result: BatchResult): void {
     this.#taskDone();
     const { results, out, errors, audited } = result;
-    if (audited || errors.includes('AUDIT_WRITE_FAILED')) this.#opts.onAudit(!audited);
+    if (audited || errors.includes('AUDIT_WRITE_FAILED')) this.#opts.onAudit(!audited, result.auditHead);
     for (let i = 0; i < batch.length; i++) {
       const r = i * RESULT_SLOTS;
       const errorAt = results[r]!;

@@ -7,8 +7,10 @@
  * version's reference count in the same transaction, so "is this KEK version still needed?" is a
  * single read, and start-up never scans the DEKs.
  */
+import fs from 'node:fs';
 import path from 'node:path';
 import { type Database, open, type RootDatabase } from 'lmdb';
+import type { AuditHeadRecord } from '../audit-link.js';
 import { kmsError } from '../errors.js';
 
 export interface DekVersionRecord {
@@ -68,6 +70,8 @@ export interface Rewrap {
 const META_KEK = 'kek';
 const META_ROTATION = 'rotation';
 const META_FORMAT = 'format';
+/** Where the audit log's sessions have reached (src/audit-link.ts): what `audit verify` checks the log against. */
+const META_AUDIT_HEAD = 'audit_head';
 const FORMAT_VERSION = 1;
 
 function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
@@ -161,6 +165,34 @@ export class Registry {
       throw kmsError('STORE_CORRUPT', `registry format ${String(format)} is not supported by this version`);
     }
     return registry;
+  }
+
+  /**
+   * The audit head of a data directory, read without taking its lock (so `audit verify` can run
+   * beside a live KMS). Undefined when the directory has no registry or the registry no head.
+   */
+  static readAuditHead(dataDir: string): AuditHeadRecord | undefined {
+    const file = path.join(dataDir, 'registry.mdb');
+    if (!fs.existsSync(file)) return undefined;
+    const root = open({ path: file, compression: false, maxDbs: 8, readOnly: true });
+    try {
+      return root.openDB({ name: 'meta' }).get(META_AUDIT_HEAD) as AuditHeadRecord | undefined;
+    } finally {
+      root.close();
+    }
+  }
+
+  auditHead(): AuditHeadRecord | undefined {
+    return this.#meta.get(META_AUDIT_HEAD) as AuditHeadRecord | undefined;
+  }
+
+  /**
+   * Saves the audit head; callers save only what the log already holds durably. A synchronous
+   * commit (~0.5 ms, a few times a second at most): lmdb-js's async commits leave unhandled
+   * rejections behind when the disk is full, and a full disk is when this must fail quietly.
+   */
+  putAuditHead(head: AuditHeadRecord): void {
+    this.#meta.putSync(META_AUDIT_HEAD, head);
   }
 
   kekMeta(): KekMeta | undefined {

@@ -1,0 +1,84 @@
+/**
+ * Keeps the registry's audit head in step with the log (the linking scheme is in src/audit-link.ts):
+ * the stream heads that workers report after each task are saved once the group fsync has put
+ * them on disk, and a clean stop seals them. The registry therefore never claims a line the log
+ * may not hold, and `audit verify` can tell a log whose sessions, streams or tail were removed.
+ */
+import {
+  type AuditHeadRecord,
+  formatHeads,
+  linkFields,
+  nextSession,
+  type StreamHead,
+} from '../audit-link.js';
+import type { Logger } from '../log.js';
+import type { Registry } from './registry.js';
+
+export class AuditHeadKeeper {
+  readonly #registry: Registry;
+  readonly #log: Logger;
+  readonly #session: AuditHeadRecord;
+  readonly #heads = new Map<string, StreamHead>();
+  /** Bumped by every report; saves are skipped when nothing changed since the last one. */
+  #reported = 0;
+  #saved = -1;
+  #sealed = false;
+
+  constructor(registry: Registry, log: Logger) {
+    this.#registry = registry;
+    this.#log = log;
+    this.#session = nextSession(registry.auditHead());
+  }
+
+  /** The fields the first line of each of this session's streams carries. */
+  get linkFields(): string {
+    return linkFields(this.#session.session, this.#session.links);
+  }
+
+  /** Records this session in the registry; call before its first line is written. Throws on failure. */
+  begin(): void {
+    this.#registry.putAuditHead(this.#session);
+  }
+
+  /** A worker's stream head after a task that appended lines (not yet durable). */
+  report(head: StreamHead | undefined): void {
+    if (head === undefined) return;
+    this.#heads.set(head.s, head);
+    this.#reported++;
+  }
+
+  /** For AuditFile.onFlush: captures the heads now; saves them once the flush is on disk. */
+  beforeFlush = (): (() => void) | null => {
+    if (this.#sealed || this.#saved === this.#reported) return null;
+    const reported = this.#reported;
+    const heads = [...this.#heads.values()];
+    return () => {
+      // A flush that completes after the stop must not overwrite the sealed head.
+      if (this.#sealed || reported <= this.#saved) return;
+      this.#saved = reported;
+      this.#save({ ...this.#session, heads, sealed: false });
+    };
+  };
+
+  /** The stop line's `heads` field: every stream's head as the stop line is written. */
+  stopHeads(): string {
+    return formatHeads(this.#heads.values());
+  }
+
+  /** After the stop line is on disk: the session's streams end where their heads now are. */
+  seal(): void {
+    this.#sealed = true;
+    this.#save({ ...this.#session, heads: [...this.#heads.values()], sealed: true });
+  }
+
+  #save(head: AuditHeadRecord): void {
+    try {
+      this.#registry.putAuditHead(head);
+    } catch (err) {
+      this.#log.warn(
+        { err: String(err) },
+        'could not save the audit head; audit verify will not see the newest lines as required',
+      );
+    }
+  }
+}
