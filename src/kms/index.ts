@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { type CodedError, type ErrorCode, kmsError, toCodedError } from '../errors.js';
-import { CIPHERTEXT_OVERHEAD, ciphertextKeyVersion } from '../format.js';
+import { CIPHERTEXT_OVERHEAD } from '../format.js';
 import { type Logger, silentLogger } from '../log.js';
 import {
   type AuditFields,
@@ -33,10 +33,23 @@ import {
 } from '../protocol.js';
 import { AUDIT_FILE_NAME, AuditFile } from './audit-file.js';
 import { AuditHeadKeeper } from './audit-head-keeper.js';
+import {
+  addVersion,
+  applyVersionRewraps,
+  checkKeepFromVersion,
+  currentVersion,
+  type DekRecord,
+  dataOpRefs,
+  dekRef,
+  destroyAll,
+  destroyVersionsBefore,
+  nextVersion,
+  requireActive,
+} from './dek-versions.js';
 import { type DirLock, lockDataDir } from './dir-lock.js';
 import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from './options.js';
 import { CryptoPool, type PendingOp } from './pool.js';
-import { type DekRecord, type KekMeta, Registry } from './registry.js';
+import { type KekMeta, Registry } from './registry.js';
 import { KekRotation } from './rotation.js';
 
 export { AUDIT_FILE_NAME } from './audit-file.js';
@@ -114,28 +127,6 @@ function checkBytes(name: string, value: unknown, max: number): Uint8Array {
 
 function checkAad(value: unknown): Uint8Array | null {
   return value === undefined || value === null ? null : checkBytes('aad', value, MAX_AAD_BYTES);
-}
-
-/**
- * DekRefs per record object. The registry hands out the same decoded record until it changes, so
- * this is a per-version cache that invalidates itself. The wrapped bytes are copied once into
- * their own small buffer: LMDB's decoded bytes are views into large buffers, and a structured
- * clone of a view copies its whole backing store on every task.
- */
-const dekRefs = new WeakMap<DekRecord, DekRef[]>();
-
-function dekRef(record: DekRecord, version: number): DekRef | undefined {
-  let refs = dekRefs.get(record);
-  if (refs === undefined) {
-    refs = record.versions.map((v) => ({
-      keyId: record.keyId,
-      keyVersion: v.v,
-      kekVersion: v.kek,
-      wrapped: new Uint8Array(v.wrapped),
-    }));
-    dekRefs.set(record, refs);
-  }
-  return refs.find((ref) => ref.keyVersion === version);
 }
 
 class EmbeddedKms implements Kms {
@@ -405,7 +396,7 @@ class EmbeddedKms implements Kms {
   }
 
   #info(record: DekRecord): DekInfo {
-    const current = record.versions.find((v) => v.v === record.current)!;
+    const current = currentVersion(record);
     return {
       keyId: record.keyId,
       threadId: record.threadId,
@@ -523,14 +514,7 @@ class EmbeddedKms implements Kms {
       const aadBytes = checkAad(aad);
       record = this.#activeRecord(id!);
       if (record === undefined) throw kmsError('KEY_NOT_FOUND', `no key ${id}`);
-      const current = dekRef(record, record.current)!;
-      if (kind === OpKind.encrypt) deks = [current];
-      else {
-        // A ciphertext names its DEK version; an unknown or destroyed version cannot decrypt.
-        const named = dekRef(record, ciphertextKeyVersion(input));
-        if (named === undefined) throw kmsError('DECRYPT_FAILED');
-        deks = kind === OpKind.decrypt ? [named] : [current, named];
-      }
+      deks = dataOpRefs(record, op as 'encrypt' | 'decrypt' | 'reencrypt', input);
       const audit = this.#dataAudit(op, ctx, record, deks[0]!.kekVersion);
       return { kind, deks, input, aad: aadBytes, audit, preError: null, message: undefined };
     } catch (err) {
@@ -653,27 +637,20 @@ class EmbeddedKms implements Kms {
           detail: `key version ${version.v}`,
         };
         const { output } = await this.#run(OpKind.rewrap, [ref], null, null, audit, null);
-        return { v: version.v, from: version.wrapped, to: Buffer.from(output) };
+        return { v: version.v, from: version.wrapped, to: Buffer.from(output), toKek: target };
       }),
     );
-    const updated = await this.#registry.updateDek(keyId, (current) => {
-      if (current.state !== 'active') throw kmsError('KEY_NOT_FOUND', `no key ${keyId}`);
-      let changed = false;
-      const versions = current.versions.map((v) => {
-        const r = rewrapped.find((x) => x.v === v.v);
-        if (r === undefined || Buffer.compare(r.from, v.wrapped) !== 0) return v;
-        changed = true;
-        return { ...v, kek: target, wrapped: r.to };
-      });
-      return changed ? { ...current, versions } : current;
-    });
+    const updated = await this.#registry.updateDek(
+      keyId,
+      (current) => applyVersionRewraps(requireActive(current), rewrapped).record,
+    );
     return this.#info(updated);
   }
 
   async rotateDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
     this.#assertOpen();
     const record = await this.#requireKey('rotate_dek', keyId, ctx);
-    const version = Math.max(...record.versions.map((v) => v.v)) + 1;
+    const version = nextVersion(record);
     const kekVersion = this.#kek.activeVersion;
     const template: DekRef = { keyId, keyVersion: version, kekVersion, wrapped: new Uint8Array(0) };
     const audit = {
@@ -682,20 +659,9 @@ class EmbeddedKms implements Kms {
     };
     const { output } = await this.#run(OpKind.generate, [template], null, null, audit, null);
     const now = new Date().toISOString();
-    const updated = await this.#registry.updateDek(keyId, (current) => {
-      if (current.state !== 'active') throw kmsError('KEY_NOT_FOUND', `no key ${keyId}`);
-      if (current.versions.some((v) => v.v >= version)) {
-        throw kmsError('CONFLICT', `key ${keyId} was rotated concurrently; retry`);
-      }
-      return {
-        ...current,
-        current: version,
-        versions: [
-          ...current.versions,
-          { v: version, kek: kekVersion, wrapped: Buffer.from(output), createdAt: now },
-        ],
-      };
-    });
+    const updated = await this.#registry.updateDek(keyId, (current) =>
+      addVersion(current, { v: version, kek: kekVersion, wrapped: Buffer.from(output), createdAt: now }),
+    );
     return this.#info(updated);
   }
 
@@ -705,28 +671,22 @@ class EmbeddedKms implements Kms {
     ctx?: CallContext,
   ): Promise<DestroyResult> {
     this.#assertOpen();
-    if (!Number.isInteger(keepFromVersion) || keepFromVersion < 1) {
+    try {
+      checkKeepFromVersion(keepFromVersion);
+    } catch (err) {
       return this.#auditedFailure(
         'destroy_dek_versions',
         ctx,
-        kmsError('INVALID_INPUT', 'keep_from_version must be a positive integer'),
+        err as CodedError,
         isValidId(keyId) ? keyId : undefined,
       );
     }
     await this.#requireKey('destroy_dek_versions', keyId, ctx);
-    const destroyed: number[] = [];
+    let destroyed: number[] = [];
     const updated = await this.#registry.updateDek(keyId, (current) => {
-      if (current.state !== 'active') throw kmsError('KEY_NOT_FOUND', `no key ${keyId}`);
-      if (keepFromVersion > current.current) {
-        throw kmsError(
-          'INVALID_INPUT',
-          `keep_from_version ${keepFromVersion} is above the current version ${current.current}`,
-        );
-      }
-      const kept = current.versions.filter((v) => v.v >= keepFromVersion);
-      if (kept.length === current.versions.length) return current;
-      for (const v of current.versions) if (v.v < keepFromVersion) destroyed.push(v.v);
-      return { ...current, versions: kept };
+      const result = destroyVersionsBefore(current, keepFromVersion);
+      destroyed = result.destroyed;
+      return result.record;
     });
     return this.#destroyed('destroy_dek_versions', ctx, updated, destroyed);
   }
@@ -736,11 +696,11 @@ class EmbeddedKms implements Kms {
     // Destroyed keys count as found here: destroying one again is a no-op, not an error.
     const record = this.#idError(keyId) === null ? this.#registry.dek(keyId) : undefined;
     if (record === undefined) await this.#rejectMissingKey('destroy_dek', keyId, ctx);
-    const destroyed: number[] = [];
+    let destroyed: number[] = [];
     const updated = await this.#registry.updateDek(keyId, (current) => {
-      if (current.state === 'destroyed') return current;
-      destroyed.push(...current.versions.map((v) => v.v));
-      return { ...current, state: 'destroyed', versions: [], destroyedAt: new Date().toISOString() };
+      const result = destroyAll(current, new Date().toISOString());
+      destroyed = result.destroyed;
+      return result.record;
     });
     return this.#destroyed('destroy_dek', ctx, updated, destroyed);
   }

@@ -12,24 +12,9 @@ import path from 'node:path';
 import { type Database, open, type RootDatabase } from 'lmdb';
 import type { AuditHeadRecord } from '../audit-link.js';
 import { kmsError } from '../errors.js';
+import { addKekRefDeltas, applyVersionRewraps, type DekRecord, type VersionRewrap } from './dek-versions.js';
 
-export interface DekVersionRecord {
-  v: number;
-  /** KEK version this DEK version is wrapped under. */
-  kek: number;
-  wrapped: Uint8Array;
-  createdAt: string;
-}
-
-export interface DekRecord {
-  keyId: string;
-  threadId: string;
-  createdAt: string;
-  state: 'active' | 'destroyed';
-  current: number;
-  versions: DekVersionRecord[];
-  destroyedAt?: string;
-}
+export type { DekRecord, DekVersionRecord } from './dek-versions.js';
 
 export interface KekRecord {
   kekId: string;
@@ -58,13 +43,8 @@ export interface RotationRecord {
 }
 
 /** One DEK version rewrapped by the rotation: applied only if the record still holds `from`. */
-export interface Rewrap {
+export interface Rewrap extends VersionRewrap {
   keyId: string;
-  v: number;
-  from: Uint8Array;
-  fromKek: number;
-  to: Uint8Array;
-  toKek: number;
 }
 
 const META_KEK = 'kek';
@@ -73,10 +53,6 @@ const META_FORMAT = 'format';
 /** Where the audit log's sessions have reached (src/audit-link.ts): what `audit verify` checks the log against. */
 const META_AUDIT_HEAD = 'audit_head';
 const FORMAT_VERSION = 1;
-
-function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
-  return Buffer.compare(a, b) === 0;
-}
 
 /**
  * Decoded DEK records for the encrypt/decrypt hot path (FIFO-bounded). Only this registry writes
@@ -266,20 +242,13 @@ export class Registry {
     }
   }
 
-  static #countRefs(deltas: Map<number, number>, record: DekRecord | undefined, sign: 1 | -1): void {
-    if (record === undefined) return;
-    for (const version of record.versions) deltas.set(version.kek, (deltas.get(version.kek) ?? 0) + sign);
-  }
-
   /** Stores a new thread DEK unless the thread already has one; returns the record that won. */
   createDek(record: DekRecord): Promise<DekRecord> {
     return this.#transact((stage) => {
       const existingId = this.#threads.get(record.threadId);
       const existing = existingId === undefined ? undefined : this.#deks.get(existingId);
       if (existing !== undefined && existing.state === 'active') return existing;
-      const deltas = new Map<number, number>();
-      Registry.#countRefs(deltas, record, 1);
-      this.#applyRefs(deltas);
+      this.#applyRefs(addKekRefDeltas(new Map(), undefined, record));
       stage(record);
       this.#threads.putSync(record.threadId, record.keyId);
       return record;
@@ -297,10 +266,7 @@ export class Registry {
       if (current === undefined) throw kmsError('KEY_NOT_FOUND', `no key ${keyId}`);
       const next = change(current);
       if (next === current) return current;
-      const deltas = new Map<number, number>();
-      Registry.#countRefs(deltas, current, -1);
-      Registry.#countRefs(deltas, next, 1);
-      this.#applyRefs(deltas);
+      this.#applyRefs(addKekRefDeltas(new Map(), current, next));
       stage(next);
       if (next.state === 'destroyed' && this.#threads.get(current.threadId) === keyId) {
         this.#threads.removeSync(current.threadId);
@@ -328,24 +294,17 @@ export class Registry {
     return this.#transact((stage) => {
       const deltas = new Map<number, number>();
       let applied = 0;
-      let i = 0;
-      while (i < rewraps.length) {
+      // Rewraps come grouped by key (one record's versions are adjacent).
+      for (let i = 0, end = 0; i < rewraps.length; i = end) {
         const keyId = rewraps[i]!.keyId;
+        while (end < rewraps.length && rewraps[end]!.keyId === keyId) end++;
         const record = this.#deks.get(keyId);
-        let versions: DekVersionRecord[] | null = null;
-        for (; i < rewraps.length && rewraps[i]!.keyId === keyId; i++) {
-          const rewrap = rewraps[i]!;
-          if (record === undefined || record.state !== 'active') continue;
-          const source = versions ?? record.versions;
-          const at = source.findIndex((x) => x.v === rewrap.v);
-          if (at < 0 || !sameBytes(source[at]!.wrapped, rewrap.from)) continue;
-          versions ??= [...record.versions];
-          versions[at] = { ...source[at]!, kek: rewrap.toKek, wrapped: rewrap.to };
-          deltas.set(rewrap.fromKek, (deltas.get(rewrap.fromKek) ?? 0) - 1);
-          deltas.set(rewrap.toKek, (deltas.get(rewrap.toKek) ?? 0) + 1);
-          applied++;
-        }
-        if (record !== undefined && versions !== null) stage({ ...record, versions }, true);
+        if (record === undefined) continue;
+        const result = applyVersionRewraps(record, end - i === 1 ? [rewraps[i]!] : rewraps.slice(i, end));
+        if (result.record === record) continue;
+        addKekRefDeltas(deltas, record, result.record);
+        stage(result.record, true);
+        applied += result.applied;
       }
       this.#applyRefs(deltas);
       this.#meta.putSync(META_ROTATION, progress);

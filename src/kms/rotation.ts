@@ -242,7 +242,6 @@ export class KekRotation {
             keyId: record.keyId,
             v: version.v,
             from: version.wrapped,
-            fromKek: version.kek,
             to: Buffer.from(result.out, result.results[r + 1]!, result.results[r + 2]!),
             toKek: target,
           });

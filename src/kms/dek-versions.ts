@@ -1,0 +1,198 @@
+/**
+ * DEK version arithmetic: pure functions on a DekRecord, no registry, no workers (the role of
+ * Vault's keysutil policy). Each change returns a new record, or the same object for "no change",
+ * and throws a CodedError when the change is not allowed; the caller applies it inside a registry
+ * transaction, so a function sees the record as committed and a race shows up as a failed check.
+ */
+import { kmsError } from '../errors.js';
+import { ciphertextKeyVersion } from '../format.js';
+import type { DekRef } from '../protocol.js';
+
+export interface DekVersionRecord {
+  v: number;
+  /** KEK version this DEK version is wrapped under. */
+  kek: number;
+  wrapped: Uint8Array;
+  createdAt: string;
+}
+
+export interface DekRecord {
+  keyId: string;
+  threadId: string;
+  createdAt: string;
+  state: 'active' | 'destroyed';
+  current: number;
+  versions: DekVersionRecord[];
+  destroyedAt?: string;
+}
+
+/** One DEK version rewrapped elsewhere: applied only if the record still holds `from`. */
+export interface VersionRewrap {
+  v: number;
+  from: Uint8Array;
+  to: Uint8Array;
+  toKek: number;
+}
+
+/** A change that removed versions, with the versions it removed (for the audit line). */
+export interface Destroyed {
+  record: DekRecord;
+  destroyed: number[];
+}
+
+/** The record itself if it is active; a destroyed key is KEY_NOT_FOUND like an unknown one. */
+export function requireActive(record: DekRecord): DekRecord {
+  if (record.state !== 'active') throw kmsError('KEY_NOT_FOUND', `no key ${record.keyId}`);
+  return record;
+}
+
+export function findVersion(record: DekRecord, v: number): DekVersionRecord | undefined {
+  return record.versions.find((x) => x.v === v);
+}
+
+/** The version new data is encrypted under. A record without it is corrupt, not missing. */
+export function currentVersion(record: DekRecord): DekVersionRecord {
+  const current = findVersion(record, record.current);
+  if (current === undefined) {
+    throw kmsError('STORE_CORRUPT', `key ${record.keyId} lacks its current version ${record.current}`);
+  }
+  return current;
+}
+
+/** The version a rotation adds: one above every version the record holds or has held. */
+export function nextVersion(record: DekRecord): number {
+  let max = record.current;
+  for (const x of record.versions) if (x.v > max) max = x.v;
+  return max + 1;
+}
+
+/**
+ * Adds `version` and makes it current. CONFLICT when the record already reached that version
+ * (another rotation committed between the caller's read and this transaction).
+ */
+export function addVersion(record: DekRecord, version: DekVersionRecord): DekRecord {
+  requireActive(record);
+  if (nextVersion(record) > version.v) {
+    throw kmsError('CONFLICT', `key ${record.keyId} was rotated concurrently; retry`);
+  }
+  return { ...record, current: version.v, versions: [...record.versions, version] };
+}
+
+/** Checks the argument of destroyVersionsBefore before any lookup. */
+export function checkKeepFromVersion(keepFromVersion: unknown): number {
+  if (!Number.isInteger(keepFromVersion) || (keepFromVersion as number) < 1) {
+    throw kmsError('INVALID_INPUT', 'keep_from_version must be a positive integer');
+  }
+  return keepFromVersion as number;
+}
+
+/**
+ * Removes every version below `keepFromVersion`. The current version always stays: asking to
+ * keep less than it is INVALID_INPUT. Keeping every version is no change.
+ */
+export function destroyVersionsBefore(record: DekRecord, keepFromVersion: number): Destroyed {
+  checkKeepFromVersion(keepFromVersion);
+  requireActive(record);
+  if (keepFromVersion > record.current) {
+    throw kmsError(
+      'INVALID_INPUT',
+      `keep_from_version ${keepFromVersion} is above the current version ${record.current}`,
+    );
+  }
+  const destroyed = record.versions.filter((x) => x.v < keepFromVersion).map((x) => x.v);
+  if (destroyed.length === 0) return { record, destroyed };
+  return {
+    record: { ...record, versions: record.versions.filter((x) => x.v >= keepFromVersion) },
+    destroyed,
+  };
+}
+
+/** Crypto-shreds the key: a tombstone without versions. Destroying a tombstone is no change. */
+export function destroyAll(record: DekRecord, now: string): Destroyed {
+  if (record.state === 'destroyed') return { record, destroyed: [] };
+  return {
+    record: { ...record, state: 'destroyed', versions: [], destroyedAt: now },
+    destroyed: record.versions.map((x) => x.v),
+  };
+}
+
+/**
+ * Compare-and-set of rewrapped versions: each applies only while the record still holds the
+ * wrapped bytes it was made from, so a concurrent rewrap, rotation or destroy is never undone.
+ * Returns the same record when nothing applied (and for a destroyed key), else a new one, and the
+ * rewraps that applied. `rewraps` may be in any order; one version appears at most once.
+ */
+export function applyVersionRewraps(
+  record: DekRecord,
+  rewraps: readonly VersionRewrap[],
+): { record: DekRecord; applied: number } {
+  if (record.state !== 'active') return { record, applied: 0 };
+  let versions: DekVersionRecord[] | null = null;
+  let applied = 0;
+  for (const rewrap of rewraps) {
+    const source = versions ?? record.versions;
+    const at = source.findIndex((x) => x.v === rewrap.v);
+    if (at < 0 || Buffer.compare(source[at]!.wrapped, rewrap.from) !== 0) continue;
+    versions ??= [...record.versions];
+    versions[at] = { ...source[at]!, kek: rewrap.toKek, wrapped: rewrap.to };
+    applied++;
+  }
+  return versions === null ? { record, applied } : { record: { ...record, versions }, applied };
+}
+
+/**
+ * KEK reference-count changes for replacing `before` by `after` (either may be absent: a create
+ * or a delete), keyed by KEK version; added to `deltas`, which may span several records.
+ */
+export function addKekRefDeltas(
+  deltas: Map<number, number>,
+  before: DekRecord | undefined,
+  after: DekRecord | undefined,
+): Map<number, number> {
+  if (before !== undefined) for (const x of before.versions) deltas.set(x.kek, (deltas.get(x.kek) ?? 0) - 1);
+  if (after !== undefined) for (const x of after.versions) deltas.set(x.kek, (deltas.get(x.kek) ?? 0) + 1);
+  return deltas;
+}
+
+/**
+ * DekRefs per record object. The registry hands out the same decoded record until it changes, so
+ * this is a per-version cache that invalidates itself. The wrapped bytes are copied once into
+ * their own small buffer: LMDB's decoded bytes are views into large buffers, and a structured
+ * clone of a view copies its whole backing store on every task.
+ */
+const dekRefs = new WeakMap<DekRecord, DekRef[]>();
+
+/** The worker's view of one version of `record`, or undefined for a version it does not hold. */
+export function dekRef(record: DekRecord, version: number): DekRef | undefined {
+  let refs = dekRefs.get(record);
+  if (refs === undefined) {
+    refs = record.versions.map((x) => ({
+      keyId: record.keyId,
+      keyVersion: x.v,
+      kekVersion: x.kek,
+      wrapped: new Uint8Array(x.wrapped),
+    }));
+    dekRefs.set(record, refs);
+  }
+  return refs.find((ref) => ref.keyVersion === version);
+}
+
+/**
+ * The DekRefs a data op uses: encrypt the current version; decrypt the version the ciphertext
+ * names; reencrypt [current, named]. A ciphertext naming a version the record does not hold
+ * (malformed, or destroyed) is DECRYPT_FAILED, exactly as a failed tag would be.
+ */
+export function dataOpRefs(
+  record: DekRecord,
+  op: 'encrypt' | 'decrypt' | 'reencrypt',
+  input: Uint8Array,
+): DekRef[] {
+  const current = dekRef(record, record.current);
+  if (current === undefined) {
+    throw kmsError('STORE_CORRUPT', `key ${record.keyId} lacks its current version ${record.current}`);
+  }
+  if (op === 'encrypt') return [current];
+  const named = dekRef(record, ciphertextKeyVersion(input));
+  if (named === undefined) throw kmsError('DECRYPT_FAILED');
+  return op === 'decrypt' ? [named] : [current, named];
+}
