@@ -212,3 +212,21 @@ test('destroyDek crypto-shreds a key: every use is KEY_NOT_FOUND and the thread 
   t.is((await reopened.createDekForThread('thread-shred')).keyId, replacement.keyId);
   t.deepEqual(await reopened.decrypt(keep.keyId, kept.ciphertext), Buffer.from('keep me'));
 });
+
+test('rotation status reads running from the moment a rotation starts, never the previous completed one', async (t) => {
+  const { kms } = await openKms(t);
+  for (let i = 0; i < 50; i++) await kms.createDekForThread(`status-${i}`);
+  const first = await kms.rotateKek();
+  t.is(first.state, 'completed');
+  t.is(first.activeKekVersion, 2);
+
+  // The second rotation's KEK is made in a worker first; until then its record does not exist yet.
+  const started = await kms.startKekRotation();
+  t.is(started.state, 'running');
+  t.is((await kms.rotationStatus()).state, 'running');
+  // Joining the running rotation waits for it; what it resolves with is final.
+  const finished = await kms.rotateKek();
+  t.is(finished.state, 'completed');
+  t.is(finished.activeKekVersion, 3);
+  t.is((await kms.rotationStatus()).state, 'completed');
+});

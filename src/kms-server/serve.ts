@@ -24,7 +24,6 @@ import {
 import { PerAddressLimit } from './connection-limits.js';
 import { createHttpApp } from './http-app.js';
 import { DaemonMetrics } from './metrics.js';
-import { trackRotations } from './rotation-tracker.js';
 import type { RouteServices } from './route.js';
 
 export interface RunningDaemon {
@@ -92,7 +91,7 @@ export async function startDaemon(
         '(no client certificates, tokens or allowed_networks; --insecure)',
     );
   }
-  const kms = trackRotations(await makeKms({ ...config.kms, logger }), logger);
+  const kms = await makeKms({ ...config.kms, logger });
   const auth = new Authenticator(config.tokens, config.tls, config.allowedNetworks);
   const metrics = new DaemonMetrics();
   let draining = false;

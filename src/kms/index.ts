@@ -759,8 +759,7 @@ class EmbeddedKms implements Kms {
         'KEK rotation failed; it will resume on the next call',
       );
     });
-    // Let the rotation take its first step so the status shows it running.
-    await new Promise((resolve) => setImmediate(resolve));
+    // Running from this moment, even while the new KEK is still being made (see KekRotation).
     return this.#rotation.status();
   }
 

@@ -43,6 +43,11 @@ const MAX_EXTRA_PASSES = 3;
 export class KekRotation {
   readonly #deps: RotationDeps;
   #running: Promise<RotationStatus> | null = null;
+  /**
+   * Set from the moment a rotation is started or joined until it has finished, so that status()
+   * never shows the previous rotation's `completed` record while the new one prepares its KEK.
+   */
+  #inProgress = false;
   #stopRequested = false;
   #progress: RotationRecord | null;
 
@@ -62,7 +67,7 @@ export class KekRotation {
     return {
       // An interrupted rotation (stored as running, nothing driving it) still reads as running:
       // it resumes at the next start or call.
-      state: progress?.state ?? (this.#running !== null ? 'running' : 'idle'),
+      state: this.#inProgress ? 'running' : (progress?.state ?? 'idle'),
       kekId: this.#deps.kekId(),
       activeKekVersion: meta?.activeVersion ?? 0,
       targetKekVersion: progress?.target ?? null,
@@ -81,9 +86,13 @@ export class KekRotation {
 
   /** Starts, joins or resumes the rotation; resolves when it has finished (or was stopped). */
   run(ctx?: CallContext): Promise<RotationStatus> {
-    this.#running ??= this.#rotate(ctx).finally(() => {
-      this.#running = null;
-    });
+    if (this.#running === null) {
+      this.#inProgress = true;
+      this.#running = this.#rotate(ctx).finally(() => {
+        this.#inProgress = false;
+        this.#running = null;
+      });
+    }
     return this.#running;
   }
 
@@ -144,6 +153,8 @@ export class KekRotation {
     for (;;) {
       if (this.#stopRequested) {
         await pendingCommit;
+        // Stopped mid-way: the stored record still says running (it resumes at the next start).
+        this.#inProgress = false;
         return this.status();
       }
       const records = registry.deksAfter(progress.cursor, this.#deps.batchSize);
@@ -185,6 +196,7 @@ export class KekRotation {
       detail: `complete: ${finished.total} keys; destroyed KEK versions [${destroyed.join(',')}]`,
       ...who,
     });
+    this.#inProgress = false;
     return this.status();
   }
 
