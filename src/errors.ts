@@ -47,6 +47,8 @@ export const ERROR_CATALOGUE = {
   AUDIT_UNWRITABLE: { status: 500, message: 'audit log is not writable' },
   DATA_DIR_LOCKED: { status: 500, message: 'data directory is in use by another process' },
   STORE_CORRUPT: { status: 500, message: 'stored record is corrupt' },
+  ADDRESS_IN_USE: { status: 500, message: 'cannot listen: the address is already in use' },
+  LISTEN_FAILED: { status: 500, message: 'cannot listen on the configured address' },
 } as const satisfies Record<string, { status: number; message: string }>;
 
 export type ErrorCode = keyof typeof ERROR_CATALOGUE;

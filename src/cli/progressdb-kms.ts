@@ -20,7 +20,7 @@ function wholeNumber(value: string): number {
 function fail(err: unknown): never {
   const message =
     err instanceof CodedError
-      ? err.message
+      ? `${err.code}: ${err.message}`
       : `unexpected error: ${err instanceof Error ? err.message : String(err)}`;
   process.stderr.write(`progressdb-kms: ${message}\n`);
   process.exit(1);

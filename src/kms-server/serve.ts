@@ -6,12 +6,12 @@
 import http from 'node:http';
 import https from 'node:https';
 import type { AddressInfo, Socket } from 'node:net';
-import { kmsError } from '../errors.js';
 import { createKms } from '../kms/index.js';
 import { type KmsOptions, resolveMaxBatch } from '../kms/options.js';
 import { createLogger, type Logger } from '../log.js';
 import type { Kms } from '../protocol.js';
 import { formatHostPort } from '../wire/endpoint.js';
+import { listenError, listenOn } from '../wire/listen.js';
 import { Authenticator } from './auth.js';
 import { BridgeServer } from './bridge.js';
 import {
@@ -65,21 +65,6 @@ function limitHttpConnections(server: http.Server, limits: DaemonLimits, metrics
   });
 }
 
-function listenHttp(server: http.Server, host: string, port: number): Promise<AddressInfo> {
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(port, host, () => {
-      server.off('error', reject);
-      resolve(server.address() as AddressInfo);
-    });
-  });
-}
-
-function listenError(what: string, host: string, port: number, err: unknown): Error {
-  const code = (err as NodeJS.ErrnoException).code ?? 'error';
-  return kmsError('CONFIG_INVALID', `cannot listen on ${what} ${formatHostPort(host, port)}: ${code}`);
-}
-
 export async function startDaemon(
   config: DaemonConfig,
   logger: Logger,
@@ -127,9 +112,7 @@ export async function startDaemon(
   let httpAddress: AddressInfo;
   let bridgeAddress: AddressInfo | null = null;
   try {
-    httpAddress = await listenHttp(httpServer, config.http.host, config.http.port).catch((err) => {
-      throw listenError('endpoint', config.http.host, config.http.port, err);
-    });
+    httpAddress = await listenOn(httpServer, config.http.host, config.http.port, 'endpoint');
     if (bridge && config.bridge) {
       bridgeAddress = await bridge.listen(config.bridge.host, config.bridge.port).catch((err) => {
         throw listenError('bridge endpoint', config.bridge!.host, config.bridge!.port, err);

@@ -4,13 +4,14 @@
  */
 import { readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import type { ServerConfig } from '../config.js';
 import { kmsError, toCodedError } from '../errors.js';
 import { createKms } from '../kms/index.js';
 import type { Logger } from '../log.js';
 import type { Kms } from '../protocol.js';
 import { createRemoteKms, type RemoteTlsOptions } from '../remote/index.js';
+import { listenOn } from '../wire/listen.js';
 import { createApp } from './app.js';
 import { KeyRing } from './auth.js';
 import { BodyCodec } from './encryption.js';
@@ -153,14 +154,7 @@ async function listen(
     sockets.add(s);
     s.once('close', () => sockets.delete(s));
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(config.port, config.host, () => {
-      server.off('error', reject);
-      resolve();
-    });
-  });
-  const address = server.address() as AddressInfo;
+  const address = await listenOn(server, config.host, config.port, 'address');
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const url = `http://${host}:${address.port}`;
   jobs.resumeAll();

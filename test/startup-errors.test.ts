@@ -1,0 +1,121 @@
+/**
+ * Start-up errors of both programs as an operator sees them: a listener that cannot bind (port in
+ * use, address not on this machine, permission denied) exits 1 with one line that has a stable code
+ * and names the address, never INTERNAL or a stack.
+ */
+import { createServer, type Server } from 'node:net';
+import path from 'node:path';
+import test from 'ava';
+import { generateMasterKeyFile } from '../src/kms/index.js';
+import { listenError } from '../src/wire/listen.js';
+import { daemonRefuses, keygen } from './helpers/kms-daemon.js';
+import { cleanEnv } from './helpers/processes.js';
+import { runCli, SERVER_CLI, tempDir } from './helpers/server.js';
+
+/** A loopback port held open for the whole test. */
+async function busyPort(t: { teardown: (fn: () => void) => void }): Promise<number> {
+  const holder: Server = createServer();
+  await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
+  t.teardown(() => holder.close());
+  return (holder.address() as { port: number }).port;
+}
+
+function refusedWithOneLine(
+  t: { is: (a: unknown, b: unknown, m?: string) => void; regex: (s: string, r: RegExp, m?: string) => void },
+  res: { code: number | null; stderr: string },
+  line: RegExp,
+) {
+  t.is(res.code, 1, res.stderr);
+  const lines = res.stderr.trim().split('\n');
+  t.is(lines.length, 1, res.stderr);
+  t.regex(lines[0]!, line);
+  t.is(/INTERNAL|unexpected error|\n\s+at /.test(res.stderr), false, res.stderr);
+}
+
+test('daemon: a busy HTTP or bridge port is ADDRESS_IN_USE naming the listener and address', async (t) => {
+  const port = await busyPort(t);
+  const dataDirArgs = async () => {
+    const dir = tempDir('pdb-kms-listen-');
+    return ['--data-dir', path.join(dir, 'kms'), '--master-key-file', await keygen(dir)];
+  };
+  const [httpBusy, bridgeBusy] = await Promise.all([
+    dataDirArgs().then((args) => daemonRefuses(['--endpoint', `127.0.0.1:${port}`, ...args])),
+    dataDirArgs().then((args) =>
+      daemonRefuses(['--endpoint', '127.0.0.1:0', '--bridge-endpoint', `127.0.0.1:${port}`, ...args]),
+    ),
+  ]);
+  refusedWithOneLine(
+    t,
+    httpBusy,
+    new RegExp(
+      `^progressdb-kms: ADDRESS_IN_USE: cannot listen on endpoint 127\\.0\\.0\\.1:${port}: .*in use`,
+    ),
+  );
+  refusedWithOneLine(
+    t,
+    bridgeBusy,
+    new RegExp(`^progressdb-kms: ADDRESS_IN_USE: cannot listen on bridge endpoint 127\\.0\\.0\\.1:${port}: `),
+  );
+});
+
+// The tests run as root here, where binding port 1 succeeds, so the bind refusal exercised end to
+// end is EADDRNOTAVAIL (192.0.2.1 is a documentation address no machine has); EACCES is checked on
+// the mapping below.
+test('daemon: an address not on this machine is LISTEN_FAILED', async (t) => {
+  const dir = tempDir('pdb-kms-listen-');
+  const res = await daemonRefuses([
+    '--endpoint',
+    '192.0.2.1:6820',
+    '--insecure',
+    '--data-dir',
+    path.join(dir, 'kms'),
+    '--master-key-file',
+    await keygen(dir),
+  ]);
+  refusedWithOneLine(
+    t,
+    res,
+    /^progressdb-kms: LISTEN_FAILED: cannot listen on endpoint 192\.0\.2\.1:6820: .*not assigned .*\(EADDRNOTAVAIL\)$/,
+  );
+});
+
+test('a bind refusal maps to a code and a reason for every errno, permission denied included', (t) => {
+  const denied = listenError('endpoint', '0.0.0.0', 1, Object.assign(new Error('x'), { code: 'EACCES' }));
+  t.is(denied.code, 'LISTEN_FAILED');
+  t.regex(denied.message, /^cannot listen on endpoint 0\.0\.0\.0:1: permission denied .*\(EACCES\)$/);
+  const v6 = listenError('address', '::1', 8080, Object.assign(new Error('x'), { code: 'EADDRINUSE' }));
+  t.is(v6.code, 'ADDRESS_IN_USE');
+  t.regex(v6.message, /^cannot listen on address \[::1\]:8080: /);
+  t.is(listenError('address', 'h', 1, new Error('odd')).code, 'LISTEN_FAILED');
+});
+
+test('server: a busy port is ADDRESS_IN_USE and a foreign address LISTEN_FAILED', async (t) => {
+  const port = await busyPort(t);
+  const dataDir = tempDir();
+  const masterKeyFile = path.join(dataDir, 'master.key');
+  await generateMasterKeyFile(masterKeyFile);
+  const env = (extra: Record<string, string>) =>
+    cleanEnv({
+      PROGRESSDB_DATA_DIR: dataDir,
+      PROGRESSDB_ADMIN_KEY: 'admin-0123456789abcdef',
+      PROGRESSDB_KMS_POOL_SIZE: '1',
+      ...extra,
+    });
+  // One after the other: both use the same data dir.
+  const busy = await runCli(SERVER_CLI, ['--addr', `127.0.0.1:${port}`], {
+    env: env({ PROGRESSDB_KMS_MASTER_KEY_FILE: masterKeyFile }),
+  });
+  const foreign = await runCli(SERVER_CLI, ['--addr', '192.0.2.1:8080'], {
+    env: env({ PROGRESSDB_API_KEYS: 'a:0123456789abcdef', PROGRESSDB_USE_ENCRYPTION: 'false' }),
+  });
+  refusedWithOneLine(
+    t,
+    busy,
+    new RegExp(`^progressdb: ADDRESS_IN_USE: cannot listen on address 127\\.0\\.0\\.1:${port}: .*in use`),
+  );
+  refusedWithOneLine(
+    t,
+    foreign,
+    /^progressdb: LISTEN_FAILED: cannot listen on address 192\.0\.2\.1:8080: .*\(EADDRNOTAVAIL\)$/,
+  );
+});
