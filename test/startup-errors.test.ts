@@ -1,7 +1,8 @@
 /**
  * Start-up errors of both programs as an operator sees them: a listener that cannot bind (port in
  * use, address not on this machine, permission denied) exits 1 with one line that has a stable code
- * and names the address, never INTERNAL or a stack.
+ * and names the address, never INTERNAL or a stack. The offline tools find their data directory
+ * the way `serve` does.
  */
 import { createServer, type Server } from 'node:net';
 import path from 'node:path';
@@ -10,7 +11,7 @@ import { generateMasterKeyFile } from '../src/kms/index.js';
 import { listenError } from '../src/wire/listen.js';
 import { daemonRefuses, keygen } from './helpers/kms-daemon.js';
 import { cleanEnv } from './helpers/processes.js';
-import { runCli, SERVER_CLI, tempDir } from './helpers/server.js';
+import { KMS_CLI, runCli, SERVER_CLI, tempDir } from './helpers/server.js';
 
 /** A loopback port held open for the whole test. */
 async function busyPort(t: { teardown: (fn: () => void) => void }): Promise<number> {
@@ -117,5 +118,30 @@ test('server: a busy port is ADDRESS_IN_USE and a foreign address LISTEN_FAILED'
     t,
     foreign,
     /^progressdb: LISTEN_FAILED: cannot listen on address 192\.0\.2\.1:8080: .*\(EADDRNOTAVAIL\)$/,
+  );
+});
+
+test('rotate and audit verify take the data directory from PROGRESSDB_KMS_DATA_DIR like serve', async (t) => {
+  const dir = tempDir('pdb-kms-envdir-');
+  const env = cleanEnv({
+    PROGRESSDB_KMS_DATA_DIR: path.join(dir, 'kms'),
+    PROGRESSDB_KMS_MASTER_KEY_FILE: await keygen(dir),
+    PROGRESSDB_KMS_POOL_SIZE: '1',
+  });
+  const rotated = await runCli(KMS_CLI, ['rotate'], { env });
+  t.is(rotated.code, 0, rotated.stderr);
+  t.regex(rotated.stdout, /^rotation complete: KEK version 2 active/);
+  const verified = await runCli(KMS_CLI, ['audit', 'verify'], { env });
+  t.is(verified.code, 0, verified.stdout + verified.stderr);
+  t.true(
+    verified.stdout.startsWith(`ok: `) && verified.stdout.includes(path.join(dir, 'kms')),
+    verified.stdout,
+  );
+
+  const nowhere = await runCli(KMS_CLI, ['audit', 'verify'], { env: cleanEnv() });
+  refusedWithOneLine(
+    t,
+    nowhere,
+    /^progressdb-kms: CONFIG_INVALID: no data directory: pass --data-dir or set PROGRESSDB_KMS_DATA_DIR$/,
   );
 });

@@ -84,18 +84,18 @@ program
   .description('audit log tools')
   .command('verify')
   .description('verify the signatures and chain of kms-audit.log')
-  .requiredOption('--data-dir <dir>', 'the KMS data directory')
+  .option('--data-dir <dir>', 'the KMS data directory (env PROGRESSDB_KMS_DATA_DIR)')
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
-  .action((opts: { dataDir: string; masterKeyFile?: string }) =>
+  .action((opts: { dataDir?: string; masterKeyFile?: string }) =>
     exitWith(async () => (await commands()).auditVerifyCommand(opts))(),
   );
 
 program
   .command('rotate')
   .description('rotate the KEK offline (the daemon must be stopped) and rewrap every DEK')
-  .requiredOption('--data-dir <dir>', 'the KMS data directory')
+  .option('--data-dir <dir>', 'the KMS data directory (env PROGRESSDB_KMS_DATA_DIR)')
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
-  .action((opts: { dataDir: string; masterKeyFile?: string }) =>
+  .action((opts: { dataDir?: string; masterKeyFile?: string }) =>
     exitWith(async () => (await commands()).rotateCommand(opts))(),
   );
 

@@ -13,7 +13,7 @@ import tls from 'node:tls';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { kmsError } from '../errors.js';
-import type { KmsOptions } from '../kms/options.js';
+import { givenKmsDataDir, type KmsOptions } from '../kms/options.js';
 import { DEFAULT_MAX_FRAME_BYTES } from '../wire/bridge-codec.js';
 import { type Endpoint, isLoopbackHost, parseEndpoint } from '../wire/endpoint.js';
 import type { AllowedNetwork, TlsMaterial, TokenEntry } from './auth.js';
@@ -299,7 +299,7 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
   const masterKeyFile =
     flags.masterKeyFile ?? env('PROGRESSDB_KMS_MASTER_KEY_FILE') ?? fromFile(file.master_key_file);
   const kms: KmsOptions = {
-    dataDir: flags.dataDir ?? env('PROGRESSDB_KMS_DATA_DIR') ?? fromFile(file.data_dir),
+    dataDir: givenKmsDataDir(flags.dataDir) ?? fromFile(file.data_dir),
     poolSize: file.kms?.pool_size,
     maxBatch: file.kms?.max_batch,
     dekCacheSize: file.kms?.dek_cache_size,

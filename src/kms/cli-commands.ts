@@ -4,17 +4,26 @@
  * wiring lives in src/cli/progressdb-kms.ts.
  */
 import path from 'node:path';
-import { toCodedError } from '../errors.js';
+import { kmsError, toCodedError } from '../errors.js';
 import { AUDIT_FILE_NAME } from './audit-file.js';
 import { createKms } from './index.js';
 import { generateMasterKey } from './keygen.js';
-import { resolveMasterKeyRef } from './options.js';
+import { givenKmsDataDir, resolveMasterKeyRef } from './options.js';
 import { Registry } from './registry.js';
 import { runVerifyAudit } from './verify-audit.js';
 
 export interface DataDirCommandOptions {
-  dataDir: string;
+  /** Else PROGRESSDB_KMS_DATA_DIR, as for `serve`. */
+  dataDir?: string;
   masterKeyFile?: string;
+}
+
+function dataDirOf(opts: DataDirCommandOptions): string {
+  const dir = givenKmsDataDir(opts.dataDir);
+  if (dir === undefined) {
+    throw kmsError('CONFIG_INVALID', 'no data directory: pass --data-dir or set PROGRESSDB_KMS_DATA_DIR');
+  }
+  return path.resolve(dir);
 }
 
 function report(err: unknown): number {
@@ -36,13 +45,13 @@ export async function keygenCommand(opts: { out?: string }): Promise<number> {
 }
 
 /**
- * `audit verify --data-dir D`: checks every line's signature, sequence and chain. Prints the
+ * `audit verify [--data-dir D]`: checks every line's signature, sequence and chain. Prints the
  * first bad line number and exits 1, or the count verified and exits 0. Read-only, so it may run
  * beside a live KMS.
  */
 export async function auditVerifyCommand(opts: DataDirCommandOptions): Promise<number> {
   try {
-    const dataDir = path.resolve(opts.dataDir);
+    const dataDir = dataDirOf(opts);
     const file = path.join(dataDir, AUDIT_FILE_NAME);
     const masterKey = resolveMasterKeyRef({ masterKeyFile: opts.masterKeyFile });
     const head = Registry.readAuditHead(dataDir) ?? null;
@@ -73,14 +82,14 @@ function progressLine(done: number, total: number): string {
 }
 
 /**
- * `rotate --data-dir D`: offline KEK rotation (or the completion of an interrupted one) with a
+ * `rotate [--data-dir D]`: offline KEK rotation (or the completion of an interrupted one) with a
  * progress bar. Takes the data directory lock, so it refuses to run beside a live KMS.
  */
 export async function rotateCommand(opts: DataDirCommandOptions): Promise<number> {
   let kms: Awaited<ReturnType<typeof createKms>> | undefined;
   try {
     kms = await createKms({
-      dataDir: opts.dataDir,
+      dataDir: dataDirOf(opts),
       masterKeyFile: opts.masterKeyFile,
       resumeRotation: false,
     });

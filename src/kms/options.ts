@@ -119,8 +119,13 @@ export function resolveMaxBatch(opts: KmsOptions): number {
   return checkRange('maxBatch', opts.maxBatch ?? envInt('PROGRESSDB_KMS_MAX_BATCH', 1, 4096) ?? 64, 1, 4096);
 }
 
+/** The KMS data directory given, else PROGRESSDB_KMS_DATA_DIR: every entry point resolves it here. */
+export function givenKmsDataDir(given: string | undefined): string | undefined {
+  return given ?? envString('PROGRESSDB_KMS_DATA_DIR');
+}
+
 export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
-  const dataDir = opts.dataDir ?? envString('PROGRESSDB_KMS_DATA_DIR');
+  const dataDir = givenKmsDataDir(opts.dataDir);
   if (dataDir === undefined) {
     throw kmsError('CONFIG_INVALID', 'no KMS data directory: pass dataDir or set PROGRESSDB_KMS_DATA_DIR');
   }
