@@ -10,7 +10,7 @@
 import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import path from 'node:path';
-import { parse as parseYaml } from 'yaml';
+import { LineCounter, parseDocument } from 'yaml';
 import { z } from 'zod';
 import { kmsError } from './errors.js';
 import { describeMasterKeyRef, type MasterKeyRef } from './protocol.js';
@@ -193,29 +193,32 @@ export interface LoadConfigOptions {
   env?: NodeJS.ProcessEnv;
 }
 
-function readConfigFile(file: string): Record<string, unknown> {
+/**
+ * Reads a YAML or JSON config file that must hold a mapping (YAML is a superset of JSON, so one
+ * parser reads both); shared by the server and the KMS daemon. A file that cannot be read or parsed
+ * is CONFIG_INVALID at once, with every syntax error as its own problem naming line:column.
+ */
+export function readConfigFile(file: string): Record<string, unknown> {
   let text: string;
   try {
     text = readFileSync(file, 'utf8');
   } catch (err) {
-    throw kmsError(
-      'CONFIG_INVALID',
-      `cannot read config file ${file}: ${(err as NodeJS.ErrnoException).code}`,
+    throw configError([`cannot read config file ${file}: ${(err as NodeJS.ErrnoException).code}`]);
+  }
+  const lines = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false });
+  if (doc.errors.length > 0) {
+    throw configError(
+      doc.errors.map((e) => {
+        const at = lines.linePos(e.pos[0]);
+        return `config file ${file} is not valid YAML or JSON: line ${at.line}:${at.col}: ${e.message}`;
+      }),
     );
   }
-  let parsed: unknown;
-  try {
-    // YAML is a superset of JSON, so one parser reads both.
-    parsed = parseYaml(text);
-  } catch (err) {
-    throw kmsError(
-      'CONFIG_INVALID',
-      `config file ${file} is not valid YAML or JSON: ${(err as Error).message}`,
-    );
-  }
+  const parsed: unknown = doc.toJS();
   if (parsed === null || parsed === undefined) return {};
   if (typeof parsed !== 'object' || Array.isArray(parsed)) {
-    throw kmsError('CONFIG_INVALID', `config file ${file} must hold a mapping of settings`);
+    throw configError([`config file ${file} must hold a mapping of settings`]);
   }
   return parsed as Record<string, unknown>;
 }
@@ -394,6 +397,11 @@ function resolveMasterKey(
   return null;
 }
 
-function configError(problems: string[]) {
-  return kmsError('CONFIG_INVALID', `invalid configuration:\n  - ${problems.join('\n  - ')}`, { problems });
+/**
+ * One CONFIG_INVALID for every problem found (the server's and the daemon's): a single problem on one
+ * line, several one per line; `details.problems` holds them as an array.
+ */
+export function configError(problems: string[]) {
+  const list = problems.length === 1 ? ` ${problems[0]}` : `\n  - ${problems.join('\n  - ')}`;
+  return kmsError('CONFIG_INVALID', `invalid configuration:${list}`, { problems });
 }

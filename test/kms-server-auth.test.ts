@@ -225,7 +225,7 @@ test('bad configuration exits 1 with one clear line', async (t) => {
   const cases: [string[], RegExp][] = [
     [['--config', write('typo.yaml', 'endpont: 127.0.0.1:1\n'), ...common], /endpont|unrecognized/i],
     [['--config', write('bad.yaml', 'tokens: [{name: a, token: short}]\n'), ...common], /at least 16/],
-    [['--config', write('broken.json', '{"tokens": [}'), ...common], /not valid YAML or JSON/],
+    [['--config', write('broken.json', '{"tokens": []'), ...common], /not valid YAML or JSON: line 1:/],
     [['--config', path.join(dir, 'missing.yaml'), ...common], /cannot read config file/],
     [['--tls-cert', key, ...common], /both a certificate file and a key file/],
     [['--tls-cert', key, '--tls-key', key, ...common], /TLS certificate, key or CA cannot be used/],

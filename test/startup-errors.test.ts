@@ -2,12 +2,17 @@
  * Start-up errors of both programs as an operator sees them: a listener that cannot bind (port in
  * use, address not on this machine, permission denied) exits 1 with one line that has a stable code
  * and names the address, never INTERNAL or a stack. The offline tools find their data directory
- * the way `serve` does.
+ * the way `serve` does. A bad daemon configuration lists every problem at once, and YAML syntax
+ * errors name their line and column.
  */
+import { writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import path from 'node:path';
 import test from 'ava';
+import { loadConfig } from '../src/config.js';
+import { CodedError } from '../src/errors.js';
 import { generateMasterKeyFile } from '../src/kms/index.js';
+import { loadDaemonConfig } from '../src/kms-server/config.js';
 import { listenError } from '../src/wire/listen.js';
 import { daemonRefuses, keygen } from './helpers/kms-daemon.js';
 import { cleanEnv } from './helpers/processes.js';
@@ -143,5 +148,89 @@ test('rotate and audit verify take the data directory from PROGRESSDB_KMS_DATA_D
     t,
     nowhere,
     /^progressdb-kms: CONFIG_INVALID: no data directory: pass --data-dir or set PROGRESSDB_KMS_DATA_DIR$/,
+  );
+});
+
+function configProblems(load: () => unknown): string[] {
+  try {
+    load();
+  } catch (err) {
+    if (err instanceof CodedError && err.code === 'CONFIG_INVALID') return err.details?.problems as string[];
+    throw err;
+  }
+  throw new Error('expected CONFIG_INVALID');
+}
+
+test('daemon config: every problem of the file, the flags and our own checks in one CONFIG_INVALID', (t) => {
+  const dir = tempDir('pdb-kms-cfg-');
+  const file = path.join(dir, 'kms.yaml');
+  writeFileSync(
+    file,
+    [
+      'endpont: 127.0.0.1:1',
+      'limits: { max_connections: 0, request_timeout_ms: 100, headers_timeout_ms: 200 }',
+      'tokens: [{ name: a, token: short }, { name: b, token: long-enough-token-0123 }, { name: b, token: long-enough-token-4567 }]',
+      'allowed_networks: [10.0.0.0/33, 10.0.0.0/8, nonsense]',
+      '',
+    ].join('\n'),
+  );
+  const problems = configProblems(() =>
+    loadDaemonConfig({ config: file, maxBodyBytes: 12, tlsCert: path.join(dir, 'missing.crt') }),
+  );
+  const expected = [
+    /endpont/,
+    /limits\.max_connections: .*>=1/,
+    /token "a" must be at least 16 characters/,
+    /token name "b" is used twice/,
+    /"10\.0\.0\.0\/33" is not a network/,
+    /"nonsense" is not a network/,
+    /TLS needs both a certificate file and a key file/,
+    /no data directory/,
+    /--max-body-bytes must be an integer from 1024/,
+  ];
+  t.is(problems.length, expected.length, problems.join('\n'));
+  for (const re of expected)
+    t.true(
+      problems.some((p) => re.test(p)),
+      `${re} in\n${problems.join('\n')}`,
+    );
+  // The limits block was invalid as a whole, so the cross-check of its timeouts did not run on it.
+  t.false(problems.some((p) => p.includes('request_timeout_ms must be')));
+
+  const noDir = configProblems(() => loadDaemonConfig({ maxFrameBytes: 1, maxBatchItems: 0 }));
+  t.deepEqual(
+    noDir.map((p) => p.split(' ')[0]),
+    ['no', '--max-frame-bytes', '--max-batch-items'],
+    noDir.join('\n'),
+  );
+});
+
+test('YAML syntax errors name line:column, each on its own line, for the daemon and the server', async (t) => {
+  const dir = tempDir('pdb-yaml-');
+  const file = path.join(dir, 'bad.yaml');
+  writeFileSync(file, 'data_dir: /tmp/x\ndata_dir: /tmp/y\nkms: { pool_size: 1, pool_size: 2 }\n');
+  for (const problems of [
+    configProblems(() => loadDaemonConfig({ config: file })),
+    configProblems(() => loadConfig({ configFile: file, env: {} })),
+  ]) {
+    t.is(problems.length, 2, problems.join('\n'));
+    t.regex(problems[0]!, /bad\.yaml is not valid YAML or JSON: line 2:1: Map keys must be unique$/);
+    t.regex(problems[1]!, /bad\.yaml is not valid YAML or JSON: line 3:22: Map keys must be unique$/);
+  }
+
+  const key = await keygen(dir);
+  const res = await daemonRefuses(['--config', file, '--master-key-file', key]);
+  t.is(res.code, 1);
+  t.deepEqual(
+    res.stderr
+      .trim()
+      .split('\n')
+      .map((l) => l.replace(/: .*/, '')),
+    [
+      'progressdb-kms',
+      '  - config file ' + file + ' is not valid YAML or JSON',
+      '  - config file ' + file + ' is not valid YAML or JSON',
+    ],
+    res.stderr,
   );
 });

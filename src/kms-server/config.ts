@@ -1,7 +1,8 @@
 /**
  * Daemon configuration: command-line flags, then PROGRESSDB_KMS_* environment variables, then the
  * config file (YAML or JSON, validated with zod; unknown keys are errors so typos do not pass
- * silently), then defaults. Every problem becomes one CONFIG_INVALID error with a one-line message.
+ * silently), then defaults. Every problem found (schema issues and the checks below) is listed in one
+ * CONFIG_INVALID error, one line each, as the server's configuration does (src/config.ts).
  *
  * The master key is never read here: only its source (a file path, or this config file when it
  * holds `master_key`) is handed to createKms, whose worker reads it.
@@ -10,9 +11,9 @@ import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import path from 'node:path';
 import tls from 'node:tls';
-import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
-import { kmsError } from '../errors.js';
+import { configError, readConfigFile } from '../config.js';
+import { CodedError, kmsError } from '../errors.js';
 import { givenKmsDataDir, type KmsOptions } from '../kms/options.js';
 import { DEFAULT_MAX_FRAME_BYTES } from '../wire/bridge-codec.js';
 import { type Endpoint, isLoopbackHost, parseEndpoint } from '../wire/endpoint.js';
@@ -143,6 +144,17 @@ function env(name: string): string | undefined {
   return v === undefined || v === '' ? undefined : v;
 }
 
+/** Runs one check; a CONFIG_INVALID it throws becomes a problem and `fallback` stands in for its value. */
+function collect<T>(problems: string[], check: () => T, fallback: T): T {
+  try {
+    return check();
+  } catch (err) {
+    if (!(err instanceof CodedError) || err.code !== 'CONFIG_INVALID') throw err;
+    problems.push(...((err.details?.problems as string[] | undefined) ?? [err.message]));
+    return fallback;
+  }
+}
+
 function readText(file: string, what: string): string {
   try {
     return readFileSync(file, 'utf8');
@@ -151,28 +163,34 @@ function readText(file: string, what: string): string {
   }
 }
 
-function loadFile(file: string): FileConfig {
-  const text = readText(file, 'config file');
-  let raw: unknown;
-  try {
-    // YAML is a superset of JSON, so one parser reads both.
-    raw = parseYaml(text);
-  } catch {
-    throw invalid(`config file ${file} is not valid YAML or JSON`);
-  }
-  const parsed = FileSchema.safeParse(raw ?? {});
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0]!;
+/**
+ * Every schema issue of the file is a problem; the top-level settings that are valid on their own
+ * are kept, so the checks that follow report nothing about the broken ones.
+ */
+function loadFile(file: string, problems: string[]): FileConfig {
+  const raw = readConfigFile(file);
+  const parsed = FileSchema.safeParse(raw);
+  if (parsed.success) return parsed.data;
+  for (const issue of parsed.error.issues) {
     const where = issue.path.length > 0 ? issue.path.join('.') : '(top level)';
-    throw invalid(`config file ${file}: ${where}: ${issue.message}`);
+    problems.push(`config file ${file}: ${where}: ${issue.message}`);
   }
-  return parsed.data;
+  const shape = FileSchema.shape as Record<string, z.ZodType>;
+  const kept: Record<string, unknown> = {};
+  for (const [key, value] of Object.entries(raw)) {
+    const setting = Object.hasOwn(shape, key) ? shape[key]!.safeParse(value) : undefined;
+    if (setting?.success) kept[key] = setting.data;
+  }
+  return kept as FileConfig;
 }
 
-function loadTokens(entries: FileConfig['tokens'], baseDir: string): TokenEntry[] {
+function loadTokens(entries: FileConfig['tokens'], baseDir: string, problems: string[]): TokenEntry[] {
   const tokens: TokenEntry[] = [];
   const names = new Set<string>();
-  for (const entry of entries ?? []) {
+  for (const entry of entries ?? []) collect(problems, () => loadToken(entry), undefined);
+  return tokens;
+
+  function loadToken(entry: NonNullable<FileConfig['tokens']>[number]): void {
     const token =
       entry.token ??
       readText(path.resolve(baseDir, entry.token_file!), `token file of "${entry.name}"`).trim();
@@ -186,21 +204,22 @@ function loadTokens(entries: FileConfig['tokens'], baseDir: string): TokenEntry[
     names.add(entry.name);
     tokens.push({ name: entry.name, token });
   }
-  return tokens;
 }
 
 /** `10.0.0.0/8`, `::1/128`: an address and a prefix length; anything else is CONFIG_INVALID. */
-function parseNetworks(entries: readonly string[], where: string): AllowedNetwork[] {
-  return entries.map((raw) => {
-    const text = raw.trim();
-    const m = /^([^/\s]+)\/(\d{1,3})$/.exec(text);
-    const version = m ? isIP(m[1]!) : 0;
-    const prefix = m ? Number(m[2]) : Number.NaN;
-    if (version === 0 || prefix > (version === 4 ? 32 : 128)) {
-      throw invalid(`${where}: "${raw}" is not a network in CIDR form (e.g. 10.0.0.0/8 or fd00::/8)`);
-    }
-    return { text, address: m![1]!, prefix, family: version === 4 ? 'ipv4' : 'ipv6' };
-  });
+function parseNetworks(entries: readonly string[], where: string, problems: string[]): AllowedNetwork[] {
+  return entries.flatMap((raw) => collect(problems, () => [parseNetwork(raw, where)], []));
+}
+
+function parseNetwork(raw: string, where: string): AllowedNetwork {
+  const text = raw.trim();
+  const m = /^([^/\s]+)\/(\d{1,3})$/.exec(text);
+  const version = m ? isIP(m[1]!) : 0;
+  const prefix = m ? Number(m[2]) : Number.NaN;
+  if (version === 0 || prefix > (version === 4 ? 32 : 128)) {
+    throw invalid(`${where}: "${raw}" is not a network in CIDR form (e.g. 10.0.0.0/8 or fd00::/8)`);
+  }
+  return { text, address: m![1]!, prefix, family: version === 4 ? 'ipv4' : 'ipv6' };
 }
 
 function loadTls(
@@ -242,12 +261,27 @@ function listener(text: string, defaultPort: number, what: string): ListenerConf
   return { host: ep.host, port: ep.port };
 }
 
-function limitFlag(name: string, value: number | undefined, min: number, max: number): number | undefined {
-  if (value === undefined) return undefined;
-  if (!Number.isInteger(value) || value < min || value > max) {
-    throw invalid(`${name} must be an integer from ${min} to ${max}`);
-  }
-  return value;
+/** A limit's flag, else its environment variable; out of range is a problem, and undefined then. */
+function limitFlag(
+  problems: string[],
+  name: string,
+  flagValue: number | undefined,
+  envName: string,
+  min: number,
+  max: number,
+): number | undefined {
+  return collect(
+    problems,
+    () => {
+      const value = flagValue ?? envInt(envName);
+      if (value === undefined) return undefined;
+      if (!Number.isInteger(value) || value < min || value > max) {
+        throw invalid(`${name} must be an integer from ${min} to ${max}`);
+      }
+      return value;
+    },
+    undefined,
+  );
 }
 
 function envInt(name: string): number | undefined {
@@ -266,35 +300,45 @@ function envBool(name: string): boolean | undefined {
 }
 
 export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
+  const problems: string[] = [];
   const configPath = flags.config ?? env('PROGRESSDB_KMS_CONFIG');
-  const file: FileConfig = configPath ? loadFile(path.resolve(configPath)) : {};
+  const file: FileConfig = configPath ? loadFile(path.resolve(configPath), problems) : {};
   const baseDir = configPath ? path.dirname(path.resolve(configPath)) : process.cwd();
   const fromFile = (p: string | undefined) => (p === undefined ? undefined : path.resolve(baseDir, p));
 
-  const http = listener(
-    flags.endpoint ?? env('PROGRESSDB_KMS_ENDPOINT') ?? file.endpoint ?? DEFAULT_ENDPOINT,
-    6820,
-    'endpoint',
-  );
+  const httpText = flags.endpoint ?? env('PROGRESSDB_KMS_ENDPOINT') ?? file.endpoint ?? DEFAULT_ENDPOINT;
+  const http = collect(problems, () => listener(httpText, 6820, 'endpoint'), { host: '127.0.0.1', port: 0 });
   const bridgeText = flags.bridgeEndpoint ?? env('PROGRESSDB_KMS_BRIDGE_ENDPOINT') ?? file.bridge_endpoint;
   const bridge =
-    bridgeText === undefined ? null : listener(bridgeText, DEFAULT_BRIDGE_PORT, 'bridge endpoint');
+    bridgeText === undefined
+      ? null
+      : collect(problems, () => listener(bridgeText, DEFAULT_BRIDGE_PORT, 'bridge endpoint'), null);
 
-  const tlsConfig = loadTls(
+  // A problem with who may call (the file may have held it) makes the exposure check meaningless.
+  const beforeAuth = problems.length;
+  const cleanSoFar = beforeAuth === 0;
+  const tlsFiles = [
     flags.tlsCert ?? env('PROGRESSDB_KMS_TLS_CERT_FILE') ?? fromFile(file.tls?.cert_file),
     flags.tlsKey ?? env('PROGRESSDB_KMS_TLS_KEY_FILE') ?? fromFile(file.tls?.key_file),
     flags.tlsCa ?? env('PROGRESSDB_KMS_TLS_CA_FILE') ?? fromFile(file.tls?.ca_file),
-  );
-  const tokens = loadTokens(file.tokens, baseDir);
-  const insecure = flags.insecure ?? envBool('PROGRESSDB_KMS_INSECURE') ?? file.insecure ?? false;
+  ] as const;
+  const tlsConfig = collect(problems, () => loadTls(...tlsFiles), null);
+  const tokens = loadTokens(file.tokens, baseDir, problems);
+  const insecure =
+    flags.insecure ??
+    collect(problems, () => envBool('PROGRESSDB_KMS_INSECURE'), undefined) ??
+    file.insecure ??
+    false;
   const networksEnv = env('PROGRESSDB_KMS_ALLOWED_NETWORKS');
   const allowedNetworks =
     networksEnv !== undefined
       ? parseNetworks(
           networksEnv.split(',').filter((n) => n.trim() !== ''),
           'PROGRESSDB_KMS_ALLOWED_NETWORKS',
+          problems,
         )
-      : parseNetworks(file.allowed_networks ?? [], 'allowed_networks');
+      : parseNetworks(file.allowed_networks ?? [], 'allowed_networks', problems);
+  const authReadable = cleanSoFar && problems.length === beforeAuth;
 
   const masterKeyFile =
     flags.masterKeyFile ?? env('PROGRESSDB_KMS_MASTER_KEY_FILE') ?? fromFile(file.master_key_file);
@@ -310,7 +354,7 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
   if (masterKeyFile !== undefined) kms.masterKeyFile = masterKeyFile;
   else if (file.master_key !== undefined && configPath) kms.masterKeyConfigFile = path.resolve(configPath);
   if (kms.dataDir === undefined) {
-    throw invalid(
+    problems.push(
       'no data directory: pass --data-dir, set PROGRESSDB_KMS_DATA_DIR, or set data_dir in the config',
     );
   }
@@ -318,8 +362,10 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
   const limits = {
     maxBodyBytes:
       limitFlag(
+        problems,
         '--max-body-bytes',
-        flags.maxBodyBytes ?? envInt('PROGRESSDB_KMS_MAX_BODY_BYTES'),
+        flags.maxBodyBytes,
+        'PROGRESSDB_KMS_MAX_BODY_BYTES',
         1024,
         1024 ** 3,
       ) ??
@@ -327,8 +373,10 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
       1024 * 1024,
     maxFrameBytes:
       limitFlag(
+        problems,
         '--max-frame-bytes',
-        flags.maxFrameBytes ?? envInt('PROGRESSDB_KMS_MAX_FRAME_BYTES'),
+        flags.maxFrameBytes,
+        'PROGRESSDB_KMS_MAX_FRAME_BYTES',
         1024,
         1024 ** 3,
       ) ??
@@ -336,8 +384,10 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
       DEFAULT_MAX_FRAME_BYTES,
     maxBatchItems:
       limitFlag(
+        problems,
         '--max-batch-items',
-        flags.maxBatchItems ?? envInt('PROGRESSDB_KMS_MAX_BATCH_ITEMS'),
+        flags.maxBatchItems,
+        'PROGRESSDB_KMS_MAX_BATCH_ITEMS',
         1,
         100_000,
       ) ??
@@ -355,10 +405,10 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
   limits.maxBufferedFrameBytes =
     file.limits?.max_buffered_frame_bytes ?? Math.max(128 * 1024 * 1024, limits.maxFrameBytes);
   if (limits.maxBufferedFrameBytes < limits.maxFrameBytes) {
-    throw invalid('limits.max_buffered_frame_bytes must be at least the largest frame (max_frame_bytes)');
+    problems.push('limits.max_buffered_frame_bytes must be at least the largest frame (max_frame_bytes)');
   }
   if (limits.requestTimeoutMs < limits.headersTimeoutMs) {
-    throw invalid('limits.request_timeout_ms must be at least limits.headers_timeout_ms');
+    problems.push('limits.request_timeout_ms must be at least limits.headers_timeout_ms');
   }
 
   const config: DaemonConfig = {
@@ -372,7 +422,8 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
     drainTimeoutMs: file.drain_timeout_ms ?? 10_000,
     kms,
   };
-  checkExposure(config);
+  if (authReadable) collect(problems, () => checkExposure(config), undefined);
+  if (problems.length > 0) throw configError(problems);
   return config;
 }
 
