@@ -3,9 +3,10 @@
  * use, address not on this machine, permission denied) exits 1 with one line that has a stable code
  * and names the address, never INTERNAL or a stack. The offline tools find their data directory
  * the way `serve` does. A bad daemon configuration lists every problem at once, and YAML syntax
- * errors name their line and column.
+ * errors name their line and column. The server creates its development keys only once the whole
+ * configuration is known to be good.
  */
-import { writeFileSync } from 'node:fs';
+import { existsSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import path from 'node:path';
 import test from 'ava';
@@ -233,4 +234,25 @@ test('YAML syntax errors name line:column, each on its own line, for the daemon 
     ],
     res.stderr,
   );
+});
+
+test('server: a configuration that cannot start creates no development key', async (t) => {
+  const cases: [Record<string, string>, RegExp][] = [
+    [{ PROGRESSDB_ADMIN_KEY_FILE: '/nonexistent/admin.key' }, /cannot read admin key file \/nonexistent/],
+    [{ PROGRESSDB_KMS_POOL_SIZE: 'many' }, /PROGRESSDB_KMS_POOL_SIZE must be an integer/],
+  ];
+  const results = await Promise.all(
+    cases.map(async ([extra]) => {
+      const dataDir = path.join(tempDir(), 'data');
+      const res = await runCli(SERVER_CLI, ['--addr', '127.0.0.1:0'], {
+        env: cleanEnv({ PROGRESSDB_DATA_DIR: dataDir, ...extra }),
+      });
+      return { res, dataDir };
+    }),
+  );
+  results.forEach(({ res, dataDir }, i) => {
+    refusedWithOneLine(t, res, new RegExp(`^progressdb: CONFIG_INVALID: .*${cases[i]![1].source}`));
+    t.false(existsSync(path.join(dataDir, 'master.key')), res.stderr);
+    t.false(existsSync(path.join(dataDir, 'admin.key')), res.stderr);
+  });
 });

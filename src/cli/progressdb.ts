@@ -15,7 +15,7 @@ import { loadConfig, type ServerConfig } from '../config.js';
 import { toCodedError } from '../errors.js';
 import { generateMasterKeyFile } from '../kms/index.js';
 import { createLogger } from '../log.js';
-import { startServer } from '../server/index.js';
+import { checkStartupConfig, startServer } from '../server/index.js';
 import { tuneHeapForThroughput } from './heap-tuning.js';
 
 interface CliOptions {
@@ -24,11 +24,19 @@ interface CliOptions {
   dataDir?: string;
 }
 
-/** Creates what a first development run needs; returns the files it relies on. */
+/** Where a first development run keeps the keys it makes. */
+function developmentKeyFile(config: ServerConfig, name: 'admin.key' | 'master.key'): string {
+  return path.join(config.dataDir, name);
+}
+
+/**
+ * Creates what a first development run needs, once the configuration is known to be good; returns
+ * the files it relies on.
+ */
 async function developmentSetup(config: ServerConfig): Promise<{ masterKey?: string; adminKey?: string }> {
   const made: { masterKey?: string; adminKey?: string } = {};
   if (config.adminKey === null) {
-    const file = path.join(config.dataDir, 'admin.key');
+    const file = developmentKeyFile(config, 'admin.key');
     if (!existsSync(file)) {
       writeFileSync(file, `${randomBytes(32).toString('base64url')}\n`, { mode: 0o600, flag: 'wx' });
     }
@@ -36,7 +44,7 @@ async function developmentSetup(config: ServerConfig): Promise<{ masterKey?: str
     made.adminKey = file;
   }
   if (config.useEncryption && config.kmsMode === 'embedded' && config.masterKey === null) {
-    const file = path.join(config.dataDir, 'master.key');
+    const file = developmentKeyFile(config, 'master.key');
     if (!existsSync(file)) await generateMasterKeyFile(file);
     config.masterKey = { kind: 'file', path: file };
     made.masterKey = file;
@@ -79,6 +87,8 @@ async function main(opts: CliOptions): Promise<void> {
       ...(opts.dataDir !== undefined && { data_dir: opts.dataDir }),
     },
   });
+  // Everything is checked before the development set-up writes a key file.
+  checkStartupConfig(config, { kind: 'file', path: developmentKeyFile(config, 'master.key') });
   const logger = createLogger('progressdb', config.logLevel);
   mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
   const made = await developmentSetup(config);

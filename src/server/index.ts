@@ -8,8 +8,9 @@ import type { Socket } from 'node:net';
 import type { ServerConfig } from '../config.js';
 import { kmsError, toCodedError } from '../errors.js';
 import { createKms } from '../kms/index.js';
+import { type KmsOptions, resolveKmsOptions } from '../kms/options.js';
 import type { Logger } from '../log.js';
-import type { Kms } from '../protocol.js';
+import type { Kms, MasterKeyRef } from '../protocol.js';
 import { createRemoteKms, type RemoteTlsOptions } from '../remote/index.js';
 import { listenOn } from '../wire/listen.js';
 import { createApp } from './app.js';
@@ -76,17 +77,33 @@ async function openKms(config: ServerConfig, logger: Logger): Promise<Kms> {
       timeoutMs: config.kmsTimeoutMs,
     });
   }
+  return createKms({ ...embeddedKmsOptions(config), logger: logger.child({ component: 'kms' }) });
+}
+
+function embeddedKmsOptions(config: ServerConfig): KmsOptions {
   const key = config.masterKey;
   if (key === null) {
     throw kmsError('MASTER_KEY_MISSING', 'no master key configured: set PROGRESSDB_KMS_MASTER_KEY_FILE');
   }
-  return createKms({
+  return {
     dataDir: config.kmsDataDir,
     ...(key.kind === 'file' && { masterKeyFile: key.path }),
     ...(key.kind === 'env' && { masterKeyEnv: key.name }),
     ...(key.kind === 'config' && { masterKeyConfigFile: key.path }),
-    logger: logger.child({ component: 'kms' }),
-  });
+  };
+}
+
+/**
+ * Checks what the configuration refers to beyond its own values (the admin key file, the external
+ * KMS's TLS files, the embedded KMS's PROGRESSDB_KMS_* options) without creating anything. The CLI
+ * runs it before it makes development keys, so a configuration that cannot start leaves no key file
+ * behind. `devMasterKey` stands in for the master key when none is configured.
+ */
+export function checkStartupConfig(config: ServerConfig, devMasterKey: MasterKeyRef): void {
+  if (config.adminKey !== null) readAdminKey(config);
+  if (!config.useEncryption) return;
+  if (config.kmsMode === 'external') readTlsFiles(config.kmsTls);
+  else resolveKmsOptions(embeddedKmsOptions({ ...config, masterKey: config.masterKey ?? devMasterKey }));
 }
 
 export async function startServer(config: ServerConfig, logger: Logger): Promise<RunningServer> {
