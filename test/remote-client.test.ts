@@ -6,8 +6,10 @@
  */
 import test from 'ava';
 import type { CodedError } from '../src/errors.js';
+import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_PLAINTEXT_BYTES } from '../src/kms/validate-args.js';
 import type { Kms } from '../src/protocol.js';
 import { createRemoteKms } from '../src/remote/index.js';
+import { openKms } from './helpers/kms.js';
 import { type Daemon, spawnDaemon } from './helpers/kms-daemon.js';
 import { until } from './helpers/processes.js';
 
@@ -241,4 +243,125 @@ test('bad client options are refused at creation', (t) => {
   ]) {
     t.is((t.throws(() => createRemoteKms(opts)) as CodedError).code, 'CONFIG_INVALID', JSON.stringify(opts));
   }
+});
+
+/** A bad argument's outcome: the error code and status, or per item for batches. */
+type Outcome = string | string[];
+
+async function outcomeOf(call: () => Promise<unknown>): Promise<Outcome> {
+  try {
+    const value = await call();
+    if (Array.isArray(value)) {
+      return value.map((r: { ok: boolean; error?: CodedError }) =>
+        r.ok ? 'ok' : `${r.error!.code} ${r.error!.status}`,
+      );
+    }
+    return 'ok';
+  } catch (err) {
+    const e = err as CodedError;
+    return `${e.code} ${e.status}`;
+  }
+}
+
+test('a bad argument gets the same code and status embedded, over HTTP and over the bridge', async (t) => {
+  const { kms: embedded } = await openKms(t);
+  const clients: [string, Kms][] = [['embedded', embedded]];
+  for (const [name, endpointOf] of transports) {
+    const kms = createRemoteKms({ endpoint: endpointOf(daemon), retries: 0 });
+    t.teardown(() => kms.close());
+    clients.push([name, kms]);
+  }
+  const pt = Buffer.from('plain');
+  const bigPlaintext = Buffer.alloc(MAX_PLAINTEXT_BYTES + 1);
+  const bigCiphertext = Buffer.alloc(MAX_CIPHERTEXT_BYTES + 1);
+  const bigAad = Buffer.alloc(MAX_AAD_BYTES + 1);
+  // biome-ignore lint/suspicious/noExplicitAny: wrong types are what is tested
+  const any = (v: unknown) => v as any;
+  const badIds = ['', 'k'.repeat(3000), 'a\nb', 'x\u007f', any(undefined), any(42)];
+  type Case = [string, string, (kms: Kms, keyId: string, ct: Buffer) => Promise<unknown>];
+  const cases: Case[] = [];
+  const INVALID = 'INVALID_INPUT 400';
+  const TOO_LARGE = 'PAYLOAD_TOO_LARGE 413';
+  for (const [i, id] of badIds.entries()) {
+    cases.push(
+      [`createDekForThread id ${i}`, INVALID, (kms) => kms.createDekForThread(id)],
+      [`getWrappedDek id ${i}`, INVALID, (kms) => kms.getWrappedDek(id)],
+      [`rewrapDek id ${i}`, INVALID, (kms) => kms.rewrapDek(id)],
+      [`rotateDek id ${i}`, INVALID, (kms) => kms.rotateDek(id)],
+      [`destroyDek id ${i}`, INVALID, (kms) => kms.destroyDek(id)],
+      [`destroyDekVersionsBefore id ${i}`, INVALID, (kms) => kms.destroyDekVersionsBefore(id, 1)],
+      [`encrypt id ${i}`, INVALID, (kms) => kms.encrypt(id, pt)],
+      [`decrypt id ${i}`, INVALID, (kms, _k, ct) => kms.decrypt(id, ct)],
+      [`reencrypt id ${i}`, INVALID, (kms, _k, ct) => kms.reencrypt(id, ct)],
+    );
+  }
+  cases.push(
+    ['destroyDekVersionsBefore version 0', INVALID, (kms, k) => kms.destroyDekVersionsBefore(k, 0)],
+    ['destroyDekVersionsBefore version 1.5', INVALID, (kms, k) => kms.destroyDekVersionsBefore(k, 1.5)],
+    ['encrypt string plaintext', INVALID, (kms, k) => kms.encrypt(k, any('text'))],
+    ['encrypt no plaintext', INVALID, (kms, k) => kms.encrypt(k, any(undefined))],
+    ['encrypt string aad', INVALID, (kms, k) => kms.encrypt(k, pt, any('aad'))],
+    ['encrypt oversized plaintext', TOO_LARGE, (kms, k) => kms.encrypt(k, bigPlaintext)],
+    ['encrypt oversized aad', TOO_LARGE, (kms, k) => kms.encrypt(k, pt, bigAad)],
+    ['decrypt array ciphertext', INVALID, (kms, k) => kms.decrypt(k, any([1, 2, 3]))],
+    ['decrypt string aad', INVALID, (kms, k, ct) => kms.decrypt(k, ct, any('aad'))],
+    ['decrypt oversized ciphertext', TOO_LARGE, (kms, k) => kms.decrypt(k, bigCiphertext)],
+    ['decrypt oversized aad', TOO_LARGE, (kms, k, ct) => kms.decrypt(k, ct, bigAad)],
+    ['reencrypt string ciphertext', INVALID, (kms, k) => kms.reencrypt(k, any('ct'))],
+    ['reencrypt oversized ciphertext', TOO_LARGE, (kms, k) => kms.reencrypt(k, bigCiphertext)],
+    ['reencrypt oversized aad', TOO_LARGE, (kms, k, ct) => kms.reencrypt(k, ct, bigAad)],
+    ['encryptBatch not an array', INVALID, (kms) => kms.encryptBatch(any('items'))],
+    ['decryptBatch not an array', INVALID, (kms) => kms.decryptBatch(any({}))],
+  );
+  // In a batch each bad item gets its own error and the good ones still run.
+  const batchCases: [string, (kms: Kms, keyId: string, ct: Buffer) => Promise<unknown>][] = [
+    [
+      'encryptBatch items',
+      (kms, k) =>
+        kms.encryptBatch([
+          { keyId: k, plaintext: pt },
+          { keyId: '', plaintext: pt },
+          any(null),
+          { keyId: k, plaintext: any('text') },
+          { keyId: k, plaintext: pt, aad: bigAad },
+          { keyId: k, plaintext: pt, aad: any(null) },
+        ]),
+    ],
+    [
+      'decryptBatch items',
+      (kms, k, ct) =>
+        kms.decryptBatch([
+          { keyId: 'k'.repeat(3000), ciphertext: ct },
+          { keyId: k, ciphertext: ct },
+          { keyId: k, ciphertext: bigCiphertext },
+          { keyId: k, ciphertext: ct, aad: any(7) },
+        ]),
+    ],
+  ];
+  const expectedBatch: Record<string, Outcome> = {
+    'encryptBatch items': ['ok', INVALID, INVALID, INVALID, TOO_LARGE, 'ok'],
+    'decryptBatch items': [INVALID, 'ok', TOO_LARGE, INVALID],
+  };
+  const fixtures = await Promise.all(
+    clients.map(async ([name, kms]) => {
+      const dek = await kms.createDekForThread(`bad-args-${name}`);
+      return { name, kms, keyId: dek.keyId, ct: (await kms.encrypt(dek.keyId, pt)).ciphertext };
+    }),
+  );
+  for (const [what, expected, call] of cases) {
+    for (const f of fixtures) {
+      t.is(await outcomeOf(() => call(f.kms, f.keyId, f.ct)), expected, `${f.name}: ${what}`);
+    }
+  }
+  for (const [what, call] of batchCases) {
+    for (const f of fixtures) {
+      t.deepEqual(
+        await outcomeOf(() => call(f.kms, f.keyId, f.ct)),
+        expectedBatch[what],
+        `${f.name}: ${what}`,
+      );
+    }
+  }
+  // The keys are still usable: nothing bad reached the daemon's state.
+  for (const f of fixtures) t.is((await f.kms.decrypt(f.keyId, f.ct)).toString(), 'plain', f.name);
 });

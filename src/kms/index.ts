@@ -51,14 +51,11 @@ import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from './o
 import { CryptoPool, type PendingOp } from './pool.js';
 import { type KekMeta, Registry } from './registry.js';
 import { KekRotation } from './rotation.js';
+import { checkAad, checkBytes, checkId, isValidId, MAX_PLAINTEXT_BYTES } from './validate-args.js';
 
 export { AUDIT_FILE_NAME } from './audit-file.js';
 export type { KmsOptions } from './options.js';
-
-/** Largest plaintext (and so ciphertext) one operation takes. */
-export const MAX_PLAINTEXT_BYTES = 64 * 1024 * 1024;
-export const MAX_AAD_BYTES = 64 * 1024;
-const MAX_ID_LENGTH = 256;
+export { MAX_AAD_BYTES, MAX_PLAINTEXT_BYTES } from './validate-args.js';
 
 interface OpOutput {
   output: Buffer;
@@ -84,49 +81,6 @@ interface PreparedOp {
   audit: AuditFields;
   preError: ErrorCode | null;
   message: string | undefined;
-}
-
-/**
- * C0 controls and DEL. No id the KMS or the server makes holds one (key ids are `dek_<hex>`,
- * server thread ids are ULIDs); refusing them keeps log and audit lines one line per entry.
- */
-function hasControlChar(value: string): boolean {
-  for (let i = 0; i < value.length; i++) {
-    const c = value.charCodeAt(i);
-    if (c < 0x20 || c === 0x7f) return true;
-  }
-  return false;
-}
-
-/**
- * Whether a key or thread id may reach the registry. Checked before any lookup: an id longer than
- * LMDB's key limit (~2 KB) would otherwise fail inside LMDB as INTERNAL.
- */
-function isValidId(value: unknown): value is string {
-  return (
-    typeof value === 'string' && value.length > 0 && value.length <= MAX_ID_LENGTH && !hasControlChar(value)
-  );
-}
-
-function checkId(name: string, value: unknown): string {
-  if (!isValidId(value)) {
-    throw kmsError(
-      'INVALID_INPUT',
-      `${name} must be a non-empty string of at most ${MAX_ID_LENGTH} characters, without control characters`,
-    );
-  }
-  return value;
-}
-
-function checkBytes(name: string, value: unknown, max: number): Uint8Array {
-  if (!(value instanceof Uint8Array))
-    throw kmsError('INVALID_INPUT', `${name} must be a Uint8Array or Buffer`);
-  if (value.length > max) throw kmsError('PAYLOAD_TOO_LARGE', `${name} is larger than ${max} bytes`);
-  return value;
-}
-
-function checkAad(value: unknown): Uint8Array | null {
-  return value === undefined || value === null ? null : checkBytes('aad', value, MAX_AAD_BYTES);
 }
 
 class EmbeddedKms implements Kms {

@@ -9,6 +9,8 @@
  * the caller it authenticated (token name or certificate subject), which a client cannot forge.
  */
 import { type CodedError, kmsError, toCodedError } from '../errors.js';
+import { checkKeepFromVersion } from '../kms/dek-versions.js';
+import { checkDataArgs, checkId } from '../kms/validate-args.js';
 import type {
   CallContext,
   DecryptItem,
@@ -127,6 +129,24 @@ function itemBytes(op: ItemOp, item: EncryptItem | DecryptItem): number {
   return (data?.byteLength ?? 0) + (item.aad?.byteLength ?? 0) + keyId + 12;
 }
 
+/**
+ * Runs `send` once `check` passed; a failed check rejects with its own error (INVALID_INPUT,
+ * PAYLOAD_TOO_LARGE) before anything is sent, as the embedded KMS would.
+ */
+function checked<T>(check: () => void, send: () => Promise<T>): Promise<T> {
+  try {
+    check();
+  } catch (err) {
+    return Promise.reject(toCodedError(err));
+  }
+  return send();
+}
+
+/** The item as sent: both wire formats take an absent AAD as undefined, the interface also null. */
+function wireItem<I extends EncryptItem | DecryptItem>(item: I): I {
+  return item.aad === null ? { ...item, aad: undefined } : item;
+}
+
 /** After a coalesced request was refused as too large, single calls go alone for this long. */
 const COALESCE_BACKOFF_MS = 60_000;
 
@@ -212,6 +232,35 @@ class RemoteKms implements Kms {
     }
   }
 
+  /**
+   * A batch whose items are checked here first, as the embedded KMS checks each: a bad item gets
+   * its own error result and is not sent; the others go to the daemon.
+   */
+  private async checkedBatch<I extends EncryptItem | DecryptItem, R>(
+    op: ItemOp,
+    items: readonly I[],
+    sizeOf: (item: I) => number,
+  ): Promise<ItemResult<R>[]> {
+    if (!Array.isArray(items)) throw kmsError('INVALID_INPUT', 'items must be an array');
+    const encrypt = op === 'encrypt';
+    let refused: (ItemResult<R> | undefined)[] | null = null;
+    const valid: I[] = [];
+    for (let i = 0; i < items.length; i++) {
+      const item = items[i] as Partial<EncryptItem & DecryptItem> | null | undefined;
+      try {
+        checkDataArgs(encrypt, item?.keyId, encrypt ? item?.plaintext : item?.ciphertext, item?.aad);
+        valid.push(wireItem(item as I));
+      } catch (err) {
+        refused ??= new Array(items.length);
+        refused[i] = { ok: false, error: toCodedError(err) };
+      }
+    }
+    const answers = await this.batch<I, R>(op, valid, sizeOf);
+    if (refused === null) return answers;
+    let next = 0;
+    return Array.from(refused, (r) => r ?? answers[next++]!);
+  }
+
   private async batch<I, R>(
     op: 'encrypt' | 'decrypt',
     items: readonly I[],
@@ -227,12 +276,23 @@ class RemoteKms implements Kms {
     return answers.length === 1 ? answers[0]! : answers.flat();
   }
 
+  /** A call naming one key: the id is checked first, as the embedded KMS checks it. */
+  private keyCall<T>(keyId: string, req: KmsRequest): Promise<T> {
+    return checked(
+      () => checkId('key_id', keyId),
+      () => this.call<T>(req),
+    );
+  }
+
   createDekForThread(threadId: string, _ctx?: CallContext): Promise<DekInfo> {
-    return this.call({ op: 'create_dek_for_thread', threadId });
+    return checked(
+      () => checkId('thread_id', threadId),
+      () => this.call({ op: 'create_dek_for_thread', threadId }),
+    );
   }
 
   getWrappedDek(keyId: string, _ctx?: CallContext): Promise<DekInfo> {
-    return this.call({ op: 'get_wrapped', keyId });
+    return this.keyCall(keyId, { op: 'get_wrapped', keyId });
   }
 
   encrypt(
@@ -241,19 +301,25 @@ class RemoteKms implements Kms {
     aad?: Uint8Array,
     _ctx?: CallContext,
   ): Promise<EncryptResult> {
-    return this.one('encrypt', { keyId, plaintext, aad });
+    return checked(
+      () => checkDataArgs(true, keyId, plaintext, aad),
+      () => this.one('encrypt', wireItem({ keyId, plaintext, aad })),
+    );
   }
 
   decrypt(keyId: string, ciphertext: Uint8Array, aad?: Uint8Array, _ctx?: CallContext): Promise<Buffer> {
-    return this.one('decrypt', { keyId, ciphertext, aad });
+    return checked(
+      () => checkDataArgs(false, keyId, ciphertext, aad),
+      () => this.one('decrypt', wireItem({ keyId, ciphertext, aad })),
+    );
   }
 
   encryptBatch(items: readonly EncryptItem[], _ctx?: CallContext): Promise<ItemResult<EncryptResult>[]> {
-    return this.batch('encrypt', items, (it) => it.plaintext.byteLength + (it.aad?.byteLength ?? 0));
+    return this.checkedBatch('encrypt', items, (it) => it.plaintext.byteLength + (it.aad?.byteLength ?? 0));
   }
 
   decryptBatch(items: readonly DecryptItem[], _ctx?: CallContext): Promise<ItemResult<Buffer>[]> {
-    return this.batch('decrypt', items, (it) => it.ciphertext.byteLength + (it.aad?.byteLength ?? 0));
+    return this.checkedBatch('decrypt', items, (it) => it.ciphertext.byteLength + (it.aad?.byteLength ?? 0));
   }
 
   reencrypt(
@@ -262,15 +328,18 @@ class RemoteKms implements Kms {
     aad?: Uint8Array,
     _ctx?: CallContext,
   ): Promise<EncryptResult> {
-    return this.call({ op: 'reencrypt', keyId, ciphertext, aad });
+    return checked(
+      () => checkDataArgs(false, keyId, ciphertext, aad),
+      () => this.call({ op: 'reencrypt', keyId, ciphertext, aad: aad ?? undefined }),
+    );
   }
 
   rewrapDek(keyId: string, _ctx?: CallContext): Promise<DekInfo> {
-    return this.call({ op: 'rewrap', keyId });
+    return this.keyCall(keyId, { op: 'rewrap', keyId });
   }
 
   rotateDek(keyId: string, _ctx?: CallContext): Promise<DekInfo> {
-    return this.call({ op: 'rotate_dek', keyId });
+    return this.keyCall(keyId, { op: 'rotate_dek', keyId });
   }
 
   destroyDekVersionsBefore(
@@ -278,11 +347,18 @@ class RemoteKms implements Kms {
     keepFromVersion: number,
     _ctx?: CallContext,
   ): Promise<DestroyResult> {
-    return this.call({ op: 'destroy_dek_versions_before', keyId, keepFromVersion });
+    // Checked in the embedded KMS's order: the version first, then the id.
+    return checked(
+      () => {
+        checkKeepFromVersion(keepFromVersion);
+        checkId('key_id', keyId);
+      },
+      () => this.call({ op: 'destroy_dek_versions_before', keyId, keepFromVersion }),
+    );
   }
 
   destroyDek(keyId: string, _ctx?: CallContext): Promise<DestroyResult> {
-    return this.call({ op: 'destroy_dek', keyId });
+    return this.keyCall(keyId, { op: 'destroy_dek', keyId });
   }
 
   startKekRotation(_ctx?: CallContext): Promise<RotationStatus> {
