@@ -24,7 +24,7 @@ import {
   type OP_CODES,
   opOfCode,
 } from '../src/wire/bridge-codec.js';
-import { isLoopbackHost, parseEndpoint } from '../src/wire/endpoint.js';
+import { CLIENT_SCHEMES, isLoopbackHost, parseEndpoint } from '../src/wire/endpoint.js';
 import {
   encryptResultJson,
   encryptResultToWire,
@@ -263,6 +263,13 @@ test('endpoints: forms, defaults and loopback detection', (t) => {
   });
   t.deepEqual(parseEndpoint('tcp://[::1]:7000'), { scheme: 'tcp', host: '::1', port: 7000 });
   t.deepEqual(parseEndpoint('localhost'), { scheme: undefined, host: 'localhost', port: 6820 });
+  // tls:// is for clients (the TLS bridge as the daemon announces it), not for listeners.
+  t.deepEqual(parseEndpoint('tls://127.0.0.1:6821', 6820, CLIENT_SCHEMES), {
+    scheme: 'tls',
+    host: '127.0.0.1',
+    port: 6821,
+  });
+  t.is((t.throws(() => parseEndpoint('tls://127.0.0.1:6821')) as CodedError).code, 'CONFIG_INVALID');
   for (const bad of ['ftp://x:1', 'x:99999', ':80', 'a b:1', '[zz]:1']) {
     t.is((t.throws(() => parseEndpoint(bad)) as CodedError).code, 'CONFIG_INVALID', bad);
   }

@@ -10,7 +10,7 @@ import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_PLAINTEXT_BYTES } from '../src
 import type { Kms } from '../src/protocol.js';
 import { createRemoteKms } from '../src/remote/index.js';
 import { openKms } from './helpers/kms.js';
-import { type Daemon, spawnDaemon } from './helpers/kms-daemon.js';
+import { type Daemon, makePki, spawnDaemon } from './helpers/kms-daemon.js';
 import { until } from './helpers/processes.js';
 
 const transports = [
@@ -238,6 +238,7 @@ test('bad client options are refused at creation', (t) => {
     { endpoint: 'ftp://x:1' },
     { endpoint: '127.0.0.1:0' },
     { endpoint: 'tcp://127.0.0.1:1', transport: 'http' as const },
+    { endpoint: 'tls://127.0.0.1:1', transport: 'http' as const },
     { endpoint: '127.0.0.1:1', retries: -1 },
     { endpoint: '127.0.0.1:1', timeoutMs: 0 },
   ]) {
@@ -364,4 +365,40 @@ test('a bad argument gets the same code and status embedded, over HTTP and over 
   }
   // The keys are still usable: nothing bad reached the daemon's state.
   for (const f of fixtures) t.is((await f.kms.decrypt(f.keyId, f.ct)).toString(), 'plain', f.name);
+});
+
+test('the tls:// endpoint a daemon announces for its TLS bridge is the bridge over TLS', async (t) => {
+  const pki = makePki();
+  const tlsArgs = ['--tls-cert', pki.files.serverCert, '--tls-key', pki.files.serverKey];
+  const [plainTls, mutual] = await Promise.all([
+    spawnDaemon({ bridgePort: 0, args: tlsArgs }),
+    spawnDaemon({ bridgePort: 0, args: [...tlsArgs, '--tls-ca', pki.files.caCert] }),
+  ]);
+  t.teardown(() => Promise.all([plainTls.kill9(), mutual.kill9()]));
+  const announced = (d: Daemon) => {
+    const line = d.listeners().find((l) => l.listener === 'bridge') as { msg?: string } | undefined;
+    return /(tls:\/\/\S+)/.exec(line?.msg ?? '')?.[1] ?? '';
+  };
+  t.is(announced(plainTls), `tls://${plainTls.bridge}`);
+
+  const client = { ca: pki.caCert, cert: pki.clientCert, key: pki.clientKey };
+  for (const [d, tls] of [
+    [plainTls, { ca: pki.caCert }],
+    [mutual, client],
+  ] as const) {
+    const kms = createRemoteKms({ endpoint: announced(d), tls, retries: 0 });
+    t.teardown(() => kms.close());
+    const dek = await kms.createDekForThread('over-tls-bridge');
+    const enc = await kms.encrypt(dek.keyId, Buffer.from('secret'), Buffer.from('aad'));
+    t.is((await kms.decrypt(dek.keyId, enc.ciphertext, Buffer.from('aad'))).toString(), 'secret');
+    t.is((await kms.health()).mode, 'external');
+  }
+  // tls:// means TLS even without options: the daemon's private CA is not in the system store.
+  const untrusted = createRemoteKms({ endpoint: announced(plainTls), retries: 0, timeoutMs: 3000 });
+  t.teardown(() => untrusted.close());
+  t.is((await t.throwsAsync<CodedError>(untrusted.health()))?.code, 'KMS_UNAVAILABLE');
+  // A mutual-TLS bridge still wants our certificate.
+  const noCert = createRemoteKms({ endpoint: announced(mutual), tls: { ca: pki.caCert }, retries: 0 });
+  t.teardown(() => noCert.close());
+  t.is((await t.throwsAsync<CodedError>(noCert.health()))?.code, 'UNAUTHENTICATED');
 });

@@ -25,7 +25,7 @@ import type {
   KmsRequest,
   RotationStatus,
 } from '../protocol.js';
-import { parseEndpoint } from '../wire/endpoint.js';
+import { CLIENT_SCHEMES, DEFAULT_HTTP_PORT, parseEndpoint } from '../wire/endpoint.js';
 import { HttpTransport } from './http-transport.js';
 import { TcpTransport } from './tcp-transport.js';
 import { type RemoteTlsOptions, type RemoteTransport, surelyNotSent } from './transport.js';
@@ -33,11 +33,17 @@ import { type RemoteTlsOptions, type RemoteTransport, surelyNotSent } from './tr
 export type { RemoteTlsOptions };
 
 export interface RemoteKmsOptions {
-  /** `host:port`, `http(s)://host:port`, or `tcp://host:port` (selects the TCP bridge). */
+  /**
+   * `host:port`, `http(s)://host:port`, `tcp://host:port` (selects the TCP bridge) or
+   * `tls://host:port` (the TCP bridge over TLS, as the daemon announces a TLS bridge).
+   */
   endpoint: string;
-  /** Overrides what the endpoint's scheme implies. Default: 'http' (or 'tcp' for tcp://). */
+  /** Overrides what the endpoint's scheme implies. Default: 'http' (or 'tcp' for tcp:// and tls://). */
   transport?: 'http' | 'tcp';
-  /** TLS to the daemon: its CA, and our certificate and key for mutual TLS. */
+  /**
+   * TLS to the daemon: its CA (default: the system store), and our certificate and key for mutual
+   * TLS. Given, it turns TLS on for any endpoint; https:// and tls:// turn it on without it.
+   */
   tls?: RemoteTlsOptions;
   /** Bearer token (HTTP) or AUTH frame token (bridge). */
   token?: string;
@@ -395,12 +401,13 @@ class RemoteKms implements Kms {
 
 /** The same Kms interface as createKms(), served by a progressdb-kms daemon. Connects lazily. */
 export function createRemoteKms(opts: RemoteKmsOptions): Kms {
-  const ep = parseEndpoint(opts.endpoint);
-  const transport = opts.transport ?? (ep.scheme === 'tcp' ? 'tcp' : 'http');
+  const ep = parseEndpoint(opts.endpoint, DEFAULT_HTTP_PORT, CLIENT_SCHEMES);
+  const bridgeScheme = ep.scheme === 'tcp' || ep.scheme === 'tls';
+  const transport = opts.transport ?? (bridgeScheme ? 'tcp' : 'http');
   if (ep.port === 0)
     throw kmsError('CONFIG_INVALID', `endpoint "${opts.endpoint}": port 0 cannot be connected to`);
-  if (transport === 'http' && ep.scheme === 'tcp') {
-    throw kmsError('CONFIG_INVALID', 'a tcp:// endpoint cannot use the http transport');
+  if (transport === 'http' && bridgeScheme) {
+    throw kmsError('CONFIG_INVALID', `a ${ep.scheme}:// endpoint cannot use the http transport`);
   }
   const timeoutMs = opts.timeoutMs ?? 10_000;
   const retries = opts.retries ?? 2;
@@ -412,7 +419,7 @@ export function createRemoteKms(opts: RemoteKmsOptions): Kms {
   const common = { host: ep.host, port: ep.port, tlsOptions: opts.tls, token: opts.token, timeoutMs };
   const impl: RemoteTransport =
     transport === 'tcp'
-      ? new TcpTransport(common)
+      ? new TcpTransport({ ...common, tlsOptions: ep.scheme === 'tls' ? (opts.tls ?? {}) : opts.tls })
       : new HttpTransport({ ...common, secure: ep.scheme === 'https' || opts.tls !== undefined });
   return new RemoteKms(impl, retries);
 }

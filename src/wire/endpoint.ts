@@ -1,11 +1,20 @@
 /**
  * Endpoint strings as both the daemon (to listen) and the clients (to connect) accept them:
- * `host:port`, `[v6]:port`, `http://host:port`, `https://host:port` or `tcp://host:port`.
+ * `host:port`, `[v6]:port`, `http://host:port`, `https://host:port` or `tcp://host:port`, and for
+ * clients also `tls://host:port` (the TCP bridge over TLS, as the daemon announces it).
  */
 import { isIP } from 'node:net';
 import { kmsError } from '../errors.js';
 
-export type EndpointScheme = 'http' | 'https' | 'tcp';
+export type EndpointScheme = 'http' | 'https' | 'tcp' | 'tls';
+
+/**
+ * Schemes a listener takes. Not `tls://`: whether the bridge speaks TLS follows from the daemon's
+ * certificate options, and a scheme saying otherwise would only mislead.
+ */
+export const LISTEN_SCHEMES: readonly EndpointScheme[] = ['http', 'https', 'tcp'];
+/** Schemes a client connects to: `tls://` is the TCP bridge over TLS. */
+export const CLIENT_SCHEMES: readonly EndpointScheme[] = [...LISTEN_SCHEMES, 'tls'];
 
 export interface Endpoint {
   /** The scheme written in the string, if any. */
@@ -20,17 +29,21 @@ export const DEFAULT_HTTP_PORT = 6820;
 const SCHEME = /^([a-z][a-z0-9+.-]*):\/\/(.*)$/i;
 const HOST_PORT = /^(?:\[([0-9a-fA-F:.]+)\]|([^:/[\]\s]+))(?::(\d{1,5}))?\/?$/;
 
-export function parseEndpoint(input: string, defaultPort = DEFAULT_HTTP_PORT): Endpoint {
+export function parseEndpoint(
+  input: string,
+  defaultPort = DEFAULT_HTTP_PORT,
+  schemes: readonly EndpointScheme[] = LISTEN_SCHEMES,
+): Endpoint {
   const text = input.trim();
   let scheme: EndpointScheme | undefined;
   let rest = text;
   const schemeMatch = SCHEME.exec(text);
   if (schemeMatch) {
-    const name = schemeMatch[1]!.toLowerCase();
-    if (name !== 'http' && name !== 'https' && name !== 'tcp') {
+    const name = schemeMatch[1]!.toLowerCase() as EndpointScheme;
+    if (!schemes.includes(name)) {
       throw kmsError(
         'CONFIG_INVALID',
-        `endpoint "${input}": unsupported scheme "${name}" (http, https or tcp)`,
+        `endpoint "${input}": unsupported scheme "${name}" (${schemes.join(', ')})`,
       );
     }
     scheme = name;
