@@ -6,6 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import test from 'ava';
 import { CodedError, kmsError } from '../src/errors.js';
+import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_ID_LENGTH } from '../src/kms/validate-args.js';
 import type { DekInfo, KmsHealth, KmsRequest, RotationStatus } from '../src/protocol.js';
 import { decodeBase64Field, isStrictBase64 } from '../src/wire/base64.js';
 import {
@@ -18,9 +19,11 @@ import {
   encodeRequest,
   encodeResult,
   FRAME_ERROR,
+  FRAME_LENGTH_BYTES,
   FRAME_RESULT,
   type Frame,
   FrameDecoder,
+  MAX_OP_FRAME_BYTES,
   type OP_CODES,
   opOfCode,
 } from '../src/wire/bridge-codec.js';
@@ -28,6 +31,7 @@ import { CLIENT_SCHEMES, isLoopbackHost, parseEndpoint } from '../src/wire/endpo
 import {
   encryptResultJson,
   encryptResultToWire,
+  MAX_OP_BODY_BYTES,
   plaintextJson,
   plaintextToWire,
 } from '../src/wire/http-json.js';
@@ -293,4 +297,26 @@ test('HTTP JSON fast paths give exactly what JSON.stringify gives for the result
     t.is(plaintextJson(bytes), JSON.stringify(plaintextToWire(bytes)));
     t.deepEqual(JSON.parse(plaintextJson(bytes)), { plaintext: bytes.toString('base64') });
   }
+});
+
+test('the default frame and body limits hold one call on the largest input the KMS takes', (t) => {
+  const ciphertext = Buffer.alloc(MAX_CIPHERTEXT_BYTES, 0xab);
+  const aad = Buffer.alloc(MAX_AAD_BYTES, 0xcd);
+  // The longest id in UTF-8 (3 bytes per unit) for the frame, in JSON escapes (6) for the body.
+  const frame = encodeRequest(1, {
+    op: 'decrypt',
+    items: [{ keyId: '€'.repeat(MAX_ID_LENGTH), ciphertext, aad }],
+  });
+  t.is(frame.length - FRAME_LENGTH_BYTES, MAX_OP_FRAME_BYTES);
+  const body = JSON.stringify({
+    batch_input: [
+      {
+        key_id: '\ud800'.repeat(MAX_ID_LENGTH),
+        ciphertext: ciphertext.toString('base64'),
+        aad: aad.toString('base64'),
+      },
+    ],
+  });
+  t.true(Buffer.byteLength(body) <= MAX_OP_BODY_BYTES);
+  t.true(Buffer.byteLength(body) > MAX_OP_BODY_BYTES - 1024);
 });

@@ -4,13 +4,17 @@
  * request are split, and while the daemon is down every call fails promptly with
  * KMS_UNAVAILABLE, then works again with the same client once the daemon is back.
  */
+import { randomFillSync } from 'node:crypto';
+import http from 'node:http';
 import test from 'ava';
 import type { CodedError } from '../src/errors.js';
 import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_PLAINTEXT_BYTES } from '../src/kms/validate-args.js';
+import { DEFAULT_MAX_BODY_BYTES } from '../src/kms-server/config.js';
 import type { Kms } from '../src/protocol.js';
 import { createRemoteKms } from '../src/remote/index.js';
+import { DEFAULT_MAX_FRAME_BYTES, decodeError } from '../src/wire/bridge-codec.js';
 import { openKms } from './helpers/kms.js';
-import { type Daemon, makePki, spawnDaemon } from './helpers/kms-daemon.js';
+import { BridgeSocket, type Daemon, makePki, spawnDaemon } from './helpers/kms-daemon.js';
 import { until } from './helpers/processes.js';
 
 const transports = [
@@ -401,4 +405,54 @@ test('the tls:// endpoint a daemon announces for its TLS bridge is the bridge ov
   const noCert = createRemoteKms({ endpoint: announced(mutual), tls: { ca: pki.caCert }, retries: 0 });
   t.teardown(() => noCert.close());
   t.is((await t.throwsAsync<CodedError>(noCert.health()))?.code, 'UNAUTHENTICATED');
+});
+
+// The largest input itself (64 MiB) takes ~25 s here; that it fits the default limits exactly is
+// checked without a daemon in bridge-codec.test.ts.
+test.serial('with default limits 1 MiB and 8 MiB plaintexts round-trip over both transports', async (t) => {
+  const aad = randomFillSync(Buffer.alloc(MAX_AAD_BYTES));
+  for (const size of [1024 * 1024, 8 * 1024 * 1024]) {
+    const plaintext = randomFillSync(Buffer.alloc(size));
+    for (const [name, endpointOf] of transports) {
+      const kms = createRemoteKms({ endpoint: endpointOf(daemon), retries: 0, timeoutMs: 60_000 });
+      t.teardown(() => kms.close());
+      const dek = await kms.createDekForThread(`large-${name}`);
+      const enc = await kms.encrypt(dek.keyId, plaintext, aad);
+      t.true((await kms.decrypt(dek.keyId, enc.ciphertext, aad)).equals(plaintext), `${name} ${size}`);
+      const [batched] = await kms.decryptBatch([{ keyId: dek.keyId, ciphertext: enc.ciphertext, aad }]);
+      t.true(batched!.ok && batched!.value.equals(plaintext), `${name} ${size} batch`);
+    }
+  }
+});
+
+test('a body or frame over the default limit is still refused with PAYLOAD_TOO_LARGE', async (t) => {
+  // Declared length only: the daemon answers before reading any of the body.
+  const reply = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+    const req = http.request({
+      host: '127.0.0.1',
+      port: daemon.httpPort,
+      method: 'POST',
+      path: '/encrypt',
+      headers: { 'content-type': 'application/json', 'content-length': String(DEFAULT_MAX_BODY_BYTES + 1) },
+    });
+    req.on('response', (res) => {
+      let body = '';
+      res.on('data', (c: Buffer) => (body += c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+    });
+    req.on('error', reject);
+    req.flushHeaders();
+  });
+  t.is(reply.status, 413);
+  t.is(JSON.parse(reply.body).error.code, 'PAYLOAD_TOO_LARGE');
+
+  const conn = new BridgeSocket(daemon.bridgePort!);
+  t.teardown(() => conn.destroy());
+  const header = Buffer.alloc(9);
+  header.writeUInt32BE(DEFAULT_MAX_FRAME_BYTES + 1, 0);
+  header.writeUInt32BE(1, 4);
+  header[8] = 0x03;
+  conn.write(header);
+  await conn.closed;
+  t.is(decodeError(conn.frames[0]!.body).code, 'PAYLOAD_TOO_LARGE');
 });

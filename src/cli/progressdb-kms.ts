@@ -62,8 +62,16 @@ program
     '--tls-ca <file>',
     'CA for client certificates; makes them required (env PROGRESSDB_KMS_TLS_CA_FILE)',
   )
-  .option('--max-body-bytes <n>', 'largest HTTP request body (default 1048576)', wholeNumber)
-  .option('--max-frame-bytes <n>', 'largest bridge frame (default 8388608)', wholeNumber)
+  .option(
+    '--max-body-bytes <n>',
+    'largest HTTP request body (default: room for one call on the largest input, 64 MiB)',
+    wholeNumber,
+  )
+  .option(
+    '--max-frame-bytes <n>',
+    'largest bridge frame (default: room for one call on the largest input, 64 MiB)',
+    wholeNumber,
+  )
   .option('--max-batch-items <n>', 'most items in one batch (default 1024)', wholeNumber)
   .option('--insecure', 'allow a non-loopback listener without TLS or tokens (not for production)')
   .action((opts: ServeFlags) =>

@@ -17,6 +17,7 @@ import { CodedError, kmsError } from '../errors.js';
 import { givenKmsDataDir, type KmsOptions } from '../kms/options.js';
 import { DEFAULT_MAX_FRAME_BYTES } from '../wire/bridge-codec.js';
 import { type Endpoint, isLoopbackHost, parseEndpoint } from '../wire/endpoint.js';
+import { MAX_OP_BODY_BYTES } from '../wire/http-json.js';
 import type { AllowedNetwork, TlsMaterial, TokenEntry } from './auth.js';
 import type { Limits } from './route.js';
 
@@ -28,6 +29,12 @@ const MIN_TOKEN_LENGTH = 16;
  * frame of PRE_AUTH_FRAME_BYTES (bridge.ts), which must hold the longest token.
  */
 export const MAX_TOKEN_BYTES = 1024;
+/**
+ * Default HTTP body limit: a call on the largest input the KMS accepts fits (its bytes go as
+ * base64, 4/3 of their size), so both transports take what the library takes. Bodies are read
+ * only after the caller is authenticated.
+ */
+export const DEFAULT_MAX_BODY_BYTES = MAX_OP_BODY_BYTES;
 
 /** What the `serve` sub-command's flags carry (all optional). */
 export interface ServeFlags {
@@ -370,7 +377,7 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
         1024 ** 3,
       ) ??
       file.limits?.max_body_bytes ??
-      1024 * 1024,
+      DEFAULT_MAX_BODY_BYTES,
     maxFrameBytes:
       limitFlag(
         problems,

@@ -14,6 +14,7 @@ import {
   encryptResultFromWire,
   HTTP_ROUTES,
   healthFromWire,
+  MAX_OP_BODY_BYTES,
   plaintextFromWire,
   rotationStatusFromWire,
   type WireObject,
@@ -30,8 +31,11 @@ export interface HttpTransportOptions {
   timeoutMs: number;
 }
 
-/** A response body over this is refused (a batch of 1024 large plaintexts stays well below). */
-const MAX_RESPONSE_BYTES = 256 * 1024 * 1024;
+/**
+ * A response body over this is refused: no answer is larger than the request for the largest
+ * single call (batches are split into far smaller requests, maxBatchBytes).
+ */
+const MAX_RESPONSE_BYTES = MAX_OP_BODY_BYTES;
 
 function itemToWire(item: EncryptItem | DecryptItem, field: 'plaintext' | 'ciphertext'): WireObject {
   const data = field === 'plaintext' ? (item as EncryptItem).plaintext : (item as DecryptItem).ciphertext;

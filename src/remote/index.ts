@@ -67,7 +67,7 @@ const IDEMPOTENT: ReadonlySet<KmsOp> = new Set<KmsOp>([
 const MAX_BATCH_ITEMS = 1024;
 /**
  * Single calls coalesced into one request: at most this many items and bytes, well inside the
- * daemon's default limits (1024 items, 8 MiB frames). A daemon configured lower answers
+ * daemon's default limits (1024 items, frames of one call on the largest input). A daemon configured lower answers
  * PAYLOAD_TOO_LARGE before running anything; the items are then resent one by one and this
  * client stops coalescing. 64 items is one worker task at the daemon's default: a request is
  * answered only when all its items are done, so many callers are better served by several

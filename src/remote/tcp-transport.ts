@@ -11,7 +11,6 @@ import tls from 'node:tls';
 import { type CodedError, kmsError, toCodedError } from '../errors.js';
 import type { KmsOp, KmsRequest } from '../protocol.js';
 import {
-  DEFAULT_MAX_FRAME_BYTES,
   decodeError,
   decodeResult,
   encodeAuth,
@@ -20,6 +19,7 @@ import {
   FRAME_RESULT,
   type Frame,
   FrameDecoder,
+  MAX_OP_FRAME_BYTES,
 } from '../wire/bridge-codec.js';
 import { CorkedWriter } from '../wire/corked-writer.js';
 import { formatHostPort } from '../wire/endpoint.js';
@@ -49,7 +49,8 @@ interface Pending {
 class Connection {
   readonly pending = new Map<number, Pending>();
   private readonly writer: CorkedWriter;
-  private readonly decoder = new FrameDecoder(DEFAULT_MAX_FRAME_BYTES * 4);
+  /** No answer is larger than the frame of the largest single call (MAX_OP_FRAME_BYTES). */
+  private readonly decoder = new FrameDecoder(MAX_OP_FRAME_BYTES);
   connected = false;
   /** Frames queued until the socket connects. */
   private queued: Buffer[] | null = [];

@@ -12,6 +12,7 @@
  * missing bytes make the frame malformed. Op codes are part of the wire contract: never renumber.
  */
 import { type CodedError, type ErrorCode, fromWire, kmsError } from '../errors.js';
+import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_ID_LENGTH } from '../kms/validate-args.js';
 import type {
   DecryptItem,
   DekInfo,
@@ -29,7 +30,18 @@ import type {
 export const FRAME_LENGTH_BYTES = 4;
 /** id (u32) + type (u8): the part of the header counted in `length`. */
 export const FRAME_HEADER_BYTES = 5;
-export const DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024;
+/** A `str` field holding the longest id: u32 length, then at most 3 UTF-8 bytes per UTF-16 unit. */
+const MAX_ID_FIELD_BYTES = 4 + MAX_ID_LENGTH * 3;
+/**
+ * The largest frame (after its length prefix) that one operation on the largest input the KMS
+ * accepts needs: a decrypt of one item with the longest id, the largest ciphertext and the
+ * largest AAD (count, id, ciphertext, AAD). Every answer to it is smaller, and the client splits
+ * batches into far smaller frames.
+ */
+export const MAX_OP_FRAME_BYTES =
+  FRAME_HEADER_BYTES + 4 + MAX_ID_FIELD_BYTES + 4 + MAX_CIPHERTEXT_BYTES + 4 + MAX_AAD_BYTES;
+/** The daemon's default frame limit (authenticated connections only): any single call fits. */
+export const DEFAULT_MAX_FRAME_BYTES = MAX_OP_FRAME_BYTES;
 
 export const OP_CODES = {
   create_dek_for_thread: 0x01,

@@ -4,10 +4,25 @@
  * clients in any language read them the same way; lists of versions are comma-separated.
  */
 import { kmsError } from '../errors.js';
+import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_ID_LENGTH } from '../kms/validate-args.js';
 import type { DekInfo, DestroyResult, EncryptResult, KmsHealth, KmsOp, RotationStatus } from '../protocol.js';
 import { decodeBase64Field, encodeBase64 } from './base64.js';
 
 export type WireObject = Record<string, unknown>;
+
+/** Characters of the padded base64 of `bytes` bytes. */
+const base64Length = (bytes: number) => 4 * Math.ceil(bytes / 3);
+/** A JSON encoder may write any character of an id as a `\uXXXX` escape: 6 bytes per UTF-16 unit. */
+const MAX_ID_JSON_BYTES = MAX_ID_LENGTH * 6;
+/** Field names, quotes, brackets and room for a pretty-printing client's whitespace. */
+const JSON_ENVELOPE_BYTES = 1024;
+/**
+ * The largest request body one operation on the largest input the KMS accepts needs:
+ * `{"batch_input":[{"key_id","ciphertext","aad"}]}` with the longest id, the largest ciphertext
+ * and the largest AAD in base64 (4/3 of their size). Answers to it are smaller.
+ */
+export const MAX_OP_BODY_BYTES =
+  base64Length(MAX_CIPHERTEXT_BYTES) + base64Length(MAX_AAD_BYTES) + MAX_ID_JSON_BYTES + JSON_ENVELOPE_BYTES;
 
 /** Where each typed operation lives on the HTTP API. */
 export const HTTP_ROUTES = {
