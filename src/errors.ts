@@ -36,6 +36,10 @@ export const ERROR_CATALOGUE = {
   CONFIG_INVALID: { status: 500, message: 'invalid configuration' },
   MASTER_KEY_MISSING: { status: 500, message: 'no master key configured' },
   MASTER_KEY_INVALID: { status: 500, message: 'master key must be 32 bytes written as 64 hex characters' },
+  MASTER_KEY_FILE_OPEN: {
+    status: 500,
+    message: 'master key file is accessible by group or others (chmod 600, or allow it explicitly)',
+  },
   MASTER_KEY_MISMATCH: {
     status: 500,
     message: 'master key does not match this data directory (it cannot unwrap the stored KEK)',

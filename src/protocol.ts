@@ -178,7 +178,8 @@ export async function dispatch(kms: Kms, req: KmsRequest, ctx?: CallContext): Pr
 
 /** How the worker finds the master key. The main thread only ever holds this reference. */
 export type MasterKeyRef =
-  | { kind: 'file'; path: string }
+  /** `allowOpen`: accept a file that group or others can access (refused by default). */
+  | { kind: 'file'; path: string; allowOpen?: boolean }
   | { kind: 'env'; name: string }
   /** Discouraged: hex in a config file (`master_key`); the worker reads the file itself. */
   | { kind: 'config'; path: string };

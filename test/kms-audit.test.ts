@@ -285,7 +285,7 @@ test('audit verify passes an intact log and reports the first bad line of tamper
 
   // The same log checked with another master key fails at its first line.
   const otherKey = path.join(dir, 'other.key');
-  fs.writeFileSync(otherKey, randomBytes(32).toString('hex'));
+  fs.writeFileSync(otherKey, randomBytes(32).toString('hex'), { mode: 0o600 });
   const wrongKey = await captureStdout(() => auditVerifyCommand({ dataDir, masterKeyFile: otherKey }));
   t.is(wrongKey.result, 1);
   t.regex(wrongKey.out, /^first bad line: 1$/m);

@@ -43,7 +43,7 @@ test('master key file missing or malformed: MASTER_KEY_MISSING / MASTER_KEY_INVA
   };
   for (const [what, content] of Object.entries(malformed)) {
     const file = path.join(dir, `bad-${what.replaceAll(' ', '-')}.key`);
-    fs.writeFileSync(file, content);
+    fs.writeFileSync(file, content, { mode: 0o600 });
     const e = await expectCode(
       t,
       createKms({ dataDir, masterKeyFile: file, poolSize: 1 }),

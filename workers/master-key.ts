@@ -2,9 +2,16 @@
  * Resolves the master key from its reference and derives the two keys the worker uses:
  * the KEK-wrapping key and the audit-signing key (HKDF-SHA256, distinct labels). The master key
  * bytes are zeroed as soon as both are derived.
+ *
+ * The key file is read into a Buffer and its hex decoded byte by byte, never through a JS string
+ * (a string cannot be zeroed and may be copied by the engine); the raw file bytes are zeroed right
+ * after decoding. An environment variable is a string by nature (process.env), so that source
+ * leaves the hex in this worker's heap; it is decoded in place, without a further copy. The config
+ * file source must go through a YAML parser, which needs a string too: the file source is the one
+ * to use in production.
  */
 import { hkdfSync } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import fs from 'node:fs';
 import { parse as parseYaml } from 'yaml';
 import { describeMasterKeyRef, type MasterKeyRef } from '../src/protocol.js';
 
@@ -18,48 +25,133 @@ export function coded(code: string, message: string): Error {
   return new Error(`[${code}] ${message}`);
 }
 
-const HEX_KEY = /^[0-9a-fA-F]{64}$/;
+export const MASTER_KEY_BYTES = 32;
+/** A key file is 64 hex characters and perhaps a newline; anything much larger is not a key file. */
+const MAX_KEY_FILE_BYTES = 4096;
 
-function readHex(ref: MasterKeyRef): string {
-  switch (ref.kind) {
-    case 'file': {
-      try {
-        return readFileSync(ref.path, 'utf8').trim();
-      } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        throw coded('MASTER_KEY_MISSING', `cannot read ${describeMasterKeyRef(ref)} (${code ?? 'error'})`);
-      }
+function invalidKey(what: string): Error {
+  return coded('MASTER_KEY_INVALID', `${what} must hold exactly 64 hex characters (32 bytes)`);
+}
+
+function isSpace(c: number): boolean {
+  return c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d;
+}
+
+function hexValue(c: number): number {
+  if (c >= 0x30 && c <= 0x39) return c - 0x30;
+  if (c >= 0x61 && c <= 0x66) return c - 0x61 + 10;
+  if (c >= 0x41 && c <= 0x46) return c - 0x41 + 10;
+  return -1;
+}
+
+/**
+ * Decodes 64 hex characters (either case, surrounded by optional whitespace) into a new 32-byte
+ * Buffer. Reads the source character by character, so no string or intermediate copy is made.
+ * Throws MASTER_KEY_INVALID (naming `what`, never the value) on anything else.
+ */
+export function decodeHexKey(source: Uint8Array | string, what: string): Buffer {
+  const at = typeof source === 'string' ? (i: number) => source.charCodeAt(i) : (i: number) => source[i]!;
+  let start = 0;
+  let end = source.length;
+  while (start < end && isSpace(at(start))) start++;
+  while (end > start && isSpace(at(end - 1))) end--;
+  if (end - start !== MASTER_KEY_BYTES * 2) throw invalidKey(what);
+  const key = Buffer.alloc(MASTER_KEY_BYTES);
+  for (let i = 0; i < MASTER_KEY_BYTES; i++) {
+    const hi = hexValue(at(start + 2 * i));
+    const lo = hexValue(at(start + 2 * i + 1));
+    if (hi < 0 || lo < 0) {
+      key.fill(0);
+      throw invalidKey(what);
     }
+    key[i] = (hi << 4) | lo;
+  }
+  return key;
+}
+
+/** Decodes a key file's raw bytes and zeroes them, whether or not they held a valid key. */
+export function masterKeyFromBytes(raw: Buffer, what: string): Buffer {
+  try {
+    return decodeHexKey(raw, what);
+  } finally {
+    raw.fill(0);
+  }
+}
+
+/**
+ * Reads a whole small file through one descriptor. The permission check runs on that descriptor
+ * (fstat), so the file checked is the file read. Unless `allowOpen`, a file that group or others
+ * may read or write is refused, as ssh refuses such a private key.
+ */
+function readKeyFile(file: string, what: string, allowOpen: boolean): Buffer {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    throw coded('MASTER_KEY_MISSING', `cannot read ${what} (${code ?? 'error'})`);
+  }
+  try {
+    const stat = fs.fstatSync(fd);
+    if (!stat.isFile()) throw coded('MASTER_KEY_INVALID', `${what} is not a regular file`);
+    if (!allowOpen && (stat.mode & 0o077) !== 0) {
+      throw coded(
+        'MASTER_KEY_FILE_OPEN',
+        `${what} is accessible by group or others (mode ${(stat.mode & 0o777).toString(8)}): ` +
+          'chmod 600 it, or pass --allow-open-key-file',
+      );
+    }
+    // One byte more than allowed shows a file that is too large without reading all of it.
+    const raw = Buffer.alloc(MAX_KEY_FILE_BYTES + 1);
+    let length = 0;
+    try {
+      while (length < raw.length) {
+        const n = fs.readSync(fd, raw, length, raw.length - length, null);
+        if (n === 0) break;
+        length += n;
+      }
+    } catch (err) {
+      raw.fill(0);
+      const code = (err as NodeJS.ErrnoException).code;
+      throw coded('MASTER_KEY_MISSING', `cannot read ${what} (${code ?? 'error'})`);
+    }
+    if (length > MAX_KEY_FILE_BYTES) {
+      raw.fill(0);
+      throw invalidKey(what);
+    }
+    // subarray shares raw's memory, so zeroing through it (masterKeyFromBytes) zeroes raw's key bytes.
+    return raw.subarray(0, length);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function readMasterKey(ref: MasterKeyRef): Buffer {
+  const what = describeMasterKeyRef(ref);
+  switch (ref.kind) {
+    case 'file':
+      return masterKeyFromBytes(readKeyFile(ref.path, what, ref.allowOpen === true), what);
     case 'env': {
       const value = process.env[ref.name];
-      if (value === undefined || value === '')
-        throw coded('MASTER_KEY_MISSING', `${describeMasterKeyRef(ref)} is not set`);
-      return value.trim();
+      if (value === undefined || value === '') throw coded('MASTER_KEY_MISSING', `${what} is not set`);
+      return decodeHexKey(value, what);
     }
     case 'config': {
       let doc: unknown;
       try {
-        doc = parseYaml(readFileSync(ref.path, 'utf8'));
+        doc = parseYaml(fs.readFileSync(ref.path, 'utf8'));
       } catch {
         throw coded('MASTER_KEY_MISSING', `cannot read or parse config file ${ref.path}`);
       }
       const value = (doc as { master_key?: unknown } | null)?.master_key;
-      if (typeof value !== 'string')
-        throw coded('MASTER_KEY_MISSING', `${describeMasterKeyRef(ref)} is missing`);
-      return value.trim();
+      if (typeof value !== 'string') throw coded('MASTER_KEY_MISSING', `${what} is missing`);
+      return decodeHexKey(value, what);
     }
   }
 }
 
 export function loadRootKeys(ref: MasterKeyRef): RootKeys {
-  const hex = readHex(ref);
-  if (!HEX_KEY.test(hex)) {
-    throw coded(
-      'MASTER_KEY_INVALID',
-      `${describeMasterKeyRef(ref)} must hold exactly 64 hex characters (32 bytes)`,
-    );
-  }
-  const master = Buffer.from(hex, 'hex');
+  const master = readMasterKey(ref);
   try {
     const derive = (label: string) =>
       Buffer.from(hkdfSync('sha256', master, Buffer.alloc(0), `progressdb/${label}/v1`, 32));

@@ -55,6 +55,10 @@ program
   )
   .option('--data-dir <dir>', 'LMDB registry and kms-audit.log (env PROGRESSDB_KMS_DATA_DIR)')
   .option('--master-key-file <file>', 'master key, 64 hex characters (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
+  .option(
+    '--allow-open-key-file',
+    'accept a master key file that group or others can access (env PROGRESSDB_KMS_ALLOW_OPEN_KEY_FILE)',
+  )
   .option('--config <file>', 'YAML or JSON config file (env PROGRESSDB_KMS_CONFIG)')
   .option('--tls-cert <file>', 'TLS certificate, PEM (env PROGRESSDB_KMS_TLS_CERT_FILE)')
   .option('--tls-key <file>', 'TLS private key, PEM (env PROGRESSDB_KMS_TLS_KEY_FILE)')

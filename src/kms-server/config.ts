@@ -42,6 +42,7 @@ export interface ServeFlags {
   bridgeEndpoint?: string;
   dataDir?: string;
   masterKeyFile?: string;
+  allowOpenKeyFile?: boolean;
   config?: string;
   tlsCert?: string;
   tlsKey?: string;
@@ -359,6 +360,8 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
     rotationBatchSize: file.kms?.rotation_batch_size,
   };
   if (masterKeyFile !== undefined) kms.masterKeyFile = masterKeyFile;
+  // Unset, createKms falls back to PROGRESSDB_KMS_ALLOW_OPEN_KEY_FILE.
+  if (flags.allowOpenKeyFile) kms.allowOpenKeyFile = true;
   else if (file.master_key !== undefined && configPath) kms.masterKeyConfigFile = path.resolve(configPath);
   if (kms.dataDir === undefined) {
     problems.push(

@@ -15,6 +15,11 @@ export interface KmsOptions {
   /** File holding the master key as 64 hex characters. Env: PROGRESSDB_KMS_MASTER_KEY_FILE. */
   masterKeyFile?: string;
   /**
+   * Accept a master key file that group or others can access; refused by default, as ssh refuses
+   * such a private key. Env: PROGRESSDB_KMS_ALLOW_OPEN_KEY_FILE. Default false.
+   */
+  allowOpenKeyFile?: boolean;
+  /**
    * Name of an environment variable holding the master key as hex (discouraged). Env:
    * PROGRESSDB_KMS_MASTER_KEY_ENV; if neither this nor a file is given and
    * PROGRESSDB_KMS_MASTER_KEY is set, that variable is used.
@@ -102,7 +107,10 @@ export function resolveMasterKeyRef(opts: KmsOptions): MasterKeyRef {
       'give exactly one master key source: a key file, an environment variable name, or a config file',
     );
   }
-  if (file !== undefined) return { kind: 'file', path: path.resolve(file) };
+  if (file !== undefined) {
+    const allowOpen = opts.allowOpenKeyFile ?? envBool('PROGRESSDB_KMS_ALLOW_OPEN_KEY_FILE') ?? false;
+    return { kind: 'file', path: path.resolve(file), allowOpen };
+  }
   if (envName !== undefined) return { kind: 'env', name: envName };
   if (configFile !== undefined) return { kind: 'config', path: path.resolve(configFile) };
   // `in` asks whether the variable exists without materialising its value in this heap.
