@@ -366,17 +366,28 @@ export interface NewKekTask {
 
 export interface NewKekResult {
   wrapped: Uint8Array;
+  /** Key check value of the KEK-wrapping key (see CheckKekTask); stored beside a new keyring. */
+  kcv: Uint8Array;
   auditHead?: StreamHead | undefined;
 }
 
-/** Proves the master key unwraps the active KEK. Writes no audit line (see EmbeddedKms.start). */
+/**
+ * Proves the master key matches the data directory and that the stored KEK versions unwrap. Writes
+ * no audit line (see EmbeddedKms.start). The key check value (KCV), an HMAC of a fixed label under
+ * the KEK-wrapping key, is not secret; it tells a wrong master key (KCV differs) apart from a
+ * corrupt wrapped KEK (KCV matches, unwrap fails: STORE_CORRUPT). A registry written before KCVs
+ * sends null and gets the value to store back when the KEKs unwrap.
+ */
 export interface CheckKekTask {
   type: 'check-kek';
-  kek: KekRef;
+  keks: KekRef[];
+  kcv: Uint8Array | null;
 }
 
 export interface CheckKekResult {
+  /** False: the master key is not this directory's (nothing was unwrapped with a stored KCV). */
   ok: boolean;
+  kcv: Uint8Array | null;
 }
 
 /** Verifies an audit log file inside a worker (the audit key never leaves it). */

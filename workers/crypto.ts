@@ -6,6 +6,7 @@
  * into bounded caches (zeroed when dropped), runs the batch, signs the batch's audit lines and
  * transfers the packed results back.
  */
+import { createHmac, timingSafeEqual } from 'node:crypto';
 import fs from 'node:fs';
 import { BroadcastChannel, threadId } from 'node:worker_threads';
 import { move, transferableSymbol, valueSymbol, workerData } from 'piscina';
@@ -123,7 +124,8 @@ function kekFor(version: number, refs: readonly KekRef[]): Buffer {
   const cached = keks.get(version);
   if (cached !== undefined) return cached;
   const ref = refs.find((k) => k.version === version);
-  if (ref === undefined) throw coded('INTERNAL', `KEK version ${version} was not supplied`);
+  // The main thread supplies every KEK version the registry holds for the task's keys.
+  if (ref === undefined) throw coded('STORE_CORRUPT', `KEK version ${version} is missing from the registry`);
   let key: Buffer;
   try {
     key = unwrapKey(roots().kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(ref.kekId, ref.version), ref.wrapped);
@@ -336,21 +338,43 @@ function newKek(task: NewKekTask): NewKekResult {
   wrapKeyInto(kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(task.kekId, task.version), key, wrapped, 0);
   auditOne(task.audit, null);
   keks.set(task.version, key);
-  return { wrapped, auditHead: auditStream?.head() ?? undefined };
+  return { wrapped, kcv: keyCheckValue(), auditHead: auditStream?.head() ?? undefined };
 }
 
+const KCV_LABEL = 'progressdb/kek-wrap-check/v1';
+const KCV_BYTES = 16;
+
+/** Not secret: a truncated HMAC under the KEK-wrapping key proves which key it is, revealing nothing. */
+function keyCheckValue(): Buffer {
+  return createHmac('sha256', roots().kekWrapKey).update(KCV_LABEL).digest().subarray(0, KCV_BYTES);
+}
+
+// Nothing is written on a mismatch: a line signed with an audit key derived from the wrong master
+// key would break the verification of the data directory's log (and the directory must stay
+// untouched).
 function checkKek(task: CheckKekTask): CheckKekResult {
-  roots();
-  try {
-    kekFor(task.kek.version, [task.kek]);
-  } catch (err) {
-    const code = codeOf(err);
-    if (code !== 'MASTER_KEY_MISMATCH') throw err;
-    // Nothing is written: a line signed with an audit key derived from the wrong master key would
-    // break the verification of the data directory's log (and the directory must stay untouched).
-    return { ok: false };
+  const kcv = keyCheckValue();
+  if (task.kcv !== null && (task.kcv.length !== kcv.length || !timingSafeEqual(task.kcv, kcv))) {
+    return { ok: false, kcv: null };
   }
-  return { ok: true };
+  // Without a stored KCV the first unwrap is all there is to go on: if it fails, most likely the
+  // key is wrong; once one KEK unwrapped, the key is right and a failure is corruption.
+  let proven = task.kcv !== null;
+  for (const kek of task.keks) {
+    try {
+      kekFor(kek.version, task.keks);
+      proven = true;
+    } catch (err) {
+      if (codeOf(err) !== 'MASTER_KEY_MISMATCH') throw err;
+      if (!proven) return { ok: false, kcv: null };
+      throw coded(
+        'STORE_CORRUPT',
+        `stored KEK version ${kek.version} fails to unwrap although the master key matches this ` +
+          'data directory (its key check value): the registry is corrupt',
+      );
+    }
+  }
+  return { ok: true, kcv };
 }
 
 function zeroize(): ZeroizeResult {

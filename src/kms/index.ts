@@ -83,6 +83,15 @@ interface PreparedOp {
   message: string | undefined;
 }
 
+/** A worker sends codes only; a corrupt record is named (by key id, never its bytes) for the operator. */
+function opErrorMessage(p: PreparedOp, code: ErrorCode): string | undefined {
+  if (code === p.preError) return p.message;
+  const keyId = p.deks[0]?.keyId;
+  if (code === 'STORE_CORRUPT' && keyId !== undefined) {
+    return `the stored record of key ${keyId} is corrupt (its wrapped key or the KEK version it names)`;
+  }
+  return undefined;
+}
 class EmbeddedKms implements Kms {
   readonly #opts: ResolvedKmsOptions;
   readonly #log: Logger;
@@ -170,20 +179,30 @@ class EmbeddedKms implements Kms {
       });
       const now = new Date().toISOString();
       const meta: KekMeta = { kekId, activeVersion: 1, createdAt: now };
-      await this.#registry.initKek(meta, {
-        kekId,
-        version: 1,
-        wrapped: created.wrapped,
-        createdAt: now,
-        refs: 0,
-      });
+      await this.#registry.initKek(
+        meta,
+        {
+          kekId,
+          version: 1,
+          wrapped: created.wrapped,
+          createdAt: now,
+          refs: 0,
+        },
+        created.kcv,
+      );
     }
     this.#kek = this.#registry.kekMeta()!;
     const active = this.#kekRef(this.#kek.activeVersion);
     if (active === undefined)
       throw kmsError('STORE_CORRUPT', 'the active KEK version is missing from the registry');
     if (existing !== undefined) {
-      const check = await this.#pool.run<CheckKekResult>({ type: 'check-kek', kek: active });
+      const storedKcv = this.#registry.kcv() ?? null;
+      const keks = [active, ...this.#registry.keks().filter((k) => k.version !== active.version)];
+      const check = await this.#pool.run<CheckKekResult>({
+        type: 'check-kek',
+        keks: keks.map((k) => this.#kekRef(k.version)!),
+        kcv: storedKcv === null ? null : new Uint8Array(storedKcv),
+      });
       if (!check.ok) {
         throw kmsError(
           'MASTER_KEY_MISMATCH',
@@ -191,7 +210,12 @@ class EmbeddedKms implements Kms {
             'Nothing was changed. Use the master key this directory was created with.',
         );
       }
-      // Only now, with the key proven, may the log be touched: repaired, then the start line.
+      // Only now, with the key proven, may the directory be touched: a registry from before key check
+      // values gets one, then the log is repaired and gets the start line.
+      if (storedKcv === null && check.kcv !== null) {
+        this.#registry.putKcv(check.kcv);
+        this.#log.info('stored the master key check value (registry written by an older version)');
+      }
       const dropped = this.#repairAuditLog();
       this.#auditHeads?.begin();
       if (dropped > 0) {
@@ -483,11 +507,7 @@ class EmbeddedKms implements Kms {
     done: (error: CodedError | null, output: Buffer | null, keyVersion: number) => void,
   ): void {
     this.#enqueue(p.kind, p.deks, p.input, p.aad, p.audit, p.preError, (code, output, keyVersion) => {
-      done(
-        code === null ? null : kmsError(code, code === p.preError ? p.message : undefined),
-        output,
-        keyVersion,
-      );
+      done(code === null ? null : kmsError(code, opErrorMessage(p, code)), output, keyVersion);
     });
   }
 

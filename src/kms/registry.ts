@@ -50,6 +50,8 @@ export interface Rewrap extends VersionRewrap {
 const META_KEK = 'kek';
 const META_ROTATION = 'rotation';
 const META_FORMAT = 'format';
+/** Key check value of the KEK-wrapping key (CheckKekTask): tells a wrong master key from corruption. */
+const META_KCV = 'kcv';
 /** Where the audit log's sessions have reached (src/audit-link.ts): what `audit verify` checks the log against. */
 const META_AUDIT_HEAD = 'audit_head';
 const FORMAT_VERSION = 1;
@@ -171,6 +173,15 @@ export class Registry {
     this.#meta.putSync(META_AUDIT_HEAD, head);
   }
 
+  kcv(): Uint8Array | undefined {
+    return this.#meta.get(META_KCV) as Uint8Array | undefined;
+  }
+
+  /** Stores the key check value of a registry written before KCVs existed (first proven start). */
+  putKcv(kcv: Uint8Array): void {
+    this.#meta.putSync(META_KCV, kcv);
+  }
+
   kekMeta(): KekMeta | undefined {
     return this.#meta.get(META_KEK) as KekMeta | undefined;
   }
@@ -222,10 +233,11 @@ export class Registry {
   }
 
   /** First start: records KEK version 1. Returns false if another process initialised first. */
-  initKek(meta: KekMeta, kek: KekRecord): Promise<boolean> {
+  initKek(meta: KekMeta, kek: KekRecord, kcv: Uint8Array): Promise<boolean> {
     return this.#root.transaction(() => {
       if (this.#meta.get(META_KEK) !== undefined) return false;
       this.#meta.putSync(META_FORMAT, FORMAT_VERSION);
+      this.#meta.putSync(META_KCV, kcv);
       this.#keks.putSync(kek.version, kek);
       this.#meta.putSync(META_KEK, meta);
       return true;
