@@ -92,6 +92,7 @@ function opErrorMessage(p: PreparedOp, code: ErrorCode): string | undefined {
   }
   return undefined;
 }
+
 class EmbeddedKms implements Kms {
   readonly #opts: ResolvedKmsOptions;
   readonly #log: Logger;

@@ -12,6 +12,7 @@ import path from 'node:path';
 import { type Database, open, type RootDatabase } from 'lmdb';
 import type { AuditHeadRecord } from '../audit-link.js';
 import { kmsError } from '../errors.js';
+import { createPrivateFiles } from '../private-files.js';
 import { addKekRefDeltas, applyVersionRewraps, type DekRecord, type VersionRewrap } from './dek-versions.js';
 
 export type { DekRecord, DekVersionRecord } from './dek-versions.js';
@@ -135,7 +136,9 @@ export class Registry {
   }
 
   static open(dataDir: string): Registry {
-    const root = open({ path: path.join(dataDir, 'registry.mdb'), compression: false, maxDbs: 8 });
+    const file = path.join(dataDir, 'registry.mdb');
+    createPrivateFiles([file, `${file}-lock`]);
+    const root = open({ path: file, compression: false, maxDbs: 8 });
     const registry = new Registry(root);
     const format = registry.#meta.get(META_FORMAT);
     if (format !== undefined && format !== FORMAT_VERSION) {

@@ -15,6 +15,7 @@ import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { type Database, open, type RootDatabase } from 'lmdb';
 import { kmsError } from '../errors.js';
+import { createPrivateFiles } from '../private-files.js';
 
 export interface ThreadRecord {
   id: string;
@@ -82,6 +83,7 @@ export class Store {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     let root: RootDatabase;
     try {
+      createPrivateFiles([path.join(dir, 'data.mdb'), path.join(dir, 'lock.mdb')]);
       root = open({ path: dir, maxDbs: 8, compression: false });
     } catch (err) {
       throw kmsError('STORE_CORRUPT', `cannot open the store in ${dir}: ${(err as Error).message}`);
