@@ -344,9 +344,14 @@ function newKek(task: NewKekTask): NewKekResult {
 const KCV_LABEL = 'progressdb/kek-wrap-check/v1';
 const KCV_BYTES = 16;
 
-/** Not secret: a truncated HMAC under the KEK-wrapping key proves which key it is, revealing nothing. */
-function keyCheckValue(): Buffer {
-  return createHmac('sha256', roots().kekWrapKey).update(KCV_LABEL).digest().subarray(0, KCV_BYTES);
+/**
+ * Not secret: a truncated HMAC under the KEK-wrapping key proves which key it is, revealing nothing.
+ * A copy of its own: a view would take its whole backing buffer along when cloned to the main thread.
+ */
+function keyCheckValue(): Uint8Array {
+  return new Uint8Array(
+    createHmac('sha256', roots().kekWrapKey).update(KCV_LABEL).digest().subarray(0, KCV_BYTES),
+  );
 }
 
 // Nothing is written on a mismatch: a line signed with an audit key derived from the wrong master
