@@ -14,6 +14,12 @@ import {
 import type { Logger } from '../log.js';
 import type { Registry } from './registry.js';
 
+/**
+ * Saves at most this often: after a crash the head may lag the log by about this much, and the
+ * registry is not written at every group fsync (50 ms by default).
+ */
+const MIN_SAVE_INTERVAL_MS = 250;
+
 export class AuditHeadKeeper {
   readonly #registry: Registry;
   readonly #log: Logger;
@@ -23,6 +29,7 @@ export class AuditHeadKeeper {
   #reported = 0;
   #saved = -1;
   #sealed = false;
+  #savedAt = 0;
 
   constructor(registry: Registry, log: Logger) {
     this.#registry = registry;
@@ -50,6 +57,9 @@ export class AuditHeadKeeper {
   /** For AuditFile.onFlush: captures the heads now; saves them once the flush is on disk. */
   beforeFlush = (): (() => void) | null => {
     if (this.#sealed || this.#saved === this.#reported) return null;
+    const now = Date.now();
+    if (now - this.#savedAt < MIN_SAVE_INTERVAL_MS) return null;
+    this.#savedAt = now;
     const reported = this.#reported;
     const heads = [...this.#heads.values()];
     return () => {

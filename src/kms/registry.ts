@@ -101,6 +101,7 @@ export class Registry {
   readonly #deks: Database<DekRecord, string>;
   readonly #threads: Database<string, string>;
   readonly #cache = new DekRecordCache(DEK_CACHE_ENTRIES);
+  #writesInFlight = 0;
 
   private constructor(root: RootDatabase) {
     this.#root = root;
@@ -124,7 +125,7 @@ export class Registry {
       staged.set(record.keyId, record);
     };
     try {
-      return await this.#root.transaction(() => action(stage));
+      return await this.#write(() => action(stage));
     } catch (err) {
       this.#cache.clear();
       throw err;
@@ -168,12 +169,29 @@ export class Registry {
   }
 
   /**
-   * Saves the audit head; callers save only what the log already holds durably. A synchronous
-   * commit (~0.5 ms, a few times a second at most): lmdb-js's async commits leave unhandled
-   * rejections behind when the disk is full, and a full disk is when this must fail quietly.
+   * Saves the audit head; callers save only what the log already holds durably. While the
+   * registry's own writes are in flight the head joins them asynchronously (a synchronous commit
+   * would wait for their write lock, stalling the main thread for milliseconds under load).
+   * Otherwise it commits synchronously (~0.5 ms) and a failure throws here: a failed async lmdb-js
+   * commit also leaves an unhandled rejection behind, and a full disk is when this must fail quietly.
    */
   putAuditHead(head: AuditHeadRecord): void {
-    this.#meta.putSync(META_AUDIT_HEAD, head);
+    if (this.#writesInFlight === 0) {
+      this.#meta.putSync(META_AUDIT_HEAD, head);
+      return;
+    }
+    // Counted as a write, so a later synchronous save cannot commit before this one.
+    this.#write(() => this.#meta.putSync(META_AUDIT_HEAD, head)).catch(() => {});
+  }
+
+  /** A write transaction, counted while in flight (see putAuditHead). */
+  async #write<T>(action: () => T): Promise<T> {
+    this.#writesInFlight++;
+    try {
+      return await this.#root.transaction(action);
+    } finally {
+      this.#writesInFlight--;
+    }
   }
 
   kcv(): Uint8Array | undefined {
@@ -237,7 +255,7 @@ export class Registry {
 
   /** First start: records KEK version 1. Returns false if another process initialised first. */
   initKek(meta: KekMeta, kek: KekRecord, kcv: Uint8Array): Promise<boolean> {
-    return this.#root.transaction(() => {
+    return this.#write(() => {
       if (this.#meta.get(META_KEK) !== undefined) return false;
       this.#meta.putSync(META_FORMAT, FORMAT_VERSION);
       this.#meta.putSync(META_KCV, kcv);
@@ -292,7 +310,7 @@ export class Registry {
 
   /** Adds a new active KEK version and records a running rotation to it, atomically. */
   beginRotation(kek: KekRecord, rotation: RotationRecord): Promise<void> {
-    return this.#root.transaction(() => {
+    return this.#write(() => {
       const meta = this.#meta.get(META_KEK) as KekMeta;
       this.#keks.putSync(kek.version, kek);
       this.#meta.putSync(META_KEK, { ...meta, activeVersion: kek.version });
@@ -329,7 +347,7 @@ export class Registry {
 
   /** Saves rotation progress alone (a batch with nothing to rewrap, or a new pass). */
   saveRotation(progress: RotationRecord): Promise<void> {
-    return this.#root.transaction(() => {
+    return this.#write(() => {
       this.#meta.putSync(META_ROTATION, progress);
     });
   }
@@ -339,7 +357,7 @@ export class Registry {
    * and records completion. Returns the versions destroyed.
    */
   finishRotation(progress: RotationRecord): Promise<number[]> {
-    return this.#root.transaction(() => {
+    return this.#write(() => {
       const meta = this.#meta.get(META_KEK) as KekMeta;
       const destroyed: number[] = [];
       for (const { key, value } of this.#keks.getRange({})) {
