@@ -13,7 +13,7 @@ import { DEFAULT_MAX_BODY_BYTES } from '../src/kms-server/config.js';
 import type { Kms } from '../src/protocol.js';
 import { createRemoteKms } from '../src/remote/index.js';
 import { DEFAULT_MAX_FRAME_BYTES, decodeError } from '../src/wire/bridge-codec.js';
-import { openKms } from './helpers/kms.js';
+import { expectCode, openKms } from './helpers/kms.js';
 import { BridgeSocket, type Daemon, makePki, spawnDaemon } from './helpers/kms-daemon.js';
 import { until } from './helpers/processes.js';
 
@@ -455,4 +455,22 @@ test('a body or frame over the default limit is still refused with PAYLOAD_TOO_L
   conn.write(header);
   await conn.closed;
   t.is(decodeError(conn.frames[0]!.body).code, 'PAYLOAD_TOO_LARGE');
+});
+
+test('a keep_from_version beyond 32 bits is refused, never wrapped to a small version on the bridge', async (t) => {
+  const { kms: embedded } = await openKms(t);
+  const clients: [string, Kms][] = [['embedded', embedded]];
+  for (const [name, endpointOf] of transports) {
+    const kms = createRemoteKms({ endpoint: endpointOf(daemon), retries: 0 });
+    t.teardown(() => kms.close());
+    clients.push([name, kms]);
+  }
+  for (const [name, kms] of clients) {
+    const dek = await kms.createDekForThread(`wrap-${name}`);
+    const old = await kms.encrypt(dek.keyId, Buffer.from('version 1'));
+    await kms.rotateDek(dek.keyId);
+    // 2^32 + 2 as a u32 is 2: it would destroy version 1.
+    await expectCode(t, kms.destroyDekVersionsBefore(dek.keyId, 2 ** 32 + 2), 'INVALID_INPUT', name);
+    t.is((await kms.decrypt(dek.keyId, old.ciphertext)).toString(), 'version 1', `${name}: version 1 kept`);
+  }
 });

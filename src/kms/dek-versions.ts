@@ -78,10 +78,19 @@ export function addVersion(record: DekRecord, version: DekVersionRecord): DekRec
   return { ...record, current: version.v, versions: [...record.versions, version] };
 }
 
+/**
+ * Largest key version: versions travel as u32 on the bridge (0xFFFFFFFF means absent there), so a
+ * larger keep_from_version must be refused before it is sent, or it would wrap to a small one.
+ */
+export const MAX_KEY_VERSION = 0xfffffffe;
+
 /** Checks the argument of destroyVersionsBefore before any lookup. */
 export function checkKeepFromVersion(keepFromVersion: unknown): number {
   if (!Number.isInteger(keepFromVersion) || (keepFromVersion as number) < 1) {
     throw kmsError('INVALID_INPUT', 'keep_from_version must be a positive integer');
+  }
+  if ((keepFromVersion as number) > MAX_KEY_VERSION) {
+    throw kmsError('INVALID_INPUT', `keep_from_version must be at most ${MAX_KEY_VERSION}`);
   }
   return keepFromVersion as number;
 }
