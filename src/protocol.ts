@@ -1,8 +1,8 @@
 /**
- * The KMS protocol, defined once and used three ways:
+ * The KMS protocol, defined once and used two ways (the operations the daemon serves over HTTP
+ * and the bridge are declared one file each in src/ops/):
  *  - the library API (`Kms`), implemented by the embedded KMS (`createKms`) and by the remote
  *    clients (`createRemoteKms`), so callers cannot tell the modes apart;
- *  - the typed operations (`KmsRequest` / `KmsResponse`) that the TCP bridge frames on a socket;
  *  - the worker task shapes that the main thread hands the crypto workers (wrapped keys,
  *    plaintext and ciphertext only; never an unwrapped key).
  */
@@ -120,56 +120,6 @@ export interface Kms {
   rotationStatus(): Promise<RotationStatus>;
   health(): Promise<KmsHealth>;
   close(): Promise<void>;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Typed operations (what the TCP bridge carries; HTTP routes map onto the same set)
-// ---------------------------------------------------------------------------------------------
-
-export type KmsRequest =
-  | { op: 'create_dek_for_thread'; threadId: string }
-  | { op: 'get_wrapped'; keyId: string }
-  | { op: 'encrypt'; items: EncryptItem[] }
-  | { op: 'decrypt'; items: DecryptItem[] }
-  | { op: 'reencrypt'; keyId: string; ciphertext: Uint8Array; aad?: Uint8Array | undefined }
-  | { op: 'rewrap'; keyId: string }
-  | { op: 'rotate_dek'; keyId: string }
-  | { op: 'destroy_dek_versions_before'; keyId: string; keepFromVersion: number }
-  | { op: 'destroy_dek'; keyId: string }
-  | { op: 'rotate_kek' }
-  | { op: 'rotation_status' }
-  | { op: 'health' };
-
-export type KmsOp = KmsRequest['op'];
-
-/** Runs one typed request against any Kms: the single dispatch used by the bridge server. */
-export async function dispatch(kms: Kms, req: KmsRequest, ctx?: CallContext): Promise<unknown> {
-  switch (req.op) {
-    case 'create_dek_for_thread':
-      return kms.createDekForThread(req.threadId, ctx);
-    case 'get_wrapped':
-      return kms.getWrappedDek(req.keyId, ctx);
-    case 'encrypt':
-      return kms.encryptBatch(req.items, ctx);
-    case 'decrypt':
-      return kms.decryptBatch(req.items, ctx);
-    case 'reencrypt':
-      return kms.reencrypt(req.keyId, req.ciphertext, req.aad, ctx);
-    case 'rewrap':
-      return kms.rewrapDek(req.keyId, ctx);
-    case 'rotate_dek':
-      return kms.rotateDek(req.keyId, ctx);
-    case 'destroy_dek_versions_before':
-      return kms.destroyDekVersionsBefore(req.keyId, req.keepFromVersion, ctx);
-    case 'destroy_dek':
-      return kms.destroyDek(req.keyId, ctx);
-    case 'rotate_kek':
-      return kms.startKekRotation(ctx);
-    case 'rotation_status':
-      return kms.rotationStatus();
-    case 'health':
-      return kms.health();
-  }
 }
 
 // ---------------------------------------------------------------------------------------------

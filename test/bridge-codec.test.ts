@@ -7,7 +7,8 @@ import { randomBytes } from 'node:crypto';
 import test from 'ava';
 import { CodedError, kmsError } from '../src/errors.js';
 import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_ID_LENGTH } from '../src/kms/validate-args.js';
-import type { DekInfo, KmsHealth, KmsRequest, RotationStatus } from '../src/protocol.js';
+import type { KmsRequest } from '../src/ops/index.js';
+import type { DekInfo, KmsHealth, RotationStatus } from '../src/protocol.js';
 import { decodeBase64Field, isStrictBase64 } from '../src/wire/base64.js';
 import {
   decodeAuth,

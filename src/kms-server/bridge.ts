@@ -1,5 +1,5 @@
 /**
- * The TCP bridge listener: the typed KMS operations (protocol.ts) framed on a socket, optionally
+ * The TCP bridge listener: the KMS operations (src/ops/) framed on a socket, optionally
  * over TLS. Framing is in wire/bridge-codec.ts.
  *
  * Per connection: frames are decoded as they stream in; each request is dispatched at once
@@ -32,16 +32,9 @@ import net, { type AddressInfo, type Server, type Socket } from 'node:net';
 import tls from 'node:tls';
 import { type CodedError, kmsError, toCodedError } from '../errors.js';
 import type { Logger } from '../log.js';
-import {
-  type CallContext,
-  type DecryptItem,
-  dispatch,
-  type EncryptItem,
-  type ItemResult,
-  type Kms,
-  type KmsOp,
-  type KmsRequest,
-} from '../protocol.js';
+import { type KmsOp, type KmsRequest, opOf } from '../ops/index.js';
+import type { AnyOp } from '../ops/op.js';
+import type { CallContext, ItemResult, Kms } from '../protocol.js';
 import {
   decodeAuth,
   decodeRequest,
@@ -70,12 +63,12 @@ export const PRE_AUTH_FRAME_BYTES = 4096;
 /** A peer that never reads our last frame must not hold the socket open. */
 const CLOSE_GRACE_MS = 5_000;
 
-type ItemOp = 'encrypt' | 'decrypt';
-type ItemRequest = Extract<KmsRequest, { op: ItemOp }>;
+type BatchSpec = Extract<AnyOp, { batch: true }>;
+type ItemRequest = Extract<KmsRequest, { items: unknown }>;
 
-/** Consecutive encrypt (or decrypt) frames of one chunk, run as one KMS batch call. */
+/** Consecutive frames of one batchable op (encrypt, decrypt) in one chunk, run as one KMS call. */
 interface Group {
-  op: ItemOp;
+  spec: BatchSpec;
   ids: number[];
   requests: ItemRequest[];
   items: number;
@@ -201,15 +194,17 @@ class BridgeConnection {
       this.send(encodeError(frame.id, 'UNSUPPORTED_OPERATION', `unknown frame type ${frame.type}`));
       return;
     }
-    let req: ReturnType<typeof decodeRequest>;
+    let req: KmsRequest;
     try {
       req = decodeRequest(op, frame.body);
     } catch (err) {
       this.fail(frame.id, toCodedError(err));
       return;
     }
-    if (req.op === 'encrypt' || req.op === 'decrypt') {
-      if (req.items.length > this.deps.limits.maxBatchItems) {
+    const spec = opOf(op);
+    if (spec.batch) {
+      const items = (req as ItemRequest).items;
+      if (items.length > this.deps.limits.maxBatchItems) {
         const max = this.deps.limits.maxBatchItems;
         this.answerError(
           frame.id,
@@ -219,23 +214,23 @@ class BridgeConnection {
         );
         return;
       }
-      this.addToGroup(frame.id, req);
+      this.addToGroup(frame.id, spec, req as ItemRequest);
       return;
     }
     // Requests start in the order they arrived: item frames queued before this one go first.
     this.runGroup();
-    this.run(frame.id, op, req);
+    this.run(frame.id, spec, req);
   }
 
   /**
-   * Queues an encrypt/decrypt frame. The frames of one chunk go to the KMS as one batch call (one
+   * Queues a frame of a batchable op. The frames of one chunk go to the KMS as one batch call (one
    * promise, one pass through the KMS's batch path) instead of one call each; every frame is
    * still answered, counted and timed on its own, with its own slice of the results.
    */
-  private addToGroup(id: number, req: ItemRequest): void {
+  private addToGroup(id: number, spec: BatchSpec, req: ItemRequest): void {
     const g = this.group;
-    if (g !== null && (g.op !== req.op || g.items + req.items.length > this.deps.mergeItems)) this.runGroup();
-    if (this.group === null) this.group = { op: req.op, ids: [], requests: [], items: 0 };
+    if (g !== null && (g.spec !== spec || g.items + req.items.length > this.deps.mergeItems)) this.runGroup();
+    if (this.group === null) this.group = { spec, ids: [], requests: [], items: 0 };
     this.group.ids.push(id);
     this.group.requests.push(req);
     this.group.items += req.items.length;
@@ -246,20 +241,17 @@ class BridgeConnection {
     if (g === null) return;
     this.group = null;
     if (g.ids.length === 1) {
-      this.run(g.ids[0]!, g.op, g.requests[0]!);
+      this.run(g.ids[0]!, g.spec, g.requests[0]!);
       return;
     }
     const startedAt = performance.now();
     const n = g.ids.length;
+    const op = g.spec.name as KmsOp;
     this.inFlight += n;
     this.updateFlow();
-    const items: (EncryptItem | DecryptItem)[] = [];
+    const items: unknown[] = [];
     for (const r of g.requests) for (const item of r.items) items.push(item);
-    const kms = this.deps.kms;
-    const call: Promise<ItemResult<unknown>[]> =
-      g.op === 'encrypt'
-        ? kms.encryptBatch(items as EncryptItem[], this.caller!)
-        : kms.decryptBatch(items as DecryptItem[], this.caller!);
+    const call: Promise<ItemResult<unknown>[]> = g.spec.run(this.deps.kms, { items }, this.caller!);
     call.then(
       (results) => {
         let at = 0;
@@ -268,14 +260,14 @@ class BridgeConnection {
           const mine = results.slice(at, at + count);
           at += count;
           this.countItemErrors(mine);
-          this.deps.metrics.observe(g.op, 'bridge', startedAt);
-          this.send(encodeResult(g.ids[i]!, g.op, mine));
+          this.deps.metrics.observe(op, 'bridge', startedAt);
+          this.send(encodeResult(g.ids[i]!, op, mine));
         }
         this.settled(n);
       },
       (thrown) => {
         const err = toCodedError(thrown);
-        for (const id of g.ids) this.answerError(id, g.op, startedAt, err);
+        for (const id of g.ids) this.answerError(id, op, startedAt, err);
         this.settled(n);
       },
     );
@@ -293,13 +285,14 @@ class BridgeConnection {
     }
   }
 
-  private run(id: number, op: KmsOp, req: Parameters<typeof dispatch>[1]): void {
+  private run(id: number, spec: AnyOp, req: KmsRequest): void {
     const startedAt = performance.now();
+    const op = spec.name as KmsOp;
     this.inFlight++;
     this.updateFlow();
-    dispatch(this.deps.kms, req, this.caller!).then(
-      (value) => {
-        if (op === 'encrypt' || op === 'decrypt') this.countItemErrors(value as ItemResult<unknown>[]);
+    spec.run(this.deps.kms, req, this.caller!).then(
+      (value: unknown) => {
+        if (spec.batch) this.countItemErrors(value as ItemResult<unknown>[]);
         this.deps.metrics.observe(op, 'bridge', startedAt);
         this.send(encodeResult(id, op, value));
         this.settled();

@@ -57,6 +57,8 @@ export type FieldKind = 'id' | 'base64' | 'uint';
 export interface FieldSpec {
   kind: FieldKind;
   optional?: boolean;
+  /** The property the parsed value is stored under (default: the field's name). */
+  as?: string;
 }
 export type Schema = Record<string, FieldSpec>;
 
@@ -128,9 +130,9 @@ export function compileSchema<S extends Schema>(
       const value = Object.hasOwn(record, f.name) ? record[f.name] : undefined;
       if (value === undefined || value === null) {
         if (!f.optional) throw invalid(f.name, 'is required');
-        out[f.name] = undefined;
+        out[f.as ?? f.name] = undefined;
       } else {
-        out[f.name] = parseField(f.name, f.kind, value);
+        out[f.as ?? f.name] = parseField(f.name, f.kind, value);
       }
     }
     return out as Parsed<S>;

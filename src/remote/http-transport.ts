@@ -5,7 +5,8 @@
 import http from 'node:http';
 import https from 'node:https';
 import { type CodedError, fromWire, kmsError } from '../errors.js';
-import type { DecryptItem, EncryptItem, ItemResult, KmsRequest } from '../protocol.js';
+import type { KmsRequest } from '../ops/index.js';
+import type { DecryptItem, EncryptItem, ItemResult } from '../protocol.js';
 import { encodeBase64 } from '../wire/base64.js';
 import { formatHostPort } from '../wire/endpoint.js';
 import {

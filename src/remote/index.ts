@@ -2,7 +2,7 @@
  * createRemoteKms(): the Kms interface over the progressdb-kms daemon, by HTTP or by the TCP
  * bridge, so callers cannot tell it from the embedded createKms().
  *
- * Every method becomes one typed request (protocol.ts) handed to a transport. This layer adds
+ * Every method becomes one typed request (src/ops/) handed to a transport. This layer adds
  * what both transports share: retries (only for idempotent operations, or when the request
  * surely never left), batch splitting, single-item calls as batches of one, and rotateKek() as
  * "start, then poll until completed". The CallContext argument is not sent: the daemon records
@@ -11,6 +11,7 @@
 import { type CodedError, kmsError, toCodedError } from '../errors.js';
 import { checkKeepFromVersion } from '../kms/dek-versions.js';
 import { checkDataArgs, checkId } from '../kms/validate-args.js';
+import { IDEMPOTENT_OPS, type KmsOp, type KmsRequest } from '../ops/index.js';
 import type {
   CallContext,
   DecryptItem,
@@ -21,8 +22,6 @@ import type {
   ItemResult,
   Kms,
   KmsHealth,
-  KmsOp,
-  KmsRequest,
   RotationStatus,
 } from '../protocol.js';
 import { CLIENT_SCHEMES, DEFAULT_HTTP_PORT, parseEndpoint } from '../wire/endpoint.js';
@@ -52,16 +51,6 @@ export interface RemoteKmsOptions {
   /** Extra attempts after a failure that is safe to retry. Default 2. */
   retries?: number;
 }
-
-/** Operations whose repetition has no further effect: safe to retry after an unknown outcome. */
-const IDEMPOTENT: ReadonlySet<KmsOp> = new Set<KmsOp>([
-  'get_wrapped',
-  'decrypt',
-  'create_dek_for_thread',
-  'rotation_status',
-  'health',
-  'rewrap',
-]);
 
 /** Most items per batch request; the daemon's default limit. */
 const MAX_BATCH_ITEMS = 1024;
@@ -98,7 +87,7 @@ const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
 
 function isRetryable(op: KmsOp, err: CodedError): boolean {
   if (surelyNotSent(err)) return true;
-  if (!IDEMPOTENT.has(op)) return false;
+  if (!IDEMPOTENT_OPS.has(op)) return false;
   return err.code === 'KMS_UNAVAILABLE' || err.code === 'NOT_READY' || err.code === 'TIMEOUT';
 }
 

@@ -9,7 +9,7 @@
 import net, { type Socket } from 'node:net';
 import tls from 'node:tls';
 import { type CodedError, kmsError, toCodedError } from '../errors.js';
-import type { KmsOp, KmsRequest } from '../protocol.js';
+import type { KmsOp, KmsRequest } from '../ops/index.js';
 import {
   decodeError,
   decodeResult,

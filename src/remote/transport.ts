@@ -4,10 +4,10 @@
  * reached the daemon, so non-idempotent operations are retried only when it surely did not.
  */
 import { type CodedError, kmsError } from '../errors.js';
-import type { KmsRequest } from '../protocol.js';
+import type { KmsRequest } from '../ops/index.js';
 
 export interface RemoteTransport {
-  /** Runs one typed request; resolves with what `dispatch` returns for it, rejects with a CodedError. */
+  /** Runs one typed request; resolves with what its op's `run` returns, rejects with a CodedError. */
   call(req: KmsRequest): Promise<unknown>;
   /** Most bytes of plaintext/ciphertext per batch request before the client splits a batch. */
   readonly maxBatchBytes: number;

@@ -13,19 +13,7 @@
  */
 import { type CodedError, type ErrorCode, fromWire, kmsError } from '../errors.js';
 import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_ID_LENGTH } from '../kms/validate-args.js';
-import type {
-  DecryptItem,
-  DekInfo,
-  DestroyResult,
-  EncryptItem,
-  EncryptResult,
-  ItemResult,
-  KmsHealth,
-  KmsOp,
-  KmsRequest,
-  RotationState,
-  RotationStatus,
-} from '../protocol.js';
+import { type KmsOp, type KmsRequest, OP_BY_CODE, opOf } from '../ops/index.js';
 
 export const FRAME_LENGTH_BYTES = 4;
 /** id (u32) + type (u8): the part of the header counted in `length`. */
@@ -43,22 +31,7 @@ export const MAX_OP_FRAME_BYTES =
 /** The daemon's default frame limit (authenticated connections only): any single call fits. */
 export const DEFAULT_MAX_FRAME_BYTES = MAX_OP_FRAME_BYTES;
 
-export const OP_CODES = {
-  create_dek_for_thread: 0x01,
-  get_wrapped: 0x02,
-  encrypt: 0x03,
-  decrypt: 0x04,
-  reencrypt: 0x05,
-  rewrap: 0x06,
-  rotate_dek: 0x07,
-  destroy_dek_versions_before: 0x08,
-  destroy_dek: 0x09,
-  rotate_kek: 0x0a,
-  rotation_status: 0x0b,
-  health: 0x0c,
-} as const satisfies Record<KmsOp, number>;
-
-const OP_OF_CODE = new Map<number, KmsOp>(Object.entries(OP_CODES).map(([op, code]) => [code, op as KmsOp]));
+export { OP_CODES } from '../ops/index.js';
 
 /** Client → daemon, body `str token`; answered by an empty RESULT or an ERROR (then close). */
 export const FRAME_AUTH = 0x20;
@@ -70,7 +43,7 @@ export const FRAME_ERROR = 0x81;
 const ABSENT = 0xffffffff;
 
 export function opOfCode(code: number): KmsOp | undefined {
-  return OP_OF_CODE.get(code);
+  return OP_BY_CODE.get(code)?.name;
 }
 
 export function malformed(message: string): CodedError {
@@ -344,302 +317,37 @@ export class FrameDecoder {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Requests
+// Requests and results: each op's body layout is declared in its file under src/ops/
 // ---------------------------------------------------------------------------------------------
 
-function writeItems(w: FrameWriter, items: readonly (EncryptItem | DecryptItem)[], encrypt: boolean): void {
-  w.u32(items.length);
-  for (const item of items) {
-    w.str(item.keyId);
-    w.bytes(encrypt ? (item as EncryptItem).plaintext : (item as DecryptItem).ciphertext);
-    w.optBytes(item.aad);
-  }
-}
-
-/** Smallest encoded item: empty key id, empty data, absent AAD. */
-const MIN_ITEM_BYTES = 12;
-
-function readItems<T>(r: BodyReader, make: (keyId: string, data: Buffer, aad: Buffer | undefined) => T): T[] {
-  const n = r.count(MIN_ITEM_BYTES);
-  const items = new Array<T>(n);
-  for (let i = 0; i < n; i++) items[i] = make(r.str(), r.bytes(), r.optBytes());
-  return items;
-}
-
 export function encodeRequest(id: number, req: KmsRequest): Buffer {
-  const w = new FrameWriter(id, OP_CODES[req.op], requestSizeHint(req));
-  switch (req.op) {
-    case 'create_dek_for_thread':
-      w.str(req.threadId);
-      break;
-    case 'get_wrapped':
-    case 'rewrap':
-    case 'rotate_dek':
-    case 'destroy_dek':
-      w.str(req.keyId);
-      break;
-    case 'encrypt':
-      writeItems(w, req.items, true);
-      break;
-    case 'decrypt':
-      writeItems(w, req.items, false);
-      break;
-    case 'reencrypt':
-      w.str(req.keyId).bytes(req.ciphertext).optBytes(req.aad);
-      break;
-    case 'destroy_dek_versions_before':
-      w.str(req.keyId).u32(req.keepFromVersion);
-      break;
-    case 'rotate_kek':
-    case 'rotation_status':
-    case 'health':
-      break;
-  }
+  const spec = opOf(req.op);
+  const body = spec.binary.request;
+  const w = new FrameWriter(id, spec.code, body.sizeHint?.(req) ?? 128);
+  body.write(w, req);
   return w.finish();
-}
-
-/** Bytes the variable-size fields of a request will take, so the writer allocates once. */
-export function requestSizeHint(req: KmsRequest): number {
-  if (req.op === 'encrypt') {
-    let n = 4;
-    for (const it of req.items)
-      n += 12 + it.keyId.length * 3 + it.plaintext.byteLength + (it.aad?.byteLength ?? 0);
-    return n;
-  }
-  if (req.op === 'decrypt') {
-    let n = 4;
-    for (const it of req.items)
-      n += 12 + it.keyId.length * 3 + it.ciphertext.byteLength + (it.aad?.byteLength ?? 0);
-    return n;
-  }
-  if (req.op === 'reencrypt')
-    return 12 + req.keyId.length * 3 + req.ciphertext.byteLength + (req.aad?.byteLength ?? 0);
-  return 128;
 }
 
 /** Decodes a request body for a known op; throws MALFORMED_FRAME on any shape error. */
 export function decodeRequest(op: KmsOp, body: Buffer): KmsRequest {
   const r = new BodyReader(body);
-  let req: KmsRequest;
-  switch (op) {
-    case 'create_dek_for_thread':
-      req = { op, threadId: r.str() };
-      break;
-    case 'get_wrapped':
-    case 'rewrap':
-    case 'rotate_dek':
-    case 'destroy_dek':
-      req = { op, keyId: r.str() };
-      break;
-    case 'encrypt':
-      req = { op, items: readItems(r, (keyId, plaintext, aad) => ({ keyId, plaintext, aad })) };
-      break;
-    case 'decrypt':
-      req = { op, items: readItems(r, (keyId, ciphertext, aad) => ({ keyId, ciphertext, aad })) };
-      break;
-    case 'reencrypt':
-      req = { op, keyId: r.str(), ciphertext: r.bytes(), aad: r.optBytes() };
-      break;
-    case 'destroy_dek_versions_before':
-      req = { op, keyId: r.str(), keepFromVersion: r.u32() };
-      break;
-    case 'rotate_kek':
-    case 'rotation_status':
-    case 'health':
-      req = { op };
-      break;
-  }
+  const req = opOf(op).binary.request.read(r) as KmsRequest;
   r.end();
   return req;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Results
-// ---------------------------------------------------------------------------------------------
-
-function writeDekInfo(w: FrameWriter, d: DekInfo): void {
-  w.str(d.keyId)
-    .str(d.threadId)
-    .str(d.kekId)
-    .u32(d.kekVersion)
-    .u32(d.keyVersion)
-    .bytes(d.wrapped)
-    .str(d.createdAt);
-}
-
-function readDekInfo(r: BodyReader): DekInfo {
-  return {
-    keyId: r.str(),
-    threadId: r.str(),
-    kekId: r.str(),
-    kekVersion: r.u32(),
-    keyVersion: r.u32(),
-    wrapped: r.bytes(),
-    createdAt: r.str(),
-  };
-}
-
-const STATE_CODES: readonly RotationState[] = ['idle', 'running', 'completed'];
-
-function writeRotation(w: FrameWriter, s: RotationStatus): void {
-  w.u8(STATE_CODES.indexOf(s.state)).str(s.kekId).u32(s.activeKekVersion).optU32(s.targetKekVersion);
-  w.f64(s.done).f64(s.total).optStr(s.startedAt).optStr(s.finishedAt);
-  w.u32(s.kekVersions.length);
-  for (const v of s.kekVersions) w.u32(v);
-}
-
-function readRotation(r: BodyReader): RotationStatus {
-  const state = STATE_CODES[r.u8()];
-  if (state === undefined) throw malformed('unknown rotation state');
-  const status: RotationStatus = {
-    state,
-    kekId: r.str(),
-    activeKekVersion: r.u32(),
-    targetKekVersion: r.optU32(),
-    done: r.f64(),
-    total: r.f64(),
-    startedAt: r.optStr(),
-    finishedAt: r.optStr(),
-    kekVersions: [],
-  };
-  const n = r.count(4);
-  for (let i = 0; i < n; i++) status.kekVersions.push(r.u32());
-  return status;
-}
-
-function writeItemResults<T>(
-  w: FrameWriter,
-  results: readonly ItemResult<T>[],
-  writeValue: (v: T) => void,
-): void {
-  w.u32(results.length);
-  for (const res of results) {
-    if (res.ok) {
-      w.u8(0);
-      writeValue(res.value);
-    } else {
-      w.u8(1).str(res.error.code).str(res.error.message);
-    }
-  }
-}
-
-function readItemResults<T>(r: BodyReader, readValue: () => T): ItemResult<T>[] {
-  const n = r.count(1);
-  const out = new Array<ItemResult<T>>(n);
-  for (let i = 0; i < n; i++) {
-    out[i] =
-      r.u8() === 0 ? { ok: true, value: readValue() } : { ok: false, error: fromWire(r.str(), r.str()) };
-  }
-  return out;
-}
-
-/** Encodes the value `dispatch` returned for `op` as a RESULT frame. */
+/** Encodes the value the op's `run` returned as a RESULT frame. */
 export function encodeResult(id: number, op: KmsOp, value: unknown): Buffer {
-  const w = new FrameWriter(id, FRAME_RESULT, resultSizeHint(op, value));
-  switch (op) {
-    case 'create_dek_for_thread':
-    case 'get_wrapped':
-    case 'rewrap':
-    case 'rotate_dek':
-      writeDekInfo(w, value as DekInfo);
-      break;
-    case 'encrypt':
-      writeItemResults(w, value as ItemResult<EncryptResult>[], (v) =>
-        w.bytes(v.ciphertext).u32(v.keyVersion),
-      );
-      break;
-    case 'decrypt':
-      writeItemResults(w, value as ItemResult<Buffer>[], (v) => w.bytes(v));
-      break;
-    case 'reencrypt': {
-      const v = value as EncryptResult;
-      w.bytes(v.ciphertext).u32(v.keyVersion);
-      break;
-    }
-    case 'destroy_dek_versions_before':
-    case 'destroy_dek': {
-      const v = value as DestroyResult;
-      w.str(v.keyId).u32(v.destroyedVersions.length);
-      for (const n of v.destroyedVersions) w.u32(n);
-      break;
-    }
-    case 'rotate_kek':
-    case 'rotation_status':
-      writeRotation(w, value as RotationStatus);
-      break;
-    case 'health': {
-      const h = value as KmsHealth;
-      w.u8(h.ok ? 1 : 0)
-        .str(h.kekId)
-        .u32(h.activeKekVersion)
-        .f64(h.dekCount)
-        .u32(h.poolThreads)
-        .f64(h.queueDepth);
-      writeRotation(w, h.rotation);
-      break;
-    }
-  }
+  const result = opOf(op).binary.result;
+  const w = new FrameWriter(id, FRAME_RESULT, result.sizeHint?.(value) ?? 256);
+  result.write(w, value);
   return w.finish();
-}
-
-function resultSizeHint(op: KmsOp, value: unknown): number {
-  if (op !== 'encrypt' && op !== 'decrypt') return 256;
-  let n = 4;
-  for (const res of value as ItemResult<EncryptResult | Buffer>[]) {
-    if (!res.ok) n += 96;
-    else
-      n +=
-        12 + (Buffer.isBuffer(res.value) ? res.value.length : (res.value as EncryptResult).ciphertext.length);
-  }
-  return n;
 }
 
 /** Decodes a RESULT body for the op of the request it answers. */
 export function decodeResult(op: KmsOp, body: Buffer): unknown {
   const r = new BodyReader(body);
-  let value: unknown;
-  switch (op) {
-    case 'create_dek_for_thread':
-    case 'get_wrapped':
-    case 'rewrap':
-    case 'rotate_dek':
-      value = readDekInfo(r);
-      break;
-    case 'encrypt':
-      value = readItemResults(r, () => ({ ciphertext: r.bytes(), keyVersion: r.u32() }));
-      break;
-    case 'decrypt':
-      value = readItemResults(r, () => r.bytes());
-      break;
-    case 'reencrypt':
-      value = { ciphertext: r.bytes(), keyVersion: r.u32() } satisfies EncryptResult;
-      break;
-    case 'destroy_dek_versions_before':
-    case 'destroy_dek': {
-      const keyId = r.str();
-      const n = r.count(4);
-      const destroyedVersions: number[] = [];
-      for (let i = 0; i < n; i++) destroyedVersions.push(r.u32());
-      value = { keyId, destroyedVersions } satisfies DestroyResult;
-      break;
-    }
-    case 'rotate_kek':
-    case 'rotation_status':
-      value = readRotation(r);
-      break;
-    case 'health':
-      value = {
-        ok: r.u8() === 1,
-        mode: 'external',
-        kekId: r.str(),
-        activeKekVersion: r.u32(),
-        dekCount: r.f64(),
-        poolThreads: r.u32(),
-        queueDepth: r.f64(),
-        rotation: readRotation(r),
-      } satisfies KmsHealth;
-      break;
-  }
+  const value: unknown = opOf(op).binary.result.read(r);
   r.end();
   return value;
 }

@@ -5,7 +5,8 @@
  */
 import { kmsError } from '../errors.js';
 import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_ID_LENGTH } from '../kms/validate-args.js';
-import type { DekInfo, DestroyResult, EncryptResult, KmsHealth, KmsOp, RotationStatus } from '../protocol.js';
+import type { KmsOp } from '../ops/index.js';
+import type { DekInfo, DestroyResult, EncryptResult, KmsHealth, RotationStatus } from '../protocol.js';
 import { decodeBase64Field, encodeBase64 } from './base64.js';
 
 export type WireObject = Record<string, unknown>;

@@ -1,0 +1,47 @@
+/**
+ * The operation catalogue (src/ops/): the bridge op codes and HTTP routes are wire contracts, so
+ * they are pinned here; the derived maps must agree with the list.
+ */
+import test from 'ava';
+import { IDEMPOTENT_OPS, OP_BY_CODE, OP_BY_NAME, OP_CODES, OPS } from '../src/ops/index.js';
+
+test('bridge op codes never change', (t) => {
+  t.deepEqual(
+    { ...OP_CODES },
+    {
+      create_dek_for_thread: 0x01,
+      get_wrapped: 0x02,
+      encrypt: 0x03,
+      decrypt: 0x04,
+      reencrypt: 0x05,
+      rewrap: 0x06,
+      rotate_dek: 0x07,
+      destroy_dek_versions_before: 0x08,
+      destroy_dek: 0x09,
+      rotate_kek: 0x0a,
+      rotation_status: 0x0b,
+      health: 0x0c,
+    },
+  );
+  for (const op of OPS) {
+    t.is(OP_BY_CODE.get(op.code), op);
+    t.is(OP_BY_NAME[op.name], op);
+  }
+});
+
+test('every op has its own HTTP method and path', (t) => {
+  const routes = OPS.map((op) => `${op.http.method} ${op.http.path}`);
+  t.is(new Set(routes).size, OPS.length);
+  t.true(routes.includes('GET /rotate_kek') && routes.includes('POST /rotate_kek'));
+});
+
+test('the ops retried after an unknown outcome are exactly the idempotent ones', (t) => {
+  t.deepEqual([...IDEMPOTENT_OPS].sort(), [
+    'create_dek_for_thread',
+    'decrypt',
+    'get_wrapped',
+    'health',
+    'rewrap',
+    'rotation_status',
+  ]);
+});
