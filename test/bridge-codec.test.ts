@@ -7,7 +7,9 @@ import { randomBytes } from 'node:crypto';
 import test from 'ava';
 import { CodedError, kmsError } from '../src/errors.js';
 import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_ID_LENGTH } from '../src/kms/validate-args.js';
+import { plaintextJson, plaintextToWire } from '../src/ops/decrypt.js';
 import type { KmsRequest } from '../src/ops/index.js';
+import { encryptResultJson, encryptResultToWire } from '../src/ops/shapes.js';
 import type { DekInfo, KmsHealth, RotationStatus } from '../src/protocol.js';
 import { decodeBase64Field, isStrictBase64 } from '../src/wire/base64.js';
 import {
@@ -29,13 +31,7 @@ import {
   opOfCode,
 } from '../src/wire/bridge-codec.js';
 import { CLIENT_SCHEMES, isLoopbackHost, parseEndpoint } from '../src/wire/endpoint.js';
-import {
-  encryptResultJson,
-  encryptResultToWire,
-  MAX_OP_BODY_BYTES,
-  plaintextJson,
-  plaintextToWire,
-} from '../src/wire/http-json.js';
+import { MAX_OP_BODY_BYTES } from '../src/wire/http-json.js';
 
 const dek: DekInfo = {
   keyId: 'dek_1',

@@ -1,9 +1,11 @@
 /**
- * What a route file declares (method, path, help, input schema, handler) and the small helpers
- * they share: a precompiled field schema (cheaper per request than a general validator) and the
- * batch runner through which single and batch requests take one code path.
+ * What a route declares (method, path, help, input schema, handler) and the small helpers routes
+ * share: a precompiled field schema (cheaper per request than a general validator), the batch
+ * runner through which single and batch requests take one code path, and `opRoute`, which makes
+ * the route of a KMS operation from its declaration in src/ops/.
  */
 import { type CodedError, errorBody, kmsError, toCodedError } from '../errors.js';
+import type { AnyOp } from '../ops/op.js';
 import type { CallContext, ItemResult, Kms } from '../protocol.js';
 import { decodeBase64Field } from '../wire/base64.js';
 import type { DaemonMetrics } from './metrics.js';
@@ -146,7 +148,7 @@ export function compileSchema<S extends Schema>(
 export interface BatchRoute<I, R> {
   parseItem: (input: unknown) => I;
   run: (items: I[], caller: CallContext) => Promise<ItemResult<R>[]>;
-  toWire: (value: R) => Record<string, string>;
+  toWire: (value: R) => Record<string, unknown>;
   /** Optional fast path: exactly JSON.stringify(toWire(value)). */
   toJson?: (value: R) => string;
 }
@@ -221,4 +223,41 @@ export async function runBatchRoute<I, R>(route: BatchRoute<I, R>, input: RouteI
 /** Shorthand for routes that answer one JSON object. */
 export function jsonReply(value: unknown): RouteReply {
   return { json: value };
+}
+
+/** The HTTP route of a KMS operation: its parameters from the JSON body (POST) or query (GET). */
+export function opRoute(spec: AnyOp): RouteSpec {
+  const { method, path, help, strict, unknownFieldHint } = spec.http;
+  const options: SchemaOptions = { strict: strict === true };
+  if (unknownFieldHint !== undefined) options.unknownFieldHint = unknownFieldHint;
+  const route = { method, path, help, op: spec.name };
+  if (spec.batch) {
+    const parseItem = compileSchema(spec.json.item.schema, options);
+    const { toWire, toJson } = spec.json.result;
+    return {
+      ...route,
+      jsonBody: true,
+      handle: (input) =>
+        runBatchRoute<unknown, unknown>(
+          {
+            parseItem,
+            run: (items, caller) => spec.run(input.services.kms, { items }, caller),
+            toWire,
+            ...(toJson === undefined ? {} : { toJson }),
+          },
+          input,
+        ),
+    };
+  }
+  const schema = spec.json.request.schema;
+  const parse = Object.keys(schema).length === 0 ? () => ({}) : compileSchema(schema, options);
+  const fromQuery = method === 'GET';
+  const toWire = spec.json.result.toWire;
+  return {
+    ...route,
+    // Ops without parameters read no body (POST /rotate_kek takes none).
+    jsonBody: !fromQuery && Object.keys(schema).length > 0,
+    handle: async ({ body, query, services, caller }) =>
+      jsonReply(toWire(await spec.run(services.kms, parse(fromQuery ? query : body), caller))),
+  };
 }

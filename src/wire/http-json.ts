@@ -7,7 +7,7 @@ import { kmsError } from '../errors.js';
 import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_ID_LENGTH } from '../kms/validate-args.js';
 import type { KmsOp } from '../ops/index.js';
 import type { DekInfo, DestroyResult, EncryptResult, KmsHealth, RotationStatus } from '../protocol.js';
-import { decodeBase64Field, encodeBase64 } from './base64.js';
+import { decodeBase64Field } from './base64.js';
 
 export type WireObject = Record<string, unknown>;
 
@@ -40,73 +40,6 @@ export const HTTP_ROUTES = {
   rotation_status: { method: 'GET', path: '/rotate_kek' },
   health: { method: 'GET', path: '/health' },
 } as const satisfies Record<KmsOp, { method: 'GET' | 'POST'; path: string }>;
-
-// --- writing (daemon) ---------------------------------------------------------------------------
-
-export function dekInfoToWire(d: DekInfo): Record<string, string> {
-  return {
-    key_id: d.keyId,
-    thread_id: d.threadId,
-    wrapped: encodeBase64(d.wrapped),
-    kek_id: d.kekId,
-    kek_version: String(d.kekVersion),
-    key_version: String(d.keyVersion),
-    created_at: d.createdAt,
-  };
-}
-
-export function encryptResultToWire(r: EncryptResult): Record<string, string> {
-  return { ciphertext: encodeBase64(r.ciphertext), key_version: String(r.keyVersion) };
-}
-
-export function plaintextToWire(p: Uint8Array): Record<string, string> {
-  return { plaintext: encodeBase64(p) };
-}
-
-// The hot results as JSON text directly: the same text JSON.stringify gives for the objects above
-// (base64 and decimal digits never need escaping), without building the objects or a stringify
-// pass over every byte of a large batch answer.
-
-export function encryptResultJson(r: EncryptResult): string {
-  return `{"ciphertext":"${encodeBase64(r.ciphertext)}","key_version":"${r.keyVersion}"}`;
-}
-
-export function plaintextJson(p: Uint8Array): string {
-  return `{"plaintext":"${encodeBase64(p)}"}`;
-}
-
-export function destroyResultToWire(r: DestroyResult): Record<string, string> {
-  return { key_id: r.keyId, destroyed_versions: r.destroyedVersions.join(',') };
-}
-
-/** Absent values (null) are left out rather than sent as an empty string. */
-export function rotationStatusToWire(s: RotationStatus): Record<string, string> {
-  const out: Record<string, string> = {
-    state: s.state,
-    kek_id: s.kekId,
-    active_kek_version: String(s.activeKekVersion),
-    done: String(s.done),
-    total: String(s.total),
-    kek_versions: s.kekVersions.join(','),
-  };
-  if (s.targetKekVersion !== null) out.target_kek_version = String(s.targetKekVersion);
-  if (s.startedAt !== null) out.started_at = s.startedAt;
-  if (s.finishedAt !== null) out.finished_at = s.finishedAt;
-  return out;
-}
-
-export function healthToWire(h: KmsHealth): WireObject {
-  return {
-    ok: String(h.ok),
-    mode: h.mode,
-    kek_id: h.kekId,
-    active_kek_version: String(h.activeKekVersion),
-    dek_count: String(h.dekCount),
-    pool_threads: String(h.poolThreads),
-    queue_depth: String(h.queueDepth),
-    rotation: rotationStatusToWire(h.rotation),
-  };
-}
 
 // --- reading (client) ---------------------------------------------------------------------------
 
