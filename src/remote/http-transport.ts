@@ -5,21 +5,11 @@
 import http from 'node:http';
 import https from 'node:https';
 import { type CodedError, fromWire, kmsError } from '../errors.js';
-import type { KmsRequest } from '../ops/index.js';
-import type { DecryptItem, EncryptItem, ItemResult } from '../protocol.js';
-import { encodeBase64 } from '../wire/base64.js';
+import type { WireObject } from '../ops/fields.js';
+import { type KmsRequest, opOf } from '../ops/index.js';
+import type { ItemResult } from '../protocol.js';
 import { formatHostPort } from '../wire/endpoint.js';
-import {
-  dekInfoFromWire,
-  destroyResultFromWire,
-  encryptResultFromWire,
-  HTTP_ROUTES,
-  healthFromWire,
-  MAX_OP_BODY_BYTES,
-  plaintextFromWire,
-  rotationStatusFromWire,
-  type WireObject,
-} from '../wire/http-json.js';
+import { MAX_OP_BODY_BYTES } from '../wire/http-json.js';
 import { type RemoteTlsOptions, type RemoteTransport, socketError, unavailable } from './transport.js';
 
 export interface HttpTransportOptions {
@@ -38,13 +28,6 @@ export interface HttpTransportOptions {
  */
 const MAX_RESPONSE_BYTES = MAX_OP_BODY_BYTES;
 
-function itemToWire(item: EncryptItem | DecryptItem, field: 'plaintext' | 'ciphertext'): WireObject {
-  const data = field === 'plaintext' ? (item as EncryptItem).plaintext : (item as DecryptItem).ciphertext;
-  const out: WireObject = { key_id: item.keyId, [field]: encodeBase64(data) };
-  if (item.aad !== undefined) out.aad = encodeBase64(item.aad);
-  return out;
-}
-
 function batchResultsFromWire<T>(o: WireObject, readValue: (item: WireObject) => T): ItemResult<T>[] {
   const results = o.batch_results;
   if (!Array.isArray(results))
@@ -57,60 +40,11 @@ function batchResultsFromWire<T>(o: WireObject, readValue: (item: WireObject) =>
   });
 }
 
-interface HttpCall {
-  method: 'GET' | 'POST';
-  path: string;
-  body?: WireObject;
-  read: (o: WireObject) => unknown;
-}
-
-/** The HTTP request for a typed operation, and how to read its answer. */
-function httpCallOf(req: KmsRequest): HttpCall {
-  const route = HTTP_ROUTES[req.op];
-  switch (req.op) {
-    case 'create_dek_for_thread':
-      return { ...route, body: { thread_id: req.threadId }, read: dekInfoFromWire };
-    case 'get_wrapped':
-      return {
-        ...route,
-        path: `${route.path}?key_id=${encodeURIComponent(req.keyId)}`,
-        read: dekInfoFromWire,
-      };
-    case 'encrypt':
-      return {
-        ...route,
-        body: { batch_input: req.items.map((it) => itemToWire(it, 'plaintext')) },
-        read: (o) => batchResultsFromWire(o, encryptResultFromWire),
-      };
-    case 'decrypt':
-      return {
-        ...route,
-        body: { batch_input: req.items.map((it) => itemToWire(it, 'ciphertext')) },
-        read: (o) => batchResultsFromWire(o, plaintextFromWire),
-      };
-    case 'reencrypt':
-      return {
-        ...route,
-        body: itemToWire({ keyId: req.keyId, ciphertext: req.ciphertext, aad: req.aad }, 'ciphertext'),
-        read: encryptResultFromWire,
-      };
-    case 'rewrap':
-    case 'rotate_dek':
-      return { ...route, body: { key_id: req.keyId }, read: dekInfoFromWire };
-    case 'destroy_dek':
-      return { ...route, body: { key_id: req.keyId }, read: destroyResultFromWire };
-    case 'destroy_dek_versions_before':
-      return {
-        ...route,
-        body: { key_id: req.keyId, keep_from_version: String(req.keepFromVersion) },
-        read: destroyResultFromWire,
-      };
-    case 'rotate_kek':
-    case 'rotation_status':
-      return { ...route, read: rotationStatusFromWire };
-    case 'health':
-      return { ...route, read: healthFromWire };
-  }
+function queryOf(fields: WireObject): string {
+  const parts = Object.entries(fields).map(
+    ([name, value]) => `${encodeURIComponent(name)}=${encodeURIComponent(String(value))}`,
+  );
+  return parts.length === 0 ? '' : `?${parts.join('&')}`;
 }
 
 export class HttpTransport implements RemoteTransport {
@@ -135,15 +69,31 @@ export class HttpTransport implements RemoteTransport {
     if (opts.token !== undefined) this.baseHeaders.authorization = `Bearer ${opts.token}`;
   }
 
+  /**
+   * The op's HTTP request (src/ops/): batchable ops always send `batch_input`, others their
+   * parameters as the JSON body (POST) or query (GET); ops without parameters send neither.
+   */
   async call(req: KmsRequest): Promise<unknown> {
-    const call = httpCallOf(req);
-    const payload = call.body === undefined ? undefined : JSON.stringify(call.body);
-    const { status, body } = await this.send(call.method, call.path, payload);
+    const spec = opOf(req.op);
+    const { method } = spec.http;
+    let path = spec.http.path;
+    let payload: string | undefined;
+    if (spec.batch) {
+      payload = JSON.stringify({
+        batch_input: (req as { items: unknown[] }).items.map(spec.json.item.toWire),
+      });
+    } else {
+      const fields = spec.json.request.toWire(req);
+      if (method === 'GET') path += queryOf(fields);
+      else if (Object.keys(fields).length > 0) payload = JSON.stringify(fields);
+    }
+    const { status, body } = await this.send(method, path, payload);
     const parsed = parseJson(body);
     if (status === 200) {
       if (parsed === undefined)
         throw kmsError('INTERNAL', 'unexpected response from the KMS daemon: not JSON');
-      return call.read(parsed);
+      const read = spec.json.result.fromWire;
+      return spec.batch ? batchResultsFromWire(parsed, read) : read(parsed);
     }
     throw errorOfResponse(status, parsed);
   }
