@@ -105,6 +105,8 @@ export interface Kms {
     aad?: Uint8Array,
     ctx?: CallContext,
   ): Promise<EncryptResult>;
+  /** reencrypt for many ciphertexts, each answered with its own result or error, in order. */
+  reencryptBatch(items: readonly DecryptItem[], ctx?: CallContext): Promise<ItemResult<EncryptResult>[]>;
   /** Rewraps every stored version of one DEK under the active KEK. */
   rewrapDek(keyId: string, ctx?: CallContext): Promise<DekInfo>;
   /** Adds a new DEK version and makes it current; older versions still decrypt until destroyed. */

@@ -66,6 +66,7 @@ function stubKms(state: StubState): Kms {
     encryptBatch: unexpected,
     decryptBatch: () => Promise.reject(kmsError('AUDIT_WRITE_FAILED')),
     reencrypt: unexpected,
+    reencryptBatch: unexpected,
     rewrapDek: unexpected,
     rotateDek: unexpected,
     destroyDekVersionsBefore: unexpected,

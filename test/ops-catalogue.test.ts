@@ -21,6 +21,7 @@ test('bridge op codes never change', (t) => {
       rotate_kek: 0x0a,
       rotation_status: 0x0b,
       health: 0x0c,
+      reencrypt_batch: 0x0d,
     },
   );
   for (const op of OPS) {
@@ -29,10 +30,17 @@ test('bridge op codes never change', (t) => {
   }
 });
 
-test('every op has its own HTTP method and path', (t) => {
-  const routes = OPS.map((op) => `${op.http.method} ${op.http.path}`);
-  t.is(new Set(routes).size, OPS.length);
+test('every op has its own HTTP method and path, or shares that of its batch form', (t) => {
+  const own = OPS.filter((op) => op.http.sharedRoute !== true);
+  const routes = own.map((op) => `${op.http.method} ${op.http.path}`);
+  t.is(new Set(routes).size, own.length);
   t.true(routes.includes('GET /rotate_kek') && routes.includes('POST /rotate_kek'));
+  for (const op of OPS.filter((o) => o.http.sharedRoute === true)) {
+    t.true(
+      OPS.some((o) => o.batch && o.http.method === op.http.method && o.http.path === op.http.path),
+      op.name,
+    );
+  }
 });
 
 test('the ops retried after an unknown outcome are exactly the idempotent ones', (t) => {

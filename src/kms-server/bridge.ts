@@ -32,7 +32,7 @@ import net, { type AddressInfo, type Server, type Socket } from 'node:net';
 import tls from 'node:tls';
 import { type CodedError, kmsError, toCodedError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { type KmsOp, type KmsRequest, opOf } from '../ops/index.js';
+import { type KmsOp, type KmsRequest, labelOf, opOf } from '../ops/index.js';
 import type { AnyOp } from '../ops/op.js';
 import type { CallContext, ItemResult, Kms } from '../protocol.js';
 import {
@@ -208,7 +208,7 @@ class BridgeConnection {
         const max = this.deps.limits.maxBatchItems;
         this.answerError(
           frame.id,
-          op,
+          labelOf(spec),
           performance.now(),
           kmsError('PAYLOAD_TOO_LARGE', `batch exceeds ${max} items`),
         );
@@ -247,6 +247,7 @@ class BridgeConnection {
     const startedAt = performance.now();
     const n = g.ids.length;
     const op = g.spec.name as KmsOp;
+    const label = labelOf(g.spec);
     this.inFlight += n;
     this.updateFlow();
     const items: unknown[] = [];
@@ -260,14 +261,14 @@ class BridgeConnection {
           const mine = results.slice(at, at + count);
           at += count;
           this.countItemErrors(mine);
-          this.deps.metrics.observe(op, 'bridge', startedAt);
+          this.deps.metrics.observe(label, 'bridge', startedAt);
           this.send(encodeResult(g.ids[i]!, op, mine));
         }
         this.settled(n);
       },
       (thrown) => {
         const err = toCodedError(thrown);
-        for (const id of g.ids) this.answerError(id, op, startedAt, err);
+        for (const id of g.ids) this.answerError(id, label, startedAt, err);
         this.settled(n);
       },
     );
@@ -288,26 +289,27 @@ class BridgeConnection {
   private run(id: number, spec: AnyOp, req: KmsRequest): void {
     const startedAt = performance.now();
     const op = spec.name as KmsOp;
+    const label = labelOf(spec);
     this.inFlight++;
     this.updateFlow();
     spec.run(this.deps.kms, req, this.caller!).then(
       (value: unknown) => {
         if (spec.batch) this.countItemErrors(value as ItemResult<unknown>[]);
-        this.deps.metrics.observe(op, 'bridge', startedAt);
+        this.deps.metrics.observe(label, 'bridge', startedAt);
         this.send(encodeResult(id, op, value));
         this.settled();
       },
       (thrown) => {
-        this.answerError(id, op, startedAt, toCodedError(thrown));
+        this.answerError(id, label, startedAt, toCodedError(thrown));
         this.settled();
       },
     );
   }
 
-  private answerError(id: number, op: KmsOp, startedAt: number, err: CodedError): void {
+  private answerError(id: number, label: string, startedAt: number, err: CodedError): void {
     if (err.code === 'INTERNAL')
-      this.deps.logger.error({ op, err: err.cause ?? err }, 'bridge request failed');
-    this.deps.metrics.observe(op, 'bridge', startedAt, err);
+      this.deps.logger.error({ op: label, err: err.cause ?? err }, 'bridge request failed');
+    this.deps.metrics.observe(label, 'bridge', startedAt, err);
     this.send(encodeError(id, err.code, err.message));
   }
 

@@ -5,6 +5,7 @@
  * the route of a KMS operation from its declaration in src/ops/.
  */
 import { type CodedError, errorBody, kmsError, toCodedError } from '../errors.js';
+import { labelOf } from '../ops/index.js';
 import type { AnyOp } from '../ops/op.js';
 import type { CallContext, ItemResult, Kms } from '../protocol.js';
 import { decodeBase64Field } from '../wire/base64.js';
@@ -230,7 +231,7 @@ export function opRoute(spec: AnyOp): RouteSpec {
   const { method, path, help, strict, unknownFieldHint } = spec.http;
   const options: SchemaOptions = { strict: strict === true };
   if (unknownFieldHint !== undefined) options.unknownFieldHint = unknownFieldHint;
-  const route = { method, path, help, op: spec.name };
+  const route = { method, path, help, op: labelOf(spec) };
   if (spec.batch) {
     const parseItem = compileSchema(spec.json.item.schema, options);
     const { toWire, toJson } = spec.json.result;

@@ -588,10 +588,11 @@ class EmbeddedKms implements Kms {
   }
 
   encryptBatch(items: readonly EncryptItem[], ctx?: CallContext): Promise<ItemResult<EncryptResult>[]> {
-    return this.#batch(OpKind.encrypt, 'encrypt', items, ctx, (ciphertext, keyVersion) => ({
-      ciphertext,
-      keyVersion,
-    }));
+    return this.#batch(OpKind.encrypt, 'encrypt', items, ctx, encryptResult);
+  }
+
+  reencryptBatch(items: readonly DecryptItem[], ctx?: CallContext): Promise<ItemResult<EncryptResult>[]> {
+    return this.#batch(OpKind.reencrypt, 'reencrypt', items, ctx, encryptResult);
   }
 
   decryptBatch(items: readonly DecryptItem[], ctx?: CallContext): Promise<ItemResult<Buffer>[]> {
@@ -842,6 +843,10 @@ export async function createKms(options: KmsOptions = {}): Promise<EmbeddedKmsHa
     throw coded.code === 'AUDIT_WRITE_FAILED' ? kmsError('AUDIT_UNWRITABLE', coded.message) : coded;
   }
   return kms;
+}
+
+function encryptResult(ciphertext: Buffer, keyVersion: number): EncryptResult {
+  return { ciphertext, keyVersion };
 }
 
 export { generateMasterKey, generateMasterKeyFile } from './keygen.js';

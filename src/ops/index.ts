@@ -12,6 +12,7 @@ import { getWrapped } from './get-wrapped.js';
 import { health } from './health.js';
 import type { AnyOp, RequestOf } from './op.js';
 import { reencrypt } from './reencrypt.js';
+import { reencryptBatch } from './reencrypt-batch.js';
 import { rewrap } from './rewrap.js';
 import { rotateDek } from './rotate-dek.js';
 import { rotateKek } from './rotate-kek.js';
@@ -25,6 +26,7 @@ export const OPS = [
   encrypt,
   decrypt,
   reencrypt,
+  reencryptBatch,
   rewrap,
   rotateDek,
   destroyDek,
@@ -72,4 +74,9 @@ export const IDEMPOTENT_OPS: ReadonlySet<KmsOp> = new Set(
 /** The spec of a request's op, typed loosely for the generic consumers (codec, routes, clients). */
 export function opOf(name: KmsOp): AnyOp {
   return OP_BY_NAME[name];
+}
+
+/** An op's metrics label. */
+export function labelOf(op: AnyOp): string {
+  return op.label ?? op.name;
 }

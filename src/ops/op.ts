@@ -33,12 +33,18 @@ export interface HttpSpec {
   strict?: boolean;
   /** Appended to the refusal of an unknown field. */
   unknownFieldHint?: string;
+  /**
+   * The route belongs to the op's batch form (same method and path, which answers a single body
+   * too); the daemon builds none for this op. On the bridge each form keeps its own code.
+   */
+  sharedRoute?: true;
 }
 
 /** What every op declares; SingleOp and BatchOp add their JSON mapping. */
 export interface OpSpec<N extends string, P, Res> {
-  /** Also the metrics label. */
   readonly name: N;
+  /** The metrics label, when it is not the name (both forms of reencrypt count as reencrypt). */
+  readonly label?: string;
   /** Bridge frame type. Part of the wire contract: never renumber. */
   readonly code: number;
   /** Repeating it has no further effect: the remote client retries it after an unknown outcome. */

@@ -3,6 +3,7 @@
  * key's current version, inside one worker call (the plaintext never leaves the worker).
  */
 import { singleOp } from './op.js';
+import { reencryptBatch } from './reencrypt-batch.js';
 import {
   ciphertextItemBinary,
   ciphertextItemRecord,
@@ -14,12 +15,8 @@ export const reencrypt = singleOp({
   name: 'reencrypt',
   code: 0x05,
   idempotent: false,
-  http: {
-    method: 'POST',
-    path: '/reencrypt',
-    help: '{"key_id","ciphertext","aad"?} → {"ciphertext","key_version"}',
-    strict: true,
-  },
+  // The client sends its single body to POST /reencrypt, which reencrypt_batch's route serves.
+  http: { ...reencryptBatch.http, sharedRoute: true },
   json: { request: ciphertextItemRecord, result: encryptResultRecord },
   binary: {
     request: { ...ciphertextItemBinary, read: (r) => ({ op: 'reencrypt', ...ciphertextItemBinary.read(r) }) },

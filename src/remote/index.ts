@@ -67,6 +67,8 @@ const COALESCE_MAX_ITEMS = 64;
 const COALESCE_MAX_BYTES = 256 * 1024;
 
 type ItemOp = 'encrypt' | 'decrypt';
+/** The batchable ops: encrypt, decrypt, reencrypt_batch. */
+type BatchOpName = Extract<KmsRequest, { items: unknown }>['op'];
 
 interface Waiting {
   item: EncryptItem | DecryptItem;
@@ -140,6 +142,10 @@ function checked<T>(check: () => void, send: () => Promise<T>): Promise<T> {
 /** The item as sent: both wire formats take an absent AAD as undefined, the interface also null. */
 function wireItem<I extends EncryptItem | DecryptItem>(item: I): I {
   return item.aad === null ? { ...item, aad: undefined } : item;
+}
+
+function ciphertextBytes(item: DecryptItem): number {
+  return item.ciphertext.byteLength + (item.aad?.byteLength ?? 0);
 }
 
 /** After a coalesced request was refused as too large, single calls go alone for this long. */
@@ -232,7 +238,7 @@ class RemoteKms implements Kms {
    * its own error result and is not sent; the others go to the daemon.
    */
   private async checkedBatch<I extends EncryptItem | DecryptItem, R>(
-    op: ItemOp,
+    op: BatchOpName,
     items: readonly I[],
     sizeOf: (item: I) => number,
   ): Promise<ItemResult<R>[]> {
@@ -257,7 +263,7 @@ class RemoteKms implements Kms {
   }
 
   private async batch<I, R>(
-    op: 'encrypt' | 'decrypt',
+    op: BatchOpName,
     items: readonly I[],
     sizeOf: (item: I) => number,
   ): Promise<ItemResult<R>[]> {
@@ -314,7 +320,11 @@ class RemoteKms implements Kms {
   }
 
   decryptBatch(items: readonly DecryptItem[], _ctx?: CallContext): Promise<ItemResult<Buffer>[]> {
-    return this.checkedBatch('decrypt', items, (it) => it.ciphertext.byteLength + (it.aad?.byteLength ?? 0));
+    return this.checkedBatch('decrypt', items, ciphertextBytes);
+  }
+
+  reencryptBatch(items: readonly DecryptItem[], _ctx?: CallContext): Promise<ItemResult<EncryptResult>[]> {
+    return this.checkedBatch('reencrypt_batch', items, ciphertextBytes);
   }
 
   reencrypt(

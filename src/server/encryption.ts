@@ -16,7 +16,7 @@
  */
 
 import { type CodedError, kmsError, UserError } from '../errors.js';
-import type { CallContext, DecryptItem, ItemResult, Kms } from '../protocol.js';
+import type { CallContext, DecryptItem, EncryptResult, ItemResult, Kms } from '../protocol.js';
 import type { MessageContent, MessageRecord } from './store.js';
 
 type PathStep = string | number;
@@ -28,6 +28,20 @@ const PROTOTYPE_KEYS: ReadonlySet<string> = new Set(['__proto__', 'constructor',
 
 export function messageAad(threadId: string, messageId: string): Buffer {
   return Buffer.from(`progressdb/v1/message/${threadId}/${messageId}`);
+}
+
+/** Batch encrypt results as stored contents, each with the readable rest of its body. */
+function storedContents(
+  results: readonly ItemResult<EncryptResult>[],
+  restOf: (index: number) => string | undefined,
+): ItemResult<MessageContent>[] {
+  return results.map((r, i) => {
+    if (!r.ok) return r;
+    const rest = restOf(i);
+    const content: MessageContent = { ct: r.value.ciphertext, kv: r.value.keyVersion };
+    if (rest !== undefined) content.rest = rest;
+    return { ok: true, value: content };
+  });
 }
 
 export class BodyCodec {
@@ -72,31 +86,24 @@ export class BodyCodec {
       parts.map((p, i) => ({ keyId, plaintext: p.plaintext, aad: messageAad(threadId, records[i]!.id) })),
       ctx,
     );
-    return results.map((r, i) => {
-      if (!r.ok) return r;
-      const rest = parts[i]!.rest;
-      const content: MessageContent = { ct: r.value.ciphertext, kv: r.value.keyVersion };
-      if (rest !== undefined) content.rest = rest;
-      return { ok: true, value: content };
-    });
+    return storedContents(results, (i) => parts[i]!.rest);
   }
 
-  /** Re-encrypts one stored ciphertext under the DEK's current version, inside the KMS. */
-  async reencrypt(
+  /**
+   * Re-encrypts stored ciphertexts of one thread under the DEK's current version, inside the KMS,
+   * in one batch (rotate-thread-dek); each message gets its own result or error.
+   */
+  async reencryptBatch(
     keyId: string,
     threadId: string,
-    record: MessageRecord,
+    records: readonly MessageRecord[],
     ctx: CallContext,
-  ): Promise<MessageContent> {
-    const { ciphertext, keyVersion } = await this.requireKms().reencrypt(
-      keyId,
-      record.ct!,
-      messageAad(threadId, record.id),
+  ): Promise<ItemResult<MessageContent>[]> {
+    const results = await this.requireKms().reencryptBatch(
+      records.map((r) => ({ keyId, ciphertext: r.ct!, aad: messageAad(threadId, r.id) })),
       ctx,
     );
-    const content: MessageContent = { ct: ciphertext, kv: keyVersion };
-    if (record.rest !== undefined) content.rest = record.rest;
-    return content;
+    return storedContents(results, (i) => records[i]!.rest);
   }
 
   /**

@@ -9,7 +9,7 @@
 import { setTimeout as delay } from 'node:timers/promises';
 import { type CodedError, toCodedError, UserError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { CallContext } from '../protocol.js';
+import type { CallContext, ItemResult } from '../protocol.js';
 import type { ServerMetrics } from './metrics.js';
 import type { ChatService } from './service.js';
 import type { MessageContent, MessageRecord } from './store.js';
@@ -197,10 +197,9 @@ export class JobRunner {
         break;
       }
       const old = batch.filter((r) => r.ct !== undefined && (r.kv ?? 0) < target);
-      const settled = await Promise.allSettled(
-        old.map((r) => this.service.codec.reencrypt(job.keyId, job.threadId, r, this.ctx)),
-      );
-      const updates = this.collect(old, settled, job.undecryptable);
+      const reencrypted =
+        old.length > 0 ? await this.service.codec.reencryptBatch(job.keyId, job.threadId, old, this.ctx) : [];
+      const updates = this.collect(old, reencrypted, job.undecryptable);
       const next = { ...job, cursor: batch[batch.length - 1]!.id, scanned: job.scanned + batch.length };
       const written = await this.store.replaceContents(job.threadId, updates, {
         key,
@@ -293,13 +292,7 @@ export class JobRunner {
     const plain = batch.filter((r) => r.plain !== undefined);
     const sealed =
       plain.length > 0 ? await this.service.codec.sealBatch(t.keyId!, threadId, plain, this.ctx) : [];
-    const updates = this.collect(
-      plain,
-      sealed.map((r) =>
-        r.ok ? { status: 'fulfilled', value: r.value } : { status: 'rejected', reason: r.error },
-      ),
-      job.undecryptable,
-    );
+    const updates = this.collect(plain, sealed, job.undecryptable);
     const next = { ...job, current: { threadId, cursor: batch[batch.length - 1]!.id } };
     const written = await this.store.replaceContents(threadId, updates, {
       key: ENCRYPT_KEY,
@@ -321,17 +314,17 @@ export class JobRunner {
    */
   private collect(
     records: readonly MessageRecord[],
-    settled: readonly PromiseSettledResult<MessageContent>[],
+    results: readonly ItemResult<MessageContent>[],
     report: string[],
   ): { id: string; rev: number; content: MessageContent }[] {
     const updates: { id: string; rev: number; content: MessageContent }[] = [];
-    settled.forEach((s, i) => {
+    results.forEach((s, i) => {
       const r = records[i]!;
-      if (s.status === 'fulfilled') {
+      if (s.ok) {
         updates.push({ id: r.id, rev: r.rev, content: s.value });
         return;
       }
-      const err = toCodedError(s.reason);
+      const err = s.error;
       if (err.status >= 500) throw err;
       if (report.length < MAX_REPORTED && !report.includes(r.id)) report.push(r.id);
       this.logger.warn({ messageId: r.id, code: err.code }, 'message could not be decrypted; left as it is');

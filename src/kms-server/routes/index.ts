@@ -4,4 +4,8 @@ import { opRoute, type RouteSpec } from '../route.js';
 import { healthzRoute } from './healthz.js';
 import { metricsRoute } from './metrics.js';
 
-export const ROUTES: readonly RouteSpec[] = [healthzRoute, metricsRoute, ...OPS.map(opRoute)];
+export const ROUTES: readonly RouteSpec[] = [
+  healthzRoute,
+  metricsRoute,
+  ...OPS.filter((op) => op.http.sharedRoute !== true).map(opRoute),
+];
