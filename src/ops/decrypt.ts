@@ -2,7 +2,7 @@
 import { encodeBase64 } from '../wire/base64.js';
 import { base64, single } from './fields.js';
 import { batchOp } from './op.js';
-import { ciphertextItemBinary, ciphertextItemRecord, DATA_ITEM_MIN_BYTES } from './shapes.js';
+import { ciphertextItemBinary, ciphertextItemRecord } from './shapes.js';
 
 const plaintextRecord = single(base64('plaintext'));
 
@@ -24,7 +24,7 @@ export const decrypt = batchOp({
   },
   json: { item: ciphertextItemRecord, result: { ...plaintextRecord, toJson: plaintextJson } },
   binary: {
-    item: { ...ciphertextItemBinary, minBytes: DATA_ITEM_MIN_BYTES },
+    item: ciphertextItemBinary,
     result: {
       write: (w, v) => void w.bytes(v),
       read: (r) => r.bytes(),

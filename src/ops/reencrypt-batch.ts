@@ -7,7 +7,6 @@ import { batchOp } from './op.js';
 import {
   ciphertextItemBinary,
   ciphertextItemRecord,
-  DATA_ITEM_MIN_BYTES,
   encryptResultBinary,
   encryptResultJson,
   encryptResultRecord,
@@ -26,7 +25,7 @@ export const reencryptBatch = batchOp({
   },
   json: { item: ciphertextItemRecord, result: { ...encryptResultRecord, toJson: encryptResultJson } },
   binary: {
-    item: { ...ciphertextItemBinary, minBytes: DATA_ITEM_MIN_BYTES },
+    item: ciphertextItemBinary,
     result: encryptResultBinary,
   },
   run: (kms, { items }, ctx) => kms.reencryptBatch(items, ctx),

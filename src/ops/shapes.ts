@@ -73,10 +73,11 @@ export const ciphertextItemRecord = record<DecryptItem>({
   aad: AAD,
 });
 
-export const ciphertextItemBinary: BinaryCodec<DecryptItem> = {
+export const ciphertextItemBinary: BinaryCodec<DecryptItem> & { minBytes: number } = {
   write: (w, it) => void w.str(it.keyId).bytes(it.ciphertext).optBytes(it.aad),
   read: (r) => ({ keyId: r.str(), ciphertext: r.bytes(), aad: r.optBytes() }),
   sizeHint: (it) => dataItemSizeHint(it.keyId, it.ciphertext, it.aad),
+  minBytes: DATA_ITEM_MIN_BYTES,
 };
 
 // --- results ----------------------------------------------------------------------------------
