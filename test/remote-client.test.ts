@@ -6,7 +6,7 @@
  */
 import { randomFillSync } from 'node:crypto';
 import http from 'node:http';
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
 import type { CodedError } from '../src/errors.js';
 import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_PLAINTEXT_BYTES } from '../src/kms/validate-args.js';
 import { DEFAULT_MAX_BODY_BYTES } from '../src/kms-server/config.js';
@@ -268,7 +268,8 @@ async function outcomeOf(call: () => Promise<unknown>): Promise<Outcome> {
   }
 }
 
-test('a bad argument gets the same code and status embedded, over HTTP and over the bridge', async (t) => {
+/** An embedded KMS and a client of the daemon per transport (no retries), closed at teardown. */
+async function everyClient(t: ExecutionContext): Promise<[string, Kms][]> {
   const { kms: embedded } = await openKms(t);
   const clients: [string, Kms][] = [['embedded', embedded]];
   for (const [name, endpointOf] of transports) {
@@ -276,6 +277,11 @@ test('a bad argument gets the same code and status embedded, over HTTP and over 
     t.teardown(() => kms.close());
     clients.push([name, kms]);
   }
+  return clients;
+}
+
+test('a bad argument gets the same code and status embedded, over HTTP and over the bridge', async (t) => {
+  const clients = await everyClient(t);
   const pt = Buffer.from('plain');
   const bigPlaintext = Buffer.alloc(MAX_PLAINTEXT_BYTES + 1);
   const bigCiphertext = Buffer.alloc(MAX_CIPHERTEXT_BYTES + 1);
@@ -458,13 +464,7 @@ test('a body or frame over the default limit is still refused with PAYLOAD_TOO_L
 });
 
 test('a keep_from_version beyond 32 bits is refused, never wrapped to a small version on the bridge', async (t) => {
-  const { kms: embedded } = await openKms(t);
-  const clients: [string, Kms][] = [['embedded', embedded]];
-  for (const [name, endpointOf] of transports) {
-    const kms = createRemoteKms({ endpoint: endpointOf(daemon), retries: 0 });
-    t.teardown(() => kms.close());
-    clients.push([name, kms]);
-  }
+  const clients = await everyClient(t);
   for (const [name, kms] of clients) {
     const dek = await kms.createDekForThread(`wrap-${name}`);
     const old = await kms.encrypt(dek.keyId, Buffer.from('version 1'));
