@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import test, { type ExecutionContext } from 'ava';
 import { auditVerifyCommand } from '../src/kms/cli-commands.js';
 import { createKms, type EmbeddedKmsHandle } from '../src/kms/index.js';
+import { Registry } from '../src/kms/registry.js';
 import { auditPath, auditText, captureStdout, openKms, startChild, writeScript } from './helpers/kms.js';
 import { until } from './helpers/processes.js';
 
@@ -163,4 +164,18 @@ for (;;) await Promise.all(Array.from({ length: 32 }, () => kms.encrypt(keyId, B
   const cut = await verify(dataDir, keyFile);
   t.false(cut.ok, cut.out);
   t.regex(cut.out, /session 2/);
+});
+
+test('the last lines of a burst reach the registry head even when the KMS then goes idle', async (t) => {
+  const { kms, dataDir } = await openKms(t);
+  const { keyId } = await kms.createDekForThread('burst');
+  const lastLine = () => JSON.parse(auditText(dataDir).at(-1)!) as Line;
+  const headReaches = (line: Line) => () =>
+    Registry.readAuditHead(dataDir)?.heads.some((h) => h.s === line.s && h.n >= line.n) ? true : undefined;
+  await kms.encrypt(keyId, Buffer.from('first'));
+  await until('the first save of the head', headReaches(lastLine()));
+  // Written right after a save: its own save is due only after the minimum interval, with no
+  // further writes to prompt it.
+  await kms.encrypt(keyId, Buffer.from('last'));
+  t.true(await until('the head to reach the last line', headReaches(lastLine()), 5_000));
 });

@@ -55,8 +55,15 @@ export function tornTailStart(filePath: string): number | null {
   }
 }
 
-/** How often the durable hook runs when every write is fsynced by itself (auditFsyncMs = 0). */
-const DURABLE_HOOK_MS = 1000;
+/** How often the flush hook runs when every write is fsynced by itself (auditFsyncMs = 0). */
+const FLUSH_HOOK_MS = 1000;
+
+/**
+ * What a flush hook answers: a function to run once the flush is on disk, null for nothing to do,
+ * or LATER to be asked again at the next interval (it has something, but not now).
+ */
+export const LATER = 'later';
+export type FlushHook = () => (() => void) | null | typeof LATER;
 
 export class AuditFile {
   readonly path: string;
@@ -66,14 +73,14 @@ export class AuditFile {
   #timer: NodeJS.Timeout | null = null;
   readonly #fsyncEachWrite: boolean;
 
-  #beforeFlush: (() => (() => void) | null) | null = null;
+  #beforeFlush: FlushHook | null = null;
 
   private constructor(filePath: string, fd: number, fsyncMs: number) {
     this.path = filePath;
     this.#fd = fd;
     this.#fsyncEachWrite = fsyncMs === 0;
     // With an fsync per write there is nothing to flush, but the flush hook still runs, seldom.
-    this.#timer = setInterval(() => this.#flushAsync(), fsyncMs > 0 ? fsyncMs : DURABLE_HOOK_MS);
+    this.#timer = setInterval(() => this.#flushAsync(), fsyncMs > 0 ? fsyncMs : FLUSH_HOOK_MS);
     this.#timer.unref();
   }
 
@@ -81,7 +88,7 @@ export class AuditFile {
    * `beforeFlush` runs before each group flush, and the function it returns (if any) once that
    * flush is on disk: whatever it captured (the streams' heads) is then durable in the log.
    */
-  onFlush(beforeFlush: () => (() => void) | null): void {
+  onFlush(beforeFlush: FlushHook): void {
     this.#beforeFlush = beforeFlush;
   }
 
@@ -128,7 +135,10 @@ export class AuditFile {
   #flushAsync(): void {
     if (!this.#dirty || this.#failed !== null) return;
     this.#dirty = false;
-    const onDurable = this.#beforeFlush?.() ?? null;
+    const answer = this.#beforeFlush?.() ?? null;
+    // Still dirty, so the hook is asked again at the next interval even if nothing else is written.
+    if (answer === LATER) this.#dirty = true;
+    const onDurable = answer === LATER ? null : answer;
     // Each block was fsynced by its worker before its result came back.
     if (this.#fsyncEachWrite) {
       onDurable?.();

@@ -12,6 +12,7 @@ import {
   type StreamHead,
 } from '../audit-link.js';
 import type { Logger } from '../log.js';
+import { type FlushHook, LATER } from './audit-file.js';
 import type { Registry } from './registry.js';
 
 /**
@@ -55,10 +56,11 @@ export class AuditHeadKeeper {
   }
 
   /** For AuditFile.onFlush: captures the heads now; saves them once the flush is on disk. */
-  beforeFlush = (): (() => void) | null => {
+  beforeFlush: FlushHook = () => {
     if (this.#sealed || this.#saved === this.#reported) return null;
     const now = Date.now();
-    if (now - this.#savedAt < MIN_SAVE_INTERVAL_MS) return null;
+    // Asked again until saved, so a burst's last heads are saved even if the KMS then goes idle.
+    if (now - this.#savedAt < MIN_SAVE_INTERVAL_MS) return LATER;
     this.#savedAt = now;
     const reported = this.#reported;
     const heads = [...this.#heads.values()];
