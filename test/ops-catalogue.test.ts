@@ -3,7 +3,7 @@
  * they are pinned here; the derived maps must agree with the list.
  */
 import test from 'ava';
-import { IDEMPOTENT_OPS, OP_BY_CODE, OP_BY_NAME, OP_CODES, OPS } from '../src/ops/index.js';
+import { IDEMPOTENT_OPS, OP_BY_CODE, OP_BY_NAME, OP_CODES, OPS, REPEATABLE_OPS } from '../src/ops/index.js';
 
 test('bridge op codes never change', (t) => {
   t.deepEqual(
@@ -43,7 +43,7 @@ test('every op has its own HTTP method and path, or shares that of its batch for
   }
 });
 
-test('the ops retried after an unknown outcome are exactly the idempotent ones', (t) => {
+test('the idempotent ops', (t) => {
   t.deepEqual([...IDEMPOTENT_OPS].sort(), [
     'create_dek_for_thread',
     'decrypt',
@@ -52,4 +52,11 @@ test('the ops retried after an unknown outcome are exactly the idempotent ones',
     'rewrap',
     'rotation_status',
   ]);
+});
+
+test('the ops repeated after an unknown outcome: the idempotent ones and those that store nothing', (t) => {
+  t.deepEqual(
+    [...REPEATABLE_OPS].sort(),
+    [...IDEMPOTENT_OPS, 'encrypt', 'reencrypt', 'reencrypt_batch'].sort(),
+  );
 });

@@ -13,7 +13,7 @@ import { DEFAULT_MAX_BODY_BYTES } from '../src/kms-server/config.js';
 import type { Kms } from '../src/protocol.js';
 import { createRemoteKms } from '../src/remote/index.js';
 import { DEFAULT_MAX_FRAME_BYTES, decodeError } from '../src/wire/bridge-codec.js';
-import { expectCode, openKms } from './helpers/kms.js';
+import { expectCode, openKms, sealAndOpen, sealedMessages } from './helpers/kms.js';
 import { BridgeSocket, type Daemon, makePki, spawnDaemon } from './helpers/kms-daemon.js';
 import { until } from './helpers/processes.js';
 
@@ -148,14 +148,7 @@ test('tcp: against a daemon whose batch limit is below the coalesced size, singl
   const kms = createRemoteKms({ endpoint: `tcp://${own.bridge}`, retries: 0 });
   t.teardown(() => kms.close());
   const dek = await kms.createDekForThread('remote-coalesce-limit');
-  const results = await Promise.all(
-    Array.from({ length: 20 }, (_, i) => kms.encrypt(dek.keyId, Buffer.from(`x${i}`))),
-  );
-  const plain = await Promise.all(results.map((r) => kms.decrypt(dek.keyId, r.ciphertext)));
-  t.deepEqual(
-    plain.map((p) => p.toString()),
-    Array.from({ length: 20 }, (_, i) => `x${i}`),
-  );
+  t.deepEqual(await sealAndOpen(kms, dek.keyId, 20, 'x'), sealedMessages(20, 'x'));
   // Explicit batches over the daemon's limit are still refused as a whole.
   const err = await t.throwsAsync<CodedError>(
     kms.encryptBatch([1, 2, 3].map((n) => ({ keyId: dek.keyId, plaintext: Buffer.from([n]) }))),

@@ -16,6 +16,7 @@ export const encrypt = batchOp({
   name: 'encrypt',
   code: 0x03,
   idempotent: false,
+  repeatable: true,
   http: {
     method: 'POST',
     path: '/encrypt',

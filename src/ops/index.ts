@@ -71,6 +71,11 @@ export const IDEMPOTENT_OPS: ReadonlySet<KmsOp> = new Set(
   OPS.filter((op) => op.idempotent).map((op) => op.name),
 );
 
+/** Operations the remote client may repeat after an unknown outcome: idempotent or storing nothing. */
+export const REPEATABLE_OPS: ReadonlySet<KmsOp> = new Set(
+  OPS.filter((op) => op.idempotent || op.repeatable === true).map((op) => op.name),
+);
+
 /** The spec of a request's op, typed loosely for the generic consumers (codec, routes, clients). */
 export function opOf(name: KmsOp): AnyOp {
   return OP_BY_NAME[name];

@@ -49,6 +49,12 @@ export interface OpSpec<N extends string, P, Res> {
   readonly code: number;
   /** Repeating it has no further effect: the remote client retries it after an unknown outcome. */
   readonly idempotent: boolean;
+  /**
+   * Not idempotent, yet a repeat after an unknown outcome harms nothing because the op stores
+   * nothing (encrypt: the unanswered ciphertext is never used). The remote client repeats
+   * idempotent and repeatable ops, on the same replica or another.
+   */
+  readonly repeatable?: true;
   readonly http: HttpSpec;
   readonly binary: { request: RequestCodec<N, P>; result: BinaryCodec<Res> };
   run(kms: Kms, params: P, ctx: CallContext): Promise<Res>;

@@ -17,6 +17,7 @@ export const reencryptBatch = batchOp({
   label: 'reencrypt',
   code: 0x0d,
   idempotent: false,
+  repeatable: true,
   http: {
     method: 'POST',
     path: '/reencrypt',

@@ -15,6 +15,7 @@ export const reencrypt = singleOp({
   name: 'reencrypt',
   code: 0x05,
   idempotent: false,
+  repeatable: true,
   // The client sends its single body to POST /reencrypt, which reencrypt_batch's route serves.
   http: { ...reencryptBatch.http, sharedRoute: true },
   json: { request: ciphertextItemRecord, result: encryptResultRecord },

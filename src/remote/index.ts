@@ -8,10 +8,10 @@
  * "start, then poll until completed". The CallContext argument is not sent: the daemon records
  * the caller it authenticated (token name or certificate subject), which a client cannot forge.
  */
-import { type CodedError, kmsError, toCodedError } from '../errors.js';
+import { kmsError, toCodedError } from '../errors.js';
 import { checkKeepFromVersion } from '../kms/dek-versions.js';
 import { checkDataArgs, checkId } from '../kms/validate-args.js';
-import { IDEMPOTENT_OPS, type KmsOp, type KmsRequest } from '../ops/index.js';
+import type { KmsRequest } from '../ops/index.js';
 import type {
   CallContext,
   DecryptItem,
@@ -24,19 +24,27 @@ import type {
   KmsHealth,
   RotationStatus,
 } from '../protocol.js';
-import { CLIENT_SCHEMES, DEFAULT_HTTP_PORT, parseEndpoint } from '../wire/endpoint.js';
+import { CLIENT_SCHEMES, DEFAULT_HTTP_PORT, formatHostPort, parseEndpoint } from '../wire/endpoint.js';
 import { HttpTransport } from './http-transport.js';
+import { type Replica, ReplicaSet } from './replica-set.js';
 import { TcpTransport } from './tcp-transport.js';
-import { type RemoteTlsOptions, type RemoteTransport, surelyNotSent } from './transport.js';
+import { mayRepeat, type RemoteTlsOptions, type RemoteTransport } from './transport.js';
 
 export type { RemoteTlsOptions };
 
 export interface RemoteKmsOptions {
   /**
    * `host:port`, `http(s)://host:port`, `tcp://host:port` (selects the TCP bridge) or
-   * `tls://host:port` (the TCP bridge over TLS, as the daemon announces a TLS bridge).
+   * `tls://host:port` (the TCP bridge over TLS, as the daemon announces a TLS bridge). A
+   * comma-separated list names the replicas of one KMS cluster, like `endpoints`.
    */
-  endpoint: string;
+  endpoint?: string;
+  /**
+   * The replicas of one KMS cluster: calls are spread over them, a replica that fails is left out
+   * until its health probe answers, and what is safe to repeat is repeated on another replica.
+   * All must use the same transport.
+   */
+  endpoints?: readonly string[];
   /** Overrides what the endpoint's scheme implies. Default: 'http' (or 'tcp' for tcp:// and tls://). */
   transport?: 'http' | 'tcp';
   /**
@@ -86,12 +94,6 @@ const ROTATION_POLL_MIN_MS = 50;
 const ROTATION_POLL_MAX_MS = 1000;
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-
-function isRetryable(op: KmsOp, err: CodedError): boolean {
-  if (surelyNotSent(err)) return true;
-  if (!IDEMPOTENT_OPS.has(op)) return false;
-  return err.code === 'KMS_UNAVAILABLE' || err.code === 'NOT_READY' || err.code === 'TIMEOUT';
-}
 
 /** Splits a batch so no request exceeds the item count or the byte budget. */
 function chunk<T>(items: readonly T[], sizeOf: (item: T) => number, maxBytes: number): T[][] {
@@ -226,7 +228,7 @@ class RemoteKms implements Kms {
         return (await this.transport.call(req)) as T;
       } catch (thrown) {
         const err = toCodedError(thrown);
-        if (attempt >= this.retries || this.closed || !isRetryable(req.op, err)) throw err;
+        if (attempt >= this.retries || this.closed || !mayRepeat(req.op, err)) throw err;
         // Short, jittered backoff: a restarting daemon gets a moment, a dead one fails fast.
         await sleep(Math.min(500, 25 * 2 ** attempt) * (0.5 + Math.random() / 2));
       }
@@ -398,16 +400,46 @@ class RemoteKms implements Kms {
   }
 }
 
-/** The same Kms interface as createKms(), served by a progressdb-kms daemon. Connects lazily. */
-export function createRemoteKms(opts: RemoteKmsOptions): Kms {
-  const ep = parseEndpoint(opts.endpoint, DEFAULT_HTTP_PORT, CLIENT_SCHEMES);
+/** The endpoints named by `endpoint` (comma-separated) and `endpoints`, trimmed, in order. */
+function endpointList(opts: RemoteKmsOptions): string[] {
+  const given = [...(opts.endpoint?.split(',') ?? []), ...(opts.endpoints ?? [])];
+  const list = given.map((e) => (typeof e === 'string' ? e.trim() : e)).filter((e) => e !== '');
+  if (list.length === 0) throw kmsError('CONFIG_INVALID', 'give the KMS endpoint (endpoint or endpoints)');
+  for (const e of list) {
+    if (typeof e !== 'string') throw kmsError('CONFIG_INVALID', 'endpoints must be strings');
+  }
+  if (new Set(list).size !== list.length) {
+    throw kmsError('CONFIG_INVALID', `endpoints name a replica twice: ${list.join(', ')}`);
+  }
+  return list;
+}
+
+function transportFor(
+  endpoint: string,
+  opts: RemoteKmsOptions,
+  timeoutMs: number,
+): Replica & { kind: string } {
+  const ep = parseEndpoint(endpoint, DEFAULT_HTTP_PORT, CLIENT_SCHEMES);
   const bridgeScheme = ep.scheme === 'tcp' || ep.scheme === 'tls';
-  const transport = opts.transport ?? (bridgeScheme ? 'tcp' : 'http');
+  const kind = opts.transport ?? (bridgeScheme ? 'tcp' : 'http');
   if (ep.port === 0)
-    throw kmsError('CONFIG_INVALID', `endpoint "${opts.endpoint}": port 0 cannot be connected to`);
-  if (transport === 'http' && bridgeScheme) {
+    throw kmsError('CONFIG_INVALID', `endpoint "${endpoint}": port 0 cannot be connected to`);
+  if (kind === 'http' && bridgeScheme) {
     throw kmsError('CONFIG_INVALID', `a ${ep.scheme}:// endpoint cannot use the http transport`);
   }
+  const common = { host: ep.host, port: ep.port, tlsOptions: opts.tls, token: opts.token, timeoutMs };
+  const transport: RemoteTransport =
+    kind === 'tcp'
+      ? new TcpTransport({ ...common, tlsOptions: ep.scheme === 'tls' ? (opts.tls ?? {}) : opts.tls })
+      : new HttpTransport({ ...common, secure: ep.scheme === 'https' || opts.tls !== undefined });
+  return { where: formatHostPort(ep.host, ep.port), transport, kind };
+}
+
+/**
+ * The same Kms interface as createKms(), served by a progressdb-kms daemon, or by the replicas of
+ * a KMS cluster when several endpoints are given. Connects lazily.
+ */
+export function createRemoteKms(opts: RemoteKmsOptions): Kms {
   const timeoutMs = opts.timeoutMs ?? 10_000;
   const retries = opts.retries ?? 2;
   if (!Number.isInteger(timeoutMs) || timeoutMs < 1)
@@ -415,10 +447,11 @@ export function createRemoteKms(opts: RemoteKmsOptions): Kms {
   if (!Number.isInteger(retries) || retries < 0 || retries > 10) {
     throw kmsError('CONFIG_INVALID', 'retries must be an integer from 0 to 10');
   }
-  const common = { host: ep.host, port: ep.port, tlsOptions: opts.tls, token: opts.token, timeoutMs };
-  const impl: RemoteTransport =
-    transport === 'tcp'
-      ? new TcpTransport({ ...common, tlsOptions: ep.scheme === 'tls' ? (opts.tls ?? {}) : opts.tls })
-      : new HttpTransport({ ...common, secure: ep.scheme === 'https' || opts.tls !== undefined });
-  return new RemoteKms(impl, retries);
+  const replicas = endpointList(opts).map((e) => transportFor(e, opts, timeoutMs));
+  if (new Set(replicas.map((r) => r.kind)).size > 1) {
+    for (const r of replicas) void r.transport.close();
+    throw kmsError('CONFIG_INVALID', 'all endpoints must use the same transport (http or the TCP bridge)');
+  }
+  const only = replicas.length === 1 ? replicas[0] : undefined;
+  return new RemoteKms(only ? only.transport : new ReplicaSet(replicas), retries);
 }

@@ -4,7 +4,7 @@
  * reached the daemon, so non-idempotent operations are retried only when it surely did not.
  */
 import { type CodedError, kmsError } from '../errors.js';
-import type { KmsRequest } from '../ops/index.js';
+import { type KmsOp, type KmsRequest, REPEATABLE_OPS } from '../ops/index.js';
 
 export interface RemoteTransport {
   /** Runs one typed request; resolves with what its op's `run` returns, rejects with a CodedError. */
@@ -45,6 +45,17 @@ export function unavailable(message: string, sent: boolean): CodedError {
 /** True when the failed request surely never reached the daemon (safe to retry any op). */
 export function surelyNotSent(err: CodedError): boolean {
   return err.code === 'KMS_UNAVAILABLE' && err.details?.sent === false;
+}
+
+/**
+ * Whether a request that failed with `err` may be sent again (to the same replica or another):
+ * always when it surely never left; after an unknown outcome only for ops a repeat cannot harm,
+ * and only for failures of the transport or the replica, never for an answer about the request.
+ */
+export function mayRepeat(op: KmsOp, err: CodedError): boolean {
+  if (surelyNotSent(err)) return true;
+  if (!REPEATABLE_OPS.has(op)) return false;
+  return err.code === 'KMS_UNAVAILABLE' || err.code === 'NOT_READY' || err.code === 'TIMEOUT';
 }
 
 /**

@@ -12,6 +12,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import type { ExecutionContext } from 'ava';
 import { type ErrorCode, ServiceError, statusOf, UserError } from '../../src/errors.js';
 import { createKms, type EmbeddedKmsHandle, type KmsOptions } from '../../src/kms/index.js';
+import type { Kms } from '../../src/protocol.js';
 
 /** Repository root (children run with it as cwd so that `--import=tsx` resolves). */
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
@@ -202,3 +203,16 @@ function checkExit(what: string, result: ChildExit): string {
   if (result.code !== 0) throw new Error(`${what} exited ${result.code ?? result.signal}: ${result.stderr}`);
   return result.stdout;
 }
+
+/** Encrypts `count` messages `${prefix}${i}` concurrently, decrypts them all, returns the plaintexts. */
+export async function sealAndOpen(kms: Kms, keyId: string, count: number, prefix: string): Promise<string[]> {
+  const sealed = await Promise.all(
+    Array.from({ length: count }, (_, i) => kms.encrypt(keyId, Buffer.from(`${prefix}${i}`))),
+  );
+  const opened = await Promise.all(sealed.map((s) => kms.decrypt(keyId, s.ciphertext)));
+  return opened.map((b) => b.toString());
+}
+
+/** What sealAndOpen returns when every message made the round trip. */
+export const sealedMessages = (count: number, prefix: string) =>
+  Array.from({ length: count }, (_, i) => `${prefix}${i}`);
