@@ -13,7 +13,7 @@ import path from 'node:path';
 import { LineCounter, parseDocument } from 'yaml';
 import { z } from 'zod';
 import { kmsError } from './errors.js';
-import { describeMasterKeyRef, type MasterKeyRef } from './protocol.js';
+import { describeMasterKeyRef, type MasterKeyRef } from './worker-abi/index.js';
 
 export type KmsMode = 'embedded' | 'external';
 

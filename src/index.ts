@@ -1,6 +1,9 @@
-/** Public entry of the `progressdb` package: the KMS as a library, its errors and protocol types. */
+/**
+ * Public entry of the `progressdb` package: the KMS as a library (src/api: `Kms`, its results and
+ * errors), its factories, options and key generation. The worker ABI is internal and not exported.
+ */
 
-export * from './errors.js';
+export * from './api/index.js';
 export type { EmbeddedKmsHandle } from './kms/index.js';
 export {
   createKms,
@@ -10,5 +13,4 @@ export {
   MAX_PLAINTEXT_BYTES,
 } from './kms/index.js';
 export type { KmsOptions } from './kms/options.js';
-export type * from './protocol.js';
 export { createRemoteKms, type RemoteKmsOptions } from './remote/index.js';

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
 import { linkFields } from '../src/audit-link.js';
-import type { AuditFields } from '../src/protocol.js';
+import type { AuditFields } from '../src/worker-abi/index.js';
 import { AuditStream, verifyAuditFile } from '../workers/audit-stream.js';
 import { tempDir } from './helpers/kms.js';
 

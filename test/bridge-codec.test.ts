@@ -5,12 +5,12 @@
  */
 import { randomBytes } from 'node:crypto';
 import test from 'ava';
+import type { DekInfo, KmsHealth, RotationStatus } from '../src/api/index.js';
 import { CodedError, kmsError } from '../src/errors.js';
 import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_ID_LENGTH } from '../src/kms/validate-args.js';
 import { plaintextJson, plaintextToWire } from '../src/ops/decrypt.js';
 import type { KmsRequest } from '../src/ops/index.js';
 import { encryptResultJson, encryptResultToWire } from '../src/ops/shapes.js';
-import type { DekInfo, KmsHealth, RotationStatus } from '../src/protocol.js';
 import { decodeBase64Field, isStrictBase64 } from '../src/wire/base64.js';
 import {
   decodeAuth,

@@ -4,7 +4,7 @@
  * (oversized, malformed, truncated frames) or only fail one request (unknown op, batch too big).
  */
 import test from 'ava';
-import type { DekInfo, EncryptResult, ItemResult } from '../src/protocol.js';
+import type { DekInfo, EncryptResult, ItemResult } from '../src/api/index.js';
 import {
   decodeError,
   decodeResult,

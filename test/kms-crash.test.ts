@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
-import type { RotationStatus } from '../src/protocol.js';
+import type { RotationStatus } from '../src/api/index.js';
 import { type Child, openKms, runChild, startChild, writeScript } from './helpers/kms.js';
 import { until } from './helpers/processes.js';
 

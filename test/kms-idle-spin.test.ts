@@ -1,7 +1,7 @@
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import { threadId } from 'node:worker_threads';
 import test from 'ava';
-import { IDLE_SPIN_SIGNAL_BYTES, IDLE_SPIN_WORKER_SLOTS, IdleSpinSlot } from '../src/protocol.js';
+import { IDLE_SPIN_SIGNAL_BYTES, IDLE_SPIN_WORKER_SLOTS, IdleSpinSlot } from '../src/worker-abi/index.js';
 import { IdleSpin } from '../workers/idle-spin.js';
 
 // IdleSpin runs here on the test's own thread: the signal buffer plays the main thread's part.

@@ -4,8 +4,8 @@
  * bridge, never an INTERNAL from inside LMDB.
  */
 import test from 'ava';
+import type { Kms } from '../src/api/index.js';
 import type { KmsRequest } from '../src/ops/index.js';
-import type { Kms } from '../src/protocol.js';
 import { decodeError, decodeResult, encodeRequest, FRAME_ERROR } from '../src/wire/bridge-codec.js';
 import { auditLines, expectCode, openKms } from './helpers/kms.js';
 import { BridgeSocket, spawnDaemon } from './helpers/kms-daemon.js';

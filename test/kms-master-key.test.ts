@@ -7,6 +7,7 @@ import path from 'node:path';
 import test from 'ava';
 import { createKms } from '../src/kms/index.js';
 import { loadDaemonConfig } from '../src/kms-server/config.js';
+import { WorkerFault } from '../workers/fault.js';
 import { decodeHexKey, masterKeyFromBytes } from '../workers/master-key.js';
 import { expectCode, randomKeyHex, tempDir, writeMasterKey } from './helpers/kms.js';
 
@@ -45,9 +46,10 @@ test('decodeHexKey: wrong length or a non-hex character is MASTER_KEY_INVALID, w
     for (const form of [input, typeof source === 'string' ? source : input]) {
       const err = t.throws(
         () => decodeHexKey(form, WHAT),
-        { message: /^\[MASTER_KEY_INVALID\] test key / },
+        { instanceOf: WorkerFault, message: /^test key / },
         what,
       );
+      t.is(err?.error.code, 'MASTER_KEY_INVALID', what);
       t.false(err?.message.includes(hex.slice(4, 20)), `${what}: the message does not quote the key`);
     }
   }
@@ -62,7 +64,8 @@ test('masterKeyFromBytes zeroes the raw bytes it decoded, and those it refused',
     'raw bytes zeroed after a good key',
   );
   const bad = Buffer.from(`${hex.slice(1)}\n`);
-  t.throws(() => masterKeyFromBytes(bad, WHAT), { message: /MASTER_KEY_INVALID/ });
+  const err = t.throws(() => masterKeyFromBytes(bad, WHAT), { instanceOf: WorkerFault });
+  t.is(err?.error.code, 'MASTER_KEY_INVALID');
   t.true(
     bad.every((b) => b === 0),
     'raw bytes zeroed after a bad key',

@@ -6,11 +6,11 @@
  * covered by the tests that run the real daemon.
  */
 import test from 'ava';
+import type { EncryptResult, ItemResult, Kms, KmsHealth, RotationStatus } from '../src/api/index.js';
 import { kmsError } from '../src/errors.js';
 import { loadDaemonConfig } from '../src/kms-server/config.js';
 import { startDaemon } from '../src/kms-server/serve.js';
 import { createLogger } from '../src/log.js';
-import type { EncryptResult, ItemResult, Kms, KmsHealth, RotationStatus } from '../src/protocol.js';
 import { decodeResult, encodeRequest, FRAME_RESULT } from '../src/wire/bridge-codec.js';
 import { BridgeSocket, postJson, request } from './helpers/kms-daemon.js';
 

@@ -6,7 +6,7 @@
  */
 import http from 'node:http';
 import test, { type ExecutionContext } from 'ava';
-import type { DekInfo, EncryptResult, ItemResult } from '../src/protocol.js';
+import type { DekInfo, EncryptResult, ItemResult } from '../src/api/index.js';
 import {
   decodeResult,
   encodeRequest,

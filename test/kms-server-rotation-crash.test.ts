@@ -7,8 +7,8 @@
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
+import type { EncryptResult, Kms } from '../src/api/index.js';
 import type { CodedError } from '../src/errors.js';
-import type { EncryptResult, Kms } from '../src/protocol.js';
 import { createRemoteKms } from '../src/remote/index.js';
 import { type Daemon, keygen, spawnDaemon } from './helpers/kms-daemon.js';
 import { until } from './helpers/processes.js';

@@ -5,7 +5,7 @@
  * external KMS sends one request per page of messages instead of one per message.
  */
 import test, { type ExecutionContext } from 'ava';
-import type { DecryptItem, EncryptResult, ItemResult, Kms } from '../src/protocol.js';
+import type { DecryptItem, EncryptResult, ItemResult, Kms } from '../src/api/index.js';
 import { createRemoteKms } from '../src/remote/index.js';
 import { openKms } from './helpers/kms.js';
 import { b64, type Daemon, postJson, request, spawnDaemon } from './helpers/kms-daemon.js';

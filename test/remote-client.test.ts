@@ -7,10 +7,10 @@
 import { randomFillSync } from 'node:crypto';
 import http from 'node:http';
 import test, { type ExecutionContext } from 'ava';
+import type { Kms } from '../src/api/index.js';
 import type { CodedError } from '../src/errors.js';
 import { MAX_AAD_BYTES, MAX_CIPHERTEXT_BYTES, MAX_PLAINTEXT_BYTES } from '../src/kms/validate-args.js';
 import { DEFAULT_MAX_BODY_BYTES } from '../src/kms-server/config.js';
-import type { Kms } from '../src/protocol.js';
 import { createRemoteKms } from '../src/remote/index.js';
 import { DEFAULT_MAX_FRAME_BYTES, decodeError } from '../src/wire/bridge-codec.js';
 import { expectCode, openKms, sealAndOpen, sealedMessages } from './helpers/kms.js';

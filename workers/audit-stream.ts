@@ -15,7 +15,7 @@
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { type AuditHeadRecord, parseHeads, type SessionClaim, type StreamHead } from '../src/audit-link.js';
-import type { AuditFields, VerifyAuditResult } from '../src/protocol.js';
+import type { AuditFields, VerifyAuditResult } from '../src/worker-abi/index.js';
 
 const MAC_BYTES = 32;
 const MAC_FIELD = ',"mac":"';

@@ -10,7 +10,6 @@ import { createHmac, timingSafeEqual } from 'node:crypto';
 import fs from 'node:fs';
 import { BroadcastChannel, threadId } from 'node:worker_threads';
 import { move, transferableSymbol, valueSymbol, workerData } from 'piscina';
-import type { ErrorCode } from '../src/errors.js';
 import {
   CIPHERTEXT_OVERHEAD,
   ciphertextKeyVersion,
@@ -23,29 +22,32 @@ import {
 import {
   type AuditFields,
   type BatchResult,
+  BatchResultWriter,
   type BatchTask,
+  BatchTaskReader,
   type CheckKekResult,
   type CheckKekTask,
   type DekRef,
+  type ErrorCode,
   type KekRef,
   type NewKekResult,
   type NewKekTask,
-  OP_SLOTS,
   OpKind,
-  opOutputBytes,
-  opSlotBytes,
-  RESULT_SLOTS,
+  type TaskOutcome,
   type VerifyAuditResult,
   type VerifyAuditTask,
+  type WorkerError,
   type WorkerInit,
   type WorkerTask,
+  workerError,
   type ZeroizeResult,
-} from '../src/protocol.js';
+} from '../src/worker-abi/index.js';
 import { AuthFailure, newKey, openInto, sealInto, unwrapKey, wrapKeyInto } from './aead.js';
 import { AuditStream, type SealedBlock, verifyAuditFile } from './audit-stream.js';
+import { faultOf, WorkerFault } from './fault.js';
 import { IdleSpin } from './idle-spin.js';
 import { KeyCache } from './key-cache.js';
-import { coded, loadRootKeys, type RootKeys } from './master-key.js';
+import { loadRootKeys, type RootKeys } from './master-key.js';
 
 const init = workerData as WorkerInit;
 
@@ -72,7 +74,8 @@ let auditFailure: string | null = null;
  * order because a worker runs one task at a time.
  */
 function appendAudit(block: SealedBlock): void {
-  if (auditFailure !== null) throw coded('AUDIT_WRITE_FAILED', `audit log unavailable (${auditFailure})`);
+  if (auditFailure !== null)
+    throw new WorkerFault('AUDIT_WRITE_FAILED', `audit log unavailable (${auditFailure})`);
   try {
     if (auditFd < 0) auditFd = fs.openSync(init.auditFile!, 'a', 0o600);
     let written = 0;
@@ -82,7 +85,10 @@ function appendAudit(block: SealedBlock): void {
     if (init.auditFsyncEachWrite) fs.fdatasyncSync(auditFd);
   } catch (err) {
     auditFailure = (err as NodeJS.ErrnoException).code ?? 'write error';
-    throw coded('AUDIT_WRITE_FAILED', `audit log write failed (${auditFailure}); operation refused`);
+    throw new WorkerFault(
+      'AUDIT_WRITE_FAILED',
+      `audit log write failed (${auditFailure}); operation refused`,
+    );
   }
 }
 
@@ -125,13 +131,17 @@ function kekFor(version: number, refs: readonly KekRef[]): Buffer {
   if (cached !== undefined) return cached;
   const ref = refs.find((k) => k.version === version);
   // The main thread supplies every KEK version the registry holds for the task's keys.
-  if (ref === undefined) throw coded('STORE_CORRUPT', `KEK version ${version} is missing from the registry`);
+  if (ref === undefined)
+    throw new WorkerFault('STORE_CORRUPT', `KEK version ${version} is missing from the registry`);
   let key: Buffer;
   try {
     key = unwrapKey(roots().kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(ref.kekId, ref.version), ref.wrapped);
   } catch (err) {
     if (err instanceof AuthFailure) {
-      throw coded('MASTER_KEY_MISMATCH', 'the master key cannot unwrap the stored KEK: wrong master key');
+      throw new WorkerFault(
+        'MASTER_KEY_MISMATCH',
+        'the master key cannot unwrap the stored KEK: wrong master key',
+      );
     }
     throw err;
   }
@@ -168,17 +178,18 @@ function lookupDek(dek: DekRef, task: BatchTask): Buffer {
     key = unwrapKey(kek, WRAP_KIND_DEK, dek.kekVersion, dekIdentity(dek.keyId, dek.keyVersion), dek.wrapped);
   } catch (err) {
     // A stored wrapped DEK that fails authentication is corrupt (or was swapped): never a user error.
-    if (err instanceof AuthFailure) throw coded('STORE_CORRUPT', `wrapped DEK ${dek.keyId} failed to unwrap`);
+    if (err instanceof AuthFailure)
+      throw new WorkerFault('STORE_CORRUPT', `wrapped DEK ${dek.keyId} failed to unwrap`);
     throw err;
   }
   deks.set(id, key);
   return key;
 }
 
-function codeOf(err: unknown): ErrorCode {
-  if (err instanceof AuthFailure) return 'DECRYPT_FAILED';
-  const match = err instanceof Error ? /^\[([A-Z_]+)\]/.exec(err.message) : null;
-  return (match?.[1] as ErrorCode | undefined) ?? 'INTERNAL';
+/** What one op's failure reports: a tag mismatch is the caller's tampered data or wrong key/AAD. */
+function opErrorOf(err: unknown): WorkerError {
+  if (err instanceof AuthFailure) return workerError('DECRYPT_FAILED');
+  return faultOf(err) ?? workerError('INTERNAL');
 }
 
 let isoMillis = 0;
@@ -193,105 +204,93 @@ function isoNow(): string {
   return isoText;
 }
 
+/** Runs op `i` of a batch, writing its output over its own slot of `batch.data`. */
+function runOp(batch: BatchTaskReader, i: number, dek: DekRef | null): void {
+  const task = batch.task;
+  const kind = batch.kind(i);
+  const input = batch.input(i);
+  const aad = batch.aad(i);
+  const out = batch.data;
+  const outPos = batch.outputOffset(i);
+  switch (kind) {
+    case OpKind.encrypt:
+      sealInto(dekFor(dek!, task), dek!.keyVersion, input, aad, out, outPos);
+      return;
+    case OpKind.decrypt:
+      // The main thread chose `dek` by the version this ciphertext names.
+      openInto(dekFor(dek!, task), input, aad, out, outPos);
+      return;
+    case OpKind.reencrypt: {
+      // `dek` is the current version; the source the one the ciphertext names.
+      const source = batch.sourceDek(i)!;
+      if (ciphertextKeyVersion(input) !== source.keyVersion) throw new AuthFailure();
+      const plain = Buffer.alloc(input.length - CIPHERTEXT_OVERHEAD);
+      try {
+        openInto(dekFor(source, task), input, aad, plain, 0);
+        sealInto(dekFor(dek!, task), dek!.keyVersion, plain, aad, out, outPos);
+      } finally {
+        plain.fill(0);
+      }
+      return;
+    }
+    case OpKind.generate: {
+      const key = newKey();
+      const kek = kekFor(task.targetKekVersion, task.keks);
+      const identity = dekIdentity(dek!.keyId, dek!.keyVersion);
+      wrapKeyInto(kek, WRAP_KIND_DEK, task.targetKekVersion, identity, key, out, outPos);
+      deks.set(dekCacheId(dek!), key);
+      return;
+    }
+    case OpKind.rewrap: {
+      const cached = deks.get(dekCacheId(dek!));
+      const key = cached ?? unwrapForRewrap(dek!, task);
+      try {
+        const kek = kekFor(task.targetKekVersion, task.keks);
+        const identity = dekIdentity(dek!.keyId, dek!.keyVersion);
+        wrapKeyInto(kek, WRAP_KIND_DEK, task.targetKekVersion, identity, key, out, outPos);
+      } finally {
+        // Bulk rotation must not flood the cache: a key unwrapped only to rewrap is dropped.
+        if (cached === undefined) key.fill(0);
+      }
+      return;
+    }
+    case OpKind.note:
+      return;
+    default:
+      throw new WorkerFault('UNSUPPORTED_OPERATION', `unknown op kind ${kind}`);
+  }
+}
+
 function runBatch(task: BatchTask): BatchResult {
-  const ops = task.ops;
-  const count = ops.length / OP_SLOTS;
-  // Outputs are written in place, each over its op's own slot of the buffer that brought the input,
-  // and that buffer goes back: one allocation per task, made (and zeroed) by the main thread.
-  const out = Buffer.from(task.data);
-  const results = new Int32Array(count * RESULT_SLOTS);
-  const errors: ErrorCode[] = [];
-  const errorIndex = (code: ErrorCode): number => {
-    const at = errors.indexOf(code);
-    return at >= 0 ? at : errors.push(code) - 1;
-  };
+  const batch = new BatchTaskReader(task);
+  const results = new BatchResultWriter(batch.count);
   // Notes need no key, but their audit lines need the audit key: a worker whose first task held
   // only notes (get_wrapped, say) would otherwise have had no stream to write them to.
   roots();
   const ts = isoNow();
   // After a failed audit write nothing more is computed: no key use without its audit line.
-  const refused: ErrorCode | null = auditFailure === null ? null : 'AUDIT_WRITE_FAILED';
+  const refused =
+    auditFailure === null
+      ? null
+      : workerError('AUDIT_WRITE_FAILED', `audit log unavailable (${auditFailure})`);
 
-  for (let i = 0; i < count; i++) {
-    const base = i * OP_SLOTS;
-    const kind = ops[base]!;
-    const dek = ops[base + 1]! >= 0 ? task.deks[ops[base + 1]!]! : null;
-    const input = out.subarray(ops[base + 2]!, ops[base + 2]! + ops[base + 3]!);
-    const aad = ops[base + 5]! > 0 ? out.subarray(ops[base + 4]!, ops[base + 4]! + ops[base + 5]!) : null;
-    const preError = ops[base + 7]!;
-    const outPos = ops[base + 8]!;
-    const size = opOutputBytes(kind, input.length);
-    let code: ErrorCode | null = refused ?? (preError >= 0 ? task.errors[preError]! : null);
-    let keyVersion = dek?.keyVersion ?? 0;
-    if (code === null) {
+  for (let i = 0; i < batch.count; i++) {
+    const dek = batch.dek(i);
+    const preError = batch.preError(i);
+    let error: WorkerError | null = refused ?? (preError === null ? null : workerError(preError));
+    if (error === null) {
       try {
-        switch (kind) {
-          case OpKind.encrypt:
-            sealInto(dekFor(dek!, task), dek!.keyVersion, input, aad, out, outPos);
-            break;
-          case OpKind.decrypt:
-            // The main thread chose `dek` by the version this ciphertext names.
-            openInto(dekFor(dek!, task), input, aad, out, outPos);
-            break;
-          case OpKind.reencrypt: {
-            // deks[dekIndex] is the current version; deks[dekIndex + 1] the one the ciphertext names.
-            const source = task.deks[ops[base + 1]! + 1]!;
-            if (ciphertextKeyVersion(input) !== source.keyVersion) throw new AuthFailure();
-            const plain = Buffer.alloc(input.length - CIPHERTEXT_OVERHEAD);
-            try {
-              openInto(dekFor(source, task), input, aad, plain, 0);
-              sealInto(dekFor(dek!, task), dek!.keyVersion, plain, aad, out, outPos);
-            } finally {
-              plain.fill(0);
-            }
-            break;
-          }
-          case OpKind.generate: {
-            const key = newKey();
-            const kek = kekFor(task.targetKekVersion, task.keks);
-            const identity = dekIdentity(dek!.keyId, dek!.keyVersion);
-            wrapKeyInto(kek, WRAP_KIND_DEK, task.targetKekVersion, identity, key, out, outPos);
-            deks.set(dekCacheId(dek!), key);
-            break;
-          }
-          case OpKind.rewrap: {
-            const cached = deks.get(dekCacheId(dek!));
-            const key = cached ?? unwrapForRewrap(dek!, task);
-            try {
-              const kek = kekFor(task.targetKekVersion, task.keks);
-              const identity = dekIdentity(dek!.keyId, dek!.keyVersion);
-              wrapKeyInto(kek, WRAP_KIND_DEK, task.targetKekVersion, identity, key, out, outPos);
-            } finally {
-              // Bulk rotation must not flood the cache: a key unwrapped only to rewrap is dropped.
-              if (cached === undefined) key.fill(0);
-            }
-            break;
-          }
-          case OpKind.note:
-            break;
-          default:
-            throw coded('UNSUPPORTED_OPERATION', `unknown op kind ${kind}`);
-        }
+        runOp(batch, i, dek);
       } catch (err) {
-        code = codeOf(err);
-        keyVersion = 0;
-        out.fill(0, outPos, outPos + opSlotBytes(kind, input.length));
+        error = opErrorOf(err);
+        batch.clearOutput(i);
       }
     }
-    const r = i * RESULT_SLOTS;
-    if (code === null) {
-      results[r] = -1;
-      results[r + 1] = outPos;
-      results[r + 2] = size;
-    } else {
-      results[r] = errorIndex(code);
-      results[r + 1] = 0;
-      results[r + 2] = 0;
-    }
-    results[r + 3] = keyVersion;
-    const auditAt = ops[base + 6]!;
-    if (auditAt >= 0 && auditStream !== null) {
-      auditStream.add(task.audit[auditAt]!, ts, code === null ? 'ok' : 'error', code);
+    if (error === null) results.ok(i, batch.outputOffset(i), batch.outputBytes(i), dek?.keyVersion ?? 0);
+    else results.fail(i, error);
+    const audit = batch.audit(i);
+    if (audit !== null && auditStream !== null) {
+      auditStream.add(audit, ts, error === null ? 'ok' : 'error', error?.code ?? null);
     }
   }
 
@@ -302,16 +301,12 @@ function runBatch(task: BatchTask): BatchResult {
       audited = flushAudit();
     } catch (err) {
       // The lines were not written, so none of this task's results may be released.
-      out.fill(0);
-      results.fill(0);
-      const at = errorIndex(codeOf(err));
-      for (let i = 0; i < count; i++) results[i * RESULT_SLOTS] = at;
+      batch.data.fill(0);
+      results.failAll(opErrorOf(err));
     }
   }
   const auditHead = audited ? (auditStream?.head() ?? undefined) : undefined;
-  const result: BatchResult = { results, out: out.buffer as ArrayBuffer, errors, audited, auditHead };
-  const transfer: ArrayBuffer[] = [results.buffer as ArrayBuffer, out.buffer as ArrayBuffer];
-  return move({ [transferableSymbol]: transfer, [valueSymbol]: result }) as unknown as BatchResult;
+  return results.finish(batch.data.buffer as ArrayBuffer, audited, auditHead);
 }
 
 function unwrapForRewrap(dek: DekRef, task: BatchTask): Buffer {
@@ -319,7 +314,8 @@ function unwrapForRewrap(dek: DekRef, task: BatchTask): Buffer {
   try {
     return unwrapKey(kek, WRAP_KIND_DEK, dek.kekVersion, dekIdentity(dek.keyId, dek.keyVersion), dek.wrapped);
   } catch (err) {
-    if (err instanceof AuthFailure) throw coded('STORE_CORRUPT', `wrapped DEK ${dek.keyId} failed to unwrap`);
+    if (err instanceof AuthFailure)
+      throw new WorkerFault('STORE_CORRUPT', `wrapped DEK ${dek.keyId} failed to unwrap`);
     throw err;
   }
 }
@@ -370,9 +366,9 @@ function checkKek(task: CheckKekTask): CheckKekResult {
       kekFor(kek.version, task.keks);
       proven = true;
     } catch (err) {
-      if (codeOf(err) !== 'MASTER_KEY_MISMATCH') throw err;
+      if (faultOf(err)?.code !== 'MASTER_KEY_MISMATCH') throw err;
       if (!proven) return { ok: false, kcv: null };
-      throw coded(
+      throw new WorkerFault(
         'STORE_CORRUPT',
         `stored KEK version ${kek.version} fails to unwrap although the master key matches this ` +
           'data directory (its key check value): the registry is corrupt',
@@ -396,19 +392,35 @@ function verifyAudit(task: VerifyAuditTask): VerifyAuditResult {
 const idleSpin = init.idleSpin === null ? null : new IdleSpin(init.idleSpin);
 
 export default function handle(task: WorkerTask): unknown {
-  if (idleSpin === null) return runTask(task);
+  if (idleSpin === null) return answer(task);
   idleSpin.taskStarted();
   try {
-    return runTask(task);
+    return answer(task);
   } finally {
     idleSpin.taskEnded();
   }
 }
 
-function runTask(task: WorkerTask): unknown {
+/**
+ * Runs a task and wraps its outcome. A reported failure returns as data; anything unexpected is
+ * rethrown, so the main thread sees it as INTERNAL with its cause.
+ */
+function answer(task: WorkerTask): unknown {
+  try {
+    if (task.type !== 'batch') return { ok: true, value: runTask(task) } satisfies TaskOutcome<unknown>;
+    const result = runBatch(task);
+    const outcome: TaskOutcome<BatchResult> = { ok: true, value: result };
+    // The bytes go back moved, not copied.
+    return move({ [transferableSymbol]: BatchResultWriter.transferList(result), [valueSymbol]: outcome });
+  } catch (err) {
+    const error = faultOf(err);
+    if (error === null) throw err;
+    return { ok: false, error } satisfies TaskOutcome<unknown>;
+  }
+}
+
+function runTask(task: Exclude<WorkerTask, BatchTask>): unknown {
   switch (task.type) {
-    case 'batch':
-      return runBatch(task);
     case 'new-kek':
       return newKek(task);
     case 'check-kek':

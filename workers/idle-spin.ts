@@ -11,7 +11,7 @@
  * The spin runs from setImmediate, after Piscina has posted the task's result.
  */
 import { threadId } from 'node:worker_threads';
-import { IDLE_SPIN_WORKER_SLOTS, IdleSpinSlot, type WorkerInit } from '../src/protocol.js';
+import { IDLE_SPIN_WORKER_SLOTS, IdleSpinSlot, type WorkerInit } from '../src/worker-abi/index.js';
 
 /** Weight of the newest idle gap in the moving average. */
 const GAP_WEIGHT = 1 / 4;

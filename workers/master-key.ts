@@ -13,24 +13,20 @@
 import { hkdfSync } from 'node:crypto';
 import fs from 'node:fs';
 import { parse as parseYaml } from 'yaml';
-import { describeMasterKeyRef, type MasterKeyRef } from '../src/protocol.js';
+import { describeMasterKeyRef, type MasterKeyRef } from '../src/worker-abi/index.js';
+import { WorkerFault } from './fault.js';
 
 export interface RootKeys {
   kekWrapKey: Buffer;
   auditKey: Buffer;
 }
 
-/** Error messages carry a stable code in brackets; the main thread turns it back into a CodedError. */
-export function coded(code: string, message: string): Error {
-  return new Error(`[${code}] ${message}`);
-}
-
 export const MASTER_KEY_BYTES = 32;
 /** A key file is 64 hex characters and perhaps a newline; anything much larger is not a key file. */
 const MAX_KEY_FILE_BYTES = 4096;
 
-function invalidKey(what: string): Error {
-  return coded('MASTER_KEY_INVALID', `${what} must hold exactly 64 hex characters (32 bytes)`);
+function invalidKey(what: string): WorkerFault {
+  return new WorkerFault('MASTER_KEY_INVALID', `${what} must hold exactly 64 hex characters (32 bytes)`);
 }
 
 function isSpace(c: number): boolean {
@@ -89,13 +85,13 @@ function readKeyFile(file: string, what: string, allowOpen: boolean): Buffer {
     fd = fs.openSync(file, 'r');
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    throw coded('MASTER_KEY_MISSING', `cannot read ${what} (${code ?? 'error'})`);
+    throw new WorkerFault('MASTER_KEY_MISSING', `cannot read ${what} (${code ?? 'error'})`);
   }
   try {
     const stat = fs.fstatSync(fd);
-    if (!stat.isFile()) throw coded('MASTER_KEY_INVALID', `${what} is not a regular file`);
+    if (!stat.isFile()) throw new WorkerFault('MASTER_KEY_INVALID', `${what} is not a regular file`);
     if (!allowOpen && (stat.mode & 0o077) !== 0) {
-      throw coded(
+      throw new WorkerFault(
         'MASTER_KEY_FILE_OPEN',
         `${what} is accessible by group or others (mode ${(stat.mode & 0o777).toString(8)}): ` +
           'chmod 600 it, or pass --allow-open-key-file',
@@ -113,7 +109,7 @@ function readKeyFile(file: string, what: string, allowOpen: boolean): Buffer {
     } catch (err) {
       raw.fill(0);
       const code = (err as NodeJS.ErrnoException).code;
-      throw coded('MASTER_KEY_MISSING', `cannot read ${what} (${code ?? 'error'})`);
+      throw new WorkerFault('MASTER_KEY_MISSING', `cannot read ${what} (${code ?? 'error'})`);
     }
     if (length > MAX_KEY_FILE_BYTES) {
       raw.fill(0);
@@ -133,7 +129,8 @@ function readMasterKey(ref: MasterKeyRef): Buffer {
       return masterKeyFromBytes(readKeyFile(ref.path, what, ref.allowOpen === true), what);
     case 'env': {
       const value = process.env[ref.name];
-      if (value === undefined || value === '') throw coded('MASTER_KEY_MISSING', `${what} is not set`);
+      if (value === undefined || value === '')
+        throw new WorkerFault('MASTER_KEY_MISSING', `${what} is not set`);
       return decodeHexKey(value, what);
     }
     case 'config': {
@@ -141,10 +138,10 @@ function readMasterKey(ref: MasterKeyRef): Buffer {
       try {
         doc = parseYaml(fs.readFileSync(ref.path, 'utf8'));
       } catch {
-        throw coded('MASTER_KEY_MISSING', `cannot read or parse config file ${ref.path}`);
+        throw new WorkerFault('MASTER_KEY_MISSING', `cannot read or parse config file ${ref.path}`);
       }
       const value = (doc as { master_key?: unknown } | null)?.master_key;
-      if (typeof value !== 'string') throw coded('MASTER_KEY_MISSING', `${what} is missing`);
+      if (typeof value !== 'string') throw new WorkerFault('MASTER_KEY_MISSING', `${what} is missing`);
       return decodeHexKey(value, what);
     }
   }

@@ -23,8 +23,8 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { BlockList, isIPv4, type Socket } from 'node:net';
 import type { TLSSocket, TlsOptions } from 'node:tls';
+import type { CallContext } from '../api/index.js';
 import { type CodedError, kmsError } from '../errors.js';
-import type { CallContext } from '../protocol.js';
 
 export interface TokenEntry {
   name: string;

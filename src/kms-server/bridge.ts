@@ -30,11 +30,11 @@
  */
 import net, { type AddressInfo, type Server, type Socket } from 'node:net';
 import tls from 'node:tls';
+import type { CallContext, ItemResult, Kms } from '../api/index.js';
 import { type CodedError, kmsError, toCodedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { type KmsOp, type KmsRequest, labelOf, opOf } from '../ops/index.js';
 import type { AnyOp } from '../ops/op.js';
-import type { CallContext, ItemResult, Kms } from '../protocol.js';
 import {
   decodeAuth,
   decodeRequest,

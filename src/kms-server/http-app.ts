@@ -6,9 +6,9 @@
  */
 import Router from '@koa/router';
 import Koa from 'koa';
+import type { CallContext } from '../api/index.js';
 import { type CodedError, errorBody, kmsError, toCodedError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { CallContext } from '../protocol.js';
 import { type Authenticator, bearerToken } from './auth.js';
 import { readJsonBody } from './body.js';
 import type { RouteInput, RouteServices, RouteSpec } from './route.js';

@@ -9,8 +9,8 @@
  * small metric of our own that renders the same series prom-client's Histogram would.
  */
 import { Counter, collectDefaultMetrics, Gauge, type Metric, Registry } from 'prom-client';
+import type { KmsHealth } from '../api/index.js';
 import type { CodedError } from '../errors.js';
-import type { KmsHealth } from '../protocol.js';
 
 export type Transport = 'http' | 'bridge';
 /** Why a listener closed a connection itself (see serve.ts and bridge.ts). */

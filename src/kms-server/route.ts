@@ -4,10 +4,11 @@
  * runner through which single and batch requests take one code path, and `opRoute`, which makes
  * the route of a KMS operation from its declaration in src/ops/.
  */
+
+import type { CallContext, ItemResult, Kms } from '../api/index.js';
 import { type CodedError, errorBody, kmsError, toCodedError } from '../errors.js';
 import { labelOf } from '../ops/index.js';
 import type { AnyOp } from '../ops/op.js';
-import type { CallContext, ItemResult, Kms } from '../protocol.js';
 import { decodeBase64Field } from '../wire/base64.js';
 import type { DaemonMetrics } from './metrics.js';
 

@@ -6,10 +6,10 @@
 import http from 'node:http';
 import https from 'node:https';
 import type { AddressInfo, Socket } from 'node:net';
+import type { Kms } from '../api/index.js';
 import { createKms } from '../kms/index.js';
 import { type KmsOptions, resolveMaxBatch } from '../kms/options.js';
 import { createLogger, type Logger } from '../log.js';
-import type { Kms } from '../protocol.js';
 import { formatHostPort } from '../wire/endpoint.js';
 import { listenError, listenOn } from '../wire/listen.js';
 import { Authenticator } from './auth.js';

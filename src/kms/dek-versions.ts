@@ -6,7 +6,7 @@
  */
 import { kmsError } from '../errors.js';
 import { ciphertextKeyVersion } from '../format.js';
-import type { DekRef } from '../protocol.js';
+import type { DekRef } from '../worker-abi/index.js';
 
 export interface DekVersionRecord {
   v: number;

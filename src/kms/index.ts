@@ -7,30 +7,32 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import type {
+  CallContext,
+  DecryptItem,
+  DekInfo,
+  DestroyResult,
+  EncryptItem,
+  EncryptResult,
+  ItemResult,
+  Kms,
+  KmsHealth,
+  RotationStatus,
+  VerifyAuditResult,
+} from '../api/index.js';
 import { type CodedError, type ErrorCode, kmsError, toCodedError } from '../errors.js';
 import { CIPHERTEXT_OVERHEAD } from '../format.js';
 import { type Logger, silentLogger } from '../log.js';
 import {
   type AuditFields,
-  type CallContext,
   type CheckKekResult,
-  type DecryptItem,
-  type DekInfo,
   type DekRef,
-  type DestroyResult,
-  type EncryptItem,
-  type EncryptResult,
-  type ItemResult,
   type KekRef,
-  type Kms,
-  type KmsHealth,
   type NewKekResult,
   type NewKekTask,
   OpKind,
   type OpKindValue,
-  type RotationStatus,
-  type VerifyAuditResult,
-} from '../protocol.js';
+} from '../worker-abi/index.js';
 import { AUDIT_FILE_NAME, AuditFile } from './audit-file.js';
 import { AuditHeadKeeper } from './audit-head-keeper.js';
 import {

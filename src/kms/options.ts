@@ -7,7 +7,7 @@ import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { kmsError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { MasterKeyRef } from '../protocol.js';
+import type { MasterKeyRef } from '../worker-abi/index.js';
 
 export interface KmsOptions {
   /** LMDB registry and kms-audit.log live here. Env: PROGRESSDB_KMS_DATA_DIR. */

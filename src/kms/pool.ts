@@ -11,27 +11,26 @@ import { availableParallelism } from 'node:os';
 import { BroadcastChannel } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import type { StreamHead } from '../audit-link.js';
-import { type ErrorCode, toCodedError } from '../errors.js';
+import { type CodedError, type ErrorCode, kmsError, toCodedError } from '../errors.js';
 import {
   type AuditFields,
   type BatchResult,
-  type BatchTask,
+  BatchResultReader,
+  BatchTaskWriter,
   type DekRef,
   IDLE_SPIN_SIGNAL_BYTES,
   IDLE_SPIN_WORKER_SLOTS,
   IdleSpinSlot,
   type KekRef,
-  OP_SLOTS,
   OpKind,
   type OpKindValue,
-  opSlotBytes,
-  PLAINTEXT_LEAD,
-  RESULT_SLOTS,
+  type TaskOutcome,
+  type WorkerError,
   type WorkerInit,
   type WorkerTask,
   type ZeroizeResult,
   type ZeroizeTask,
-} from '../protocol.js';
+} from '../worker-abi/index.js';
 
 /** Settles one op: `error` null on success, with the output bytes and the DEK version used. */
 export type OpCallback = (error: ErrorCode | null, output: Buffer | null, keyVersion: number) => void;
@@ -69,11 +68,8 @@ const MIN_SPLIT_OPS = 8;
 /** Bytes packed into one task before it leaves even if it has fewer than maxBatch ops. */
 const MAX_TASK_BYTES = 1 << 20;
 
-const EMPTY = new Uint8Array(0);
-
-/** Bytes an op takes in its task's buffer: its slot (input and output room) and its AAD. */
 function opBytes(op: PendingOp): number {
-  return opSlotBytes(op.kind, op.input?.length ?? 0) + (op.aad?.length ?? 0);
+  return BatchTaskWriter.bytesFor(op.kind, op.input?.length ?? 0, op.aad?.length ?? 0);
 }
 
 type LoadBalancer = NonNullable<NonNullable<ConstructorParameters<typeof Piscina>[0]>['loadBalancer']>;
@@ -118,12 +114,28 @@ export function workerFile(name: 'crypto' | 'keygen'): string {
   return new URL(`../../workers/${name}${ext}`, import.meta.url).href;
 }
 
-/** Maps an error thrown in a worker (`[CODE] message`) back to a CodedError. */
-export function fromWorkerError(err: unknown): ReturnType<typeof toCodedError> {
-  const message = err instanceof Error ? err.message : String(err);
-  const match = /^\[([A-Z_]+)\] ([\s\S]*)$/.exec(message);
-  if (match) return toCodedError({ code: match[1], message: match[2] });
-  return toCodedError(err);
+/** A failure a worker reported as data, as the CodedError it stands for (same code and message). */
+export function fromWorkerError(error: WorkerError): CodedError {
+  return kmsError(error.code, error.message);
+}
+
+/**
+ * Runs a task and unwraps its outcome. A failure the worker reported becomes its CodedError; a
+ * rejection (the worker crashed, or threw something unexpected) becomes INTERNAL, cause kept.
+ */
+export async function runTask<T>(
+  piscina: Piscina,
+  task: WorkerTask,
+  transferList?: ArrayBuffer[],
+): Promise<T> {
+  let outcome: TaskOutcome<T>;
+  try {
+    outcome = (await piscina.run(task, transferList === undefined ? {} : { transferList })) as TaskOutcome<T>;
+  } catch (err) {
+    throw toCodedError(err);
+  }
+  if (!outcome.ok) throw fromWorkerError(outcome.error);
+  return outcome.value;
 }
 
 export class CryptoPool {
@@ -173,12 +185,8 @@ export class CryptoPool {
   }
 
   /** Runs a non-batch task (KEK creation, start-up check, audit verification). */
-  async run<T>(task: WorkerTask): Promise<T> {
-    try {
-      return (await this.#piscina.run(task)) as T;
-    } catch (err) {
-      throw fromWorkerError(err);
-    }
+  run<T>(task: WorkerTask): Promise<T> {
+    return runTask<T>(this.#piscina, task);
   }
 
   enqueue(op: PendingOp): void {
@@ -225,49 +233,37 @@ export class CryptoPool {
    * given, and returns the raw result: bulk work such as KEK rotation, with no callback per key.
    * Result slot i belongs to deks[i].
    */
-  async runBulk(kind: OpKindValue, deks: DekRef[], audit: AuditFields | null): Promise<BatchResult> {
-    const count = deks.length + (audit === null ? 0 : 1);
-    const ops = new Int32Array(count * OP_SLOTS).fill(-1);
+  async runBulk(kind: OpKindValue, deks: DekRef[], audit: AuditFields | null): Promise<BatchResultReader> {
     const kekVersions = new Set<number>([this.#opts.activeKekVersion()]);
-    const slot = opSlotBytes(kind, 0);
+    const slot = BatchTaskWriter.bytesFor(kind, 0, 0);
+    const writer = new BatchTaskWriter(deks.length + (audit === null ? 0 : 1), deks.length * slot);
     for (let i = 0; i < deks.length; i++) {
-      const base = i * OP_SLOTS;
-      ops[base] = kind;
-      ops[base + 1] = i;
-      ops[base + 2] = ops[base + 3] = ops[base + 4] = ops[base + 5] = 0;
-      ops[base + 8] = i * slot;
+      writer.add(kind, i, null, null, -1, -1);
       kekVersions.add(deks[i]!.kekVersion);
     }
-    if (audit !== null) {
-      const base = deks.length * OP_SLOTS;
-      ops[base] = OpKind.note;
-      ops[base + 2] = ops[base + 3] = ops[base + 4] = ops[base + 5] = 0;
-      ops[base + 6] = 0;
-      ops[base + 8] = deks.length * slot;
-    }
-    const task: BatchTask = {
-      type: 'batch',
+    if (audit !== null) writer.add(OpKind.note, -1, null, null, 0, -1);
+    const task = writer.finish({
       keks: this.#kekRefs(kekVersions),
       deks,
       targetKekVersion: this.#opts.activeKekVersion(),
-      ops,
-      data: new ArrayBuffer(deks.length * slot),
       audit: audit === null ? [] : [audit],
       errors: [],
-    };
+    });
     this.#inFlight++;
     try {
-      const transferList = [task.data, ops.buffer as ArrayBuffer];
-      const result = (await this.#piscina.run(task, { transferList })) as BatchResult;
-      if (result.audited || result.errors.includes('AUDIT_WRITE_FAILED')) {
-        this.#opts.onAudit(!result.audited, result.auditHead);
-      }
+      const result = new BatchResultReader(
+        await runTask<BatchResult>(this.#piscina, task, BatchTaskWriter.transferList(task)),
+      );
+      this.#reportAudit(result);
       return result;
-    } catch (err) {
-      throw fromWorkerError(err);
     } finally {
       this.#taskDone();
     }
+  }
+
+  #reportAudit(result: BatchResultReader): void {
+    const { audited, auditHead } = result.result;
+    if (audited || result.auditFailed) this.#opts.onAudit(!audited, auditHead);
   }
 
   #kekRefs(versions: Iterable<number>): KekRef[] {
@@ -280,8 +276,7 @@ export class CryptoPool {
   }
 
   #dispatch(batch: PendingOp[], bytes: number): void {
-    const data = new Uint8Array(new ArrayBuffer(bytes));
-    const ops = new Int32Array(batch.length * OP_SLOTS);
+    const writer = new BatchTaskWriter(batch.length, bytes);
     const deks: DekRef[] = [];
     const dekIndex = new Map<DekRef, number>();
     const kekVersions = new Set<number>();
@@ -290,7 +285,6 @@ export class CryptoPool {
     const auditIndex = new Map<AuditFields, number>();
     const errors: ErrorCode[] = [];
     const target = this.#opts.activeKekVersion();
-    let pos = 0;
     let needsTarget = false;
 
     // DekRefs are cached per record version, so object identity finds repeats of the same key.
@@ -306,74 +300,57 @@ export class CryptoPool {
 
     for (let i = 0; i < batch.length; i++) {
       const op = batch[i]!;
-      const base = i * OP_SLOTS;
-      ops[base] = op.kind;
+      let dekAt = -1;
       // Reencrypt needs its two DEK versions adjacent, so they are never shared with other ops.
-      if (op.deks.length === 0) ops[base + 1] = -1;
-      else if (op.deks.length === 1) ops[base + 1] = indexDek(op.deks[0]!, op.kind === OpKind.generate);
-      else {
-        ops[base + 1] = indexDek(op.deks[0]!, true);
+      if (op.deks.length === 1) dekAt = indexDek(op.deks[0]!, op.kind === OpKind.generate);
+      else if (op.deks.length > 1) {
+        dekAt = indexDek(op.deks[0]!, true);
         indexDek(op.deks[1]!, true);
       }
       if (op.kind === OpKind.generate || op.kind === OpKind.rewrap) needsTarget = true;
-      // The op's slot: its input, placed so that the worker can write the output over it.
-      const input = op.input ?? EMPTY;
-      const inputAt = op.kind === OpKind.encrypt ? pos + PLAINTEXT_LEAD : pos;
-      data.set(input, inputAt);
-      ops[base + 2] = inputAt;
-      ops[base + 3] = input.length;
-      ops[base + 8] = pos;
-      pos += opSlotBytes(op.kind, input.length);
-      const aad = op.aad ?? EMPTY;
-      data.set(aad, pos);
-      ops[base + 4] = pos;
-      ops[base + 5] = aad.length;
-      pos += aad.length;
-      if (op.audit === null) ops[base + 6] = -1;
-      else {
-        let at = auditIndex.get(op.audit);
-        if (at === undefined) {
-          at = audit.push(op.audit) - 1;
-          auditIndex.set(op.audit, at);
+      let auditAt = -1;
+      if (op.audit !== null) {
+        auditAt = auditIndex.get(op.audit) ?? -1;
+        if (auditAt < 0) {
+          auditAt = audit.push(op.audit) - 1;
+          auditIndex.set(op.audit, auditAt);
         }
-        ops[base + 6] = at;
       }
-      ops[base + 7] = op.preError === null ? -1 : errors.push(op.preError) - 1;
+      const errorAt = op.preError === null ? -1 : errors.push(op.preError) - 1;
+      writer.add(op.kind, dekAt, op.input, op.aad, auditAt, errorAt);
     }
     if (needsTarget) kekVersions.add(target);
-    const task: BatchTask = {
-      type: 'batch',
+    const task = writer.finish({
       keks: this.#kekRefs(kekVersions),
       deks,
       targetKekVersion: target,
-      ops,
-      data: data.buffer as ArrayBuffer,
       audit,
       errors,
-    };
+    });
     this.#inFlight++;
     // The bytes move, never copied: measured cheaper at every size from one op up.
-    this.#piscina.run(task, { transferList: [task.data, ops.buffer as ArrayBuffer] }).then(
-      (result: BatchResult) => this.#settle(batch, result),
-      (err: unknown) => this.#fail(batch, err),
+    this.#piscina.run(task, { transferList: BatchTaskWriter.transferList(task) }).then(
+      (outcome: TaskOutcome<BatchResult>) => {
+        if (outcome.ok) this.#settle(batch, new BatchResultReader(outcome.value));
+        else this.#fail(batch, outcome.error.code);
+      },
+      (err: unknown) => this.#fail(batch, toCodedError(err).code),
     );
   }
 
-  #settle(batch: PendingOp[], result: BatchResult): void {
+  #settle(batch: PendingOp[], result: BatchResultReader): void {
     this.#taskDone();
-    const { results, out, errors, audited } = result;
-    if (audited || errors.includes('AUDIT_WRITE_FAILED')) this.#opts.onAudit(!audited, result.auditHead);
+    this.#reportAudit(result);
     for (let i = 0; i < batch.length; i++) {
-      const r = i * RESULT_SLOTS;
-      const errorAt = results[r]!;
-      if (errorAt >= 0) batch[i]!.done(errors[errorAt] ?? 'INTERNAL', null, 0);
-      else batch[i]!.done(null, Buffer.from(out, results[r + 1]!, results[r + 2]!), results[r + 3]!);
+      const error = result.error(i);
+      if (error !== null) batch[i]!.done(error.code, null, 0);
+      else batch[i]!.done(null, result.output(i), result.keyVersion(i));
     }
   }
 
-  #fail(batch: PendingOp[], err: unknown): void {
+  /** The whole task failed: every op settles with its code (the main thread words the message). */
+  #fail(batch: PendingOp[], code: ErrorCode): void {
     this.#taskDone();
-    const code = fromWorkerError(err).code;
     for (const op of batch) op.done(code, null, 0);
   }
 
@@ -409,9 +386,11 @@ export class CryptoPool {
     await this.idle();
     const workers = this.#piscina.threads.length;
     const task: ZeroizeTask = { type: 'zeroize' };
-    const results = await Promise.allSettled(Array.from({ length: workers }, () => this.#piscina.run(task)));
+    const results = await Promise.allSettled(
+      Array.from({ length: workers }, () => runTask<ZeroizeResult>(this.#piscina, task)),
+    );
     const zeroed = new Set<number>();
-    for (const r of results) if (r.status === 'fulfilled') zeroed.add((r.value as ZeroizeResult).threadId);
+    for (const r of results) if (r.status === 'fulfilled') zeroed.add(r.value.threadId);
     this.#channel.close();
     await this.#piscina.destroy();
     return { workers, zeroed: zeroed.size };

@@ -12,16 +12,10 @@
  * parallel worker tasks while the previous batch's transaction commits.
  */
 
+import type { CallContext, RotationStatus } from '../api/index.js';
 import { kmsError } from '../errors.js';
 import { WRAPPED_KEY_BYTES } from '../format.js';
-import {
-  type AuditFields,
-  type CallContext,
-  type DekRef,
-  OpKind,
-  RESULT_SLOTS,
-  type RotationStatus,
-} from '../protocol.js';
+import { type AuditFields, type DekRef, OpKind } from '../worker-abi/index.js';
 import type { CryptoPool } from './pool.js';
 import type { DekRecord, DekVersionRecord, Registry, Rewrap, RotationRecord } from './registry.js';
 
@@ -241,12 +235,10 @@ export class KekRotation {
             : null;
         const result = await pool.runBulk(OpKind.rewrap, deks, audit);
         const rewraps: Rewrap[] = [];
-        for (let i = 0; i < result.results.length / RESULT_SLOTS; i++) {
-          const r = i * RESULT_SLOTS;
-          const error = result.results[r]!;
-          if (error >= 0) {
-            const code = result.errors[error] ?? 'INTERNAL';
-            throw kmsError(code, `KEK rotation batch failed (${code}); it will resume`);
+        for (let i = 0; i < result.count; i++) {
+          const error = result.error(i);
+          if (error !== null) {
+            throw kmsError(error.code, `KEK rotation batch failed (${error.code}); it will resume`);
           }
           if (i >= slice.length) continue; // the audit note
           const { record, version } = slice[i]!;
@@ -254,7 +246,7 @@ export class KekRotation {
             keyId: record.keyId,
             v: version.v,
             from: version.wrapped,
-            to: Buffer.from(result.out, result.results[r + 1]!, result.results[r + 2]!),
+            to: result.output(i),
             toKek: target,
           });
         }

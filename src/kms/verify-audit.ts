@@ -1,16 +1,12 @@
 /** Audit log verification in a one-off worker: the audit key is derived there and stays there. */
 import { Piscina } from 'piscina';
 import type { AuditHeadRecord } from '../audit-link.js';
-import type { MasterKeyRef, VerifyAuditResult, WorkerInit } from '../protocol.js';
-import { fromWorkerError, workerFile } from './pool.js';
+import type { MasterKeyRef, VerifyAuditResult, WorkerInit } from '../worker-abi/index.js';
+import { runTask, workerFile } from './pool.js';
 
-/** `head` is the data directory registry's audit head, which the log must reach (null: none). */
-export async function runVerifyAudit(
-  masterKey: MasterKeyRef,
-  file: string,
-  head: AuditHeadRecord | null,
-): Promise<VerifyAuditResult> {
-  const init: WorkerInit = {
+/** Init of a worker that runs one-off tasks: no DEKs to cache, no audit to write, no spinning. */
+export function oneOffWorkerInit(masterKey: MasterKeyRef): WorkerInit {
+  return {
     masterKey,
     dekCacheSize: 1,
     evictChannel: `progressdb-verify-${process.pid}`,
@@ -19,16 +15,22 @@ export async function runVerifyAudit(
     auditLink: null,
     idleSpin: null,
   };
+}
+
+/** `head` is the data directory registry's audit head, which the log must reach (null: none). */
+export async function runVerifyAudit(
+  masterKey: MasterKeyRef,
+  file: string,
+  head: AuditHeadRecord | null,
+): Promise<VerifyAuditResult> {
   const pool = new Piscina({
     filename: workerFile('crypto'),
     minThreads: 1,
     maxThreads: 1,
-    workerData: init,
+    workerData: oneOffWorkerInit(masterKey),
   });
   try {
-    return (await pool.run({ type: 'verify-audit', path: file, head })) as VerifyAuditResult;
-  } catch (err) {
-    throw fromWorkerError(err);
+    return await runTask<VerifyAuditResult>(pool, { type: 'verify-audit', path: file, head });
   } finally {
     await pool.destroy();
   }

@@ -1,5 +1,5 @@
 /** encrypt: under the key's current DEK version; batchable. */
-import type { EncryptItem } from '../protocol.js';
+import type { EncryptItem } from '../api/index.js';
 import { base64, record } from './fields.js';
 import { batchOp } from './op.js';
 import {

@@ -1,5 +1,5 @@
 /** health: the KMS health snapshot (authenticated; the daemon's /healthz is the bare probe). */
-import type { KmsHealth } from '../protocol.js';
+import type { KmsHealth } from '../api/index.js';
 import { bool, type Field, nested, record, text, uint } from './fields.js';
 import { singleOp } from './op.js';
 import { noParamsBinary, noParamsRecord, rotationStatusBinary, rotationStatusRecord } from './shapes.js';

@@ -4,8 +4,9 @@
  * directions, and how it runs against a Kms. The daemon's routes and bridge dispatch, the bridge
  * codec and the remote client are all derived from these declarations (src/ops/index.ts).
  */
+
+import type { CallContext, ItemResult, Kms } from '../api/index.js';
 import { fromWire } from '../errors.js';
-import type { CallContext, ItemResult, Kms } from '../protocol.js';
 import type { BodyReader, FrameWriter } from '../wire/bridge-codec.js';
 import type { JsonCodec, JsonRecord } from './fields.js';
 

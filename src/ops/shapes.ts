@@ -3,7 +3,7 @@
  * by side. JSON key order is the order of the record's properties; the bridge order is the
  * codec's, and both are part of the wire contract.
  */
-import { kmsError } from '../errors.js';
+
 import type {
   DecryptItem,
   DekInfo,
@@ -11,7 +11,8 @@ import type {
   EncryptResult,
   RotationState,
   RotationStatus,
-} from '../protocol.js';
+} from '../api/index.js';
+import { kmsError } from '../errors.js';
 import { encodeBase64 } from '../wire/base64.js';
 import {
   base64,

@@ -4,10 +4,10 @@
  */
 import http from 'node:http';
 import https from 'node:https';
+import type { ItemResult } from '../api/index.js';
 import { type CodedError, fromWire, kmsError } from '../errors.js';
 import type { WireObject } from '../ops/fields.js';
 import { type KmsRequest, opOf } from '../ops/index.js';
-import type { ItemResult } from '../protocol.js';
 import { formatHostPort } from '../wire/endpoint.js';
 import { MAX_OP_BODY_BYTES } from '../wire/http-json.js';
 import { type RemoteTlsOptions, type RemoteTransport, socketError, unavailable } from './transport.js';

@@ -8,10 +8,7 @@
  * "start, then poll until completed". The CallContext argument is not sent: the daemon records
  * the caller it authenticated (token name or certificate subject), which a client cannot forge.
  */
-import { kmsError, toCodedError } from '../errors.js';
-import { checkKeepFromVersion } from '../kms/dek-versions.js';
-import { checkDataArgs, checkId } from '../kms/validate-args.js';
-import type { KmsRequest } from '../ops/index.js';
+
 import type {
   CallContext,
   DecryptItem,
@@ -23,7 +20,11 @@ import type {
   Kms,
   KmsHealth,
   RotationStatus,
-} from '../protocol.js';
+} from '../api/index.js';
+import { kmsError, toCodedError } from '../errors.js';
+import { checkKeepFromVersion } from '../kms/dek-versions.js';
+import { checkDataArgs, checkId } from '../kms/validate-args.js';
+import type { KmsRequest } from '../ops/index.js';
 import { CLIENT_SCHEMES, DEFAULT_HTTP_PORT, formatHostPort, parseEndpoint } from '../wire/endpoint.js';
 import { HttpTransport } from './http-transport.js';
 import { type Replica, ReplicaSet } from './replica-set.js';

@@ -9,8 +9,9 @@
  * black-holed replica costs callers nothing after its first failure. When every replica is out,
  * calls still try them all (soonest probe first) rather than fail without trying.
  */
+
+import type { KmsHealth } from '../api/index.js';
 import { type CodedError, toCodedError } from '../errors.js';
-import type { KmsHealth } from '../protocol.js';
 import { mayRepeat, type RemoteTransport } from './transport.js';
 
 export interface Replica {

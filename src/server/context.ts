@@ -1,9 +1,9 @@
 /** What every route file is given: the server's parts, built once at start-up. */
 import type Router from '@koa/router';
 import type { Context } from 'koa';
+import type { CallContext, Kms } from '../api/index.js';
 import type { ServerConfig } from '../config.js';
 import type { Logger } from '../log.js';
-import type { CallContext, Kms } from '../protocol.js';
 import type { Caller, KeyRing } from './auth.js';
 import type { JobRunner } from './jobs.js';
 import type { ServerMetrics } from './metrics.js';

@@ -15,8 +15,8 @@
  * prototype (which would break every request of the process), whatever the body or the store holds.
  */
 
+import type { CallContext, DecryptItem, EncryptResult, ItemResult, Kms } from '../api/index.js';
 import { type CodedError, kmsError, UserError } from '../errors.js';
-import type { CallContext, DecryptItem, EncryptResult, ItemResult, Kms } from '../protocol.js';
 import type { MessageContent, MessageRecord } from './store.js';
 
 type PathStep = string | number;

@@ -5,14 +5,15 @@
 import { readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import type { Socket } from 'node:net';
+import type { Kms } from '../api/index.js';
 import type { ServerConfig } from '../config.js';
 import { kmsError, toCodedError } from '../errors.js';
 import { createKms } from '../kms/index.js';
 import { type KmsOptions, resolveKmsOptions } from '../kms/options.js';
 import type { Logger } from '../log.js';
-import type { Kms, MasterKeyRef } from '../protocol.js';
 import { createRemoteKms, type RemoteTlsOptions } from '../remote/index.js';
 import { listenOn } from '../wire/listen.js';
+import type { MasterKeyRef } from '../worker-abi/index.js';
 import { createApp } from './app.js';
 import { KeyRing } from './auth.js';
 import { BodyCodec } from './encryption.js';

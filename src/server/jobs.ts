@@ -7,9 +7,9 @@
  * overwritten; reads keep working throughout because every ciphertext names its DEK version.
  */
 import { setTimeout as delay } from 'node:timers/promises';
+import type { CallContext, ItemResult } from '../api/index.js';
 import { type CodedError, toCodedError, UserError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { CallContext, ItemResult } from '../protocol.js';
 import type { ServerMetrics } from './metrics.js';
 import type { ChatService } from './service.js';
 import type { MessageContent, MessageRecord } from './store.js';

@@ -2,9 +2,10 @@
  * Thread and message operations behind the HTTP routes: what to encrypt with which key, in which
  * order to talk to the KMS and the store so that a failure never leaves a half-written message.
  */
+
+import type { CallContext, ItemResult, Kms } from '../api/index.js';
 import { type CodedError, ServiceError, UserError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { CallContext, ItemResult, Kms } from '../protocol.js';
 import { BodyCodec } from './encryption.js';
 import type { IdGenerator } from './ids.js';
 import type { ServerMetrics } from './metrics.js';

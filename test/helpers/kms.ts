@@ -10,9 +10,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import type { ExecutionContext } from 'ava';
+import type { Kms } from '../../src/api/index.js';
 import { type ErrorCode, ServiceError, statusOf, UserError } from '../../src/errors.js';
 import { createKms, type EmbeddedKmsHandle, type KmsOptions } from '../../src/kms/index.js';
-import type { Kms } from '../../src/protocol.js';
 
 /** Repository root (children run with it as cwd so that `--import=tsx` resolves). */
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));

@@ -3,8 +3,8 @@
  * Long jobs answer 202 with their status at once; `?wait=true` answers 200 when they are done.
  */
 import type { Context } from 'koa';
+import type { RotationStatus } from '../../api/index.js';
 import { toCodedError, UserError } from '../../errors.js';
-import type { RotationStatus } from '../../protocol.js';
 import { callContext, type RouteGroup } from '../context.js';
 import { isPlainObject, readJson, wantsWait } from '../http.js';
 import { isId } from '../ids.js';

@@ -1,0 +1,125 @@
+/**
+ * The library API (`Kms`), implemented by the embedded KMS (`createKms`) and by the remote clients
+ * (`createRemoteKms`), so callers cannot tell the modes apart. The operations the daemon serves
+ * over HTTP and the bridge are declared one file each in src/ops/.
+ */
+import type { CodedError } from '../errors.js';
+
+/** Who asked, for the audit log: a token name, a certificate subject, or 'embedded'. */
+export interface CallContext {
+  caller?: string;
+  remoteAddress?: string;
+}
+
+/** A thread's DEK as the KMS describes it. `wrapped` is the current version, wrapped under a KEK. */
+export interface DekInfo {
+  keyId: string;
+  threadId: string;
+  kekId: string;
+  kekVersion: number;
+  /** Current DEK version; ciphertexts name the version they were made with. */
+  keyVersion: number;
+  wrapped: Buffer;
+  createdAt: string;
+}
+
+export interface EncryptResult {
+  ciphertext: Buffer;
+  /** The DEK version the ciphertext was made with. */
+  keyVersion: number;
+}
+
+export interface EncryptItem {
+  keyId: string;
+  plaintext: Uint8Array;
+  aad?: Uint8Array | undefined;
+}
+
+export interface DecryptItem {
+  keyId: string;
+  ciphertext: Uint8Array;
+  aad?: Uint8Array | undefined;
+}
+
+/** One item of a batch answer: its own result or its own error, in request order. */
+export type ItemResult<T> = { ok: true; value: T } | { ok: false; error: CodedError };
+
+export type RotationState = 'idle' | 'running' | 'completed';
+
+export interface RotationStatus {
+  state: RotationState;
+  kekId: string;
+  activeKekVersion: number;
+  /** KEK version being rotated to (while running) or last rotated to. */
+  targetKekVersion: number | null;
+  /** DEK records examined so far and the total at the start of the pass. */
+  done: number;
+  total: number;
+  startedAt: string | null;
+  finishedAt: string | null;
+  /** KEK versions still stored (the active one and any still referenced). */
+  kekVersions: number[];
+}
+
+export interface KmsHealth {
+  ok: boolean;
+  mode: 'embedded' | 'external';
+  kekId: string;
+  activeKekVersion: number;
+  dekCount: number;
+  poolThreads: number;
+  queueDepth: number;
+  rotation: RotationStatus;
+}
+
+export interface DestroyResult {
+  keyId: string;
+  /** DEK versions destroyed by this call. */
+  destroyedVersions: number[];
+}
+
+export interface Kms {
+  /** Returns the thread's DEK, creating it on first call. Retries and races never make two. */
+  createDekForThread(threadId: string, ctx?: CallContext): Promise<DekInfo>;
+  getWrappedDek(keyId: string, ctx?: CallContext): Promise<DekInfo>;
+  encrypt(keyId: string, plaintext: Uint8Array, aad?: Uint8Array, ctx?: CallContext): Promise<EncryptResult>;
+  decrypt(keyId: string, ciphertext: Uint8Array, aad?: Uint8Array, ctx?: CallContext): Promise<Buffer>;
+  encryptBatch(items: readonly EncryptItem[], ctx?: CallContext): Promise<ItemResult<EncryptResult>[]>;
+  decryptBatch(items: readonly DecryptItem[], ctx?: CallContext): Promise<ItemResult<Buffer>[]>;
+  /**
+   * Decrypts with the DEK version named in the ciphertext and encrypts again under the key's
+   * current version, inside one worker call: the plaintext never leaves the worker.
+   */
+  reencrypt(
+    keyId: string,
+    ciphertext: Uint8Array,
+    aad?: Uint8Array,
+    ctx?: CallContext,
+  ): Promise<EncryptResult>;
+  /** reencrypt for many ciphertexts, each answered with its own result or error, in order. */
+  reencryptBatch(items: readonly DecryptItem[], ctx?: CallContext): Promise<ItemResult<EncryptResult>[]>;
+  /** Rewraps every stored version of one DEK under the active KEK. */
+  rewrapDek(keyId: string, ctx?: CallContext): Promise<DekInfo>;
+  /** Adds a new DEK version and makes it current; older versions still decrypt until destroyed. */
+  rotateDek(keyId: string, ctx?: CallContext): Promise<DekInfo>;
+  /** Destroys every DEK version older than `keepFromVersion` (after re-encryption finished). */
+  destroyDekVersionsBefore(keyId: string, keepFromVersion: number, ctx?: CallContext): Promise<DestroyResult>;
+  /** Destroys the DEK and all its versions (crypto-shredding). Idempotent. */
+  destroyDek(keyId: string, ctx?: CallContext): Promise<DestroyResult>;
+  /** Starts (or joins, or resumes) a KEK rotation and resolves when it has finished. */
+  rotateKek(ctx?: CallContext): Promise<RotationStatus>;
+  /** Starts (or resumes) a KEK rotation in the background and returns its status at once. */
+  startKekRotation(ctx?: CallContext): Promise<RotationStatus>;
+  rotationStatus(): Promise<RotationStatus>;
+  health(): Promise<KmsHealth>;
+  close(): Promise<void>;
+}
+
+/** The outcome of verifying an audit log (`verifyAudit`, `progressdb-kms verify-audit`). */
+export interface VerifyAuditResult {
+  ok: boolean;
+  linesVerified: number;
+  /** 1-based line number of the first bad line, when !ok. */
+  firstBadLine: number | null;
+  reason: string | null;
+}

@@ -1,0 +1,167 @@
+/**
+ * The task shapes the main thread hands the crypto workers and what they answer. Only wrapped keys,
+ * plaintext and ciphertext cross; never an unwrapped key. Internal: not part of the library API.
+ */
+import type { AuditHeadRecord, StreamHead } from '../audit-link.js';
+import type { ErrorCode, WorkerError } from './errors.js';
+
+// A library result as well (EmbeddedKmsHandle.verifyAudit); a type only, so no runtime dependency.
+export type { VerifyAuditResult } from '../api/kms.js';
+
+/** How the worker finds the master key. The main thread only ever holds this reference. */
+export type MasterKeyRef =
+  /** `allowOpen`: accept a file that group or others can access (refused by default). */
+  | { kind: 'file'; path: string; allowOpen?: boolean }
+  | { kind: 'env'; name: string }
+  /** Discouraged: hex in a config file (`master_key`); the worker reads the file itself. */
+  | { kind: 'config'; path: string };
+
+/** Names a master key source in messages (never its value). */
+export function describeMasterKeyRef(ref: MasterKeyRef): string {
+  switch (ref.kind) {
+    case 'file':
+      return `master key file ${ref.path}`;
+    case 'env':
+      return `environment variable ${ref.name}`;
+    case 'config':
+      return `master_key in config file ${ref.path}`;
+  }
+}
+
+export interface WorkerInit {
+  masterKey: MasterKeyRef;
+  /** Max unwrapped DEK versions cached per worker (LRU, zeroed on eviction). */
+  dekCacheSize: number;
+  /** Name of the BroadcastChannel on which the main thread announces destroyed keys. */
+  evictChannel: string;
+  /**
+   * The audit log each worker appends its signed blocks to (O_APPEND, one write per block, before
+   * the task's results are released), or null when auditing is off.
+   */
+  auditFile: string | null;
+  /** fdatasync after every block (auditFsyncMs = 0); otherwise the main thread fsyncs in groups. */
+  auditFsyncEachWrite: boolean;
+  /** Session link fields for the first line of this worker's stream (src/audit-link.ts), or null. */
+  auditLink: string | null;
+  /**
+   * Shared with the main thread (layout: IdleSpinSlot): lets a worker that just finished a task spin
+   * briefly for the next one instead of parking. Null disables spinning.
+   */
+  idleSpin: { signal: SharedArrayBuffer; budgetUs: number; cores: number } | null;
+}
+
+/** A KEK version as stored: wrapped under the master key. */
+export interface KekRef {
+  kekId: string;
+  version: number;
+  wrapped: Uint8Array;
+}
+
+/** A DEK version as stored: wrapped under a KEK version. */
+export interface DekRef {
+  keyId: string;
+  keyVersion: number;
+  kekVersion: number;
+  wrapped: Uint8Array;
+}
+
+/** Fields of an audit line that the main thread knows; the worker adds time, outcome and MAC. */
+export interface AuditFields {
+  op: string;
+  keyId?: string | undefined;
+  threadId?: string | undefined;
+  kekVersion?: number | undefined;
+  caller?: string | undefined;
+  remote?: string | undefined;
+  detail?: string | undefined;
+  /** The stop line: every stream's head (formatHeads in src/audit-link.ts). */
+  heads?: string | undefined;
+}
+
+/** Written by BatchTaskWriter (pool), read by BatchTaskReader (worker); see slots.ts. */
+export interface BatchTask {
+  type: 'batch';
+  /** KEK versions the DEKs below (or new wraps) need. */
+  keks: KekRef[];
+  /** DEK versions used by the ops. For `generate`, a template: keyId, keyVersion, kekVersion. */
+  deks: DekRef[];
+  /** KEK version that `generate` and `rewrap` ops wrap under. */
+  targetKekVersion: number;
+  ops: Int32Array;
+  /**
+   * Every op's slot (input plus room for its output) and AAD, packed; transferred to the worker
+   * and back, never copied.
+   */
+  data: ArrayBuffer;
+  audit: AuditFields[];
+  errors: ErrorCode[];
+}
+
+/** Written by BatchResultWriter (worker), read by BatchResultReader (pool); see slots.ts. */
+export interface BatchResult {
+  results: Int32Array;
+  /** The task's `data` buffer, sent back with every op's output written in place. */
+  out: ArrayBuffer;
+  /** Per-op failures, each sent once however many ops it failed. */
+  errors: WorkerError[];
+  /** Whether this task appended audit lines (the main thread then schedules a group fsync). */
+  audited: boolean;
+  /** This worker's stream head after the task, when it appended lines (kept in the registry). */
+  auditHead?: StreamHead | undefined;
+}
+
+/** Creates a KEK version inside the worker and returns it wrapped under the master key. */
+export interface NewKekTask {
+  type: 'new-kek';
+  kekId: string;
+  version: number;
+  audit: AuditFields;
+}
+
+export interface NewKekResult {
+  wrapped: Uint8Array;
+  /** Key check value of the KEK-wrapping key (see CheckKekTask); stored beside a new keyring. */
+  kcv: Uint8Array;
+  auditHead?: StreamHead | undefined;
+}
+
+/**
+ * Proves the master key matches the data directory and that the stored KEK versions unwrap. Writes
+ * no audit line (see EmbeddedKms.start). The key check value (KCV), an HMAC of a fixed label under
+ * the KEK-wrapping key, is not secret; it tells a wrong master key (KCV differs) apart from a
+ * corrupt wrapped KEK (KCV matches, unwrap fails: STORE_CORRUPT). A registry written before KCVs
+ * sends null and gets the value to store back when the KEKs unwrap.
+ */
+export interface CheckKekTask {
+  type: 'check-kek';
+  keks: KekRef[];
+  kcv: Uint8Array | null;
+}
+
+export interface CheckKekResult {
+  /** False: the master key is not this directory's (nothing was unwrapped with a stored KCV). */
+  ok: boolean;
+  kcv: Uint8Array | null;
+}
+
+/** Verifies an audit log file inside a worker (the audit key never leaves it). */
+export interface VerifyAuditTask {
+  type: 'verify-audit';
+  path: string;
+  /** The registry's audit head, which the log's end must match (null: the registry records none). */
+  head: AuditHeadRecord | null;
+}
+
+/**
+ * Zeroes every key the worker holds (at close). Sent as one task per worker rather than broadcast:
+ * a task also reaches a worker still loading its code, where a broadcast would be lost.
+ */
+export interface ZeroizeTask {
+  type: 'zeroize';
+}
+
+export interface ZeroizeResult {
+  threadId: number;
+}
+
+export type WorkerTask = BatchTask | NewKekTask | CheckKekTask | VerifyAuditTask | ZeroizeTask;
