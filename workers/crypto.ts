@@ -74,8 +74,9 @@ let auditFailure: string | null = null;
  * order because a worker runs one task at a time.
  */
 function appendAudit(block: SealedBlock): void {
-  if (auditFailure !== null)
+  if (auditFailure !== null) {
     throw new WorkerFault('AUDIT_WRITE_FAILED', `audit log unavailable (${auditFailure})`);
+  }
   try {
     if (auditFd < 0) auditFd = fs.openSync(init.auditFile!, 'a', 0o600);
     let written = 0;
@@ -131,8 +132,9 @@ function kekFor(version: number, refs: readonly KekRef[]): Buffer {
   if (cached !== undefined) return cached;
   const ref = refs.find((k) => k.version === version);
   // The main thread supplies every KEK version the registry holds for the task's keys.
-  if (ref === undefined)
+  if (ref === undefined) {
     throw new WorkerFault('STORE_CORRUPT', `KEK version ${version} is missing from the registry`);
+  }
   let key: Buffer;
   try {
     key = unwrapKey(roots().kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(ref.kekId, ref.version), ref.wrapped);
@@ -178,8 +180,9 @@ function lookupDek(dek: DekRef, task: BatchTask): Buffer {
     key = unwrapKey(kek, WRAP_KIND_DEK, dek.kekVersion, dekIdentity(dek.keyId, dek.keyVersion), dek.wrapped);
   } catch (err) {
     // A stored wrapped DEK that fails authentication is corrupt (or was swapped): never a user error.
-    if (err instanceof AuthFailure)
+    if (err instanceof AuthFailure) {
       throw new WorkerFault('STORE_CORRUPT', `wrapped DEK ${dek.keyId} failed to unwrap`);
+    }
     throw err;
   }
   deks.set(id, key);
@@ -314,8 +317,9 @@ function unwrapForRewrap(dek: DekRef, task: BatchTask): Buffer {
   try {
     return unwrapKey(kek, WRAP_KIND_DEK, dek.kekVersion, dekIdentity(dek.keyId, dek.keyVersion), dek.wrapped);
   } catch (err) {
-    if (err instanceof AuthFailure)
+    if (err instanceof AuthFailure) {
       throw new WorkerFault('STORE_CORRUPT', `wrapped DEK ${dek.keyId} failed to unwrap`);
+    }
     throw err;
   }
 }
