@@ -10,7 +10,8 @@ import path from 'node:path';
 import test from 'ava';
 import { linkFields } from '../src/audit-link.js';
 import type { AuditFields } from '../src/worker-abi/index.js';
-import { AuditStream, verifyAuditFile } from '../workers/audit-stream.js';
+import { AuditStream } from '../workers/audit-stream.js';
+import { verifyAuditFile } from '../workers/audit-verify.js';
 import { tempDir } from './helpers/kms.js';
 
 const FIELDS: AuditFields[] = [

@@ -43,7 +43,8 @@ import {
   type ZeroizeResult,
 } from '../src/worker-abi/index.js';
 import { AuthFailure, newKey, openInto, sealInto, unwrapKey, wrapKeyInto } from './aead.js';
-import { AuditStream, type SealedBlock, verifyAuditFile } from './audit-stream.js';
+import { AuditStream, type SealedBlock } from './audit-stream.js';
+import { verifyAuditFile } from './audit-verify.js';
 import { faultOf, WorkerFault } from './fault.js';
 import { IdleSpin } from './idle-spin.js';
 import { KeyCache } from './key-cache.js';

@@ -1,0 +1,392 @@
+/**
+ * The audit log verifier (worker-only: it needs the audit key). See audit-stream.ts for the line
+ * format. It reads the whole log once, checking per stream the sequence `n` and each block's MAC
+ * chain, and per session that the streams link to the session before and that a stop line seals
+ * every stream at its end; with the registry's audit head it also checks that the log reaches
+ * the head, so lines cut from the end are found too.
+ */
+import { createHmac, timingSafeEqual } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { type AuditHeadRecord, parseHeads, type SessionClaim, type StreamHead } from '../src/audit-link.js';
+import type { VerifyAuditResult } from '../src/worker-abi/index.js';
+import { MAC_BYTES, MAC_SUFFIX_LENGTH } from './audit-stream.js';
+
+interface StreamState {
+  next: number;
+  prevMac: Buffer;
+  hmacInput: string[];
+  firstLine: number;
+  /** Its session; null for a stream written before streams were linked (an older version). */
+  session: SessionState | null;
+  /** `n` and MAC (hex) of its last signed line; -1 and '' before the first. */
+  lastN: number;
+  lastMac: string;
+  /** MACs of earlier signed points that some link or the registry names (see namedPoints). */
+  points: Map<number, string>;
+}
+
+interface StopState {
+  line: number;
+  s: string;
+  n: number;
+  /** The stop's own stream's last signed point before the stop line. */
+  before: { n: number; mac: string };
+  heads: Map<string, StreamHead>;
+}
+
+interface SessionState {
+  number: number;
+  /** Its link fields as text: every stream of the session must carry the same. */
+  link: string;
+  streams: Map<string, StreamState>;
+  stop: StopState | null;
+}
+
+class Failure {
+  constructor(
+    readonly line: number | null,
+    readonly reason: string,
+  ) {}
+}
+
+const DECIMAL = /^(0|[1-9][0-9]{0,15})$/;
+
+function decimal(value: unknown): number | null {
+  return typeof value === 'string' && DECIMAL.test(value) ? Number(value) : null;
+}
+
+/**
+ * `s:n` of every point a link or the registry names. Links can name a point before a stream's end
+ * (after an unclean stop the saved head lags the log), and keeping every block's MAC of a large log
+ * to check them would cost memory: this first pass finds the few that are needed.
+ */
+function namedPoints(lines: readonly string[], head: AuditHeadRecord | null): Set<string> {
+  const points = new Set<string>();
+  const add = (heads: readonly StreamHead[] | null | undefined) => {
+    for (const h of heads ?? []) points.add(`${h.s}:${h.n}`);
+  };
+  for (const line of lines) {
+    // Field values are JSON-escaped, so this text only ever occurs as the field itself.
+    if (!line.includes('"prev_heads":"')) continue;
+    try {
+      add(parseHeads((JSON.parse(line) as { prev_heads?: unknown }).prev_heads));
+    } catch {
+      // Reported by the main pass.
+    }
+  }
+  add(head?.heads);
+  add(head?.links?.heads);
+  return points;
+}
+
+/** Why `claim` does not match the sessions read so far, or null if it does. */
+function checkClaim(claim: SessionClaim, sessions: Map<number, SessionState>): string | null {
+  const target = sessions.get(claim.session);
+  if (target === undefined) return `session ${claim.session} is not in the log (session removed or moved)`;
+  for (const head of claim.heads) {
+    const stream = target.streams.get(head.s);
+    const where = `stream ${head.s} of session ${claim.session}`;
+    if (stream === undefined) return `${where} is not in the log (stream removed)`;
+    const mac = head.n === stream.lastN ? stream.lastMac : stream.points.get(head.n);
+    if (mac !== head.mac) return `${where} does not reach its recorded line ${head.n} (lines removed)`;
+    if (claim.sealed && head.n !== stream.lastN) return `${where} goes on after its sealed end`;
+  }
+  if (claim.sealed) {
+    if (claim.heads.length !== target.streams.size) {
+      return `session ${claim.session} was sealed with ${claim.heads.length} streams, the log has ${target.streams.size}`;
+    }
+    if (target.stop === null)
+      return `session ${claim.session} was sealed, but its stop line is not in the log`;
+  }
+  return null;
+}
+
+/** A session's stop line must name every other stream at its end and be its own stream's last. */
+function checkStop(session: SessionState): void {
+  const stop = session.stop;
+  if (stop === null) return;
+  for (const [id, stream] of session.streams) {
+    if (id === stop.s) {
+      if (stream.lastN !== stop.n)
+        throw new Failure(stop.line, 'the stop line is not the last of its stream');
+      continue;
+    }
+    const named = stop.heads.get(id);
+    if (named === undefined || named.n !== stream.lastN || named.mac !== stream.lastMac) {
+      throw new Failure(stop.line, `the stop line does not seal stream ${id} at its end (lines removed?)`);
+    }
+  }
+  for (const id of stop.heads.keys()) {
+    if (!session.streams.has(id)) {
+      throw new Failure(
+        stop.line,
+        `the stop line names stream ${id}, which is not in the log (stream removed)`,
+      );
+    }
+  }
+  const own = stop.heads.get(stop.s);
+  if (own === undefined ? stop.before.n !== -1 : own.n !== stop.before.n || own.mac !== stop.before.mac) {
+    throw new Failure(stop.line, 'the stop line does not seal its own stream');
+  }
+}
+
+interface LinkRecord {
+  session?: unknown;
+  prev_session?: unknown;
+  prev_sealed?: unknown;
+  prev_heads?: unknown;
+}
+
+/**
+ * Verifies a whole audit log; stops at the first bad line. `head` is the registry's audit head:
+ * the sessions must form one chain of links, and the log's end must reach that head.
+ */
+export function verifyAuditFile(
+  auditKey: Buffer,
+  path: string,
+  head: AuditHeadRecord | null = null,
+): VerifyAuditResult {
+  const claim = head === null ? null : head.heads.length > 0 ? { ...head } : head.links;
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (err) {
+    const recorded = claim === null ? '' : `, but the registry records lines up to session ${claim.session}`;
+    return {
+      ok: false,
+      linesVerified: 0,
+      firstBadLine: null,
+      reason: `cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? 'error'}${recorded}`,
+    };
+  }
+  const lines = text.split('\n');
+  if (lines[lines.length - 1] === '') lines.pop();
+  try {
+    verifyLines(auditKey, lines, head, claim);
+  } catch (err) {
+    if (!(err instanceof Failure)) throw err;
+    return {
+      ok: false,
+      linesVerified: err.line === null ? lines.length : err.line - 1,
+      firstBadLine: err.line,
+      reason: err.reason,
+    };
+  }
+  return { ok: true, linesVerified: lines.length, firstBadLine: null, reason: null };
+}
+
+/** One audit line as parsed: the fields the verifier reads. */
+type AuditLine = LinkRecord & { s?: unknown; n?: unknown; mac?: unknown; op?: unknown; heads?: unknown };
+
+function newStream(lineNo: number): StreamState {
+  return {
+    next: 0,
+    prevMac: Buffer.alloc(MAC_BYTES),
+    hmacInput: [],
+    firstLine: lineNo,
+    session: null,
+    lastN: -1,
+    lastMac: '',
+    points: new Map(),
+  };
+}
+
+function parseLine(lineNo: number, line: string): AuditLine & { s: string; n: number } {
+  let record: AuditLine;
+  try {
+    record = JSON.parse(line);
+  } catch {
+    throw new Failure(lineNo, 'not a JSON line');
+  }
+  if (typeof record !== 'object' || record === null) throw new Failure(lineNo, 'not an audit record');
+  if (typeof record.s !== 'string' || typeof record.n !== 'number') {
+    throw new Failure(lineNo, 'missing stream or sequence');
+  }
+  return record as AuditLine & { s: string; n: number };
+}
+
+/** One pass over a log's lines, in order; throws a Failure at the first bad one. */
+class LogVerifier {
+  readonly #streams = new Map<string, StreamState>();
+  readonly #sessions = new Map<number, SessionState>();
+  #current: SessionState | null = null;
+
+  constructor(
+    private readonly auditKey: Buffer,
+    /** `s:n` of the points that links or the registry name (namedPoints). */
+    private readonly named: Set<string>,
+  ) {}
+
+  line(lineNo: number, line: string): void {
+    const record = parseLine(lineNo, line);
+    const { s, n } = record;
+    let stream = this.#streams.get(s);
+    const isNew = stream === undefined;
+    if (stream === undefined) {
+      stream = newStream(lineNo);
+      this.#streams.set(s, stream);
+    }
+    if (n !== stream.next) {
+      throw new Failure(
+        lineNo,
+        `stream ${s}: expected line ${stream.next}, found ${n} (line deleted, inserted or moved)`,
+      );
+    }
+    if (isNew) this.#join(lineNo, s, stream, record);
+    else if (stream.session !== this.#current) {
+      throw new Failure(lineNo, `stream ${s} goes on after a later session began (lines moved)`);
+    }
+    if (record.op === 'stop' && record.heads !== undefined && stream.session !== null) {
+      this.#stopLine(lineNo, stream, record);
+    }
+    stream.next++;
+    if (stream.hmacInput.length === 0) stream.firstLine = lineNo;
+    if (record.mac === undefined) stream.hmacInput.push(line);
+    else this.#signedLine(lineNo, line, stream, record);
+  }
+
+  /**
+   * A new stream's first line: it joins the current session, or begins the next one (checking
+   * its link to the session before).
+   */
+  #join(lineNo: number, s: string, stream: StreamState, record: LinkRecord): void {
+    const current = this.#current;
+    if (record.session === undefined) {
+      if (current !== null) throw new Failure(lineNo, `stream ${s} does not begin with a session link`);
+      return;
+    }
+    const number = decimal(record.session);
+    const prev = decimal(record.prev_session);
+    const heads = parseHeads(record.prev_heads);
+    const sealed = record.prev_sealed;
+    if (number === null || prev === null || heads === null || (sealed !== 'true' && sealed !== 'false')) {
+      throw new Failure(lineNo, 'malformed session link');
+    }
+    const link = `${prev}|${sealed}|${record.prev_heads as string}`;
+    let session = current;
+    if (current !== null && number === current.number) {
+      if (link !== current.link) {
+        throw new Failure(lineNo, `stream ${s} links session ${number} unlike its other streams`);
+      }
+    } else {
+      this.#checkLink(lineNo, number, prev, { session: prev, sealed: sealed === 'true', heads });
+      session = { number, link, streams: new Map(), stop: null };
+      this.#sessions.set(number, session);
+      this.#current = session;
+    }
+    stream.session = session;
+    session?.streams.set(s, stream);
+  }
+
+  /** Session `number` begins, linking to session `prev` (0: none) at `claim`. */
+  #checkLink(lineNo: number, number: number, prev: number, claim: SessionClaim): void {
+    const current = this.#current;
+    if (current !== null) {
+      if (number < current.number) {
+        throw new Failure(
+          lineNo,
+          `session ${number} begins after session ${current.number} (sessions moved)`,
+        );
+      }
+      checkStop(current);
+    }
+    if (prev === 0) {
+      if (current !== null) {
+        throw new Failure(
+          lineNo,
+          `session ${number} links to no session, but session ${current.number} precedes it`,
+        );
+      }
+      return;
+    }
+    const reason = prev < number ? checkClaim(claim, this.#sessions) : 'malformed';
+    if (reason !== null) throw new Failure(lineNo, `the link of session ${number}: ${reason}`);
+  }
+
+  #stopLine(lineNo: number, stream: StreamState, record: AuditLine & { s: string; n: number }): void {
+    const session = stream.session as SessionState;
+    const heads = parseHeads(record.heads);
+    if (heads === null) throw new Failure(lineNo, 'malformed stop line');
+    if (session.stop !== null) throw new Failure(lineNo, 'a second stop line in one session');
+    session.stop = {
+      line: lineNo,
+      s: record.s,
+      n: record.n,
+      before: { n: stream.lastN, mac: stream.lastMac },
+      heads: new Map(heads.map((h) => [h.s, h])),
+    };
+  }
+
+  /** The last line of a block: its MAC covers the previous MAC and the block's lines. */
+  #signedLine(
+    lineNo: number,
+    line: string,
+    stream: StreamState,
+    record: AuditLine & { s: string; n: number },
+  ): void {
+    const { mac } = record;
+    if (typeof mac !== 'string' || !line.endsWith('"}') || line.length < MAC_SUFFIX_LENGTH) {
+      throw new Failure(lineNo, 'malformed mac');
+    }
+    const signedLast = `${line.slice(0, line.length - MAC_SUFFIX_LENGTH)}}`;
+    const expected = Buffer.from(mac, 'hex');
+    const hmac = createHmac('sha256', this.auditKey).update(stream.prevMac);
+    for (const part of stream.hmacInput) hmac.update(`${part}\n`);
+    hmac.update(signedLast);
+    const actual = hmac.digest();
+    if (expected.length !== MAC_BYTES || !timingSafeEqual(actual, expected)) {
+      throw new Failure(stream.firstLine, `signature mismatch for lines ${stream.firstLine}-${lineNo}`);
+    }
+    stream.prevMac = actual;
+    stream.hmacInput = [];
+    stream.lastN = record.n;
+    stream.lastMac = mac;
+    if (this.named.size > 0 && this.named.has(`${record.s}:${record.n}`)) stream.points.set(record.n, mac);
+  }
+
+  /**
+   * After the last line: no stream may end unsigned, the last session's stop must hold, and with
+   * the registry's head the log must reach it.
+   */
+  end(lineCount: number, head: AuditHeadRecord | null, claim: SessionClaim | null): void {
+    for (const [id, stream] of this.#streams) {
+      if (stream.hmacInput.length > 0) {
+        throw new Failure(
+          stream.firstLine,
+          `stream ${id}: unsigned lines from line ${stream.firstLine} to the end`,
+        );
+      }
+    }
+    const current = this.#current;
+    if (current !== null) checkStop(current);
+    // Without the registry (an archived copy of the log) the chain is checked, but not its end.
+    if (head === null) return;
+    if (current !== null && current.number > head.session) {
+      throw new Failure(
+        null,
+        `the log has session ${current.number}, the registry only ${head.session} (registry rolled back?)`,
+      );
+    }
+    if (claim === null) return;
+    if (lineCount === 0) {
+      throw new Failure(
+        null,
+        `the log is empty, but the registry records lines up to session ${claim.session}`,
+      );
+    }
+    const reason = checkClaim(claim, this.#sessions);
+    if (reason !== null)
+      throw new Failure(null, `the end of the log does not reach the registry's head: ${reason}`);
+  }
+}
+
+function verifyLines(
+  auditKey: Buffer,
+  lines: readonly string[],
+  head: AuditHeadRecord | null,
+  claim: SessionClaim | null,
+): void {
+  const verifier = new LogVerifier(auditKey, namedPoints(lines, head));
+  for (let i = 0; i < lines.length; i++) verifier.line(i + 1, lines[i] as string);
+  verifier.end(lines.length, head, claim);
+}
