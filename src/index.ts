@@ -4,6 +4,7 @@
  */
 
 export * from './api/index.js';
+export type { KmsOptions } from './config/library.js';
 export type { EmbeddedKmsHandle } from './kms/index.js';
 export {
   createKms,
@@ -12,5 +13,4 @@ export {
   MAX_AAD_BYTES,
   MAX_PLAINTEXT_BYTES,
 } from './kms/index.js';
-export type { KmsOptions } from './kms/options.js';
 export { createRemoteKms, type RemoteKmsOptions } from './remote/index.js';

@@ -5,8 +5,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
+import { loadDaemonConfig } from '../src/config/daemon.js';
 import { createKms } from '../src/kms/index.js';
-import { loadDaemonConfig } from '../src/kms-server/config.js';
 import { WorkerFault } from '../workers/fault.js';
 import { decodeHexKey, masterKeyFromBytes } from '../workers/master-key.js';
 import { expectCode, randomKeyHex, tempDir, writeMasterKey } from './helpers/kms.js';

@@ -7,8 +7,8 @@
  */
 import test from 'ava';
 import type { EncryptResult, ItemResult, Kms, KmsHealth, RotationStatus } from '../src/api/index.js';
+import { loadDaemonConfig } from '../src/config/daemon.js';
 import { kmsError } from '../src/errors.js';
-import { loadDaemonConfig } from '../src/kms-server/config.js';
 import { startDaemon } from '../src/kms-server/serve.js';
 import { createLogger } from '../src/log.js';
 import { decodeResult, encodeRequest, FRAME_RESULT } from '../src/wire/bridge-codec.js';

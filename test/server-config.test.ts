@@ -5,7 +5,7 @@
 import { statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
-import { loadConfig } from '../src/config.js';
+import { loadConfig } from '../src/config/server.js';
 import { CodedError } from '../src/errors.js';
 import { cleanEnv, freePort, until } from './helpers/processes.js';
 import { runCli, SERVER_CLI, tempDir } from './helpers/server.js';

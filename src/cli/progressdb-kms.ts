@@ -5,8 +5,8 @@
  * 1, never a stack trace.
  */
 import { Command, InvalidArgumentError } from 'commander';
+import type { ServeFlags } from '../config/daemon.js';
 import { CodedError } from '../errors.js';
-import type { ServeFlags } from '../kms-server/config.js';
 import { tuneHeapForThroughput } from './heap-tuning.js';
 
 // Each sub-command loads only what it needs: keygen should not pay for Koa, LMDB and the pool.
@@ -46,9 +46,10 @@ program
   .command('serve', { isDefault: true })
   .description('run the KMS daemon (HTTP API, optional TCP bridge)')
   .option(
-    '--endpoint <host:port>',
-    'HTTP listener, host:port or URL (env PROGRESSDB_KMS_ENDPOINT; default 127.0.0.1:6820)',
+    '--listen <host:port>',
+    'HTTP listener, host:port or URL (env PROGRESSDB_KMS_LISTEN; default 127.0.0.1:6820)',
   )
+  .option('--endpoint <host:port>', 'deprecated: use --listen')
   .option(
     '--bridge-endpoint <host:port>',
     'TCP bridge listener; off unless set (env PROGRESSDB_KMS_BRIDGE_ENDPOINT)',

@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { Command } from 'commander';
-import { loadConfig, type ServerConfig } from '../config.js';
+import { loadConfig, type ServerConfig } from '../config/server.js';
 import { toCodedError } from '../errors.js';
 import { generateMasterKeyFile } from '../kms/index.js';
 import { createLogger } from '../log.js';
@@ -90,6 +90,7 @@ async function main(opts: CliOptions): Promise<void> {
   // Everything is checked before the development set-up writes a key file.
   checkStartupConfig(config, { kind: 'file', path: developmentKeyFile(config, 'master.key') });
   const logger = createLogger('progressdb', config.logLevel);
+  for (const line of config.deprecations) logger.warn(line);
   mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
   const made = await developmentSetup(config);
   if (made.masterKey || made.adminKey) {

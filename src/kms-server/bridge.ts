@@ -31,6 +31,7 @@
 import net, { type AddressInfo, type Server, type Socket } from 'node:net';
 import tls from 'node:tls';
 import type { CallContext, ItemResult, Kms } from '../api/index.js';
+import type { DaemonLimits } from '../config/daemon.js';
 import { type CodedError, kmsError, toCodedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { type KmsOp, type KmsRequest, labelOf, opOf } from '../ops/index.js';
@@ -49,7 +50,6 @@ import {
 } from '../wire/bridge-codec.js';
 import { CorkedWriter } from '../wire/corked-writer.js';
 import type { Authenticator } from './auth.js';
-import type { DaemonLimits } from './config.js';
 import { PerAddressLimit } from './connection-limits.js';
 import type { DaemonMetrics } from './metrics.js';
 

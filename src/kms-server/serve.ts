@@ -7,20 +7,20 @@ import http from 'node:http';
 import https from 'node:https';
 import type { AddressInfo, Socket } from 'node:net';
 import type { Kms } from '../api/index.js';
-import { createKms } from '../kms/index.js';
-import { type KmsOptions, resolveMaxBatch } from '../kms/options.js';
-import { createLogger, type Logger } from '../log.js';
-import { formatHostPort } from '../wire/endpoint.js';
-import { listenError, listenOn } from '../wire/listen.js';
-import { Authenticator } from './auth.js';
-import { BridgeServer } from './bridge.js';
 import {
   type DaemonConfig,
   type DaemonLimits,
   exposedListeners,
   loadDaemonConfig,
   type ServeFlags,
-} from './config.js';
+} from '../config/daemon.js';
+import { type KmsOptions, resolveMaxBatch } from '../config/library.js';
+import { createKms } from '../kms/index.js';
+import { createLogger, type Logger } from '../log.js';
+import { formatHostPort } from '../wire/endpoint.js';
+import { listenError, listenOn } from '../wire/listen.js';
+import { Authenticator } from './auth.js';
+import { BridgeServer } from './bridge.js';
 import { PerAddressLimit } from './connection-limits.js';
 import { createHttpApp } from './http-app.js';
 import { DaemonMetrics } from './metrics.js';
@@ -147,6 +147,7 @@ export async function startDaemon(
 export async function serve(flags: ServeFlags, makeKms: KmsFactory = createKms): Promise<void> {
   const config = loadDaemonConfig(flags);
   const logger = createLogger('progressdb-kms');
+  for (const line of config.deprecations) logger.warn(line);
   const daemon = await startDaemon(config, logger, makeKms);
   await new Promise<void>((resolve, reject) => {
     const stop = (signal: NodeJS.Signals) => {

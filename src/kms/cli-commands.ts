@@ -4,11 +4,11 @@
  * wiring lives in src/cli/progressdb-kms.ts.
  */
 import path from 'node:path';
+import { givenKmsDataDir, resolveMasterKeyRef } from '../config/library.js';
 import { kmsError, toCodedError } from '../errors.js';
 import { AUDIT_FILE_NAME } from './audit-file.js';
 import { createKms } from './index.js';
 import { generateMasterKey } from './keygen.js';
-import { givenKmsDataDir, resolveMasterKeyRef } from './options.js';
 import { Registry } from './registry.js';
 import { runVerifyAudit } from './verify-audit.js';
 

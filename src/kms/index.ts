@@ -20,6 +20,7 @@ import type {
   RotationStatus,
   VerifyAuditResult,
 } from '../api/index.js';
+import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from '../config/library.js';
 import { type CodedError, type ErrorCode, kmsError, toCodedError } from '../errors.js';
 import { CIPHERTEXT_OVERHEAD } from '../format.js';
 import { type Logger, silentLogger } from '../log.js';
@@ -49,14 +50,13 @@ import {
   requireActive,
 } from './dek-versions.js';
 import { type DirLock, lockDataDir } from './dir-lock.js';
-import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from './options.js';
 import { CryptoPool, type PendingOp } from './pool.js';
 import { type KekMeta, Registry } from './registry.js';
 import { KekRotation } from './rotation.js';
 import { checkAad, checkBytes, checkId, isValidId, MAX_PLAINTEXT_BYTES } from './validate-args.js';
 
+export type { KmsOptions } from '../config/library.js';
 export { AUDIT_FILE_NAME } from './audit-file.js';
-export type { KmsOptions } from './options.js';
 export { MAX_AAD_BYTES, MAX_PLAINTEXT_BYTES } from './validate-args.js';
 
 interface OpOutput {

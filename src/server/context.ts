@@ -2,7 +2,7 @@
 import type Router from '@koa/router';
 import type { Context } from 'koa';
 import type { CallContext, Kms } from '../api/index.js';
-import type { ServerConfig } from '../config.js';
+import type { ServerConfig } from '../config/server.js';
 import type { Logger } from '../log.js';
 import type { Caller, KeyRing } from './auth.js';
 import type { JobRunner } from './jobs.js';

@@ -60,11 +60,15 @@ export function parseEndpoint(
   return { scheme, host, port };
 }
 
-/** True for addresses only this machine can reach; names other than localhost count as remote. */
+/**
+ * True for addresses only this machine can reach; names other than localhost count as remote. The
+ * server's and the daemon's one check.
+ */
 export function isLoopbackHost(host: string): boolean {
-  if (host === 'localhost' || host === '::1') return true;
-  if (isIP(host) === 4) return host.startsWith('127.');
-  return host.toLowerCase().startsWith('::ffff:127.');
+  const h = host.toLowerCase();
+  if (h === 'localhost' || h === '::1') return true;
+  if (isIP(h) === 4) return h.startsWith('127.');
+  return h.startsWith('::ffff:127.');
 }
 
 /** `host:port` with brackets around IPv6 literals, for logs and URLs. */

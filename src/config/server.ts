@@ -1,19 +1,29 @@
 /**
- * Server configuration: environment variables win over a `--config FILE` (YAML or JSON), which wins
- * over defaults. Everything is validated at start-up and every problem is reported on its own line,
+ * Server configuration: flags win over environment variables, which win over a `--config FILE`
+ * (YAML or JSON), which wins over defaults (layers.ts). Everything is validated at start-up and every problem is reported on its own line,
  * naming the variable or config key that caused it.
  *
  * Master keys are only ever resolved to a *reference* here (a file path, an env var name, or the
  * config file path): the server's main thread never reads or keeps key bytes. A `master_key` in the
  * config file is dropped right after parsing; the KMS worker reads it from the file itself.
  */
-import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import path from 'node:path';
-import { LineCounter, parseDocument } from 'yaml';
 import { z } from 'zod';
-import { kmsError } from './errors.js';
-import { describeMasterKeyRef, type MasterKeyRef } from './worker-abi/index.js';
+import { kmsError } from '../errors.js';
+import { isLoopbackHost } from '../wire/endpoint.js';
+import { describeMasterKeyRef, type MasterKeyRef } from '../worker-abi/index.js';
+import {
+  configError,
+  FALSE_WORDS,
+  type FieldTable,
+  layer,
+  type Origin,
+  readConfigFile,
+  TRUE_WORDS,
+} from './layers.js';
+
+export { configError, readConfigFile } from './layers.js';
 
 export type KmsMode = 'embedded' | 'external';
 
@@ -51,44 +61,48 @@ export interface ServerConfig {
   jobPauseMs: number;
   logLevel: string;
   configFile: string | undefined;
+  /** Where each setting came from, by config file key. */
+  origin: Record<string, Origin>;
+  /** Deprecated names in use, one line each, for the caller to log. */
+  deprecations: string[];
 }
 
 export const DEFAULT_ADDR = '127.0.0.1:8080';
 export const DEFAULT_KMS_ENDPOINT = '127.0.0.1:6820';
 const MIN_KEY_CHARS = 16;
 
-/** Config file key → environment variable. The file uses snake_case keys at the top level. */
-const ENV_NAMES = {
-  data_dir: 'PROGRESSDB_DATA_DIR',
-  addr: 'PROGRESSDB_ADDR',
-  use_encryption: 'PROGRESSDB_USE_ENCRYPTION',
-  kms_mode: 'PROGRESSDB_KMS_MODE',
-  kms_data_dir: 'PROGRESSDB_KMS_DATA_DIR',
-  master_key_file: 'PROGRESSDB_KMS_MASTER_KEY_FILE',
-  kms_endpoint: 'PROGRESSDB_KMS_ENDPOINT',
-  kms_tls_ca: 'PROGRESSDB_KMS_TLS_CA',
-  kms_tls_cert: 'PROGRESSDB_KMS_TLS_CERT',
-  kms_tls_key: 'PROGRESSDB_KMS_TLS_KEY',
-  kms_token: 'PROGRESSDB_KMS_TOKEN',
-  kms_timeout_ms: 'PROGRESSDB_KMS_TIMEOUT_MS',
-  api_keys: 'PROGRESSDB_API_KEYS',
-  admin_key: 'PROGRESSDB_ADMIN_KEY',
-  admin_key_file: 'PROGRESSDB_ADMIN_KEY_FILE',
-  encryption_fields: 'PROGRESSDB_ENCRYPTION_FIELDS',
-  max_body_bytes: 'PROGRESSDB_MAX_BODY_BYTES',
-  job_batch_size: 'PROGRESSDB_JOB_BATCH_SIZE',
-  job_pause_ms: 'PROGRESSDB_JOB_PAUSE_MS',
-  log_level: 'PROGRESSDB_LOG_LEVEL',
-} as const;
-
-type FieldName = keyof typeof ENV_NAMES;
+/**
+ * Config file key → environment variables (the first to use, the others deprecated) and flags. The
+ * file uses snake_case keys at the top level. The TLS files are `_FILE` like the daemon's and the
+ * master key file's: `PROGRESSDB_KMS_TLS_CA` and its siblings were the server's alone.
+ */
+const FIELDS = {
+  data_dir: { env: ['PROGRESSDB_DATA_DIR'], flags: ['data-dir'] },
+  addr: { env: ['PROGRESSDB_ADDR'], flags: ['addr'] },
+  use_encryption: { env: ['PROGRESSDB_USE_ENCRYPTION'] },
+  kms_mode: { env: ['PROGRESSDB_KMS_MODE'] },
+  kms_data_dir: { env: ['PROGRESSDB_KMS_DATA_DIR'] },
+  master_key_file: { env: ['PROGRESSDB_KMS_MASTER_KEY_FILE'] },
+  kms_endpoint: { env: ['PROGRESSDB_KMS_ENDPOINT'] },
+  kms_tls_ca: { env: ['PROGRESSDB_KMS_TLS_CA_FILE', 'PROGRESSDB_KMS_TLS_CA'] },
+  kms_tls_cert: { env: ['PROGRESSDB_KMS_TLS_CERT_FILE', 'PROGRESSDB_KMS_TLS_CERT'] },
+  kms_tls_key: { env: ['PROGRESSDB_KMS_TLS_KEY_FILE', 'PROGRESSDB_KMS_TLS_KEY'] },
+  kms_token: { env: ['PROGRESSDB_KMS_TOKEN'] },
+  kms_timeout_ms: { env: ['PROGRESSDB_KMS_TIMEOUT_MS'] },
+  api_keys: { env: ['PROGRESSDB_API_KEYS'] },
+  admin_key: { env: ['PROGRESSDB_ADMIN_KEY'] },
+  admin_key_file: { env: ['PROGRESSDB_ADMIN_KEY_FILE'] },
+  encryption_fields: { env: ['PROGRESSDB_ENCRYPTION_FIELDS'] },
+  max_body_bytes: { env: ['PROGRESSDB_MAX_BODY_BYTES'] },
+  job_batch_size: { env: ['PROGRESSDB_JOB_BATCH_SIZE'] },
+  job_pause_ms: { env: ['PROGRESSDB_JOB_PAUSE_MS'] },
+  log_level: { env: ['PROGRESSDB_LOG_LEVEL'] },
+} as const satisfies FieldTable;
 
 /** Env vars that hold (or name) master key material: checked for presence only, never read. */
 const MASTER_KEY_VALUE_ENV = 'PROGRESSDB_KMS_MASTER_KEY';
+const MASTER_KEY_FILE_ENV = FIELDS.master_key_file.env[0];
 const MASTER_KEY_ENV_NAME_ENV = 'PROGRESSDB_KMS_MASTER_KEY_ENV';
-
-const TRUE_WORDS = new Set(['true', '1', 'yes', 'on']);
-const FALSE_WORDS = new Set(['false', '0', 'no', 'off']);
 
 const bool = z.preprocess(
   (v) => {
@@ -193,36 +207,6 @@ export interface LoadConfigOptions {
   env?: NodeJS.ProcessEnv;
 }
 
-/**
- * Reads a YAML or JSON config file that must hold a mapping (YAML is a superset of JSON, so one
- * parser reads both); shared by the server and the KMS daemon. A file that cannot be read or parsed
- * is CONFIG_INVALID at once, with every syntax error as its own problem naming line:column.
- */
-export function readConfigFile(file: string): Record<string, unknown> {
-  let text: string;
-  try {
-    text = readFileSync(file, 'utf8');
-  } catch (err) {
-    throw configError([`cannot read config file ${file}: ${(err as NodeJS.ErrnoException).code}`]);
-  }
-  const lines = new LineCounter();
-  const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false });
-  if (doc.errors.length > 0) {
-    throw configError(
-      doc.errors.map((e) => {
-        const at = lines.linePos(e.pos[0]);
-        return `config file ${file} is not valid YAML or JSON: line ${at.line}:${at.col}: ${e.message}`;
-      }),
-    );
-  }
-  const parsed: unknown = doc.toJS();
-  if (parsed === null || parsed === undefined) return {};
-  if (typeof parsed !== 'object' || Array.isArray(parsed)) {
-    throw configError([`config file ${file} must hold a mapping of settings`]);
-  }
-  return parsed as Record<string, unknown>;
-}
-
 /** Splits `host:port`, `[v6]:port` or `:port`; returns a problem string on failure. */
 export function parseAddr(addr: string): { host: string; port: number } | string {
   const m = /^(?:\[([^\]]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(addr.trim());
@@ -234,11 +218,6 @@ export function parseAddr(addr: string): { host: string; port: number } | string
   return { host, port };
 }
 
-export function isLoopback(host: string): boolean {
-  const h = host.toLowerCase();
-  return h === 'localhost' || h === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h);
-}
-
 /**
  * Builds the validated configuration. Throws one CONFIG_INVALID (or MASTER_KEY_REFUSED) error whose
  * message lists every problem found, one per line; `details.problems` holds them as an array.
@@ -247,72 +226,44 @@ export function loadConfig(opts: LoadConfigOptions = {}): ServerConfig {
   const env = opts.env ?? process.env;
   const configFile = opts.configFile ? path.resolve(opts.configFile) : undefined;
   const fileValues = configFile ? readConfigFile(configFile) : {};
-
   const problems: string[] = [];
-  const origin = new Map<string, string>();
-  const raw: Record<string, unknown> = {};
-
-  const knownFileKeys = new Set<string>([...Object.keys(ENV_NAMES), 'master_key']);
-  for (const [key, value] of Object.entries(fileValues)) {
-    if (!knownFileKeys.has(key)) {
+  for (const key of Object.keys(fileValues)) {
+    if (!Object.hasOwn(FIELDS, key) && key !== 'master_key') {
       problems.push(`config file key "${key}" is not a known setting`);
-      continue;
     }
-    if (key === 'master_key') continue;
-    raw[key] = value;
-    origin.set(key, `config file key "${key}"`);
   }
   const masterKeyInFile = Object.hasOwn(fileValues, 'master_key');
   // Drop the hex from the parsed object at once, so nothing later can hand it to a logger.
   delete fileValues.master_key;
 
-  for (const [key, envName] of Object.entries(ENV_NAMES) as [FieldName, string][]) {
-    const v = env[envName];
-    if (v !== undefined && v !== '') {
-      raw[key] = v;
-      origin.set(key, envName);
-    }
-  }
-  for (const [key, v] of Object.entries(opts.overrides ?? {})) {
-    if (v !== undefined) {
-      raw[key] = v;
-      origin.set(key, `--${key.replace('_', '-')}`);
-    }
-  }
-
-  const parsed = SCHEMA.safeParse(raw);
+  const flags = { 'data-dir': opts.overrides?.data_dir, addr: opts.overrides?.addr };
+  const layered = layer(FIELDS, {
+    file: configFile ? { path: configFile, values: fileValues } : undefined,
+    env,
+    flags,
+  });
+  const label = (key: string) => problemLabel(key, layered.origin[key] ?? 'default');
+  const parsed = SCHEMA.safeParse(layered.values);
   if (!parsed.success) {
     for (const issue of parsed.error.issues) {
-      const key = String(issue.path[0] ?? '');
-      problems.push(`${origin.get(key) ?? key}: ${issue.message}`);
+      problems.push(`${label(String(issue.path[0] ?? ''))}: ${issue.message}`);
     }
     throw configError(problems);
   }
   const c = parsed.data;
-
   const addr = parseAddr(c.addr) as { host: string; port: number };
-
-  const masterKey = resolveMasterKey(c.master_key_file, origin, masterKeyInFile, configFile, env, problems);
-
-  if (c.admin_key !== undefined && c.admin_key_file !== undefined) {
-    problems.push(
-      `give the admin key once: ${origin.get('admin_key')} and ${origin.get('admin_key_file')} are both set`,
-    );
-  }
-  const names = new Set<string>();
-  const apiKeys: ApiKey[] = c.api_keys.map((k, i) => ({ name: k.name || `key-${i + 1}`, key: k.key }));
-  for (const k of apiKeys) {
-    if (names.has(k.name)) problems.push(`${origin.get('api_keys')}: API key name "${k.name}" is used twice`);
-    names.add(k.name);
-  }
-  if (!isLoopback(addr.host) && apiKeys.length === 0) {
-    problems.push(
-      `${origin.get('addr') ?? 'addr'}: refusing to listen on ${addr.host}, beyond loopback, without API keys: ` +
-        'set PROGRESSDB_API_KEYS',
-    );
-  }
+  const masterKeyFileFromEnv = layered.origin.master_key_file === `env ${MASTER_KEY_FILE_ENV}`;
+  const masterKey = resolveMasterKey(
+    c.master_key_file,
+    masterKeyFileFromEnv,
+    masterKeyInFile,
+    configFile,
+    env,
+    problems,
+  );
+  const apiKeys = checkKeys(c, addr.host, label, problems);
   if (c.kms_mode === 'external' && (c.kms_tls_cert === undefined) !== (c.kms_tls_key === undefined)) {
-    problems.push('PROGRESSDB_KMS_TLS_CERT and PROGRESSDB_KMS_TLS_KEY must be given together');
+    problems.push('PROGRESSDB_KMS_TLS_CERT_FILE and PROGRESSDB_KMS_TLS_KEY_FILE must be given together');
   }
   if (problems.length > 0) throw configError(problems);
 
@@ -323,7 +274,51 @@ export function loadConfig(opts: LoadConfigOptions = {}): ServerConfig {
         'the external KMS (progressdb-kms) must hold the master key; remove it from the server configuration',
     );
   }
+  return {
+    ...serverConfigOf(c, addr, masterKey, apiKeys, configFile),
+    origin: layered.origin,
+    deprecations: layered.deprecations,
+  };
+}
 
+/** How a problem names the setting: the config file key, the variable or the flag that set it. */
+function problemLabel(key: string, origin: Origin): string {
+  if (origin.startsWith('file ')) return `config file key "${key}"`;
+  if (origin.startsWith('env ')) return origin.slice('env '.length);
+  if (origin.startsWith('flag ')) return origin.slice('flag '.length);
+  return key;
+}
+
+type Settings = z.infer<typeof SCHEMA>;
+
+function checkKeys(c: Settings, host: string, label: (key: string) => string, problems: string[]): ApiKey[] {
+  if (c.admin_key !== undefined && c.admin_key_file !== undefined) {
+    problems.push(
+      `give the admin key once: ${label('admin_key')} and ${label('admin_key_file')} are both set`,
+    );
+  }
+  const names = new Set<string>();
+  const apiKeys: ApiKey[] = c.api_keys.map((k, i) => ({ name: k.name || `key-${i + 1}`, key: k.key }));
+  for (const k of apiKeys) {
+    if (names.has(k.name)) problems.push(`${label('api_keys')}: API key name "${k.name}" is used twice`);
+    names.add(k.name);
+  }
+  if (!isLoopbackHost(host) && apiKeys.length === 0) {
+    problems.push(
+      `${label('addr')}: refusing to listen on ${host}, beyond loopback, without API keys: ` +
+        'set PROGRESSDB_API_KEYS',
+    );
+  }
+  return apiKeys;
+}
+
+function serverConfigOf(
+  c: Settings,
+  addr: { host: string; port: number },
+  masterKey: MasterKeySource | null,
+  apiKeys: ApiKey[],
+  configFile: string | undefined,
+): Omit<ServerConfig, 'origin' | 'deprecations'> {
   const dataDir = path.resolve(c.data_dir);
   const { host, port } = addr;
   return {
@@ -366,7 +361,7 @@ function fieldPath(spec: string): string[] {
 
 function resolveMasterKey(
   fileSetting: string | undefined,
-  origin: Map<string, string>,
+  fileSettingFromEnv: boolean,
   masterKeyInFile: boolean,
   configFile: string | undefined,
   env: NodeJS.ProcessEnv,
@@ -374,7 +369,7 @@ function resolveMasterKey(
 ): MasterKeySource | null {
   // Presence checks only (`in`): the value of a key-holding variable is never read here.
   const fromEnv: MasterKeySource[] = [];
-  if (origin.get('master_key_file') === ENV_NAMES.master_key_file && fileSetting !== undefined) {
+  if (fileSettingFromEnv && fileSetting !== undefined) {
     fromEnv.push({ kind: 'file', path: path.resolve(fileSetting) });
   }
   const envNameVar = env[MASTER_KEY_ENV_NAME_ENV];
@@ -382,7 +377,7 @@ function resolveMasterKey(
   else if (MASTER_KEY_VALUE_ENV in env) fromEnv.push({ kind: 'env', name: MASTER_KEY_VALUE_ENV });
   if (fromEnv.length > 1) {
     problems.push(
-      `give the master key once: ${ENV_NAMES.master_key_file} and ${MASTER_KEY_VALUE_ENV}` +
+      `give the master key once: ${MASTER_KEY_FILE_ENV} and ${MASTER_KEY_VALUE_ENV}` +
         `/${MASTER_KEY_ENV_NAME_ENV} are both set`,
     );
     return null;
@@ -395,13 +390,4 @@ function resolveMasterKey(
   if (fileSetting !== undefined) return { kind: 'file', path: path.resolve(fileSetting) };
   if (masterKeyInFile && configFile) return { kind: 'config', path: configFile };
   return null;
-}
-
-/**
- * One CONFIG_INVALID for every problem found (the server's and the daemon's): a single problem on one
- * line, several one per line; `details.problems` holds them as an array.
- */
-export function configError(problems: string[]) {
-  const list = problems.length === 1 ? ` ${problems[0]}` : `\n  - ${problems.join('\n  - ')}`;
-  return kmsError('CONFIG_INVALID', `invalid configuration:${list}`, { problems });
 }

@@ -1,8 +1,11 @@
 /**
  * Daemon configuration: command-line flags, then PROGRESSDB_KMS_* environment variables, then the
  * config file (YAML or JSON, validated with zod; unknown keys are errors so typos do not pass
- * silently), then defaults. Every problem found (schema issues and the checks below) is listed in one
- * CONFIG_INVALID error, one line each, as the server's configuration does (src/config.ts).
+ * silently), then defaults (layers.ts). Every problem found (schema issues and the checks below) is
+ * listed in one CONFIG_INVALID error, one line each, as the server's configuration does (server.ts).
+ *
+ * The HTTP listener is `--listen` / PROGRESSDB_KMS_LISTEN: PROGRESSDB_KMS_ENDPOINT means "connect
+ * to" in the server, so here it (and `--endpoint`) only remain as deprecated aliases.
  *
  * The master key is never read here: only its source (a file path, or this config file when it
  * holds `master_key`) is handed to createKms, whose worker reads it.
@@ -12,14 +15,24 @@ import { isIP } from 'node:net';
 import path from 'node:path';
 import tls from 'node:tls';
 import { z } from 'zod';
-import { configError, readConfigFile } from '../config.js';
 import { CodedError, kmsError } from '../errors.js';
-import { givenKmsDataDir, type KmsOptions } from '../kms/options.js';
+import type { AllowedNetwork, TlsMaterial, TokenEntry } from '../kms-server/auth.js';
+import type { Limits } from '../kms-server/route.js';
 import { DEFAULT_MAX_FRAME_BYTES } from '../wire/bridge-codec.js';
 import { type Endpoint, isLoopbackHost, parseEndpoint } from '../wire/endpoint.js';
 import { MAX_OP_BODY_BYTES } from '../wire/http-json.js';
-import type { AllowedNetwork, TlsMaterial, TokenEntry } from './auth.js';
-import type { Limits } from './route.js';
+import {
+  configError,
+  envValue,
+  type FieldTable,
+  type Layered,
+  layer,
+  type Origin,
+  parseBool,
+  parseInteger,
+  readConfigFile,
+} from './layers.js';
+import type { KmsOptions } from './library.js';
 
 export const DEFAULT_ENDPOINT = '127.0.0.1:6820';
 export const DEFAULT_BRIDGE_PORT = 6821;
@@ -38,6 +51,8 @@ export const DEFAULT_MAX_BODY_BYTES = MAX_OP_BODY_BYTES;
 
 /** What the `serve` sub-command's flags carry (all optional). */
 export interface ServeFlags {
+  listen?: string;
+  /** Deprecated alias of `listen`. */
   endpoint?: string;
   bridgeEndpoint?: string;
   dataDir?: string;
@@ -71,6 +86,10 @@ export interface DaemonConfig {
   /** How long shutdown waits for in-flight requests before closing connections. */
   drainTimeoutMs: number;
   kms: KmsOptions;
+  /** Where each setting of FIELDS came from. */
+  origin: Record<string, Origin>;
+  /** Deprecated names in use, one line each, for the caller to log. */
+  deprecations: string[];
 }
 
 /** Limits of the listeners themselves (connections and their timeouts), beside the request limits. */
@@ -145,11 +164,6 @@ type FileConfig = z.infer<typeof FileSchema>;
 
 function invalid(message: string): Error {
   return kmsError('CONFIG_INVALID', message);
-}
-
-function env(name: string): string | undefined {
-  const v = process.env[name];
-  return v === undefined || v === '' ? undefined : v;
 }
 
 /** Runs one check; a CONFIG_INVALID it throws becomes a problem and `fallback` stands in for its value. */
@@ -269,54 +283,91 @@ function listener(text: string, defaultPort: number, what: string): ListenerConf
   return { host: ep.host, port: ep.port };
 }
 
-/** A limit's flag, else its environment variable; out of range is a problem, and undefined then. */
-function limitFlag(
-  problems: string[],
-  name: string,
-  flagValue: number | undefined,
-  envName: string,
-  min: number,
-  max: number,
-): number | undefined {
-  return collect(
-    problems,
-    () => {
-      const value = flagValue ?? envInt(envName);
-      if (value === undefined) return undefined;
-      if (!Number.isInteger(value) || value < min || value > max) {
-        throw invalid(`${name} must be an integer from ${min} to ${max}`);
-      }
-      return value;
-    },
-    undefined,
+/** A limit from a flag or the environment; out of range is a problem named by its flag. */
+const limit = (flag: string, env: string, file: string) => ({
+  env: [env],
+  flags: [flag],
+  file,
+  fromEnv: parseInteger,
+});
+
+/** Settings a flag or an environment variable can set; the rest come from the file alone. */
+const FIELDS = {
+  listen: {
+    env: ['PROGRESSDB_KMS_LISTEN', 'PROGRESSDB_KMS_ENDPOINT'],
+    flags: ['listen', 'endpoint'],
+    file: 'endpoint',
+  },
+  bridge_endpoint: { env: ['PROGRESSDB_KMS_BRIDGE_ENDPOINT'], flags: ['bridge-endpoint'] },
+  data_dir: { env: ['PROGRESSDB_KMS_DATA_DIR'], flags: ['data-dir'] },
+  master_key_file: { env: ['PROGRESSDB_KMS_MASTER_KEY_FILE'], flags: ['master-key-file'] },
+  tls_cert: { env: ['PROGRESSDB_KMS_TLS_CERT_FILE'], flags: ['tls-cert'], file: 'tls.cert_file' },
+  tls_key: { env: ['PROGRESSDB_KMS_TLS_KEY_FILE'], flags: ['tls-key'], file: 'tls.key_file' },
+  tls_ca: { env: ['PROGRESSDB_KMS_TLS_CA_FILE'], flags: ['tls-ca'], file: 'tls.ca_file' },
+  insecure: { env: ['PROGRESSDB_KMS_INSECURE'], flags: ['insecure'], fromEnv: parseBool },
+  allowed_networks: {
+    env: ['PROGRESSDB_KMS_ALLOWED_NETWORKS'],
+    fromEnv: (text: string) => text.split(',').filter((n) => n.trim() !== ''),
+  },
+  max_body_bytes: limit('max-body-bytes', 'PROGRESSDB_KMS_MAX_BODY_BYTES', 'limits.max_body_bytes'),
+  max_frame_bytes: limit('max-frame-bytes', 'PROGRESSDB_KMS_MAX_FRAME_BYTES', 'limits.max_frame_bytes'),
+  max_batch_items: limit('max-batch-items', 'PROGRESSDB_KMS_MAX_BATCH_ITEMS', 'limits.max_batch_items'),
+} as const satisfies FieldTable;
+
+type Field = keyof typeof FIELDS;
+
+/** commander's camelCase option names → the flags' own kebab-case names. */
+function flagValues(flags: ServeFlags): Record<string, unknown> {
+  return Object.fromEntries(
+    Object.entries(flags).map(([k, v]) => [k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`), v]),
   );
 }
 
-function envInt(name: string): number | undefined {
-  const v = env(name);
-  if (v === undefined) return undefined;
-  if (!/^\d+$/.test(v)) throw invalid(`${name} must be a whole number, got "${v}"`);
-  return Number(v);
+/** The settings of FIELDS, paths from the file resolved against the file's directory. */
+function settings(layered: Layered, baseDir: string) {
+  const get = <T>(key: Field) => layered.values[key] as T | undefined;
+  const from = (key: Field): Origin => layered.origin[key] ?? 'default';
+  const filePath = (key: Field) => {
+    const v = get<string>(key);
+    return v !== undefined && from(key).startsWith('file ') ? path.resolve(baseDir, v) : v;
+  };
+  return { get, filePath, from };
 }
 
-function envBool(name: string): boolean | undefined {
-  const v = env(name)?.toLowerCase();
-  if (v === undefined) return undefined;
-  if (['1', 'true', 'yes', 'on'].includes(v)) return true;
-  if (['0', 'false', 'no', 'off'].includes(v)) return false;
-  throw invalid(`${name} must be true or false`);
+/** A limit given by flag or environment must be in range; from the file the schema checked it. */
+function limitValue(
+  s: ReturnType<typeof settings>,
+  key: 'max_body_bytes' | 'max_frame_bytes' | 'max_batch_items',
+  range: [number, number],
+  fallback: number,
+  problems: string[],
+): number {
+  const value = s.get<number>(key);
+  if (value === undefined) return fallback;
+  const [min, max] = range;
+  if (!s.from(key).startsWith('file ') && (!Number.isInteger(value) || value < min || value > max)) {
+    problems.push(`--${FIELDS[key].flags[0]} must be an integer from ${min} to ${max}`);
+    return fallback;
+  }
+  return value;
 }
 
 export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
   const problems: string[] = [];
-  const configPath = flags.config ?? env('PROGRESSDB_KMS_CONFIG');
+  const configPath = flags.config ?? envValue(process.env, 'PROGRESSDB_KMS_CONFIG');
   const file: FileConfig = configPath ? loadFile(path.resolve(configPath), problems) : {};
   const baseDir = configPath ? path.dirname(path.resolve(configPath)) : process.cwd();
-  const fromFile = (p: string | undefined) => (p === undefined ? undefined : path.resolve(baseDir, p));
+  const layered = layer(FIELDS, {
+    file: configPath ? { path: path.resolve(configPath), values: file } : undefined,
+    env: process.env,
+    flags: flagValues(flags),
+  });
+  problems.push(...layered.problems);
+  const s = settings(layered, baseDir);
 
-  const httpText = flags.endpoint ?? env('PROGRESSDB_KMS_ENDPOINT') ?? file.endpoint ?? DEFAULT_ENDPOINT;
+  const httpText = s.get<string>('listen') ?? DEFAULT_ENDPOINT;
   const http = collect(problems, () => listener(httpText, 6820, 'endpoint'), { host: '127.0.0.1', port: 0 });
-  const bridgeText = flags.bridgeEndpoint ?? env('PROGRESSDB_KMS_BRIDGE_ENDPOINT') ?? file.bridge_endpoint;
+  const bridgeText = s.get<string>('bridge_endpoint');
   const bridge =
     bridgeText === undefined
       ? null
@@ -325,102 +376,20 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
   // A problem with who may call (the file may have held it) makes the exposure check meaningless.
   const beforeAuth = problems.length;
   const cleanSoFar = beforeAuth === 0;
-  const tlsFiles = [
-    flags.tlsCert ?? env('PROGRESSDB_KMS_TLS_CERT_FILE') ?? fromFile(file.tls?.cert_file),
-    flags.tlsKey ?? env('PROGRESSDB_KMS_TLS_KEY_FILE') ?? fromFile(file.tls?.key_file),
-    flags.tlsCa ?? env('PROGRESSDB_KMS_TLS_CA_FILE') ?? fromFile(file.tls?.ca_file),
-  ] as const;
+  const tlsFiles = [s.filePath('tls_cert'), s.filePath('tls_key'), s.filePath('tls_ca')] as const;
   const tlsConfig = collect(problems, () => loadTls(...tlsFiles), null);
   const tokens = loadTokens(file.tokens, baseDir, problems);
-  const insecure =
-    flags.insecure ??
-    collect(problems, () => envBool('PROGRESSDB_KMS_INSECURE'), undefined) ??
-    file.insecure ??
-    false;
-  const networksEnv = env('PROGRESSDB_KMS_ALLOWED_NETWORKS');
-  const allowedNetworks =
-    networksEnv !== undefined
-      ? parseNetworks(
-          networksEnv.split(',').filter((n) => n.trim() !== ''),
-          'PROGRESSDB_KMS_ALLOWED_NETWORKS',
-          problems,
-        )
-      : parseNetworks(file.allowed_networks ?? [], 'allowed_networks', problems);
+  const insecure = s.get<boolean>('insecure') ?? false;
+  const networksFrom = s.from('allowed_networks');
+  const allowedNetworks = parseNetworks(
+    s.get<string[]>('allowed_networks') ?? [],
+    networksFrom.startsWith('env ') ? networksFrom.slice('env '.length) : 'allowed_networks',
+    problems,
+  );
   const authReadable = cleanSoFar && problems.length === beforeAuth;
 
-  const masterKeyFile =
-    flags.masterKeyFile ?? env('PROGRESSDB_KMS_MASTER_KEY_FILE') ?? fromFile(file.master_key_file);
-  const kms: KmsOptions = {
-    dataDir: givenKmsDataDir(flags.dataDir) ?? fromFile(file.data_dir),
-    poolSize: file.kms?.pool_size,
-    maxBatch: file.kms?.max_batch,
-    dekCacheSize: file.kms?.dek_cache_size,
-    audit: file.kms?.audit,
-    auditFsyncMs: file.kms?.audit_fsync_ms,
-    rotationBatchSize: file.kms?.rotation_batch_size,
-  };
-  if (masterKeyFile !== undefined) kms.masterKeyFile = masterKeyFile;
-  // Unset, createKms falls back to PROGRESSDB_KMS_ALLOW_OPEN_KEY_FILE.
-  if (flags.allowOpenKeyFile) kms.allowOpenKeyFile = true;
-  else if (file.master_key !== undefined && configPath) kms.masterKeyConfigFile = path.resolve(configPath);
-  if (kms.dataDir === undefined) {
-    problems.push(
-      'no data directory: pass --data-dir, set PROGRESSDB_KMS_DATA_DIR, or set data_dir in the config',
-    );
-  }
-
-  const limits = {
-    maxBodyBytes:
-      limitFlag(
-        problems,
-        '--max-body-bytes',
-        flags.maxBodyBytes,
-        'PROGRESSDB_KMS_MAX_BODY_BYTES',
-        1024,
-        1024 ** 3,
-      ) ??
-      file.limits?.max_body_bytes ??
-      DEFAULT_MAX_BODY_BYTES,
-    maxFrameBytes:
-      limitFlag(
-        problems,
-        '--max-frame-bytes',
-        flags.maxFrameBytes,
-        'PROGRESSDB_KMS_MAX_FRAME_BYTES',
-        1024,
-        1024 ** 3,
-      ) ??
-      file.limits?.max_frame_bytes ??
-      DEFAULT_MAX_FRAME_BYTES,
-    maxBatchItems:
-      limitFlag(
-        problems,
-        '--max-batch-items',
-        flags.maxBatchItems,
-        'PROGRESSDB_KMS_MAX_BATCH_ITEMS',
-        1,
-        100_000,
-      ) ??
-      file.limits?.max_batch_items ??
-      1024,
-    maxConnections: file.limits?.max_connections ?? 10_000,
-    maxConnectionsPerAddress: file.limits?.max_connections_per_address ?? 256,
-    maxBufferedFrameBytes: 0,
-    authTimeoutMs: file.limits?.auth_timeout_ms ?? 5_000,
-    idleTimeoutMs: file.limits?.idle_timeout_ms ?? 60_000,
-    headersTimeoutMs: file.limits?.headers_timeout_ms ?? 10_000,
-    requestTimeoutMs: file.limits?.request_timeout_ms ?? 30_000,
-  };
-  // Room for one frame of the largest size at least, or such frames could never arrive.
-  limits.maxBufferedFrameBytes =
-    file.limits?.max_buffered_frame_bytes ?? Math.max(128 * 1024 * 1024, limits.maxFrameBytes);
-  if (limits.maxBufferedFrameBytes < limits.maxFrameBytes) {
-    problems.push('limits.max_buffered_frame_bytes must be at least the largest frame (max_frame_bytes)');
-  }
-  if (limits.requestTimeoutMs < limits.headersTimeoutMs) {
-    problems.push('limits.request_timeout_ms must be at least limits.headers_timeout_ms');
-  }
-
+  const kms = kmsOptions(flags, file, s, configPath, problems);
+  const limits = daemonLimits(file, s, problems);
   const config: DaemonConfig = {
     http,
     bridge,
@@ -431,10 +400,72 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
     limits,
     drainTimeoutMs: file.drain_timeout_ms ?? 10_000,
     kms,
+    origin: layered.origin,
+    deprecations: layered.deprecations,
   };
   if (authReadable) collect(problems, () => checkExposure(config), undefined);
   if (problems.length > 0) throw configError(problems);
   return config;
+}
+
+function kmsOptions(
+  flags: ServeFlags,
+  file: FileConfig,
+  s: ReturnType<typeof settings>,
+  configPath: string | undefined,
+  problems: string[],
+): KmsOptions {
+  const kms: KmsOptions = {
+    dataDir: s.filePath('data_dir'),
+    poolSize: file.kms?.pool_size,
+    maxBatch: file.kms?.max_batch,
+    dekCacheSize: file.kms?.dek_cache_size,
+    audit: file.kms?.audit,
+    auditFsyncMs: file.kms?.audit_fsync_ms,
+    rotationBatchSize: file.kms?.rotation_batch_size,
+  };
+  const masterKeyFile = s.filePath('master_key_file');
+  if (masterKeyFile !== undefined) kms.masterKeyFile = masterKeyFile;
+  // Unset, createKms falls back to PROGRESSDB_KMS_ALLOW_OPEN_KEY_FILE.
+  if (flags.allowOpenKeyFile) kms.allowOpenKeyFile = true;
+  else if (file.master_key !== undefined && configPath) kms.masterKeyConfigFile = path.resolve(configPath);
+  if (kms.dataDir === undefined) {
+    problems.push(
+      'no data directory: pass --data-dir, set PROGRESSDB_KMS_DATA_DIR, or set data_dir in the config',
+    );
+  }
+  return kms;
+}
+
+function daemonLimits(file: FileConfig, s: ReturnType<typeof settings>, problems: string[]): DaemonLimits {
+  const maxFrameBytes = limitValue(
+    s,
+    'max_frame_bytes',
+    [1024, 1024 ** 3],
+    DEFAULT_MAX_FRAME_BYTES,
+    problems,
+  );
+  const limits: DaemonLimits = {
+    maxBodyBytes: limitValue(s, 'max_body_bytes', [1024, 1024 ** 3], DEFAULT_MAX_BODY_BYTES, problems),
+    maxFrameBytes,
+    maxBatchItems: limitValue(s, 'max_batch_items', [1, 100_000], 1024, problems),
+    maxConnections: file.limits?.max_connections ?? 10_000,
+    maxConnectionsPerAddress: file.limits?.max_connections_per_address ?? 256,
+    // Room for one frame of the largest size at least, or such frames could never arrive.
+    maxBufferedFrameBytes:
+      file.limits?.max_buffered_frame_bytes ?? Math.max(128 * 1024 * 1024, maxFrameBytes),
+    authTimeoutMs: file.limits?.auth_timeout_ms ?? 5_000,
+    idleTimeoutMs: file.limits?.idle_timeout_ms ?? 60_000,
+    headersTimeoutMs: file.limits?.headers_timeout_ms ?? 10_000,
+    requestTimeoutMs: file.limits?.request_timeout_ms ?? 30_000,
+  };
+  if (limits.maxBufferedFrameBytes < limits.maxFrameBytes) {
+    problems.push('limits.max_buffered_frame_bytes must be at least the largest frame (max_frame_bytes)');
+  }
+  if (limits.requestTimeoutMs < limits.headersTimeoutMs) {
+    problems.push('limits.request_timeout_ms must be at least limits.headers_timeout_ms');
+  }
+  return limits;
 }
 
 /**

@@ -8,6 +8,7 @@ import path from 'node:path';
 import { kmsError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { MasterKeyRef } from '../worker-abi/index.js';
+import { envBool, envInt, envValue } from './layers.js';
 
 export interface KmsOptions {
   /** LMDB registry and kms-audit.log live here. Env: PROGRESSDB_KMS_DATA_DIR. */
@@ -63,24 +64,10 @@ export interface ResolvedKmsOptions {
   resumeRotation: boolean;
 }
 
-const FALSE_WORDS = new Set(['false', '0', 'no', 'off']);
-const TRUE_WORDS = new Set(['true', '1', 'yes', 'on']);
-
-function envBool(name: string): boolean | undefined {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return undefined;
-  const v = raw.trim().toLowerCase();
-  if (TRUE_WORDS.has(v)) return true;
-  if (FALSE_WORDS.has(v)) return false;
-  throw kmsError('CONFIG_INVALID', `${name} must be true or false, got "${raw}"`);
-}
-
-function envInt(name: string, min: number, max: number): number | undefined {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return undefined;
-  const n = Number(raw);
-  if (!Number.isInteger(n)) throw kmsError('CONFIG_INVALID', `${name} must be an integer, got "${raw}"`);
-  return checkRange(name, n, min, max);
+/** Ranged integer from the environment; the parsing is the daemon's and the server's (layers.ts). */
+function envIntIn(name: string, min: number, max: number): number | undefined {
+  const n = envInt(name);
+  return n === undefined ? undefined : checkRange(name, n, min, max);
 }
 
 function checkRange(name: string, n: number, min: number, max: number): number {
@@ -90,10 +77,7 @@ function checkRange(name: string, n: number, min: number, max: number): number {
   return n;
 }
 
-function envString(name: string): string | undefined {
-  const raw = process.env[name];
-  return raw === undefined || raw === '' ? undefined : raw;
-}
+const envString = (name: string) => envValue(process.env, name);
 
 /** Picks exactly one master key source; more than one is a configuration error, not a guess. */
 export function resolveMasterKeyRef(opts: KmsOptions): MasterKeyRef {
@@ -124,7 +108,12 @@ export function resolveMasterKeyRef(opts: KmsOptions): MasterKeyRef {
 
 /** Ops per worker task (option, else PROGRESSDB_KMS_MAX_BATCH, else 64). */
 export function resolveMaxBatch(opts: KmsOptions): number {
-  return checkRange('maxBatch', opts.maxBatch ?? envInt('PROGRESSDB_KMS_MAX_BATCH', 1, 4096) ?? 64, 1, 4096);
+  return checkRange(
+    'maxBatch',
+    opts.maxBatch ?? envIntIn('PROGRESSDB_KMS_MAX_BATCH', 1, 4096) ?? 64,
+    1,
+    4096,
+  );
 }
 
 /** The KMS data directory given, else PROGRESSDB_KMS_DATA_DIR: every entry point resolves it here. */
@@ -138,7 +127,7 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     throw kmsError('CONFIG_INVALID', 'no KMS data directory: pass dataDir or set PROGRESSDB_KMS_DATA_DIR');
   }
   const poolSize =
-    opts.poolSize ?? envInt('PROGRESSDB_KMS_POOL_SIZE', 1, 256) ?? Math.max(1, availableParallelism());
+    opts.poolSize ?? envIntIn('PROGRESSDB_KMS_POOL_SIZE', 1, 256) ?? Math.max(1, availableParallelism());
   return {
     dataDir: path.resolve(dataDir),
     masterKey: resolveMasterKeyRef(opts),
@@ -146,20 +135,20 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     maxBatch: resolveMaxBatch(opts),
     idleSpinUs: checkRange(
       'idleSpinUs',
-      opts.idleSpinUs ?? envInt('PROGRESSDB_KMS_WORKER_SPIN_US', 0, 10_000) ?? 150,
+      opts.idleSpinUs ?? envIntIn('PROGRESSDB_KMS_WORKER_SPIN_US', 0, 10_000) ?? 150,
       0,
       10_000,
     ),
     dekCacheSize: checkRange(
       'dekCacheSize',
-      opts.dekCacheSize ?? envInt('PROGRESSDB_KMS_DEK_CACHE_SIZE', 1, 10_000_000) ?? 10_000,
+      opts.dekCacheSize ?? envIntIn('PROGRESSDB_KMS_DEK_CACHE_SIZE', 1, 10_000_000) ?? 10_000,
       1,
       10_000_000,
     ),
     audit: opts.audit ?? envBool('PROGRESSDB_KMS_AUDIT') ?? true,
     auditFsyncMs: checkRange(
       'auditFsyncMs',
-      opts.auditFsyncMs ?? envInt('PROGRESSDB_KMS_AUDIT_FSYNC_MS', 0, 60_000) ?? 50,
+      opts.auditFsyncMs ?? envIntIn('PROGRESSDB_KMS_AUDIT_FSYNC_MS', 0, 60_000) ?? 50,
       0,
       60_000,
     ),
