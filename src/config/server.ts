@@ -7,11 +7,10 @@
  * config file path): the server's main thread never reads or keeps key bytes. A `master_key` in the
  * config file is dropped right after parsing; the KMS worker reads it from the file itself.
  */
-import { isIP } from 'node:net';
 import path from 'node:path';
 import { z } from 'zod';
-import { kmsError } from '../errors.js';
-import { isLoopbackHost } from '../wire/endpoint.js';
+import { CodedError, kmsError } from '../errors.js';
+import { type EndpointProblem, isLoopbackHost, parseEndpoint } from '../wire/endpoint.js';
 import { describeMasterKeyRef, type MasterKeyRef } from '../worker-abi/index.js';
 import {
   configError,
@@ -207,15 +206,26 @@ export interface LoadConfigOptions {
   env?: NodeJS.ProcessEnv;
 }
 
-/** Splits `host:port`, `[v6]:port` or `:port`; returns a problem string on failure. */
+const ADDR_FORM = 'must be host:port (e.g. 127.0.0.1:8080)';
+const ADDR_PROBLEMS: Partial<Record<EndpointProblem, string>> = {
+  port: 'port must be from 0 to 65535',
+  ipv6: 'bracketed host must be an IPv6 address',
+};
+
+/**
+ * `host:port`, `[v6]:port` or `:port` (loopback), parsed by the one endpoint parser; here the port
+ * is required and no scheme is taken. Returns a problem string on failure.
+ */
 export function parseAddr(addr: string): { host: string; port: number } | string {
-  const m = /^(?:\[([^\]]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(addr.trim());
-  if (!m) return 'must be host:port (e.g. 127.0.0.1:8080)';
-  const host = m[1] ?? (m[2] || '127.0.0.1');
-  const port = Number(m[3]);
-  if (port > 65_535) return 'port must be from 0 to 65535';
-  if (m[1] !== undefined && isIP(host) !== 6) return 'bracketed host must be an IPv6 address';
-  return { host, port };
+  const text = addr.trim();
+  if (!/:\d{1,5}$/.test(text)) return ADDR_FORM;
+  try {
+    const { host, port } = parseEndpoint(text.startsWith(':') ? `127.0.0.1${text}` : text, 0, []);
+    return { host, port };
+  } catch (err) {
+    if (!(err instanceof CodedError)) throw err;
+    return ADDR_PROBLEMS[err.details?.reason as EndpointProblem] ?? ADDR_FORM;
+  }
 }
 
 /**

@@ -29,6 +29,9 @@ export const DEFAULT_HTTP_PORT = 6820;
 const SCHEME = /^([a-z][a-z0-9+.-]*):\/\/(.*)$/i;
 const HOST_PORT = /^(?:\[([0-9a-fA-F:.]+)\]|([^:/[\]\s]+))(?::(\d{1,5}))?\/?$/;
 
+/** Why parseEndpoint refused a string, in its error's `details.reason`. */
+export type EndpointProblem = 'scheme' | 'form' | 'ipv6' | 'port';
+
 export function parseEndpoint(
   input: string,
   defaultPort = DEFAULT_HTTP_PORT,
@@ -44,19 +47,24 @@ export function parseEndpoint(
       throw kmsError(
         'CONFIG_INVALID',
         `endpoint "${input}": unsupported scheme "${name}" (${schemes.join(', ')})`,
+        { reason: 'scheme' },
       );
     }
     scheme = name;
     rest = schemeMatch[2]!;
   }
   const m = HOST_PORT.exec(rest);
-  if (!m) throw kmsError('CONFIG_INVALID', `endpoint "${input}" is not host:port`);
+  if (!m) throw kmsError('CONFIG_INVALID', `endpoint "${input}" is not host:port`, { reason: 'form' });
   const host = m[1] ?? m[2]!;
   if (m[1] !== undefined && isIP(host) !== 6) {
-    throw kmsError('CONFIG_INVALID', `endpoint "${input}": "${host}" is not an IPv6 address`);
+    throw kmsError('CONFIG_INVALID', `endpoint "${input}": "${host}" is not an IPv6 address`, {
+      reason: 'ipv6',
+    });
   }
   const port = m[3] === undefined ? defaultPort : Number(m[3]);
-  if (port > 65535) throw kmsError('CONFIG_INVALID', `endpoint "${input}": port must be 0 to 65535`);
+  if (port > 65535) {
+    throw kmsError('CONFIG_INVALID', `endpoint "${input}": port must be 0 to 65535`, { reason: 'port' });
+  }
   return { scheme, host, port };
 }
 
