@@ -1,10 +1,12 @@
 /**
- * createKms() options and their PROGRESSDB_KMS_* environment fallbacks, resolved to one validated
- * object. The master key is resolved to a *reference* (file path, env var name or config file
- * path): this module never reads, decodes or keeps the key itself; only the worker does.
+ * createKms() options and their PROGRESSDB_KMS_* environment fallbacks (an option wins over its
+ * variable), resolved to one validated object. The master key is resolved to a *reference* (file
+ * path, env var name or config file path): this module never reads, decodes or keeps the key
+ * itself; only the worker does.
  */
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
+import { z } from 'zod';
 import { kmsError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { MasterKeyRef } from '../worker-abi/index.js';
@@ -64,17 +66,33 @@ export interface ResolvedKmsOptions {
   resumeRotation: boolean;
 }
 
-/** Ranged integer from the environment; the parsing is the daemon's and the server's (layers.ts). */
-function envIntIn(name: string, min: number, max: number): number | undefined {
-  const n = envInt(name);
-  return n === undefined ? undefined : checkRange(name, n, min, max);
-}
+/** The integer options: their environment variable (first the option, then it) and range. */
+const INT_FIELDS = {
+  poolSize: { env: 'PROGRESSDB_KMS_POOL_SIZE', min: 1, max: 256 },
+  maxBatch: { env: 'PROGRESSDB_KMS_MAX_BATCH', min: 1, max: 4096 },
+  idleSpinUs: { env: 'PROGRESSDB_KMS_WORKER_SPIN_US', min: 0, max: 10_000 },
+  dekCacheSize: { env: 'PROGRESSDB_KMS_DEK_CACHE_SIZE', min: 1, max: 10_000_000 },
+  auditFsyncMs: { env: 'PROGRESSDB_KMS_AUDIT_FSYNC_MS', min: 0, max: 60_000 },
+  rotationBatchSize: { env: undefined, min: 1, max: 100_000 },
+} as const satisfies Record<string, { env: string | undefined; min: number; max: number }>;
 
-function checkRange(name: string, n: number, min: number, max: number): number {
-  if (!Number.isInteger(n) || n < min || n > max) {
-    throw kmsError('CONFIG_INVALID', `${name} must be an integer from ${min} to ${max}, got ${n}`);
+type IntField = keyof typeof INT_FIELDS;
+
+const INT_SCHEMAS = Object.fromEntries(
+  Object.entries(INT_FIELDS).map(([key, f]) => [key, z.number().int().min(f.min).max(f.max)]),
+) as Record<IntField, z.ZodNumber>;
+
+/** The option, else its environment variable, else `fallback`; out of range names where it came from. */
+function intOption(opts: KmsOptions, key: IntField, fallback: number): number {
+  const { env, min, max } = INT_FIELDS[key];
+  const given = opts[key];
+  const fromEnv = given === undefined && env !== undefined ? envInt(env) : undefined;
+  const value = given ?? fromEnv ?? fallback;
+  if (!INT_SCHEMAS[key].safeParse(value).success) {
+    const from = given === undefined && fromEnv !== undefined ? env : key;
+    throw kmsError('CONFIG_INVALID', `${from} must be an integer from ${min} to ${max}, got ${value}`);
   }
-  return n;
+  return value;
 }
 
 const envString = (name: string) => envValue(process.env, name);
@@ -108,12 +126,7 @@ export function resolveMasterKeyRef(opts: KmsOptions): MasterKeyRef {
 
 /** Ops per worker task (option, else PROGRESSDB_KMS_MAX_BATCH, else 64). */
 export function resolveMaxBatch(opts: KmsOptions): number {
-  return checkRange(
-    'maxBatch',
-    opts.maxBatch ?? envIntIn('PROGRESSDB_KMS_MAX_BATCH', 1, 4096) ?? 64,
-    1,
-    4096,
-  );
+  return intOption(opts, 'maxBatch', 64);
 }
 
 /** The KMS data directory given, else PROGRESSDB_KMS_DATA_DIR: every entry point resolves it here. */
@@ -126,33 +139,17 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
   if (dataDir === undefined) {
     throw kmsError('CONFIG_INVALID', 'no KMS data directory: pass dataDir or set PROGRESSDB_KMS_DATA_DIR');
   }
-  const poolSize =
-    opts.poolSize ?? envIntIn('PROGRESSDB_KMS_POOL_SIZE', 1, 256) ?? Math.max(1, availableParallelism());
+  const poolSize = intOption(opts, 'poolSize', Math.max(1, availableParallelism()));
   return {
     dataDir: path.resolve(dataDir),
     masterKey: resolveMasterKeyRef(opts),
-    poolSize: checkRange('poolSize', poolSize, 1, 256),
+    poolSize,
     maxBatch: resolveMaxBatch(opts),
-    idleSpinUs: checkRange(
-      'idleSpinUs',
-      opts.idleSpinUs ?? envIntIn('PROGRESSDB_KMS_WORKER_SPIN_US', 0, 10_000) ?? 150,
-      0,
-      10_000,
-    ),
-    dekCacheSize: checkRange(
-      'dekCacheSize',
-      opts.dekCacheSize ?? envIntIn('PROGRESSDB_KMS_DEK_CACHE_SIZE', 1, 10_000_000) ?? 10_000,
-      1,
-      10_000_000,
-    ),
+    idleSpinUs: intOption(opts, 'idleSpinUs', 150),
+    dekCacheSize: intOption(opts, 'dekCacheSize', 10_000),
     audit: opts.audit ?? envBool('PROGRESSDB_KMS_AUDIT') ?? true,
-    auditFsyncMs: checkRange(
-      'auditFsyncMs',
-      opts.auditFsyncMs ?? envIntIn('PROGRESSDB_KMS_AUDIT_FSYNC_MS', 0, 60_000) ?? 50,
-      0,
-      60_000,
-    ),
-    rotationBatchSize: checkRange('rotationBatchSize', opts.rotationBatchSize ?? 2000, 1, 100_000),
+    auditFsyncMs: intOption(opts, 'auditFsyncMs', 50),
+    rotationBatchSize: intOption(opts, 'rotationBatchSize', 2000),
     resumeRotation: opts.resumeRotation ?? true,
   };
 }
