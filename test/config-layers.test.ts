@@ -139,9 +139,14 @@ test('daemon: PROGRESSDB_KMS_ENDPOINT and --endpoint still set the listener, eac
   t.deepEqual(fromFlag.deprecations, ['flag --endpoint is deprecated: use --listen']);
 });
 
-test('daemon CLI: a deprecated name is logged as one warning', async (t) => {
-  // The helper starts the daemon with --endpoint.
-  const daemon = await spawnDaemon();
+test('daemon CLI: a deprecated name is logged as one warning, and the current names as none', async (t) => {
+  const current = await spawnDaemon();
+  t.teardown(() => current.kill9());
+  t.deepEqual(
+    current.logs.filter((l) => l.includes('deprecated')),
+    [],
+  );
+  const daemon = await spawnDaemon({ listenFlag: '--endpoint' });
   t.teardown(() => daemon.kill9());
   const warnings = daemon.logs.filter((l) => l.includes('deprecated'));
   t.is(warnings.length, 1, warnings.join('\n'));

@@ -201,14 +201,14 @@ test('a non-loopback listener without TLS or tokens is refused unless --insecure
   const key = await keygen(dir);
   const common = ['--data-dir', path.join(dir, 'kms'), '--master-key-file', key];
   const [refused, bridgeRefused] = await Promise.all([
-    daemonRefuses(['--endpoint', '0.0.0.0:0', ...common]),
+    daemonRefuses(['--listen', '0.0.0.0:0', ...common]),
     daemonRefuses(['--bridge-endpoint', '0.0.0.0:0', ...common]),
   ]);
   refusedCleanly(t, refused);
   t.regex(refused.stderr, /refusing to listen on non-loopback/);
   refusedCleanly(t, bridgeRefused);
 
-  const exposed = await spawnDaemon({ dir, args: ['--endpoint', '0.0.0.0:0', '--insecure'] });
+  const exposed = await spawnDaemon({ dir, args: ['--listen', '0.0.0.0:0', '--insecure'] });
   t.teardown(() => exposed.kill9());
   t.true(exposed.logs.some((l) => l.includes('INSECURE')));
 });
@@ -229,12 +229,12 @@ test('bad configuration exits 1 with one clear line', async (t) => {
     [['--config', path.join(dir, 'missing.yaml'), ...common], /cannot read config file/],
     [['--tls-cert', key, ...common], /both a certificate file and a key file/],
     [['--tls-cert', key, '--tls-key', key, ...common], /TLS certificate, key or CA cannot be used/],
-    [['--endpoint', 'ftp://x:1', ...common], /unsupported scheme/],
+    [['--listen', 'ftp://x:1', ...common], /unsupported scheme/],
     [['--max-body-bytes', '12', ...common], /--max-body-bytes/],
     [['--data-dir', path.join(dir, 'kms'), '--master-key-file', path.join(dir, 'nokey')], /.+/],
   ];
   const results = await Promise.all(
-    cases.map(([args]) => daemonRefuses(['--endpoint', '127.0.0.1:0', ...args])),
+    cases.map(([args]) => daemonRefuses(['--listen', '127.0.0.1:0', ...args])),
   );
   results.forEach((res, i) => {
     refusedCleanly(t, res);
@@ -248,7 +248,7 @@ test('a port already in use is a clear start-up error', async (t) => {
   const dir = tempDir('pdb-kms-busy-');
   const key = await keygen(dir);
   const res = await daemonRefuses([
-    '--endpoint',
+    '--listen',
     busy.http,
     '--data-dir',
     path.join(dir, 'kms'),

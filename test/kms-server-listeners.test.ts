@@ -192,13 +192,13 @@ test('TLS alone does not open a non-loopback listener; an allow-list or --insecu
     '--tls-key',
     pki.files.serverKey,
   ];
-  const refused = await daemonRefuses(['--endpoint', '0.0.0.0:0', ...common]);
+  const refused = await daemonRefuses(['--listen', '0.0.0.0:0', ...common]);
   t.is(refused.code, 1);
   t.regex(refused.stderr, /refusing to listen on non-loopback/);
 
   const allowList = await spawnDaemon({
     dir,
-    args: ['--endpoint', '0.0.0.0:0', ...common.slice(4)],
+    args: ['--listen', '0.0.0.0:0', ...common.slice(4)],
     env: { PROGRESSDB_KMS_ALLOWED_NETWORKS: '127.0.0.0/8' },
   });
   t.teardown(() => allowList.kill9());

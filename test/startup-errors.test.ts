@@ -46,9 +46,9 @@ test('daemon: a busy HTTP or bridge port is ADDRESS_IN_USE naming the listener a
     return ['--data-dir', path.join(dir, 'kms'), '--master-key-file', await keygen(dir)];
   };
   const [httpBusy, bridgeBusy] = await Promise.all([
-    dataDirArgs().then((args) => daemonRefuses(['--endpoint', `127.0.0.1:${port}`, ...args])),
+    dataDirArgs().then((args) => daemonRefuses(['--listen', `127.0.0.1:${port}`, ...args])),
     dataDirArgs().then((args) =>
-      daemonRefuses(['--endpoint', '127.0.0.1:0', '--bridge-endpoint', `127.0.0.1:${port}`, ...args]),
+      daemonRefuses(['--listen', '127.0.0.1:0', '--bridge-endpoint', `127.0.0.1:${port}`, ...args]),
     ),
   ]);
   refusedWithOneLine(
@@ -71,7 +71,7 @@ test('daemon: a busy HTTP or bridge port is ADDRESS_IN_USE naming the listener a
 test('daemon: an address not on this machine is LISTEN_FAILED', async (t) => {
   const dir = tempDir('pdb-kms-listen-');
   const res = await daemonRefuses([
-    '--endpoint',
+    '--listen',
     '192.0.2.1:6820',
     '--insecure',
     '--data-dir',

@@ -33,6 +33,8 @@ export interface DaemonOptions {
   httpPort?: number;
   /** Start the TCP bridge, on this port (0 = any). */
   bridgePort?: number;
+  /** The flag that names the HTTP listener; '--endpoint' tests the deprecated name. */
+  listenFlag?: '--listen' | '--endpoint';
   args?: string[];
   env?: Record<string, string>;
 }
@@ -117,7 +119,7 @@ export async function spawnDaemon(opts: DaemonOptions = {}): Promise<Daemon> {
   const args = [
     KMS_CLI,
     'serve',
-    '--endpoint',
+    opts.listenFlag ?? '--listen',
     `127.0.0.1:${opts.httpPort ?? 0}`,
     '--data-dir',
     path.join(dir, 'kms'),

@@ -312,7 +312,7 @@ export async function startKmsDaemon(opts: { dataDir?: string; port?: number } =
     [
       KMS_CLI,
       'serve',
-      '--endpoint',
+      '--listen',
       endpoint,
       '--data-dir',
       path.join(dataDir, 'kms'),
