@@ -123,3 +123,39 @@ test.serial(
     t.is(loadDaemonConfig({ dataDir, masterKeyFile: file }).kms.allowOpenKeyFile, undefined);
   },
 );
+
+test('master_key in a config file: the worker reads the located bytes, however the value is written', async (t) => {
+  const dir = tempDir(t);
+  const dataDir = path.join(dir, 'kms');
+  const { file, hex } = writeMasterKey(dir);
+  const first = await createKms({ dataDir, masterKeyFile: file, poolSize: 1 });
+  const dek = await first.createDekForThread('config-key');
+  const sealed = await first.encrypt(dek.keyId, Buffer.from('hello'));
+  await first.close();
+  const config = path.join(dir, 'kms.yaml');
+  // Multi-byte text before the key: the location is in bytes, not characters.
+  const layouts = [
+    `# clé maîtresse ✓\nmaster_key: "${hex}"\n`,
+    `master_key: '${hex}'\npool_size: 1\n`,
+    `data_dir: ${dataDir}\nmaster_key: ${hex}   # trailing comment\n`,
+    `{"master_key": "${hex.toUpperCase()}"}`,
+  ];
+  for (const layout of layouts) {
+    fs.writeFileSync(config, layout, { mode: 0o600 });
+    const kms = await createKms({ dataDir, masterKeyConfigFile: config, poolSize: 1 });
+    t.is((await kms.decrypt(dek.keyId, sealed.ciphertext)).toString(), 'hello', layout);
+    await kms.close();
+  }
+  // A key that is not 64 hex characters on its line is refused, without the value in the message.
+  fs.writeFileSync(config, `master_key: "${hex.slice(0, 60)}"\n`, { mode: 0o600 });
+  const short = await expectCode(
+    t,
+    createKms({ dataDir, masterKeyConfigFile: config, poolSize: 1 }),
+    'MASTER_KEY_INVALID',
+  );
+  t.false(short?.message.includes(hex.slice(0, 16)));
+  fs.writeFileSync(config, `master_key: |\n  ${hex}\n`, { mode: 0o600 });
+  await expectCode(t, createKms({ dataDir, masterKeyConfigFile: config, poolSize: 1 }), 'CONFIG_INVALID');
+  fs.writeFileSync(config, 'pool_size: 1\n', { mode: 0o600 });
+  await expectCode(t, createKms({ dataDir, masterKeyConfigFile: config, poolSize: 1 }), 'MASTER_KEY_MISSING');
+});

@@ -70,10 +70,10 @@ test('defaults, file values, and env winning over the file', (t) => {
     'a reference, never the key',
   );
 
-  // A master_key in the file is kept as a reference to the file; its value is not in the config.
+  // A master_key in the file is kept as its location in the file; its value is not in the config.
   writeFileSync(file, `master_key: "${'ab'.repeat(32)}"\n`);
   const inline = loadConfig({ configFile: file, env: {} });
-  t.deepEqual(inline.masterKey, { kind: 'config', path: file });
+  t.deepEqual(inline.masterKey, { kind: 'config', path: file, offset: 'master_key: '.length, length: 66 });
   t.false(JSON.stringify(inline).includes('abab'));
 });
 

@@ -6,13 +6,13 @@
  * The key file is read into a Buffer and its hex decoded byte by byte, never through a JS string
  * (a string cannot be zeroed and may be copied by the engine); the raw file bytes are zeroed right
  * after decoding. An environment variable is a string by nature (process.env), so that source
- * leaves the hex in this worker's heap; it is decoded in place, without a further copy. The config
- * file source must go through a YAML parser, which needs a string too: the file source is the one
- * to use in production.
+ * leaves the hex in this worker's heap; it is decoded in place, without a further copy. From a
+ * config file the worker reads only the bytes the config layer located (`master_key`'s value as
+ * written), as bytes too; the main thread parsed that file once at start, which is why the key
+ * file is the source to use in production.
  */
 import { hkdfSync } from 'node:crypto';
 import fs from 'node:fs';
-import { parse as parseYaml } from 'yaml';
 import { describeMasterKeyRef, type MasterKeyRef } from '../src/worker-abi/index.js';
 import { WorkerFault } from './fault.js';
 
@@ -133,18 +133,44 @@ function readMasterKey(ref: MasterKeyRef): Buffer {
         throw new WorkerFault('MASTER_KEY_MISSING', `${what} is not set`);
       return decodeHexKey(value, what);
     }
-    case 'config': {
-      let doc: unknown;
-      try {
-        doc = parseYaml(fs.readFileSync(ref.path, 'utf8'));
-      } catch {
-        throw new WorkerFault('MASTER_KEY_MISSING', `cannot read or parse config file ${ref.path}`);
-      }
-      const value = (doc as { master_key?: unknown } | null)?.master_key;
-      if (typeof value !== 'string') throw new WorkerFault('MASTER_KEY_MISSING', `${what} is missing`);
-      return decodeHexKey(value, what);
-    }
+    case 'config':
+      return masterKeyFromBytes(readConfigValue(ref, what), what);
   }
+}
+
+/** The located value's bytes, without the quotes it may be written in. */
+function readConfigValue(ref: Extract<MasterKeyRef, { kind: 'config' }>, what: string): Buffer {
+  if (ref.length > MAX_KEY_FILE_BYTES) throw invalidKey(what);
+  const raw = Buffer.alloc(ref.length);
+  let fd: number;
+  try {
+    fd = fs.openSync(ref.path, 'r');
+  } catch (err) {
+    throw new WorkerFault(
+      'MASTER_KEY_MISSING',
+      `cannot read ${what} (${(err as NodeJS.ErrnoException).code ?? 'error'})`,
+    );
+  }
+  let length = 0;
+  try {
+    while (length < raw.length) {
+      const n = fs.readSync(fd, raw, length, raw.length - length, ref.offset + length);
+      if (n === 0) break;
+      length += n;
+    }
+  } catch (err) {
+    raw.fill(0);
+    throw new WorkerFault(
+      'MASTER_KEY_MISSING',
+      `cannot read ${what} (${(err as NodeJS.ErrnoException).code ?? 'error'})`,
+    );
+  } finally {
+    fs.closeSync(fd);
+  }
+  const first = raw[0];
+  const quoted = length >= 2 && (first === 0x22 || first === 0x27) && raw[length - 1] === first;
+  // subarray shares raw's memory, so zeroing the result zeroes every byte read.
+  return quoted ? raw.subarray(1, length - 1) : raw.subarray(0, length);
 }
 
 export function loadRootKeys(ref: MasterKeyRef): RootKeys {

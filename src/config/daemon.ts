@@ -126,7 +126,6 @@ const FileSchema = z.strictObject({
   data_dir: z.string().optional(),
   master_key_file: z.string().optional(),
   /** Discouraged: hex master key inline; the KMS worker reads it from this file itself. */
-  master_key: z.string().optional(),
   tls: z
     .strictObject({ cert_file: z.string(), key_file: z.string(), ca_file: z.string().optional() })
     .optional(),
@@ -160,7 +159,8 @@ const FileSchema = z.strictObject({
     .optional(),
 });
 
-type FileConfig = z.infer<typeof FileSchema>;
+/** The file's settings, and whether it holds `master_key` (located, not parsed: readConfigFile). */
+type FileConfig = z.infer<typeof FileSchema> & { hasMasterKey?: boolean };
 
 function invalid(message: string): Error {
   return kmsError('CONFIG_INVALID', message);
@@ -190,9 +190,10 @@ function readText(file: string, what: string): string {
  * are kept, so the checks that follow report nothing about the broken ones.
  */
 function loadFile(file: string, problems: string[]): FileConfig {
-  const raw = readConfigFile(file);
+  const { values: raw, masterKey } = readConfigFile(file);
+  const hasMasterKey = masterKey !== null;
   const parsed = FileSchema.safeParse(raw);
-  if (parsed.success) return parsed.data;
+  if (parsed.success) return { ...parsed.data, hasMasterKey };
   for (const issue of parsed.error.issues) {
     const where = issue.path.length > 0 ? issue.path.join('.') : '(top level)';
     problems.push(`config file ${file}: ${where}: ${issue.message}`);
@@ -203,7 +204,7 @@ function loadFile(file: string, problems: string[]): FileConfig {
     const setting = Object.hasOwn(shape, key) ? shape[key]!.safeParse(value) : undefined;
     if (setting?.success) kept[key] = setting.data;
   }
-  return kept as FileConfig;
+  return { ...(kept as FileConfig), hasMasterKey };
 }
 
 function loadTokens(entries: FileConfig['tokens'], baseDir: string, problems: string[]): TokenEntry[] {
@@ -428,7 +429,7 @@ function kmsOptions(
   if (masterKeyFile !== undefined) kms.masterKeyFile = masterKeyFile;
   // Unset, createKms falls back to PROGRESSDB_KMS_ALLOW_OPEN_KEY_FILE.
   if (flags.allowOpenKeyFile) kms.allowOpenKeyFile = true;
-  else if (file.master_key !== undefined && configPath) kms.masterKeyConfigFile = path.resolve(configPath);
+  else if (file.hasMasterKey === true && configPath) kms.masterKeyConfigFile = path.resolve(configPath);
   if (kms.dataDir === undefined) {
     problems.push(
       'no data directory: pass --data-dir, set PROGRESSDB_KMS_DATA_DIR, or set data_dir in the config',

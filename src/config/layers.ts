@@ -8,7 +8,7 @@
  * the library check those variables for presence only.
  */
 import { readFileSync } from 'node:fs';
-import { LineCounter, parseDocument } from 'yaml';
+import { isMap, isScalar, LineCounter, parseDocument } from 'yaml';
 import { CodedError, kmsError } from '../errors.js';
 
 /** Where a setting's value came from. */
@@ -153,7 +153,24 @@ export function parseInteger(raw: string, name: string): number {
  * parser reads both); shared by the server and the KMS daemon. A file that cannot be read or parsed
  * is CONFIG_INVALID at once, with every syntax error as its own problem naming line:column.
  */
-export function readConfigFile(file: string): Record<string, unknown> {
+/**
+ * Where a config file's `master_key` value lies, in bytes: the worker reads exactly those bytes
+ * itself, so no code on the main thread keeps the key (the file passes through the YAML parser
+ * once, at start, like any config file; `master_key_file` avoids even that).
+ */
+export interface KeyLocation {
+  offset: number;
+  length: number;
+}
+
+export interface ConfigFileContents {
+  /** The settings, without `master_key`. */
+  values: Record<string, unknown>;
+  /** Where `master_key` is, when the file has one. */
+  masterKey: KeyLocation | null;
+}
+
+export function readConfigFile(file: string): ConfigFileContents {
   let text: string;
   try {
     text = readFileSync(file, 'utf8');
@@ -170,12 +187,29 @@ export function readConfigFile(file: string): Record<string, unknown> {
       }),
     );
   }
+  const masterKey = isMap(doc.contents) ? locateMasterKey(file, text, doc.get('master_key', true)) : null;
+  if (masterKey !== null) doc.delete('master_key');
   const parsed: unknown = doc.toJS();
-  if (parsed === null || parsed === undefined) return {};
+  if (parsed === null || parsed === undefined) return { values: {}, masterKey };
   if (typeof parsed !== 'object' || Array.isArray(parsed)) {
     throw configError([`config file ${file} must hold a mapping of settings`]);
   }
-  return parsed as Record<string, unknown>;
+  return { values: parsed as Record<string, unknown>, masterKey };
+}
+
+/** The byte range of `master_key`'s value as written (a one-line scalar, quotes included). */
+function locateMasterKey(file: string, text: string, node: unknown): KeyLocation | null {
+  if (node === undefined) return null;
+  const range = isScalar(node) ? node.range : null;
+  const block = isScalar(node) && (node.type === 'BLOCK_LITERAL' || node.type === 'BLOCK_FOLDED');
+  if (!range || block) {
+    throw configError([`config file ${file}: master_key must be 64 hex characters on its line`]);
+  }
+  const [start, end] = range;
+  return {
+    offset: Buffer.byteLength(text.slice(0, start)),
+    length: Buffer.byteLength(text.slice(start, end)),
+  };
 }
 
 /**

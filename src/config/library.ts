@@ -10,7 +10,7 @@ import { z } from 'zod';
 import { kmsError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { MasterKeyRef } from '../worker-abi/index.js';
-import { envBool, envInt, envValue } from './layers.js';
+import { envBool, envInt, envValue, readConfigFile } from './layers.js';
 
 export interface KmsOptions {
   /** LMDB registry and kms-audit.log live here. Env: PROGRESSDB_KMS_DATA_DIR. */
@@ -97,6 +97,14 @@ function intOption(opts: KmsOptions, key: IntField, fallback: number): number {
 
 const envString = (name: string) => envValue(process.env, name);
 
+/** `master_key` of a config file, located for the worker to read (readConfigFile). */
+function configKeyRef(file: string): MasterKeyRef {
+  const { masterKey } = readConfigFile(file);
+  if (masterKey === null)
+    throw kmsError('MASTER_KEY_MISSING', `master_key in config file ${file} is missing`);
+  return { kind: 'config', path: file, ...masterKey };
+}
+
 /** Picks exactly one master key source; more than one is a configuration error, not a guess. */
 export function resolveMasterKeyRef(opts: KmsOptions): MasterKeyRef {
   const file = opts.masterKeyFile ?? envString('PROGRESSDB_KMS_MASTER_KEY_FILE');
@@ -114,7 +122,7 @@ export function resolveMasterKeyRef(opts: KmsOptions): MasterKeyRef {
     return { kind: 'file', path: path.resolve(file), allowOpen };
   }
   if (envName !== undefined) return { kind: 'env', name: envName };
-  if (configFile !== undefined) return { kind: 'config', path: path.resolve(configFile) };
+  if (configFile !== undefined) return configKeyRef(path.resolve(configFile));
   // `in` asks whether the variable exists without materialising its value in this heap.
   if ('PROGRESSDB_KMS_MASTER_KEY' in process.env) return { kind: 'env', name: 'PROGRESSDB_KMS_MASTER_KEY' };
   throw kmsError(

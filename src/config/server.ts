@@ -235,16 +235,12 @@ export function parseAddr(addr: string): { host: string; port: number } | string
 export function loadConfig(opts: LoadConfigOptions = {}): ServerConfig {
   const env = opts.env ?? process.env;
   const configFile = opts.configFile ? path.resolve(opts.configFile) : undefined;
-  const fileValues = configFile ? readConfigFile(configFile) : {};
+  const contents = configFile ? readConfigFile(configFile) : { values: {}, masterKey: null };
+  const fileValues = contents.values;
   const problems: string[] = [];
   for (const key of Object.keys(fileValues)) {
-    if (!Object.hasOwn(FIELDS, key) && key !== 'master_key') {
-      problems.push(`config file key "${key}" is not a known setting`);
-    }
+    if (!Object.hasOwn(FIELDS, key)) problems.push(`config file key "${key}" is not a known setting`);
   }
-  const masterKeyInFile = Object.hasOwn(fileValues, 'master_key');
-  // Drop the hex from the parsed object at once, so nothing later can hand it to a logger.
-  delete fileValues.master_key;
 
   const flags = { 'data-dir': opts.overrides?.data_dir, addr: opts.overrides?.addr };
   const layered = layer(FIELDS, {
@@ -266,8 +262,7 @@ export function loadConfig(opts: LoadConfigOptions = {}): ServerConfig {
   const masterKey = resolveMasterKey(
     c.master_key_file,
     masterKeyFileFromEnv,
-    masterKeyInFile,
-    configFile,
+    configFile && contents.masterKey ? { kind: 'config', path: configFile, ...contents.masterKey } : null,
     env,
     problems,
   );
@@ -372,8 +367,8 @@ function fieldPath(spec: string): string[] {
 function resolveMasterKey(
   fileSetting: string | undefined,
   fileSettingFromEnv: boolean,
-  masterKeyInFile: boolean,
-  configFile: string | undefined,
+  /** `master_key` in the config file, located (never read) by readConfigFile. */
+  inConfig: MasterKeySource | null,
   env: NodeJS.ProcessEnv,
   problems: string[],
 ): MasterKeySource | null {
@@ -393,11 +388,10 @@ function resolveMasterKey(
     return null;
   }
   if (fromEnv[0]) return fromEnv[0];
-  if (fileSetting !== undefined && masterKeyInFile) {
+  if (fileSetting !== undefined && inConfig !== null) {
     problems.push('config file: give either master_key_file or master_key, not both');
     return null;
   }
   if (fileSetting !== undefined) return { kind: 'file', path: path.resolve(fileSetting) };
-  if (masterKeyInFile && configFile) return { kind: 'config', path: configFile };
-  return null;
+  return inConfig;
 }

@@ -13,8 +13,11 @@ export type MasterKeyRef =
   /** `allowOpen`: accept a file that group or others can access (refused by default). */
   | { kind: 'file'; path: string; allowOpen?: boolean }
   | { kind: 'env'; name: string }
-  /** Discouraged: hex in a config file (`master_key`); the worker reads the file itself. */
-  | { kind: 'config'; path: string };
+  /**
+   * Discouraged: hex in a config file (`master_key`). The worker reads the `length` bytes at
+   * `offset` (the value as written, quotes included), which the config layer located.
+   */
+  | { kind: 'config'; path: string; offset: number; length: number };
 
 /** Names a master key source in messages (never its value). */
 export function describeMasterKeyRef(ref: MasterKeyRef): string {
