@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import test, { type ExecutionContext } from 'ava';
 import { auditVerifyCommand } from '../src/kms/cli-commands.js';
 import { createKms, type EmbeddedKmsHandle } from '../src/kms/index.js';
-import { Registry } from '../src/kms/registry.js';
+import { Registry } from '../src/kms/registry/index.js';
 import { auditPath, auditText, captureStdout, openKms, startChild, writeScript } from './helpers/kms.js';
 import { until } from './helpers/processes.js';
 

@@ -18,7 +18,7 @@ import {
   WRAP_KIND_DEK,
   WRAP_KIND_KEK,
 } from '../src/format.js';
-import type { DekRecord, KekRecord } from '../src/kms/registry.js';
+import type { DekRecord, KekRecord } from '../src/kms/registry/index.js';
 import { openInto, unwrapKey } from '../workers/aead.js';
 import { loadRootKeys } from '../workers/master-key.js';
 import { runChild, tempDir, writeMasterKey, writeScript } from './helpers/kms.js';

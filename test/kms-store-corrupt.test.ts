@@ -7,7 +7,7 @@ import path from 'node:path';
 import test from 'ava';
 import { open, type RootDatabase } from 'lmdb';
 import { createKms } from '../src/kms/index.js';
-import type { DekRecord, KekRecord } from '../src/kms/registry.js';
+import type { DekRecord, KekRecord } from '../src/kms/registry/index.js';
 import { expectCode, openKms, randomKeyHex, writeMasterKey } from './helpers/kms.js';
 
 /** Opens a closed KMS's registry directly, as an attacker or a failing disk would change it. */

@@ -13,7 +13,7 @@ import {
 } from '../audit-link.js';
 import type { Logger } from '../log.js';
 import { type FlushHook, LATER } from './audit-file.js';
-import type { Registry } from './registry.js';
+import type { Registry } from './registry/index.js';
 
 /**
  * Saves at most this often: after a crash the head may lag the log by about this much, and the

@@ -9,7 +9,7 @@ import { kmsError, toCodedError } from '../errors.js';
 import { AUDIT_FILE_NAME } from './audit-file.js';
 import { createKms } from './index.js';
 import { generateMasterKey } from './keygen.js';
-import { Registry } from './registry.js';
+import { Registry } from './registry/index.js';
 import { runVerifyAudit } from './verify-audit.js';
 
 export interface DataDirCommandOptions {

@@ -51,7 +51,7 @@ import {
 } from './dek-versions.js';
 import { type DirLock, lockDataDir } from './dir-lock.js';
 import { CryptoPool, type PendingOp } from './pool.js';
-import { type KekMeta, Registry } from './registry.js';
+import { type KekMeta, Registry } from './registry/index.js';
 import { KekRotation } from './rotation.js';
 import { checkAad, checkBytes, checkId, isValidId, MAX_PLAINTEXT_BYTES } from './validate-args.js';
 
@@ -83,6 +83,8 @@ interface PreparedOp {
   audit: AuditFields;
   preError: ErrorCode | null;
   message: string | undefined;
+  /** A key id the registry did not know locally: fetch it, then prepare the op again. */
+  unknownKey: string | undefined;
 }
 
 /** A worker sends codes only; a corrupt record is named (by key id, never its bytes) for the operator. */
@@ -199,7 +201,7 @@ class EmbeddedKms implements Kms {
     if (active === undefined)
       throw kmsError('STORE_CORRUPT', 'the active KEK version is missing from the registry');
     if (existing !== undefined) {
-      const storedKcv = this.#registry.kcv() ?? null;
+      const storedKcv = (await this.#registry.kcv()) ?? null;
       const keks = [active, ...this.#registry.keks().filter((k) => k.version !== active.version)];
       const check = await this.#pool.run<CheckKekResult>({
         type: 'check-kek',
@@ -370,10 +372,9 @@ class EmbeddedKms implements Kms {
     });
   }
 
-  /** Looks a key up for use; a miss becomes a pre-dispatch error so that it is audited too. */
-  #activeRecord(keyId: string): DekRecord | undefined {
-    const record = this.#registry.dek(keyId);
-    return record?.state === 'active' ? record : undefined;
+  /** A key's record, asking the registry's store when it is not known locally. */
+  async #fetchRecord(keyId: string): Promise<DekRecord | undefined> {
+    return this.#registry.peekDek(keyId) ?? (await this.#registry.dek(keyId));
   }
 
   #info(record: DekRecord): DekInfo {
@@ -404,8 +405,21 @@ class EmbeddedKms implements Kms {
     } catch (err) {
       return this.#auditedFailure('create_dek_for_thread', ctx, err as CodedError);
     }
-    const existingId = this.#registry.keyIdForThread(id);
-    const existing = existingId === undefined ? undefined : this.#activeRecord(existingId);
+    const existingId = this.#registry.peekKeyIdForThread(id);
+    if (existingId === undefined) {
+      return this.#registry.keyIdForThread(id).then((found) => this.#createOrGet(id, found, ctx));
+    }
+    return this.#createOrGet(id, existingId, ctx);
+  }
+
+  /** Returns the thread's active key (`existingId`) if it has one, else creates one. */
+  async #createOrGet(
+    id: string,
+    existingId: string | undefined,
+    ctx: CallContext | undefined,
+  ): Promise<DekInfo> {
+    const record = existingId === undefined ? undefined : await this.#fetchRecord(existingId);
+    const existing = record?.state === 'active' ? record : undefined;
     if (existing !== undefined) {
       const audit = this.#audit(
         'create_dek_for_thread',
@@ -446,7 +460,8 @@ class EmbeddedKms implements Kms {
 
   async getWrappedDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
     this.#assertOpen();
-    const record = isValidId(keyId) ? this.#activeRecord(keyId) : undefined;
+    const found = isValidId(keyId) ? await this.#fetchRecord(keyId) : undefined;
+    const record = found?.state === 'active' ? found : undefined;
     const preError = this.#idError(keyId) ?? (record === undefined ? 'KEY_NOT_FOUND' : null);
     const audit = this.#audit('get_wrapped', ctx, isValidId(keyId) ? keyId : undefined, record);
     await this.#run(OpKind.note, [], null, null, audit, preError, this.#notFoundMessage(keyId));
@@ -486,6 +501,7 @@ class EmbeddedKms implements Kms {
     // An invalid id is not written into the audit line (it may be megabytes long).
     const id = isValidId(keyId) ? keyId : undefined;
     let record: DekRecord | undefined;
+    let unknownKey: string | undefined;
     let deks: DekRef[] = [];
     try {
       this.#assertOpen();
@@ -493,15 +509,20 @@ class EmbeddedKms implements Kms {
       const max = kind === OpKind.encrypt ? MAX_PLAINTEXT_BYTES : MAX_PLAINTEXT_BYTES + CIPHERTEXT_OVERHEAD;
       const input = checkBytes(kind === OpKind.encrypt ? 'plaintext' : 'ciphertext', data, max);
       const aadBytes = checkAad(aad);
-      record = this.#activeRecord(id!);
-      if (record === undefined) throw kmsError('KEY_NOT_FOUND', `no key ${id}`);
+      const known = this.#registry.peekDek(id!);
+      record = known?.state === 'active' ? known : undefined;
+      if (record === undefined) {
+        if (known === undefined) unknownKey = id;
+        throw kmsError('KEY_NOT_FOUND', `no key ${id}`);
+      }
       deks = dataOpRefs(record, op as 'encrypt' | 'decrypt' | 'reencrypt', input);
       const audit = this.#dataAudit(op, ctx, record, deks[0]!.kekVersion);
-      return { kind, deks, input, aad: aadBytes, audit, preError: null, message: undefined };
+      return { kind, deks, input, aad: aadBytes, audit, preError: null, message: undefined, unknownKey };
     } catch (err) {
       const coded = toCodedError(err);
       const audit = this.#audit(op, ctx, id, record);
-      return { kind, deks: [], input: null, aad: null, audit, preError: coded.code, message: coded.message };
+      const message = coded.message;
+      return { kind, deks: [], input: null, aad: null, audit, preError: coded.code, message, unknownKey };
     }
   }
 
@@ -523,6 +544,14 @@ class EmbeddedKms implements Kms {
     ctx: CallContext | undefined,
   ): Promise<OpOutput> {
     const prepared = this.#prepare(kind, op, keyId, data, aad, ctx);
+    if (prepared.unknownKey === undefined) return this.#submitOne(prepared);
+    // Not known locally: one fetch from the registry's store, then the op as if it had been.
+    return this.#registry
+      .dek(prepared.unknownKey)
+      .then(() => this.#submitOne(this.#prepare(kind, op, keyId, data, aad, ctx)));
+  }
+
+  #submitOne(prepared: PreparedOp): Promise<OpOutput> {
     return new Promise((resolve, reject) => {
       this.#submit(prepared, (error, output, keyVersion) => {
         if (error === null) resolve({ output: output!, keyVersion });
@@ -573,13 +602,31 @@ class EmbeddedKms implements Kms {
     if (!Array.isArray(items)) return Promise.reject(kmsError('INVALID_INPUT', 'items must be an array'));
     const results: ItemResult<T>[] = new Array(items.length);
     if (items.length === 0) return Promise.resolve(results);
-    const prepared = items.map((item) => {
+    const prepareItem = (item: EncryptItem | DecryptItem) => {
       const value = item as Partial<EncryptItem & DecryptItem> | null;
       const data = kind === OpKind.encrypt ? value?.plaintext : value?.ciphertext;
       return this.#prepare(kind, op, value?.keyId, data, value?.aad, ctx);
+    };
+    const prepared = items.map(prepareItem);
+    const unknown = new Set<string>();
+    for (const p of prepared) if (p.unknownKey !== undefined) unknown.add(p.unknownKey);
+    if (unknown.size === 0) return this.#submitAll(prepared, results, wrap);
+    // Keys not known locally are fetched first, then the whole batch goes in its order.
+    return Promise.all([...unknown].map((keyId) => this.#registry.dek(keyId))).then(() => {
+      for (let i = 0; i < prepared.length; i++) {
+        if (prepared[i]!.unknownKey !== undefined) prepared[i] = prepareItem(items[i]!);
+      }
+      return this.#submitAll(prepared, results, wrap);
     });
+  }
+
+  #submitAll<T>(
+    prepared: PreparedOp[],
+    results: ItemResult<T>[],
+    wrap: (output: Buffer, keyVersion: number) => T,
+  ): Promise<ItemResult<T>[]> {
     return new Promise((resolve) => {
-      let pending = items.length;
+      let pending = prepared.length;
       prepared.forEach((p, i) => {
         this.#submit(p, (error, output, keyVersion) => {
           results[i] = error === null ? { ok: true, value: wrap(output!, keyVersion) } : { ok: false, error };
@@ -672,7 +719,7 @@ class EmbeddedKms implements Kms {
   async destroyDek(keyId: string, ctx?: CallContext): Promise<DestroyResult> {
     this.#assertOpen();
     // Destroyed keys count as found here: destroying one again is a no-op, not an error.
-    const record = this.#idError(keyId) === null ? this.#registry.dek(keyId) : undefined;
+    const record = this.#idError(keyId) === null ? await this.#fetchRecord(keyId) : undefined;
     if (record === undefined) await this.#rejectMissingKey('destroy_dek', keyId, ctx);
     let destroyed: number[] = [];
     const updated = await this.#registry.updateDek(keyId, (current) => {
@@ -701,8 +748,8 @@ class EmbeddedKms implements Kms {
 
   /** Resolves an active key or fails with an audited KEY_NOT_FOUND / INVALID_INPUT. */
   async #requireKey(op: string, keyId: unknown, ctx: CallContext | undefined): Promise<DekRecord> {
-    const record = this.#idError(keyId) === null ? this.#activeRecord(keyId as string) : undefined;
-    return record ?? this.#rejectMissingKey(op, keyId, ctx);
+    const found = this.#idError(keyId) === null ? await this.#fetchRecord(keyId as string) : undefined;
+    return found?.state === 'active' ? found : this.#rejectMissingKey(op, keyId, ctx);
   }
 
   /** Audits a call that names no usable key (malformed or unknown id), then fails it. */
@@ -753,7 +800,7 @@ class EmbeddedKms implements Kms {
       mode: 'embedded',
       kekId: this.#kek.kekId,
       activeKekVersion: this.#kek.activeVersion,
-      dekCount: this.#registry.dekCount(),
+      dekCount: await this.#registry.dekCount(),
       poolThreads: this.#pool.threads,
       queueDepth: this.#pool.queueDepth,
       rotation: this.#rotation.status(),
@@ -829,7 +876,7 @@ export async function createKms(options: KmsOptions = {}): Promise<EmbeddedKmsHa
     auditFile = opts.audit
       ? AuditFile.open(path.join(opts.dataDir, AUDIT_FILE_NAME), opts.auditFsyncMs)
       : null;
-    registry = Registry.open(opts.dataDir);
+    registry = await Registry.openDataDir(opts.dataDir);
   } catch (err) {
     auditFile?.close();
     lock.release();

@@ -17,7 +17,7 @@ import { kmsError } from '../errors.js';
 import { WRAPPED_KEY_BYTES } from '../format.js';
 import { type AuditFields, type DekRef, OpKind } from '../worker-abi/index.js';
 import type { CryptoPool } from './pool.js';
-import type { DekRecord, DekVersionRecord, Registry, Rewrap, RotationRecord } from './registry.js';
+import type { DekRecord, DekVersionRecord, Registry, Rewrap, RotationRecord } from './registry/index.js';
 
 export interface RotationDeps {
   registry: Registry;
@@ -123,7 +123,7 @@ export class KekRotation {
         target: version,
         cursor: null,
         done: 0,
-        total: registry.dekRecordCount(),
+        total: await registry.dekRecordCount(),
         startedAt: now,
         finishedAt: null,
       };
@@ -151,7 +151,7 @@ export class KekRotation {
         this.#inProgress = false;
         return this.status();
       }
-      const records = registry.deksAfter(progress.cursor, this.#deps.batchSize);
+      const records = await registry.deksAfter(progress.cursor, this.#deps.batchSize);
       if (records.length === 0) {
         await pendingCommit;
         const stragglers = registry.keks().some((k) => k.version !== progress!.target && k.refs > 0);

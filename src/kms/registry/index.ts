@@ -1,0 +1,390 @@
+/**
+ * The KMS registry: KEK versions (wrapped under the master key), DEK records (each version
+ * wrapped under a KEK version), the thread → key index and KEK rotation progress, as typed
+ * records over a RegistryStore (store.ts; LMDB in lmdb.ts). Holds wrapped material only.
+ *
+ * Every change that touches which KEK version wraps which DEK version also updates that KEK
+ * version's reference count in the same transaction, so "is this KEK version still needed?" is a
+ * single read, and start-up never scans the DEKs.
+ *
+ * Reads on the hot path are synchronous: the keyring, the KEK metadata, the rotation record and
+ * the audit head are mirrored in memory (loaded at open, kept current by the store's change
+ * events), DEK records come from a bounded cache. `peekDek` answers from the cache or the store's
+ * local copy; when it returns undefined, `dek` asks the store (the one await a cluster store needs).
+ */
+import type { AuditHeadRecord } from '../../audit-link.js';
+import { kmsError } from '../../errors.js';
+import { addKekRefDeltas, applyVersionRewraps, type DekRecord, type VersionRewrap } from '../dek-versions.js';
+import { DekRecordCache } from './dek-cache.js';
+import { LmdbStore } from './lmdb.js';
+import type { RegistryStore, StoreChange, StoreTxnView } from './store.js';
+
+export type { DekRecord, DekVersionRecord } from '../dek-versions.js';
+export type { RegistryStore } from './store.js';
+
+export interface KekRecord {
+  kekId: string;
+  version: number;
+  wrapped: Uint8Array;
+  createdAt: string;
+  /** DEK versions wrapped under this KEK version. */
+  refs: number;
+}
+
+export interface KekMeta {
+  kekId: string;
+  activeVersion: number;
+  createdAt: string;
+}
+
+export interface RotationRecord {
+  state: 'running' | 'completed';
+  target: number;
+  /** Last DEK key id processed in the current pass, or null at the start of a pass. */
+  cursor: string | null;
+  done: number;
+  total: number;
+  startedAt: string;
+  finishedAt: string | null;
+}
+
+/** One DEK version rewrapped by the rotation: applied only if the record still holds `from`. */
+export interface Rewrap extends VersionRewrap {
+  keyId: string;
+}
+
+const KEK_META = 'meta/kek';
+const FORMAT = 'meta/format';
+/** Key check value of the KEK-wrapping key (CheckKekTask): tells a wrong master key from corruption. */
+const KCV = 'meta/kcv';
+const ROTATION = 'rotation';
+/** Where the audit log's sessions have reached (src/audit-link.ts): what `audit verify` checks the log against. */
+const AUDIT_HEAD = 'audit-head';
+const KEK_PREFIX = 'kek/';
+const DEK_PREFIX = 'dek/';
+const THREAD_PREFIX = 'thread/';
+const FORMAT_VERSION = 1;
+
+const kekKey = (version: number) => KEK_PREFIX + version;
+const dekKey = (keyId: string) => DEK_PREFIX + keyId;
+const threadKey = (threadId: string) => THREAD_PREFIX + threadId;
+
+const DEK_CACHE_ENTRIES = 50_000;
+
+type Stage = (record: DekRecord, bulk?: boolean) => void;
+
+export class Registry {
+  readonly #store: RegistryStore;
+  readonly #cache = new DekRecordCache(DEK_CACHE_ENTRIES);
+  readonly #keks = new Map<number, KekRecord>();
+  #kekMeta: KekMeta | undefined;
+  #rotation: RotationRecord | undefined;
+  #auditHead: AuditHeadRecord | undefined;
+  readonly #unwatch: (() => void)[] = [];
+
+  private constructor(store: RegistryStore) {
+    this.#store = store;
+  }
+
+  /** The registry over `store`; refuses a registry format this version does not know. */
+  static async open(store: RegistryStore): Promise<Registry> {
+    const format = await store.get(FORMAT);
+    if (format !== undefined && format !== FORMAT_VERSION) {
+      throw kmsError('STORE_CORRUPT', `registry format ${String(format)} is not supported by this version`);
+    }
+    const registry = new Registry(store);
+    await registry.#load();
+    return registry;
+  }
+
+  /** The registry of a data directory (LMDB). */
+  static async openDataDir(dataDir: string): Promise<Registry> {
+    const store = LmdbStore.open(dataDir);
+    try {
+      return await Registry.open(store);
+    } catch (err) {
+      await store.close();
+      throw err;
+    }
+  }
+
+  /**
+   * The audit head of a data directory, read without taking its lock (so `audit verify` can run
+   * beside a live KMS). Undefined when the directory has no registry or the registry no head.
+   */
+  static readAuditHead(dataDir: string): AuditHeadRecord | undefined {
+    return LmdbStore.readOnce(dataDir, AUDIT_HEAD) as AuditHeadRecord | undefined;
+  }
+
+  /** Subscribes before reading, so no change falls between the load and the first event. */
+  async #load(): Promise<void> {
+    const store = this.#store;
+    this.#unwatch.push(
+      store.watch(KEK_PREFIX, (c) => this.#kekChanged(c)),
+      store.watch(KEK_META, (c) => {
+        this.#kekMeta = c.value as KekMeta | undefined;
+      }),
+      store.watch(ROTATION, (c) => {
+        this.#rotation = c.value as RotationRecord | undefined;
+      }),
+      store.watch(AUDIT_HEAD, (c) => {
+        this.#auditHead = c.value as AuditHeadRecord | undefined;
+      }),
+      store.watch(DEK_PREFIX, (c) => {
+        // Our own commits report the record the cache already holds; anything else drops it.
+        const keyId = c.key.slice(DEK_PREFIX.length);
+        const cached = this.#cache.get(keyId);
+        if (cached !== undefined && cached !== c.value) this.#cache.delete(keyId);
+      }),
+    );
+    for (const { key, value } of await store.range(KEK_PREFIX)) this.#kekChanged({ key, value });
+    this.#kekMeta = (await store.get(KEK_META)) as KekMeta | undefined;
+    this.#rotation = (await store.get(ROTATION)) as RotationRecord | undefined;
+    this.#auditHead = (await store.get(AUDIT_HEAD)) as AuditHeadRecord | undefined;
+  }
+
+  #kekChanged({ key, value }: StoreChange): void {
+    const version = Number(key.slice(KEK_PREFIX.length));
+    if (value === undefined) this.#keks.delete(version);
+    else this.#keks.set(version, value as KekRecord);
+  }
+
+  /**
+   * Runs `action` atomically. `stage` writes a DEK record and keeps the cache in step; see
+   * DekRecordCache for why entries are re-checked after the commit.
+   */
+  async #transact<T>(action: (tx: StoreTxnView, stage: Stage) => T): Promise<T> {
+    const staged = new Map<string, DekRecord>();
+    try {
+      return await this.#store.atomically((tx) => {
+        // Bulk writes (rotation) only refresh entries already cached, so a pass over the whole
+        // table does not push the hot keys out.
+        const stage: Stage = (record, bulk = false) => {
+          tx.put(dekKey(record.keyId), record);
+          if (!bulk || this.#cache.get(record.keyId) !== undefined) this.#cache.set(record.keyId, record);
+          staged.set(record.keyId, record);
+        };
+        return action(tx, stage);
+      });
+    } catch (err) {
+      this.#cache.clear();
+      throw err;
+    } finally {
+      for (const [keyId, record] of staged) {
+        if (this.#cache.get(keyId) !== record) this.#cache.delete(keyId);
+      }
+    }
+  }
+
+  auditHead(): AuditHeadRecord | undefined {
+    return this.#auditHead;
+  }
+
+  /**
+   * Saves the audit head; callers save only what the log already holds durably. Never waits for
+   * the store's other writes (see RegistryStore.putNow); a synchronous failure throws here: a
+   * failed async lmdb-js commit also leaves an unhandled rejection behind, and a full disk is
+   * when this must fail quietly.
+   */
+  putAuditHead(head: AuditHeadRecord): void {
+    this.#store.putNow(AUDIT_HEAD, head);
+  }
+
+  async kcv(): Promise<Uint8Array | undefined> {
+    return (await this.#store.get(KCV)) as Uint8Array | undefined;
+  }
+
+  /** Stores the key check value of a registry written before KCVs existed (first proven start). */
+  putKcv(kcv: Uint8Array): void {
+    this.#store.putNow(KCV, kcv);
+  }
+
+  kekMeta(): KekMeta | undefined {
+    return this.#kekMeta;
+  }
+
+  kek(version: number): KekRecord | undefined {
+    return this.#keks.get(version);
+  }
+
+  /** Every stored KEK version, oldest first. */
+  keks(): KekRecord[] {
+    return [...this.#keks.values()].sort((a, b) => a.version - b.version);
+  }
+
+  rotation(): RotationRecord | undefined {
+    return this.#rotation;
+  }
+
+  /** The record of `keyId` if known here at once; undefined: call `dek` (absent, or not local). */
+  peekDek(keyId: string): DekRecord | undefined {
+    let record = this.#cache.get(keyId);
+    if (record === undefined) {
+      record = this.#store.peek(dekKey(keyId)) as DekRecord | undefined;
+      if (record !== undefined) this.#cache.set(keyId, record);
+    }
+    return record;
+  }
+
+  /** The record of `keyId`, fetched from the store and cached when `peekDek` does not know it. */
+  async dek(keyId: string): Promise<DekRecord | undefined> {
+    const known = this.peekDek(keyId);
+    if (known !== undefined) return known;
+    const record = (await this.#store.get(dekKey(keyId))) as DekRecord | undefined;
+    if (record !== undefined) this.#cache.set(keyId, record);
+    return record;
+  }
+
+  /** The thread's key id if known here at once; undefined: call `keyIdForThread`. */
+  peekKeyIdForThread(threadId: string): string | undefined {
+    return this.#store.peek(threadKey(threadId)) as string | undefined;
+  }
+
+  async keyIdForThread(threadId: string): Promise<string | undefined> {
+    return (await this.#store.get(threadKey(threadId))) as string | undefined;
+  }
+
+  /** Active DEKs (one per thread). */
+  dekCount(): Promise<number> {
+    return this.#store.count(THREAD_PREFIX);
+  }
+
+  /** All DEK records including tombstones; used as the rotation's progress total. */
+  dekRecordCount(): Promise<number> {
+    return this.#store.count(DEK_PREFIX);
+  }
+
+  /** DEK records after `after` (exclusive), in key order, at most `limit`. */
+  async deksAfter(after: string | null, limit: number): Promise<DekRecord[]> {
+    const entries = await this.#store.range(DEK_PREFIX, {
+      after: after === null ? undefined : dekKey(after),
+      limit,
+    });
+    return entries.map(({ value }) => value as DekRecord);
+  }
+
+  /** First start: records KEK version 1. Returns false if another process initialised first. */
+  async initKek(meta: KekMeta, kek: KekRecord, kcv: Uint8Array): Promise<boolean> {
+    const { committed } = await this.#store.transaction({
+      compares: [{ key: KEK_META, absent: true }],
+      puts: [
+        { key: FORMAT, value: FORMAT_VERSION },
+        { key: KCV, value: kcv },
+        { key: kekKey(kek.version), value: kek },
+        { key: KEK_META, value: meta },
+      ],
+    });
+    return committed;
+  }
+
+  /** Applies KEK reference-count changes (keyed by KEK version) inside a transaction. */
+  #applyRefs(tx: StoreTxnView, deltas: Map<number, number>): void {
+    for (const [version, delta] of deltas) {
+      if (delta === 0) continue;
+      const kek = tx.get(kekKey(version)) as KekRecord | undefined;
+      if (kek === undefined) throw kmsError('STORE_CORRUPT', `KEK version ${version} is missing`);
+      tx.put(kekKey(version), { ...kek, refs: kek.refs + delta });
+    }
+  }
+
+  /** Stores a new thread DEK unless the thread already has one; returns the record that won. */
+  createDek(record: DekRecord): Promise<DekRecord> {
+    return this.#transact((tx, stage) => {
+      const existingId = tx.get(threadKey(record.threadId)) as string | undefined;
+      const existing = existingId === undefined ? undefined : (tx.get(dekKey(existingId)) as DekRecord);
+      if (existing !== undefined && existing.state === 'active') return existing;
+      this.#applyRefs(tx, addKekRefDeltas(new Map(), undefined, record));
+      stage(record);
+      tx.put(threadKey(record.threadId), record.keyId);
+      return record;
+    });
+  }
+
+  /**
+   * Read-modify-write of one DEK record in a transaction. `change` gets the current record and
+   * returns the new one (or the same object for "no change"); it may throw a CodedError to abort.
+   * Reference counts and the thread index follow automatically.
+   */
+  updateDek(keyId: string, change: (current: DekRecord) => DekRecord): Promise<DekRecord> {
+    return this.#transact((tx, stage) => {
+      const current = tx.get(dekKey(keyId)) as DekRecord | undefined;
+      if (current === undefined) throw kmsError('KEY_NOT_FOUND', `no key ${keyId}`);
+      const next = change(current);
+      if (next === current) return current;
+      this.#applyRefs(tx, addKekRefDeltas(new Map(), current, next));
+      stage(next);
+      if (next.state === 'destroyed' && tx.get(threadKey(current.threadId)) === keyId) {
+        tx.delete(threadKey(current.threadId));
+      }
+      return next;
+    });
+  }
+
+  /** Adds a new active KEK version and records a running rotation to it, atomically. */
+  async beginRotation(kek: KekRecord, rotation: RotationRecord): Promise<void> {
+    await this.#store.atomically((tx) => {
+      const meta = tx.get(KEK_META) as KekMeta;
+      tx.put(kekKey(kek.version), kek);
+      tx.put(KEK_META, { ...meta, activeVersion: kek.version });
+      tx.put(ROTATION, rotation);
+    });
+  }
+
+  /**
+   * Applies one rotation batch and its progress in one transaction. A rewrap whose record changed
+   * since it was read (destroyed, rewrapped, version removed) is skipped: compare-and-set, so a
+   * concurrent change is never overwritten and every version stays wrapped under a live KEK.
+   */
+  applyRewraps(rewraps: readonly Rewrap[], progress: RotationRecord): Promise<number> {
+    return this.#transact((tx, stage) => {
+      const deltas = new Map<number, number>();
+      let applied = 0;
+      // Rewraps come grouped by key (one record's versions are adjacent).
+      for (let i = 0, end = 0; i < rewraps.length; i = end) {
+        const keyId = rewraps[i]!.keyId;
+        while (end < rewraps.length && rewraps[end]!.keyId === keyId) end++;
+        const record = tx.get(dekKey(keyId)) as DekRecord | undefined;
+        if (record === undefined) continue;
+        const result = applyVersionRewraps(record, end - i === 1 ? [rewraps[i]!] : rewraps.slice(i, end));
+        if (result.record === record) continue;
+        addKekRefDeltas(deltas, record, result.record);
+        stage(result.record, true);
+        applied += result.applied;
+      }
+      this.#applyRefs(tx, deltas);
+      tx.put(ROTATION, progress);
+      return applied;
+    });
+  }
+
+  /** Saves rotation progress alone (a batch with nothing to rewrap, or a new pass). */
+  async saveRotation(progress: RotationRecord): Promise<void> {
+    await this.#store.transaction({ puts: [{ key: ROTATION, value: progress }] });
+  }
+
+  /**
+   * Ends a rotation: destroys every non-active KEK version that no DEK version references any more,
+   * and records completion. Returns the versions destroyed.
+   */
+  finishRotation(progress: RotationRecord): Promise<number[]> {
+    const versions = [...this.#keks.keys()].sort((a, b) => a - b);
+    return this.#store.atomically((tx) => {
+      const meta = tx.get(KEK_META) as KekMeta;
+      const destroyed: number[] = [];
+      for (const version of versions) {
+        const kek = tx.get(kekKey(version)) as KekRecord | undefined;
+        if (kek !== undefined && version !== meta.activeVersion && kek.refs === 0) {
+          tx.delete(kekKey(version));
+          destroyed.push(version);
+        }
+      }
+      tx.put(ROTATION, progress);
+      return destroyed;
+    });
+  }
+
+  async close(): Promise<void> {
+    for (const unwatch of this.#unwatch.splice(0)) unwatch();
+    await this.#store.close();
+  }
+}

@@ -1,0 +1,208 @@
+/**
+ * The registry store of one node: `registry.mdb` in the data directory, in the layout it has
+ * always had (sub-databases `meta`, `keks` keyed by version number, `deks`, `threads`, values in
+ * lmdb-js msgpack), so every existing directory opens as it is. Store keys map onto it (see
+ * `locate`). Only this process writes it (the data directory is locked), so change events for
+ * its own commits are every change there is.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { type Database, open, type RootDatabase } from 'lmdb';
+import { kmsError } from '../../errors.js';
+import { createPrivateFiles } from '../../private-files.js';
+import {
+  ChangeListeners,
+  type RangeOptions,
+  type RegistryStore,
+  type StoreChange,
+  type StoreEntry,
+  type StoreTransaction,
+  type StoreTxnView,
+  sameValue,
+} from './store.js';
+
+type LmdbKey = string | number;
+
+/** Namespaces (prefix → sub-database); kek versions are number keys, as they always were. */
+const NAMESPACES = {
+  'kek/': { db: 'keks', numeric: true },
+  'dek/': { db: 'deks', numeric: false },
+  'thread/': { db: 'threads', numeric: false },
+} as const;
+type Namespace = keyof typeof NAMESPACES;
+
+/** Single keys, all in the `meta` sub-database under their historical names. */
+const META_KEYS: Record<string, string> = {
+  'meta/kek': 'kek',
+  'meta/format': 'format',
+  'meta/kcv': 'kcv',
+  rotation: 'rotation',
+  'audit-head': 'audit_head',
+};
+
+const FILE_NAME = 'registry.mdb';
+
+function openRoot(file: string, readOnly: boolean): RootDatabase {
+  return open({ path: file, compression: false, maxDbs: 8, readOnly });
+}
+
+function namespaceOf(key: string): Namespace | undefined {
+  const slash = key.indexOf('/');
+  const prefix = key.slice(0, slash + 1);
+  return prefix in NAMESPACES ? (prefix as Namespace) : undefined;
+}
+
+export class LmdbStore implements RegistryStore {
+  readonly #root: RootDatabase;
+  readonly #dbs: Record<string, Database<unknown, LmdbKey>>;
+  readonly #listeners = new ChangeListeners();
+  /** Async writes not yet committed; putNow joins them rather than wait for their write lock. */
+  #writesInFlight = 0;
+
+  private constructor(root: RootDatabase) {
+    this.#root = root;
+    this.#dbs = {};
+    for (const name of ['meta', 'keks', 'deks', 'threads']) this.#dbs[name] = root.openDB({ name });
+  }
+
+  /** Opens (or creates, 0600) the registry of a data directory. */
+  static open(dataDir: string): LmdbStore {
+    const file = path.join(dataDir, FILE_NAME);
+    createPrivateFiles([file, `${file}-lock`]);
+    return new LmdbStore(openRoot(file, false));
+  }
+
+  /** One value of a data directory's registry, read without its lock (undefined: no registry). */
+  static readOnce(dataDir: string, key: string): unknown {
+    const file = path.join(dataDir, FILE_NAME);
+    if (!fs.existsSync(file)) return undefined;
+    const store = new LmdbStore(openRoot(file, true));
+    try {
+      return store.peek(key);
+    } finally {
+      store.#root.close();
+    }
+  }
+
+  /** The sub-database and key a store key lives at. */
+  #locate(key: string): { db: Database<unknown, LmdbKey>; key: LmdbKey } {
+    const meta = META_KEYS[key];
+    if (meta !== undefined) return { db: this.#dbs.meta!, key: meta };
+    const ns = namespaceOf(key);
+    if (ns === undefined) throw kmsError('INTERNAL', `no registry namespace for key ${key}`);
+    const rest = key.slice(ns.length);
+    const { db, numeric } = NAMESPACES[ns];
+    return { db: this.#dbs[db]!, key: numeric ? Number(rest) : rest };
+  }
+
+  #namespace(prefix: string): { db: Database<unknown, LmdbKey>; numeric: boolean } {
+    const ns = NAMESPACES[prefix as Namespace];
+    if (ns === undefined) throw kmsError('INTERNAL', `no registry namespace ${prefix}`);
+    return { db: this.#dbs[ns.db]!, numeric: ns.numeric };
+  }
+
+  peek(key: string): unknown {
+    const at = this.#locate(key);
+    return at.db.get(at.key);
+  }
+
+  async get(key: string): Promise<unknown> {
+    return this.peek(key);
+  }
+
+  async range(prefix: string, options: RangeOptions = {}): Promise<StoreEntry[]> {
+    const { db, numeric } = this.#namespace(prefix);
+    const limit = options.limit ?? Number.POSITIVE_INFINITY;
+    const after = options.after === undefined ? undefined : this.#locate(options.after).key;
+    const out: StoreEntry[] = [];
+    if (limit <= 0) return out;
+    const span = Number.isFinite(limit) ? limit + 1 : undefined;
+    for (const { key, value } of db.getRange({ start: after, limit: span })) {
+      if (key === after) continue;
+      out.push({ key: prefix + (numeric ? String(key) : key), value });
+      if (out.length === limit) break;
+    }
+    return out;
+  }
+
+  /** Constant time: LMDB keeps each sub-database's entry count. */
+  async count(prefix: string): Promise<number> {
+    return (this.#namespace(prefix).db.getStats() as { entryCount: number }).entryCount;
+  }
+
+  transaction(txn: StoreTransaction): Promise<{ committed: boolean }> {
+    return this.atomically((tx) => {
+      for (const compare of txn.compares ?? []) {
+        const current = tx.get(compare.key);
+        const holds = 'absent' in compare ? current === undefined : sameValue(current, compare.equals);
+        if (!holds) return { committed: false };
+      }
+      for (const { key, value } of txn.puts ?? []) tx.put(key, value);
+      for (const key of txn.deletes ?? []) tx.delete(key);
+      return { committed: true };
+    });
+  }
+
+  /**
+   * Runs `fn` once inside an LMDB write transaction (lmdb-js batches concurrent ones in one
+   * commit). Its writes are held until it returns, so a throw writes nothing: lmdb-js would commit
+   * the writes made before the throw along with the rest of its batch.
+   */
+  async atomically<T>(fn: (tx: StoreTxnView) => T): Promise<T> {
+    const changes = new Map<string, StoreChange>();
+    const view: StoreTxnView = {
+      get: (key) => {
+        const change = changes.get(key);
+        return change === undefined ? this.peek(key) : change.value;
+      },
+      put: (key, value) => {
+        changes.set(key, { key, value });
+      },
+      delete: (key) => {
+        changes.set(key, { key, value: undefined });
+      },
+    };
+    const result = await this.#write(() => {
+      const out = fn(view);
+      for (const { key, value } of changes.values()) {
+        const at = this.#locate(key);
+        if (value === undefined) at.db.removeSync(at.key);
+        else at.db.putSync(at.key, value);
+      }
+      return out;
+    });
+    this.#listeners.emit(changes.values());
+    return result;
+  }
+
+  putNow(key: string, value: unknown): void {
+    const at = this.#locate(key);
+    if (this.#writesInFlight === 0) {
+      at.db.putSync(at.key, value);
+      this.#listeners.emit([{ key, value }]);
+      return;
+    }
+    // Counted as a write, so a later synchronous save cannot commit before this one.
+    this.#write(() => at.db.putSync(at.key, value))
+      .then(() => this.#listeners.emit([{ key, value }]))
+      .catch(() => {});
+  }
+
+  /** A write transaction, counted while in flight (see putNow). */
+  async #write<T>(action: () => T): Promise<T> {
+    this.#writesInFlight++;
+    try {
+      return await this.#root.transaction(action);
+    } finally {
+      this.#writesInFlight--;
+    }
+  }
+
+  watch(prefix: string, onChange: (change: StoreChange) => void): () => void {
+    return this.#listeners.add(prefix, onChange);
+  }
+
+  async close(): Promise<void> {
+    await this.#root.close();
+  }
+}

@@ -1,0 +1,121 @@
+/**
+ * The storage interface under the registry: string keys, record values, atomic transactions.
+ * `LmdbStore` (lmdb.ts) serves one node from its data directory; a cluster store (etcd) is the
+ * second implementation. The registry (index.ts) holds the typed records over it.
+ *
+ * Keys live in a few namespaces: `kek/<version>`, `dek/<keyId>`, `thread/<threadId>` (the thread
+ * index), and single keys `meta/kek`, `meta/format`, `meta/kcv`, `rotation`, `audit-head`.
+ * Values are records (plain objects, strings, numbers, byte arrays) that the store encodes itself,
+ * so each store keeps its own format (LMDB: exactly the file it always wrote).
+ *
+ * Only wrapped key material ever passes through a store.
+ */
+
+export interface StoreEntry {
+  key: string;
+  value: unknown;
+}
+
+/** A condition a transaction commits under. */
+export type StoreCompare =
+  /** The key holds no value. */
+  | { key: string; absent: true }
+  /** The key holds a value equal (field by field, bytes by content) to `equals`. */
+  | { key: string; equals: unknown };
+
+export interface StoreTransaction {
+  compares?: readonly StoreCompare[];
+  puts?: readonly StoreEntry[];
+  deletes?: readonly string[];
+}
+
+/** A committed write: `value` undefined for a delete. */
+export interface StoreChange {
+  key: string;
+  value: unknown;
+}
+
+/** What `atomically` hands its function: reads see the function's own earlier writes. */
+export interface StoreTxnView {
+  get(key: string): unknown;
+  put(key: string, value: unknown): void;
+  delete(key: string): void;
+}
+
+export interface RangeOptions {
+  /** Start after this key (exclusive); from the start of the namespace when absent. */
+  after?: string;
+  limit?: number;
+}
+
+export interface RegistryStore {
+  /** The value of `key`, read from the authoritative copy (linearizable in a cluster). */
+  get(key: string): Promise<unknown>;
+  /**
+   * The value of `key` if it is known locally, at once. `undefined` means "not known here: call
+   * get" (LMDB reads its file, so it also means absent; a cluster store answers from its cache).
+   */
+  peek(key: string): unknown;
+  /** Entries of one namespace (`prefix` ends in `/`) in its key order, paged by `after`. */
+  range(prefix: string, options?: RangeOptions): Promise<StoreEntry[]>;
+  /** How many keys one namespace holds. */
+  count(prefix: string): Promise<number>;
+  /** Applies every put and delete if every compare holds, else nothing. */
+  transaction(txn: StoreTransaction): Promise<{ committed: boolean }>;
+  /**
+   * Read-modify-write: runs `fn` and commits its writes atomically, as if nothing else ran
+   * between its reads and the commit. A store may run `fn` more than once (an optimistic store
+   * re-runs it when a key it read changed before the commit), so `fn` acts only through `tx`
+   * and through effects that a re-run overwrites; a throw aborts and writes nothing.
+   */
+  atomically<T>(fn: (tx: StoreTxnView) => T): Promise<T>;
+  /**
+   * Stores one value without making the caller wait (the audit head, the KCV). LMDB commits it
+   * synchronously when none of its own writes is in flight (a failure throws here) and otherwise
+   * joins them, so the main thread never waits for their write lock.
+   */
+  putNow(key: string, value: unknown): void;
+  /**
+   * Calls `onChange` after each committed change under `prefix`, to invalidate caches. LMDB sees
+   * only its own writes (one process owns a data directory, so that is every write); a cluster
+   * store watches the prefix. Returns the unsubscribe function.
+   */
+  watch(prefix: string, onChange: (change: StoreChange) => void): () => void;
+  close(): Promise<void>;
+}
+
+/** Whether two decoded records are equal: same fields, byte arrays by content. */
+export function sameValue(a: unknown, b: unknown): boolean {
+  if (a === b) return true;
+  if (typeof a !== 'object' || typeof b !== 'object' || a === null || b === null) return false;
+  if (ArrayBuffer.isView(a) || ArrayBuffer.isView(b)) {
+    if (!(ArrayBuffer.isView(a) && ArrayBuffer.isView(b))) return false;
+    return Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(
+      Buffer.from(b.buffer, b.byteOffset, b.byteLength),
+    );
+  }
+  if (Array.isArray(a) !== Array.isArray(b)) return false;
+  const aKeys = Object.keys(a);
+  if (aKeys.length !== Object.keys(b).length) return false;
+  return aKeys.every((k) => sameValue((a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k]));
+}
+
+/** Listeners by prefix, for a store that raises its own change events. */
+export class ChangeListeners {
+  readonly #listeners = new Set<{ prefix: string; onChange: (change: StoreChange) => void }>();
+
+  add(prefix: string, onChange: (change: StoreChange) => void): () => void {
+    const listener = { prefix, onChange };
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  emit(changes: Iterable<StoreChange>): void {
+    if (this.#listeners.size === 0) return;
+    for (const change of changes) {
+      for (const { prefix, onChange } of this.#listeners) {
+        if (change.key.startsWith(prefix)) onChange(change);
+      }
+    }
+  }
+}
