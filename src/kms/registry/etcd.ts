@@ -1,0 +1,375 @@
+/**
+ * The registry store of a KMS cluster: every replica keeps its registry in one etcd cluster under
+ * `<prefix>` (`/progressdb-kms/<cluster>/`), so any replica can serve any key and a replica can die.
+ *
+ * Reads on the hot path never wait for etcd: `peek` answers from this replica's bounded cache of
+ * values, which a linearizable `get` fills on a miss and a watch on the whole prefix keeps fresh.
+ * The watch resumes from the last revision it saw after a reconnect (the etcd3 client tracks it);
+ * if etcd compacted past that revision the watch is cancelled, and then the cache is dropped and
+ * a new watch starts from the current revision, so no stale value outlives the gap.
+ *
+ * Writes are optimistic transactions: `atomically` runs its function over the values it has read
+ * at known mod revisions and commits only if none of them changed, re-running it otherwise (the
+ * contract of RegistryStore.atomically). Create-if-absent is a compare on mod revision 0, so two
+ * replicas creating one thread's key race in etcd, and exactly one wins.
+ *
+ * Values are msgpack (records with byte arrays, as LMDB keeps them); only wrapped key material is
+ * ever stored here.
+ */
+import type { Etcd3, IKeyValue, Watcher } from 'etcd3';
+import { Packr } from 'msgpackr';
+import { kmsError } from '../../errors.js';
+import {
+  ChangeListeners,
+  type RangeOptions,
+  type RegistryStore,
+  type StoreChange,
+  type StoreEntry,
+  type StoreTransaction,
+  type StoreTxnView,
+  sameValue,
+} from './store.js';
+
+/** Plain maps, not msgpackr's record extension: the bytes stay readable by any msgpack decoder. */
+const packr = new Packr({ useRecords: false, moreTypes: false });
+
+/** Values cached per replica, at most; the oldest used go first. */
+export const DEFAULT_ETCD_CACHE_ENTRIES = 100_000;
+/** Re-runs of one atomically() after conflicting commits by other replicas before giving up. */
+const MAX_ATTEMPTS = 32;
+
+/**
+ * KEK versions are numbers and must range in number order; etcd orders keys bytewise, so the
+ * store writes them zero-padded (`kek/0000000012`) and reads them back as `kek/12`.
+ */
+const NUMERIC_NAMESPACES = ['kek/'];
+const NUMBER_WIDTH = 10;
+
+function toEtcdKey(key: string): string {
+  for (const ns of NUMERIC_NAMESPACES) {
+    // A bare namespace (a range's prefix) stays as it is.
+    if (key.startsWith(ns) && key.length > ns.length)
+      return ns + key.slice(ns.length).padStart(NUMBER_WIDTH, '0');
+  }
+  return key;
+}
+
+function fromEtcdKey(key: string): string {
+  for (const ns of NUMERIC_NAMESPACES) {
+    if (key.startsWith(ns)) return ns + String(Number(key.slice(ns.length)));
+  }
+  return key;
+}
+
+interface Cached {
+  /** undefined for a key deleted at `modRevision` (kept so an older fill cannot bring it back). */
+  value: unknown;
+  modRevision: bigint;
+}
+
+/** A read inside atomically(): the value and the revision its commit compares against. */
+interface Read {
+  value: unknown;
+  /** 0 for an absent key. */
+  modRevision: bigint;
+}
+
+/** Thrown by a transaction view that has not read `key` yet; atomically() fetches it and re-runs. */
+class NeedKey {
+  constructor(readonly key: string) {}
+}
+
+export interface EtcdStoreOptions {
+  client: Etcd3;
+  /** Key prefix of this KMS cluster, ending in '/'. */
+  prefix: string;
+  cacheEntries?: number;
+  /** Called when the cache was dropped (the watch fell behind a compaction), for metrics and logs. */
+  onCacheDropped?: (reason: string) => void;
+}
+
+export class EtcdStore implements RegistryStore {
+  readonly #client: Etcd3;
+  readonly #prefix: string;
+  readonly #cacheEntries: number;
+  /** Map order is use order: a hit moves its key to the end, eviction takes the first. */
+  readonly #cache = new Map<string, Cached>();
+  readonly #listeners = new ChangeListeners();
+  readonly #onCacheDropped: ((reason: string) => void) | undefined;
+  #watcher: Watcher | null = null;
+  #closed = false;
+  /**
+   * Our own commits, already reported to listeners when they committed: key → revision. Their
+   * watch events are then not reported again (listeners hear of each change once).
+   */
+  readonly #reported = new Map<string, bigint>();
+  /** The newest revision the watch delivered (it delivers in revision order). */
+  #watchedRevision = 0n;
+
+  private constructor(opts: EtcdStoreOptions) {
+    this.#client = opts.client;
+    this.#prefix = opts.prefix;
+    this.#cacheEntries = opts.cacheEntries ?? DEFAULT_ETCD_CACHE_ENTRIES;
+    this.#onCacheDropped = opts.onCacheDropped;
+  }
+
+  /** Connects (one linearizable read) and starts the prefix watch before answering anything. */
+  static async open(opts: EtcdStoreOptions): Promise<EtcdStore> {
+    if (!opts.prefix.endsWith('/')) throw new Error('the etcd prefix must end in "/"');
+    const store = new EtcdStore(opts);
+    try {
+      const revision = await store.#currentRevision();
+      await store.#watch(revision + 1n);
+    } catch (err) {
+      throw unavailable(err);
+    }
+    return store;
+  }
+
+  async #currentRevision(): Promise<bigint> {
+    const res = await this.#client.get(`${this.#prefix}\0`).exec();
+    return BigInt(res.header.revision);
+  }
+
+  async #watch(fromRevision: bigint): Promise<void> {
+    const watcher = await this.#client
+      .watch()
+      .prefix(this.#prefix)
+      .startRevision(fromRevision.toString())
+      .create();
+    watcher.on('put', (kv) => this.#applyWatched(kv, false));
+    watcher.on('delete', (kv) => this.#applyWatched(kv, true));
+    watcher.on('error', (err) => void this.#restartWatch(err));
+    this.#watcher = watcher;
+  }
+
+  /** The watch was cancelled (compacted past our revision): what the cache holds may be stale. */
+  async #restartWatch(err: Error): Promise<void> {
+    this.#cache.clear();
+    this.#reported.clear();
+    this.#onCacheDropped?.(err.message);
+    this.#watcher = null;
+    while (!this.#closed) {
+      try {
+        await this.#watch((await this.#currentRevision()) + 1n);
+        return;
+      } catch {
+        // etcd unreachable: keep the cache empty (every read goes to etcd) and try again.
+        await new Promise((resolve) => setTimeout(resolve, 500).unref());
+      }
+    }
+  }
+
+  #applyWatched(kv: IKeyValue, deleted: boolean): void {
+    const key = fromEtcdKey(kv.key.toString().slice(this.#prefix.length));
+    const modRevision = BigInt(kv.mod_revision);
+    if (modRevision > this.#watchedRevision) this.#watchedRevision = modRevision;
+    const value = deleted ? undefined : decode(kv.value);
+    this.#remember(key, value, modRevision);
+    if (this.#reported.get(key) === modRevision) {
+      this.#reported.delete(key);
+      return;
+    }
+    this.#listeners.emit([{ key, value }]);
+  }
+
+  /** Caches what a read, a commit or the watch saw, unless something newer is cached already. */
+  #remember(key: string, value: unknown, modRevision: bigint): void {
+    const cached = this.#cache.get(key);
+    if (cached !== undefined && cached.modRevision >= modRevision) return;
+    this.#cache.delete(key);
+    this.#cache.set(key, { value, modRevision });
+    if (this.#cache.size > this.#cacheEntries) {
+      const oldest = this.#cache.keys().next();
+      if (!oldest.done) this.#cache.delete(oldest.value);
+    }
+  }
+
+  peek(key: string): unknown {
+    const cached = this.#cache.get(key);
+    if (cached === undefined) return undefined;
+    this.#cache.delete(key);
+    this.#cache.set(key, cached);
+    return cached.value;
+  }
+
+  async get(key: string): Promise<unknown> {
+    return (await this.#read(key)).value;
+  }
+
+  /** A linearizable read of one key (etcd's default), remembered in the cache. */
+  async #read(key: string): Promise<Read> {
+    let res: Awaited<ReturnType<ReturnType<Etcd3['get']>['exec']>>;
+    try {
+      res = await this.#client.get(this.#etcdKey(key)).exec();
+    } catch (err) {
+      throw unavailable(err);
+    }
+    const kv = res.kvs[0];
+    if (kv === undefined) return { value: undefined, modRevision: 0n };
+    const read = { value: decode(kv.value), modRevision: BigInt(kv.mod_revision) };
+    this.#remember(key, read.value, read.modRevision);
+    return read;
+  }
+
+  #etcdKey(key: string): string {
+    return this.#prefix + toEtcdKey(key);
+  }
+
+  async range(prefix: string, options: RangeOptions = {}): Promise<StoreEntry[]> {
+    const from = options.after === undefined ? this.#etcdKey(prefix) : `${this.#etcdKey(options.after)}\0`;
+    const end = prefixEnd(this.#etcdKey(prefix));
+    try {
+      let builder = this.#client.getAll().inRange({ start: from, end }).sort('Key', 'Ascend');
+      if (options.limit !== undefined) builder = builder.limit(options.limit);
+      const res = await builder.exec();
+      return res.kvs.map((kv) => ({
+        key: fromEtcdKey(kv.key.toString().slice(this.#prefix.length)),
+        value: decode(kv.value),
+      }));
+    } catch (err) {
+      throw unavailable(err);
+    }
+  }
+
+  async count(prefix: string): Promise<number> {
+    try {
+      return await this.#client.getAll().prefix(this.#etcdKey(prefix)).count();
+    } catch (err) {
+      throw unavailable(err);
+    }
+  }
+
+  async transaction(txn: StoreTransaction): Promise<{ committed: boolean }> {
+    return this.atomically((tx) => {
+      for (const c of txn.compares ?? []) {
+        const value = tx.get(c.key);
+        if ('absent' in c ? value !== undefined : !sameValue(value, c.equals)) return { committed: false };
+      }
+      for (const { key, value } of txn.puts ?? []) tx.put(key, value);
+      for (const key of txn.deletes ?? []) tx.delete(key);
+      return { committed: true };
+    });
+  }
+
+  async atomically<T>(fn: (tx: StoreTxnView) => T): Promise<T> {
+    const reads = new Map<string, Read>();
+    for (let attempt = 0; attempt < MAX_ATTEMPTS; ) {
+      const writes = new Map<string, unknown>();
+      let result: T;
+      try {
+        result = fn(transactionView(reads, writes));
+      } catch (thrown) {
+        if (!(thrown instanceof NeedKey)) throw thrown;
+        reads.set(thrown.key, await this.#read(thrown.key));
+        continue;
+      }
+      if (writes.size === 0) return result;
+      if (await this.#commit(reads, writes)) return result;
+      attempt++;
+      // Another replica changed what we read: read it again and re-run.
+      for (const key of reads.keys()) reads.set(key, await this.#read(key));
+    }
+    throw kmsError(
+      'KMS_UNAVAILABLE',
+      'the etcd registry stayed contended (too many conflicting writes); retry',
+    );
+  }
+
+  async #commit(reads: Map<string, Read>, writes: Map<string, unknown>): Promise<boolean> {
+    // Each key read is unchanged since (mod revision 0: still absent). A blind write compares a
+    // condition that always holds, because an etcd3 transaction starts from a compare.
+    const compares: [string, string][] = [...reads].map(([key, read]) => [key, read.modRevision.toString()]);
+    const [first, ...rest] = compares;
+    let txn = first
+      ? this.#client.if(this.#etcdKey(first[0]), 'Mod', '==', first[1])
+      : this.#client.if(this.#etcdKey([...writes.keys()][0] as string), 'Version', '>', -1);
+    for (const [key, revision] of rest) txn = txn.and(this.#etcdKey(key), 'Mod', '==', revision);
+    const ops = [...writes].map(([key, value]) =>
+      value === undefined
+        ? this.#client.delete().key(this.#etcdKey(key))
+        : this.#client.put(this.#etcdKey(key)).value(encode(value)),
+    );
+    let res: Awaited<ReturnType<typeof txn.commit>>;
+    try {
+      res = await txn.then(...ops).commit();
+    } catch (err) {
+      throw unavailable(err);
+    }
+    if (!res.succeeded) return false;
+    const revision = BigInt(res.header.revision);
+    for (const [key, value] of writes) this.#remember(key, value, revision);
+    // Listeners hear of our own commits at once, as LMDB's do, unless the watch was quicker than
+    // the commit's answer; the watch's copy of a change already reported is then skipped.
+    if (revision <= this.#watchedRevision) return true;
+    const changes: StoreChange[] = [];
+    for (const [key, value] of writes) {
+      this.#reported.set(key, revision);
+      changes.push({ key, value });
+    }
+    this.#listeners.emit(changes);
+    return true;
+  }
+
+  putNow(key: string, value: unknown): void {
+    if (this.#closed) throw kmsError('NOT_READY', 'the registry is closed');
+    // The audit head: best effort between commits, like LMDB's joined write; a failure is seen
+    // by the next write, which goes through a transaction.
+    this.#client
+      .put(this.#etcdKey(key))
+      .value(encode(value))
+      .exec()
+      .then(
+        (res) => this.#remember(key, value, BigInt(res.header.revision)),
+        () => undefined,
+      );
+  }
+
+  watch(prefix: string, onChange: (change: StoreChange) => void): () => void {
+    return this.#listeners.add(prefix, onChange);
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    await this.#watcher?.cancel().catch(() => undefined);
+    this.#watcher = null;
+    this.#cache.clear();
+  }
+}
+
+function transactionView(reads: Map<string, Read>, writes: Map<string, unknown>): StoreTxnView {
+  return {
+    get(key) {
+      if (writes.has(key)) return writes.get(key);
+      const read = reads.get(key);
+      if (read === undefined) throw new NeedKey(key);
+      return read.value;
+    },
+    put(key, value) {
+      writes.set(key, value);
+    },
+    delete(key) {
+      writes.set(key, undefined);
+    },
+  };
+}
+
+function encode(value: unknown): Buffer {
+  return packr.pack(value);
+}
+
+function decode(bytes: Buffer): unknown {
+  return packr.unpack(bytes);
+}
+
+/** The first key after every key that starts with `prefix`. */
+function prefixEnd(prefix: string): Buffer {
+  const end = Buffer.from(prefix);
+  end[end.length - 1] = (end[end.length - 1] as number) + 1;
+  return end;
+}
+
+function unavailable(err: unknown): Error {
+  const message = err instanceof Error ? err.message : String(err);
+  return kmsError('KMS_UNAVAILABLE', `the etcd registry is unavailable (${message})`);
+}

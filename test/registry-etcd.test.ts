@@ -1,0 +1,172 @@
+/**
+ * The etcd registry store against real etcd members: what only a cluster store must do beyond the
+ * store conformance suite. Replicas see each other's writes through the watch, the hot path
+ * answers from the cache while etcd is away, a watch that fell behind a compaction drops the
+ * cache instead of serving stale values, and KEK versions range in number order.
+ */
+import test from 'ava';
+import { Etcd3 } from 'etcd3';
+import { EtcdStore } from '../src/kms/registry/etcd.js';
+import { EtcdCluster } from './helpers/etcd.js';
+import { until } from './helpers/processes.js';
+import { registryStoreSuite } from './helpers/registry-store-suite.js';
+
+let cluster: EtcdCluster;
+let prefixes = 0;
+const clients: Etcd3[] = [];
+
+test.before(async () => {
+  cluster = await EtcdCluster.start(3);
+});
+
+test.after.always(async () => {
+  for (const c of clients) c.close();
+  await cluster?.stop();
+});
+
+/** A client of the given members (default all), closed at the end. */
+function client(members: number[] = [0, 1, 2]): Etcd3 {
+  const c = new Etcd3({ hosts: members.map((i) => cluster.clientUrls[i] as string) });
+  clients.push(c);
+  return c;
+}
+
+// The conformance suite every store passes; each test gets its own cluster prefix. (Concurrent
+// tests run after the serial ones below, so no member is down while it runs.)
+registryStoreSuite('etcd', async () =>
+  EtcdStore.open({ client: client(), prefix: `/progressdb-kms/suite-${++prefixes}/` }),
+);
+
+/** Two stores of one fresh cluster prefix, as two replicas would open it. */
+async function replicas(
+  members: [number[], number[]] = [
+    [0, 1, 2],
+    [0, 1, 2],
+  ],
+) {
+  const prefix = `/progressdb-kms/test-${++prefixes}/`;
+  const dropped: string[] = [];
+  const a = await EtcdStore.open({
+    client: client(members[0]),
+    prefix,
+    onCacheDropped: (r) => dropped.push(r),
+  });
+  const b = await EtcdStore.open({
+    client: client(members[1]),
+    prefix,
+    onCacheDropped: (r) => dropped.push(r),
+  });
+  return { a, b, prefix, dropped };
+}
+
+test.serial('a write on one replica reaches the other replica through the watch', async (t) => {
+  const { a, b } = await replicas();
+  const heard: string[] = [];
+  b.watch('dek/', (change) => heard.push(`${change.key}:${change.value === undefined ? 'deleted' : 'put'}`));
+  t.is(b.peek('dek/k1'), undefined, 'nothing cached before a read');
+  await a.transaction({ puts: [{ key: 'dek/k1', value: { version: 1 } }] });
+  await until('b hears the put', () => (heard.includes('dek/k1:put') ? true : undefined), 5000);
+  t.deepEqual(b.peek('dek/k1'), { version: 1 });
+  await a.transaction({ deletes: ['dek/k1'] });
+  await until('b hears the delete', () => (heard.includes('dek/k1:deleted') ? true : undefined), 5000);
+  t.is(b.peek('dek/k1'), undefined, 'a deleted key is not served from the cache');
+  t.is(await b.get('dek/k1'), undefined);
+  await a.close();
+  await b.close();
+});
+
+test.serial('create-if-absent raced from two replicas: exactly one wins, both read the winner', async (t) => {
+  const { a, b } = await replicas();
+  for (let i = 0; i < 20; i++) {
+    const key = `thread/t${i}`;
+    const results = await Promise.all(
+      [a, b].map((store, n) =>
+        store.transaction({ compares: [{ key, absent: true }], puts: [{ key, value: `key-from-${n}` }] }),
+      ),
+    );
+    t.is(results.filter((r) => r.committed).length, 1, key);
+    const winner = await a.get(key);
+    t.is(await b.get(key), winner);
+  }
+  await a.close();
+  await b.close();
+});
+
+test.serial('read-modify-write from two replicas loses no update', async (t) => {
+  const { a, b } = await replicas();
+  await Promise.all(
+    Array.from({ length: 30 }, (_, i) =>
+      (i % 2 === 0 ? a : b).atomically((tx) => {
+        tx.put('refs', ((tx.get('refs') as number | undefined) ?? 0) + 1);
+      }),
+    ),
+  );
+  t.is(await a.get('refs'), 30);
+  await a.close();
+  await b.close();
+});
+
+test.serial('KEK versions range in number order, paged', async (t) => {
+  const { a, b } = await replicas();
+  for (const v of [1, 2, 10, 3, 100]) await a.transaction({ puts: [{ key: `kek/${v}`, value: { v } }] });
+  t.deepEqual(
+    (await b.range('kek/')).map((e) => e.key),
+    ['kek/1', 'kek/2', 'kek/3', 'kek/10', 'kek/100'],
+  );
+  t.deepEqual(
+    (await b.range('kek/', { after: 'kek/3', limit: 1 })).map((e) => e.key),
+    ['kek/10'],
+  );
+  t.is(await b.count('kek/'), 5);
+  await a.close();
+  await b.close();
+});
+
+test.serial(
+  'with its etcd member gone, a replica still serves what it has cached; reads of the rest fail as unavailable',
+  async (t) => {
+    // b talks to member 2 only; killing it leaves b without etcd while the cluster goes on.
+    const { a, b } = await replicas([[0, 1], [2]]);
+    await a.transaction({ puts: [{ key: 'dek/hot', value: { wrapped: Buffer.from('wrapped bytes') } }] });
+    await b.get('dek/hot');
+    await cluster.kill(2);
+    try {
+      t.deepEqual(b.peek('dek/hot'), { wrapped: Buffer.from('wrapped bytes') });
+      const err = await t.throwsAsync(b.get('dek/cold'));
+      t.is((err as { code?: string }).code, 'KMS_UNAVAILABLE');
+    } finally {
+      await cluster.restart(2);
+    }
+    await a.close();
+    await b.close();
+  },
+);
+
+test.serial('a watch that fell behind a compaction drops the cache and watches again', async (t) => {
+  const { a, b, dropped } = await replicas([[0, 1], [2]]);
+  await a.transaction({ puts: [{ key: 'dek/k', value: { version: 1 } }] });
+  await b.get('dek/k');
+  await cluster.kill(2);
+  // While b is cut off: a new version, and history compacted past what b's watch has seen.
+  // Two writes: a watch resumes at the revision after its last, so compacting at the latest
+  // leaves that revision out of reach only when more than one write happened meanwhile.
+  await a.transaction({ puts: [{ key: 'dek/k', value: { version: 2 } }] });
+  await a.transaction({ puts: [{ key: 'dek/other', value: { version: 1 } }] });
+  const admin = client([0, 1]);
+  const head = await admin.get('/').exec();
+  await admin.kv.compact({ revision: head.header.revision, physical: true });
+  await cluster.restart(2);
+  await until('b drops its cache', () => (dropped.length > 0 ? true : undefined), 15_000);
+  t.is(b.peek('dek/k'), undefined, 'the stale version 1 is not served');
+  t.deepEqual(await b.get('dek/k'), { version: 2 });
+  // The new watch works: a later write reaches b without a read.
+  await a.transaction({ puts: [{ key: 'dek/k', value: { version: 3 } }] });
+  await until(
+    'b hears version 3',
+    () => ((b.peek('dek/k') as { version?: number })?.version === 3 ? true : undefined),
+    5000,
+  );
+  t.pass();
+  await a.close();
+  await b.close();
+});
