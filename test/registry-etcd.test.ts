@@ -106,6 +106,33 @@ test.serial('read-modify-write from two replicas loses no update', async (t) => 
   await b.close();
 });
 
+test.serial(
+  'hundreds of concurrent creates on two replicas all commit, sharing one counter, and a failing one writes nothing',
+  async (t) => {
+    const { a, b } = await replicas();
+    await a.transaction({ puts: [{ key: 'kek/1', value: { refs: 0 } }] });
+    const create = (i: number) =>
+      (i % 2 === 0 ? a : b).atomically((tx) => {
+        if (i === 7) throw new Error('refused by its own check');
+        const kek = tx.get('kek/1') as { refs: number };
+        tx.put('kek/1', { refs: kek.refs + 1 });
+        tx.put(`thread/t${i}`, `k${i}`);
+        tx.put(`dek/k${i}`, { keyId: `k${i}` });
+        return i;
+      });
+    const results = await Promise.allSettled(Array.from({ length: 400 }, (_, i) => create(i)));
+    t.deepEqual(
+      results.filter((r) => r.status === 'rejected').map((r) => (r as PromiseRejectedResult).reason.message),
+      ['refused by its own check'],
+    );
+    t.deepEqual(await b.get('kek/1'), { refs: 399 });
+    t.is(await a.count('thread/'), 399);
+    t.is(await a.get('thread/t7'), undefined);
+    await a.close();
+    await b.close();
+  },
+);
+
 test.serial('KEK versions range in number order, paged', async (t) => {
   const { a, b } = await replicas();
   for (const v of [1, 2, 10, 3, 100]) await a.transaction({ puts: [{ key: `kek/${v}`, value: { v } }] });

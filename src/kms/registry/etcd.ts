@@ -10,7 +10,8 @@
  *
  * Writes are optimistic transactions: `atomically` runs its function over the values it has read
  * at known mod revisions and commits only if none of them changed, re-running it otherwise (the
- * contract of RegistryStore.atomically). Create-if-absent is a compare on mod revision 0, so two
+ * contract of RegistryStore.atomically); calls made while a commit is in flight share the next
+ * one (etcd-group-commit.ts). Create-if-absent is a compare on mod revision 0, so two
  * replicas creating one thread's key race in etcd, and exactly one wins.
  *
  * Values are msgpack (records with byte arrays, as LMDB keeps them); only wrapped key material is
@@ -19,6 +20,7 @@
 import type { Etcd3, IKeyValue, Watcher } from 'etcd3';
 import { Packr } from 'msgpackr';
 import { kmsError } from '../../errors.js';
+import { GroupCommit, type Read } from './etcd-group-commit.js';
 import {
   ChangeListeners,
   type RangeOptions,
@@ -35,8 +37,6 @@ const packr = new Packr({ useRecords: false, moreTypes: false });
 
 /** Values cached per replica, at most; the oldest used go first. */
 export const DEFAULT_ETCD_CACHE_ENTRIES = 100_000;
-/** Re-runs of one atomically() after conflicting commits by other replicas before giving up. */
-const MAX_ATTEMPTS = 32;
 
 /**
  * KEK versions are numbers and must range in number order; etcd orders keys bytewise, so the
@@ -67,18 +67,6 @@ interface Cached {
   modRevision: bigint;
 }
 
-/** A read inside atomically(): the value and the revision its commit compares against. */
-interface Read {
-  value: unknown;
-  /** 0 for an absent key. */
-  modRevision: bigint;
-}
-
-/** Thrown by a transaction view that has not read `key` yet; atomically() fetches it and re-runs. */
-class NeedKey {
-  constructor(readonly key: string) {}
-}
-
 export interface EtcdStoreOptions {
   client: Etcd3;
   /** Key prefix of this KMS cluster, ending in '/'. */
@@ -96,6 +84,10 @@ export class EtcdStore implements RegistryStore {
   readonly #cache = new Map<string, Cached>();
   readonly #listeners = new ChangeListeners();
   readonly #onCacheDropped: ((reason: string) => void) | undefined;
+  readonly #group = new GroupCommit(
+    (key) => this.#read(key),
+    (reads, writes) => this.#commit(reads, writes),
+  );
   #watcher: Watcher | null = null;
   #closed = false;
   /**
@@ -252,28 +244,8 @@ export class EtcdStore implements RegistryStore {
     });
   }
 
-  async atomically<T>(fn: (tx: StoreTxnView) => T): Promise<T> {
-    const reads = new Map<string, Read>();
-    for (let attempt = 0; attempt < MAX_ATTEMPTS; ) {
-      const writes = new Map<string, unknown>();
-      let result: T;
-      try {
-        result = fn(transactionView(reads, writes));
-      } catch (thrown) {
-        if (!(thrown instanceof NeedKey)) throw thrown;
-        reads.set(thrown.key, await this.#read(thrown.key));
-        continue;
-      }
-      if (writes.size === 0) return result;
-      if (await this.#commit(reads, writes)) return result;
-      attempt++;
-      // Another replica changed what we read: read it again and re-run.
-      for (const key of reads.keys()) reads.set(key, await this.#read(key));
-    }
-    throw kmsError(
-      'KMS_UNAVAILABLE',
-      'the etcd registry stayed contended (too many conflicting writes); retry',
-    );
+  atomically<T>(fn: (tx: StoreTxnView) => T): Promise<T> {
+    return this.#group.run(fn);
   }
 
   async #commit(reads: Map<string, Read>, writes: Map<string, unknown>): Promise<boolean> {
@@ -335,23 +307,6 @@ export class EtcdStore implements RegistryStore {
     this.#watcher = null;
     this.#cache.clear();
   }
-}
-
-function transactionView(reads: Map<string, Read>, writes: Map<string, unknown>): StoreTxnView {
-  return {
-    get(key) {
-      if (writes.has(key)) return writes.get(key);
-      const read = reads.get(key);
-      if (read === undefined) throw new NeedKey(key);
-      return read.value;
-    },
-    put(key, value) {
-      writes.set(key, value);
-    },
-    delete(key) {
-      writes.set(key, undefined);
-    },
-  };
 }
 
 function encode(value: unknown): Buffer {
