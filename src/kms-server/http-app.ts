@@ -7,10 +7,11 @@
 import Router from '@koa/router';
 import Koa from 'koa';
 import type { CallContext } from '../api/index.js';
-import { type CodedError, errorBody, kmsError, toCodedError } from '../errors.js';
+import { kmsError, toCodedError } from '../errors.js';
+import { errorMiddleware, writeError } from '../http/errors.js';
+import { isPlainObject, type JsonBodyLimits, readJsonBody } from '../http/json-body.js';
 import type { Logger } from '../log.js';
 import { type Authenticator, bearerToken } from './auth.js';
-import { readJsonBody } from './body.js';
 import type { RouteInput, RouteServices, RouteSpec } from './route.js';
 import { ROUTES } from './routes/index.js';
 
@@ -26,19 +27,23 @@ export interface HttpAppDeps {
   draining(): boolean;
 }
 
-function writeError(ctx: Koa.Context, err: CodedError): void {
-  ctx.status = err.status;
-  ctx.set('Content-Type', JSON_TYPE);
-  if (err.code === 'UNAUTHENTICATED') ctx.set('WWW-Authenticate', 'Bearer');
-  // The rest of an unread body is never read: close instead of parsing it as the next request.
-  if (err.code === 'PAYLOAD_TOO_LARGE' || err.code === 'UNSUPPORTED_MEDIA_TYPE')
-    ctx.set('Connection', 'close');
-  ctx.body = JSON.stringify(errorBody(err));
+/**
+ * Deepest nesting a daemon body may have. Every body is flat ({"batch_input":[{...}]} is 3
+ * levels), so 64 leaves room for anything legitimate and keeps recursive code far from the stack.
+ */
+export const MAX_BODY_DEPTH = 64;
+
+/** Every daemon body is a JSON object; an empty one is not JSON at all. */
+async function readObjectBody(ctx: Koa.Context, limits: JsonBodyLimits): Promise<Record<string, unknown>> {
+  const value = await readJsonBody(ctx.req, limits);
+  if (value === undefined) throw kmsError('MALFORMED_JSON');
+  if (!isPlainObject(value)) throw kmsError('INVALID_INPUT', 'request body must be a JSON object');
+  return value;
 }
 
 function handlerOf(spec: RouteSpec, deps: HttpAppDeps): Koa.Middleware {
   const { services, auth, logger } = deps;
-  const maxBody = services.limits.maxBodyBytes;
+  const bodyLimits: JsonBodyLimits = { maxBytes: services.limits.maxBodyBytes, maxDepth: MAX_BODY_DEPTH };
   return async (ctx) => {
     const startedAt = performance.now();
     try {
@@ -48,7 +53,7 @@ function handlerOf(spec: RouteSpec, deps: HttpAppDeps): Koa.Middleware {
       const input: RouteInput = {
         services,
         caller,
-        body: spec.jsonBody ? await readJsonBody(ctx.req, maxBody) : EMPTY_BODY,
+        body: spec.jsonBody ? await readObjectBody(ctx, bodyLimits) : EMPTY_BODY,
         query: spec.method === 'GET' ? ctx.query : (EMPTY_BODY as RouteInput['query']),
       };
       const reply = await spec.handle(input);
@@ -86,23 +91,19 @@ export function createHttpApp(deps: HttpAppDeps): Koa {
     methodsOfPath.set(spec.path, methods);
   }
   const routes = router.routes();
+  const answerErrors = errorMiddleware({
+    // Every route handler sets a body, errors included: none means no route matched.
+    unmatched: (ctx) => {
+      const allowed = methodsOfPath.get(ctx.path.toLowerCase().replace(/(.)\/$/, '$1'));
+      if (!allowed) return kmsError('NOT_FOUND', 'no such endpoint');
+      ctx.set('Allow', allowed.join(', '));
+      return kmsError('METHOD_NOT_ALLOWED', `${ctx.method} is not allowed on ${ctx.path}`);
+    },
+  });
 
+  // One app-level middleware (the error answers wrap the router directly) keeps per-request cost low.
   app.use(async (ctx, next) => {
-    try {
-      await routes(ctx as Parameters<typeof routes>[0], next);
-      // Every route handler sets a body, errors included: none means no route matched.
-      if (ctx.body == null) {
-        const allowed = methodsOfPath.get(ctx.path.toLowerCase().replace(/(.)\/$/, '$1'));
-        if (allowed) {
-          ctx.set('Allow', allowed.join(', '));
-          writeError(ctx, kmsError('METHOD_NOT_ALLOWED', `${ctx.method} is not allowed on ${ctx.path}`));
-        } else {
-          writeError(ctx, kmsError('NOT_FOUND', 'no such endpoint'));
-        }
-      }
-    } catch (thrown) {
-      writeError(ctx, toCodedError(thrown));
-    }
+    await answerErrors(ctx, () => routes(ctx as Parameters<typeof routes>[0], next));
     if (deps.draining()) ctx.set('Connection', 'close');
   });
   return app;

@@ -1,17 +1,19 @@
 /**
- * Reads a JSON request body with the size limit enforced while streaming: a declared
- * Content-Length over the limit is refused before reading, and a chunked body is refused as soon
- * as it passes the limit, so an oversized body is never buffered whole. Parsed once.
+ * The one JSON request body reader of both HTTP programs (the daemon and the server). The size
+ * limit is enforced while streaming: a declared Content-Length over the limit is refused before
+ * reading, and a chunked body is refused as soon as it passes the limit, so an oversized body is
+ * never buffered whole. Nesting depth is checked before parsing; the text is parsed once.
  */
 import type { IncomingMessage } from 'node:http';
 import { kmsError } from '../errors.js';
 import { jsonDepthExceeds } from '../wire/json-depth.js';
 
-/**
- * Deepest nesting a daemon body may have. Every body is flat ({"batch_input":[{...}]} is 3
- * levels), so 64 leaves room for anything legitimate and keeps recursive code far from the stack.
- */
-export const MAX_BODY_DEPTH = 64;
+export interface JsonBodyLimits {
+  /** Largest body, in bytes. */
+  maxBytes: number;
+  /** Deepest nesting of objects and arrays. */
+  maxDepth: number;
+}
 
 function isJsonContentType(header: string | undefined): boolean {
   if (header === undefined) return false;
@@ -24,10 +26,18 @@ function tooLarge(limit: number) {
   return kmsError('PAYLOAD_TOO_LARGE', `request body exceeds the limit of ${limit} bytes`, { limit });
 }
 
-export function readJsonBody(req: IncomingMessage, limit: number): Promise<Record<string, unknown>> {
+/**
+ * The parsed body, or undefined when it is empty: whether no body is an error, and which, is the
+ * route's to say. Errors: UNSUPPORTED_MEDIA_TYPE, PAYLOAD_TOO_LARGE, MALFORMED_JSON, and
+ * INVALID_INPUT for a body nested too deep or cut short.
+ */
+export function readJsonBody(req: IncomingMessage, limits: JsonBodyLimits): Promise<unknown> {
   if (!isJsonContentType(req.headers['content-type'])) {
-    return Promise.reject(kmsError('UNSUPPORTED_MEDIA_TYPE'));
+    return Promise.reject(
+      kmsError('UNSUPPORTED_MEDIA_TYPE', 'send the body as Content-Type: application/json'),
+    );
   }
+  const limit = limits.maxBytes;
   const declared = req.headers['content-length'];
   if (declared !== undefined && Number(declared) > limit) return Promise.reject(tooLarge(limit));
   return new Promise((resolve, reject) => {
@@ -55,7 +65,10 @@ export function readJsonBody(req: IncomingMessage, limit: number): Promise<Recor
       settled = true;
       cleanup();
       try {
-        resolve(parseObject(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size)));
+        if (size === 0) return resolve(undefined);
+        // Most bodies arrive in one chunk: no copy then.
+        const only = chunks.length === 1 ? chunks[0] : undefined;
+        resolve(parse(only ?? Buffer.concat(chunks, size), limits.maxDepth));
       } catch (err) {
         reject(err);
       }
@@ -75,20 +88,19 @@ export function readJsonBody(req: IncomingMessage, limit: number): Promise<Recor
   });
 }
 
-function parseObject(bytes: Buffer): Record<string, unknown> {
+function parse(bytes: Buffer, maxDepth: number): unknown {
   // Deep nesting is valid JSON, so it is an input error rather than MALFORMED_JSON.
-  if (jsonDepthExceeds(bytes, MAX_BODY_DEPTH)) {
-    throw kmsError('INVALID_INPUT', `request body is nested deeper than ${MAX_BODY_DEPTH} levels`);
+  if (jsonDepthExceeds(bytes, maxDepth)) {
+    throw kmsError('INVALID_INPUT', `request body is nested deeper than ${maxDepth} levels`);
   }
-  let value: unknown;
   try {
-    value = JSON.parse(bytes.toString('utf8'));
+    return JSON.parse(bytes.toString('utf8'));
   } catch {
     // The parser's message quotes the input, so it is not passed on.
     throw kmsError('MALFORMED_JSON');
   }
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-    throw kmsError('INVALID_INPUT', 'request body must be a JSON object');
-  }
-  return value as Record<string, unknown>;
+}
+
+export function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
