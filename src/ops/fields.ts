@@ -177,6 +177,20 @@ export function record<T>(fields: Fields<T>): JsonRecord<T> {
   };
 }
 
+/**
+ * The same JSON names in the same order as `record(fields)`, with each value as the native JSON
+ * type of its property (numbers, lists, null when absent) rather than a string: how the product
+ * server's admin API shows values the daemon sends as strings. For records of plain values only.
+ */
+export function plainView<T>(fields: Fields<T>): (v: T) => WireObject {
+  const entries = Object.entries(fields) as [string, Field<unknown>][];
+  return (v) => {
+    const out: WireObject = {};
+    for (const [prop, f] of entries) out[f.name] = (v as Record<string, unknown>)[prop] ?? null;
+    return out;
+  };
+}
+
 /** A value carried as the one field of a JSON object (decrypt's `{"plaintext"}`). */
 export function single<V>(f: Field<V>): JsonCodec<V> {
   return { toWire: (v) => ({ [f.name]: f.write(v) }), fromWire: (o) => f.read(o) };

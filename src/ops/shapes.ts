@@ -16,11 +16,13 @@ import { kmsError } from '../errors.js';
 import { encodeBase64 } from '../wire/base64.js';
 import {
   base64,
+  type Fields,
   id,
   type JsonCodec,
   nullable,
   oneOf,
   optional,
+  plainView,
   record,
   text,
   uint,
@@ -156,8 +158,7 @@ export const destroyResultBinary: BinaryCodec<DestroyResult> = {
 
 const ROTATION_STATES: readonly RotationState[] = ['idle', 'running', 'completed'];
 
-/** Absent values (null) are left out rather than sent as an empty string. */
-export const rotationStatusRecord = record<RotationStatus>({
+const rotationStatusFields: Fields<RotationStatus> = {
   state: oneOf('state', ROTATION_STATES),
   kekId: text('kek_id'),
   activeKekVersion: uint('active_kek_version'),
@@ -167,7 +168,13 @@ export const rotationStatusRecord = record<RotationStatus>({
   targetKekVersion: nullable(uint('target_kek_version')),
   startedAt: nullable(text('started_at')),
   finishedAt: nullable(text('finished_at')),
-});
+};
+
+/** Absent values (null) are left out rather than sent as an empty string. */
+export const rotationStatusRecord = record<RotationStatus>(rotationStatusFields);
+
+/** The one view of a KEK rotation's status in the product server's answers (same names and order). */
+export const rotationStatusView = plainView(rotationStatusFields);
 
 /** The state as its index in ROTATION_STATES; counts as f64. */
 export const rotationStatusBinary: BinaryCodec<RotationStatus> = {

@@ -1,20 +1,26 @@
-/** The Koa application: metrics, error mapping, then one route group per file. */
+/** The Koa application: metrics, error answers, then one route per endpoint (routes/index.ts). */
 import Router from '@koa/router';
 import Koa from 'koa';
 import { UserError } from '../errors.js';
+import { errorMiddleware, matchedRoute } from '../http/errors.js';
 import type { AppParts } from './context.js';
-import { errorHandler } from './http.js';
-import { adminRoutes } from './routes/admin.js';
-import { healthRoutes } from './routes/health.js';
-import { messageRoutes } from './routes/messages.js';
-import { threadRoutes } from './routes/threads.js';
+import { ROUTES } from './routes/index.js';
+
+function routerOf(parts: AppParts): Router {
+  const router = new Router();
+  for (const route of ROUTES) {
+    const handler: Koa.Middleware = (ctx) => route.handle(ctx, parts);
+    const chain = route.scope === 'public' ? [handler] : [parts.keys.require(route.scope), handler];
+    router.register(route.path, [route.method], chain);
+  }
+  return router;
+}
 
 export function createApp(parts: AppParts): Koa {
   const app = new Koa();
-  // Every error is answered and logged by errorHandler; Koa's own stderr printer would duplicate it.
+  // Every error is answered and logged by errorMiddleware; Koa's own stderr printer would duplicate it.
   app.silent = true;
-  const router = new Router();
-  for (const group of [healthRoutes, threadRoutes, messageRoutes, adminRoutes]) group(router, parts);
+  const router = routerOf(parts);
 
   const { metrics, logger } = parts;
   app.use(async (ctx, next) => {
@@ -24,18 +30,13 @@ export function createApp(parts: AppParts): Koa {
     } finally {
       ctx.set('Cache-Control', 'no-store');
       ctx.set('X-Content-Type-Options', 'nosniff');
-      const route = (ctx as { _matchedRoute?: string | RegExp })._matchedRoute;
       metrics.requests.observe(
-        {
-          method: ctx.method,
-          route: typeof route === 'string' ? route : 'unmatched',
-          status: String(ctx.status),
-        },
+        { method: ctx.method, route: matchedRoute(ctx), status: String(ctx.status) },
         (performance.now() - start) / 1000,
       );
     }
   });
-  app.use(errorHandler(logger, (err) => metrics.errors.inc({ code: err.code })));
+  app.use(errorMiddleware({ logger, onError: (err) => metrics.errors.inc({ code: err.code }) }));
   app.use(router.routes());
   app.use(
     router.allowedMethods({

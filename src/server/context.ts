@@ -1,5 +1,4 @@
 /** What every route file is given: the server's parts, built once at start-up. */
-import type Router from '@koa/router';
 import type { Context } from 'koa';
 import type { CallContext, Kms } from '../api/index.js';
 import type { ServerConfig } from '../config/server.js';
@@ -20,8 +19,6 @@ export interface AppParts {
   logger: Logger;
   startedAt: Date;
 }
-
-export type RouteGroup = (router: Router, parts: AppParts) => void;
 
 /** The audit identity of the request: the API key's name and the peer address. */
 export function callContext(ctx: Context): CallContext {

@@ -1,0 +1,17 @@
+/** GET /v1/threads/:id/messages: a page of a thread's messages, decrypted. */
+import { callContext } from '../context.js';
+import { pagingQuery } from '../http.js';
+import { serverRoute } from './route.js';
+import { threadParams } from './schemas.js';
+
+export const messagesList = serverRoute({
+  method: 'GET',
+  path: '/v1/threads/:id/messages',
+  scope: 'data',
+  help: '?limit&cursor → {"messages":[...],"next_cursor"}',
+  params: threadParams,
+  query: pagingQuery,
+  handle: async (ctx, { service }, { params, query }) => {
+    ctx.body = await service.listMessages(params.id, query.limit, query.cursor, callContext(ctx));
+  },
+});
