@@ -7,8 +7,8 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
+import { auditVerifyCommand } from '../src/cli/kms-commands/audit-verify.js';
 import { tornTailStart } from '../src/kms/audit-file.js';
-import { auditVerifyCommand } from '../src/kms/cli-commands.js';
 import {
   type AuditLine,
   auditLines,

@@ -10,7 +10,9 @@ import { CodedError } from '../errors.js';
 import { tuneHeapForThroughput } from './heap-tuning.js';
 
 // Each sub-command loads only what it needs: keygen should not pay for Koa, LMDB and the pool.
-const commands = () => import('../kms/cli-commands.js');
+const keygen = () => import('./kms-commands/keygen.js');
+const auditVerify = () => import('./kms-commands/audit-verify.js');
+const rotate = () => import('./kms-commands/rotate.js');
 
 function wholeNumber(value: string): number {
   if (!/^\d+$/.test(value)) throw new InvalidArgumentError('expected a whole number');
@@ -90,7 +92,7 @@ program
   .command('keygen')
   .description('write a new random master key (64 hex characters)')
   .option('--out <file>', 'file to create (mode 0600); stdout when omitted')
-  .action((opts: { out?: string }) => exitWith(async () => (await commands()).keygenCommand(opts))());
+  .action((opts: { out?: string }) => exitWith(async () => (await keygen()).keygenCommand(opts))());
 
 program
   .command('audit')
@@ -100,7 +102,7 @@ program
   .option('--data-dir <dir>', 'the KMS data directory (env PROGRESSDB_KMS_DATA_DIR)')
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
   .action((opts: { dataDir?: string; masterKeyFile?: string }) =>
-    exitWith(async () => (await commands()).auditVerifyCommand(opts))(),
+    exitWith(async () => (await auditVerify()).auditVerifyCommand(opts))(),
   );
 
 program
@@ -109,7 +111,7 @@ program
   .option('--data-dir <dir>', 'the KMS data directory (env PROGRESSDB_KMS_DATA_DIR)')
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
   .action((opts: { dataDir?: string; masterKeyFile?: string }) =>
-    exitWith(async () => (await commands()).rotateCommand(opts))(),
+    exitWith(async () => (await rotate()).rotateCommand(opts))(),
   );
 
 program.parseAsync(process.argv).catch(fail);

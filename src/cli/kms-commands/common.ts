@@ -1,0 +1,29 @@
+/**
+ * What the `progressdb-kms` sub-commands that work on a data directory directly share. Each
+ * command returns the process exit code and prints its own messages; CLI wiring lives in
+ * src/cli/progressdb-kms.ts.
+ */
+import path from 'node:path';
+import { givenKmsDataDir } from '../../config/library.js';
+import { kmsError, toCodedError } from '../../errors.js';
+
+export interface DataDirCommandOptions {
+  /** Else PROGRESSDB_KMS_DATA_DIR, as for `serve`. */
+  dataDir?: string;
+  masterKeyFile?: string;
+}
+
+export function dataDirOf(opts: DataDirCommandOptions): string {
+  const dir = givenKmsDataDir(opts.dataDir);
+  if (dir === undefined) {
+    throw kmsError('CONFIG_INVALID', 'no data directory: pass --data-dir or set PROGRESSDB_KMS_DATA_DIR');
+  }
+  return path.resolve(dir);
+}
+
+/** Prints the error as one line on stderr → exit code 1. */
+export function report(err: unknown): number {
+  const coded = toCodedError(err);
+  process.stderr.write(`progressdb-kms: ${coded.code}: ${coded.message}\n`);
+  return 1;
+}
