@@ -7,10 +7,10 @@ import { createCipheriv, createDecipheriv, randomBytes, randomFillSync } from 'n
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { fileURLToPath } from 'node:url';
 import autocannon, { type AutocannonRequest } from 'autocannon';
-import { createKms, generateMasterKeyFile, type Kms } from '../src/index.js';
-import { cleanEnv, freePort, until } from '../test/helpers/processes.js';
+import { cleanEnv, freePort, until } from '../harness/processes.js';
+import { createKms, generateMasterKeyFile } from './product.js';
 
 export function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
@@ -200,8 +200,6 @@ export function inlineDecrypt(ms: number, payload: Buffer, key = randomBytes(32)
 // --- paths ------------------------------------------------------------------------------------
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
-/** True when running the TypeScript sources through tsx rather than the build in dist/. */
-const FROM_SOURCE = import.meta.url.endsWith('.ts');
 
 function findRoot(): string {
   let dir = HERE;
@@ -217,9 +215,9 @@ export const REPO_ROOT = findRoot();
 export const KMS_CLI = path.join(REPO_ROOT, 'dist/src/cli/progressdb-kms.js');
 export const SERVER_CLI = path.join(REPO_ROOT, 'dist/src/cli/progressdb.js');
 
-/** A helper script of the harness (bench/children/NAME), as source or as build. */
+/** A helper script of the harness (bench/children/NAME.ts). */
 export function childScript(name: string): string {
-  return path.join(HERE, 'children', `${name}${FROM_SOURCE ? '.ts' : '.js'}`);
+  return path.join(HERE, 'children', `${name}.ts`);
 }
 
 /** Throws a clear "not there yet" error when a built piece another issue delivers is missing. */
@@ -306,14 +304,14 @@ export class Child {
   }
 }
 
-/** Spawns a Node script (inheriting --import=tsx when the harness runs from source). */
+/** Spawns a Node script, inheriting the harness's --import=tsx (bench/ runs as TypeScript). */
 export function spawnNode(
   name: string,
   script: string,
   args: string[],
   opts: { env?: NodeJS.ProcessEnv; cwd?: string; nodeArgs?: string[] } = {},
 ): Child {
-  const nodeArgs = [...(FROM_SOURCE ? process.execArgv : []), ...(opts.nodeArgs ?? [])];
+  const nodeArgs = [...process.execArgv, ...(opts.nodeArgs ?? [])];
   const proc = spawn(process.execPath, [...nodeArgs, script, ...args], {
     env: opts.env ?? cleanEnv(),
     cwd: opts.cwd ?? REPO_ROOT,
@@ -467,22 +465,6 @@ export function checkLoad(what: string, r: LoadResult): LoadResult {
  */
 export function payloadOf(bytes: number): Buffer {
   return Buffer.from(randomFillSync(new Uint8Array(bytes)).buffer);
-}
-
-/**
- * createRemoteKms, loaded at run time so that the harness builds whether or not src/remote has
- * landed; a missing module makes the cases that need it report "not run" instead.
- */
-export async function loadCreateRemoteKms(): Promise<
-  (opts: { endpoint: string; transport?: 'http' | 'tcp'; timeoutMs?: number }) => Kms
-> {
-  const file = path.join(REPO_ROOT, 'dist/src/remote/index.js');
-  requireFile(file, 'the remote KMS client (createRemoteKms)');
-  const specifier = FROM_SOURCE ? '../src/remote/index.js' : pathToFileURL(file).href;
-  const mod = (await import(specifier)) as { createRemoteKms?: unknown };
-  if (typeof mod.createRemoteKms !== 'function')
-    throw new Error('src/remote does not export createRemoteKms');
-  return mod.createRemoteKms as (opts: { endpoint: string; transport?: 'http' | 'tcp' }) => Kms;
 }
 
 export interface SeededDir {

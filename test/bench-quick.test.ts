@@ -8,12 +8,13 @@ import { fileURLToPath } from 'node:url';
 import test from 'ava';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const RUNNER = path.join(ROOT, 'dist/bench/run.js');
+// bench/ is not built: it runs as TypeScript, measuring the built package in dist/ (npm test builds it).
+const RUNNER = path.join(ROOT, 'bench/run.ts');
 
 function runBench(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('PROGRESSDB_')) env[k] = v;
-  const child = spawn(process.execPath, [RUNNER, ...args], { cwd: ROOT, env });
+  const child = spawn(process.execPath, ['--import=tsx', RUNNER, ...args], { cwd: ROOT, env });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d: Buffer) => (stdout += d));

@@ -4,9 +4,11 @@
  * request are split, and while the daemon is down every call fails promptly with
  * KMS_UNAVAILABLE, then works again with the same client once the daemon is back.
  */
+
 import { randomFillSync } from 'node:crypto';
 import http from 'node:http';
 import test, { type ExecutionContext } from 'ava';
+import { until } from '../harness/processes.js';
 import type { Kms } from '../src/api/index.js';
 import { DEFAULT_MAX_BODY_BYTES } from '../src/config/daemon.js';
 import type { CodedError } from '../src/errors.js';
@@ -15,7 +17,6 @@ import { createRemoteKms } from '../src/remote/index.js';
 import { DEFAULT_MAX_FRAME_BYTES, decodeError } from '../src/wire/bridge-codec.js';
 import { expectCode, openKms, sealAndOpen, sealedMessages } from './helpers/kms.js';
 import { BridgeSocket, type Daemon, makePki, spawnDaemon } from './helpers/kms-daemon.js';
-import { until } from './helpers/processes.js';
 
 const transports = [
   ['http', (d: Daemon) => `http://${d.http}`],

@@ -2,12 +2,13 @@
  * Configuration (in process: env wins over the file, one problem per line) and the start-up paths of
  * the built CLI: the `npm start` first run, refusals, and an unreachable external KMS.
  */
+
 import { statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
+import { cleanEnv, freePort, until } from '../harness/processes.js';
 import { loadConfig } from '../src/config/server.js';
 import { CodedError } from '../src/errors.js';
-import { cleanEnv, freePort, until } from './helpers/processes.js';
 import { runCli, SERVER_CLI, tempDir } from './helpers/server.js';
 
 function configError(fn: () => unknown): CodedError {

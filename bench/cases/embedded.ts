@@ -29,8 +29,7 @@ export async function run(ctx: BenchContext): Promise<CaseReport> {
   const { kms, dispose } = await tempKms();
   const health = await kms.health();
   const echoPool = new Piscina({
-    filename: new URL(`../echo-worker${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url)
-      .href,
+    filename: new URL('../echo-worker.ts', import.meta.url).href,
     minThreads: health.poolThreads,
     maxThreads: health.poolThreads,
     idleTimeout: Number.POSITIVE_INFINITY,

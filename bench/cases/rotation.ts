@@ -6,7 +6,6 @@
  */
 import path from 'node:path';
 import { open } from 'lmdb';
-import { createKms } from '../../src/index.js';
 import {
   alternate,
   type BenchContext,
@@ -18,6 +17,7 @@ import {
   round,
   seededDir,
 } from '../lib.js';
+import { createKms } from '../product.js';
 
 export const caseNo = 5;
 export const name = 'rotation';

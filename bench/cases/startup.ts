@@ -4,7 +4,6 @@
  * empty data dir. Start-up must not grow with the number of keys; RSS must stay bounded.
  */
 import path from 'node:path';
-import { createKms, generateMasterKeyFile } from '../../src/index.js';
 import {
   alternate,
   type BenchContext,
@@ -17,6 +16,7 @@ import {
   seededDir,
   spawnNode,
 } from '../lib.js';
+import { createKms, generateMasterKeyFile } from '../product.js';
 
 export const caseNo = 8;
 export const name = 'startup';

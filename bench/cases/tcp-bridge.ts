@@ -2,20 +2,20 @@
  * Case 2: the external daemon over the TCP bridge (pipelined frames), one connection and several,
  * against the embedded KMS in this process; encrypt 1 KiB at 256 callers.
  */
-import type { Kms } from '../../src/index.js';
+
 import {
   alternate,
   type BenchContext,
   type CaseReport,
   closedLoop,
   fmt,
-  loadCreateRemoteKms,
   medians,
   metric,
   payloadOf,
   startKmsDaemon,
   tempKms,
 } from '../lib.js';
+import { createRemoteKms, type Kms } from '../product.js';
 
 export const caseNo = 2;
 export const name = 'tcp';
@@ -30,7 +30,6 @@ async function spread(clients: Kms[], keyId: string, payload: Buffer, ms: number
 }
 
 export async function run(ctx: BenchContext): Promise<CaseReport> {
-  const createRemoteKms = await loadCreateRemoteKms();
   const payload = payloadOf(1024);
   const daemon = await startKmsDaemon(ctx, { bridge: true });
   const embedded = await tempKms();

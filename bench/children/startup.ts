@@ -3,7 +3,7 @@
  * dir and reports the resident set size once it is ready. Args: DATA_DIR MASTER_KEY_FILE.
  * Prints one JSON line: {"startMs","rssBytes","heapUsedBytes","dekCount","sinceProcessStartMs"}.
  */
-import { createKms } from '../../src/index.js';
+import { createKms } from '../product.js';
 
 const [dataDir, masterKeyFile] = process.argv.slice(2);
 if (dataDir === undefined || masterKeyFile === undefined) {
