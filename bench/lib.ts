@@ -304,14 +304,17 @@ export class Child {
   }
 }
 
-/** Spawns a Node script, inheriting the harness's --import=tsx (bench/ runs as TypeScript). */
+/**
+ * Spawns a Node script. A harness script (.ts) inherits the harness's --import=tsx; the built
+ * executables run on plain node, as users run them.
+ */
 export function spawnNode(
   name: string,
   script: string,
   args: string[],
   opts: { env?: NodeJS.ProcessEnv; cwd?: string; nodeArgs?: string[] } = {},
 ): Child {
-  const nodeArgs = [...process.execArgv, ...(opts.nodeArgs ?? [])];
+  const nodeArgs = [...(script.endsWith('.ts') ? process.execArgv : []), ...(opts.nodeArgs ?? [])];
   const proc = spawn(process.execPath, [...nodeArgs, script, ...args], {
     env: opts.env ?? cleanEnv(),
     cwd: opts.cwd ?? REPO_ROOT,
