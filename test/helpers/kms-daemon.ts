@@ -2,6 +2,8 @@
  * Runs the real `progressdb-kms` (dist/src/cli/progressdb-kms.js, built by `npm test`'s pretest)
  * as a child process on port 0 and reads the bound ports from its "listening" log lines. Also:
  * keygen through the CLI, a small HTTP(S) request helper, and openssl-made certificates.
+ * The built daemon on purpose (end-to-end tests of the shipped executable); the wire codec this
+ * side uses comes from src/, since the wire format is the contract being tested.
  */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';

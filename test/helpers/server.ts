@@ -12,6 +12,8 @@ import { cleanEnv, freePort, until } from '../../harness/processes.js';
 import { generateMasterKeyFile } from '../../src/kms/index.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+// The built executables on purpose: these are end-to-end tests of what `npm install` ships (bin
+// entries, worker files, start-up), while in-process tests import src/ through tsx.
 export const SERVER_CLI = path.join(ROOT, 'dist/src/cli/progressdb.js');
 export const KMS_CLI = path.join(ROOT, 'dist/src/cli/progressdb-kms.js');
 
