@@ -1,15 +1,14 @@
 /**
  * What a route declares (method, path, help, input schema, handler) and the small helpers routes
- * share: a precompiled field schema (cheaper per request than a general validator), the batch
- * runner through which single and batch requests take one code path, and `opRoute`, which makes
- * the route of a KMS operation from its declaration in src/ops/.
+ * share: the batch runner through which single and batch requests take one code path, and
+ * `opRoute`, which makes the route of a KMS operation from its declaration in src/ops/ (its
+ * fields checked by a precompiled schema, src/http/field-schema.ts).
  */
-
 import type { CallContext, ItemResult, Kms } from '../api/index.js';
-import { type CodedError, errorBody, kmsError, toCodedError } from '../errors.js';
+import { errorBody, kmsError, toCodedError } from '../errors.js';
+import { compileSchema, type SchemaOptions } from '../http/field-schema.js';
 import { labelOf } from '../ops/index.js';
 import type { AnyOp } from '../ops/op.js';
-import { decodeBase64Field } from '../wire/base64.js';
 import type { DaemonMetrics } from './metrics.js';
 
 export interface Limits {
@@ -51,96 +50,6 @@ export interface RouteSpec {
   /** Reads a JSON object body (415/413/400 checks apply). */
   jsonBody?: boolean;
   handle(input: RouteInput): Promise<RouteReply>;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Field schemas
-// ---------------------------------------------------------------------------------------------
-
-export type FieldKind = 'id' | 'base64' | 'uint';
-export interface FieldSpec {
-  kind: FieldKind;
-  optional?: boolean;
-  /** The property the parsed value is stored under (default: the field's name). */
-  as?: string;
-}
-export type Schema = Record<string, FieldSpec>;
-
-type ValueOf<F extends FieldSpec> = F['kind'] extends 'base64'
-  ? Buffer
-  : F['kind'] extends 'uint'
-    ? number
-    : string;
-export type Parsed<S extends Schema> = {
-  -readonly [K in keyof S]: S[K] extends { optional: true } ? ValueOf<S[K]> | undefined : ValueOf<S[K]>;
-};
-
-/** Identifiers (key ids, thread ids) are short printable strings. */
-const MAX_ID_LENGTH = 256;
-const UINT_STRING = /^\d{1,9}$/;
-
-function invalid(field: string, why: string): CodedError {
-  return kmsError('INVALID_INPUT', `field "${field}" ${why}`, { field });
-}
-
-function parseField(name: string, kind: FieldKind, value: unknown): string | Buffer | number {
-  if (kind === 'uint') {
-    // Numbers may arrive as JSON numbers or, like every response field, as decimal strings.
-    if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return value;
-    if (typeof value === 'string' && UINT_STRING.test(value)) return Number(value);
-    throw invalid(name, 'must be a non-negative integer');
-  }
-  if (typeof value !== 'string') throw invalid(name, 'must be a string');
-  if (kind === 'base64') return decodeBase64Field(value, name);
-  if (value.length === 0 || value.length > MAX_ID_LENGTH) {
-    throw invalid(name, `must be 1 to ${MAX_ID_LENGTH} characters`);
-  }
-  return value;
-}
-
-export interface SchemaOptions {
-  /**
-   * Refuse fields the schema does not name: a caller that sends an option we do not have (a
-   * typo, or another KMS's API) learns it was not applied instead of getting a silent 200.
-   */
-  strict?: boolean;
-  /** Appended to the refusal of an unknown field, to say what to do instead. */
-  unknownFieldHint?: string;
-}
-
-/** Precompiles a schema into a parser for a JSON object (or a query string record). */
-export function compileSchema<S extends Schema>(
-  schema: S,
-  options: SchemaOptions = {},
-): (input: unknown) => Parsed<S> {
-  const fields = Object.entries(schema).map(([name, spec]) => ({ name, ...spec }));
-  const known = new Set(fields.map((f) => f.name));
-  const hint = options.unknownFieldHint === undefined ? '' : `: ${options.unknownFieldHint}`;
-  return (input) => {
-    if (typeof input !== 'object' || input === null || Array.isArray(input)) {
-      throw kmsError('INVALID_INPUT', 'expected a JSON object');
-    }
-    const record = input as Record<string, unknown>;
-    if (options.strict) {
-      for (const name of Object.keys(record)) {
-        if (!known.has(name)) {
-          // The name is the caller's text: quoted, and cut so a huge key cannot bloat the answer.
-          throw invalid(name.slice(0, 64), `is not accepted here${hint}`);
-        }
-      }
-    }
-    const out: Record<string, unknown> = {};
-    for (const f of fields) {
-      const value = Object.hasOwn(record, f.name) ? record[f.name] : undefined;
-      if (value === undefined || value === null) {
-        if (!f.optional) throw invalid(f.name, 'is required');
-        out[f.as ?? f.name] = undefined;
-      } else {
-        out[f.as ?? f.name] = parseField(f.name, f.kind, value);
-      }
-    }
-    return out as Parsed<S>;
-  };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
  * lists of versions comma-separated), so clients in any language read them the same way.
  */
 import { kmsError } from '../errors.js';
-import type { FieldSpec, Schema } from '../kms-server/route.js';
+import type { FieldSpec, Schema } from '../http/field-schema.js';
 import { decodeBase64Field, encodeBase64 } from '../wire/base64.js';
 
 export type WireObject = Record<string, unknown>;

@@ -30,7 +30,7 @@ export interface HttpSpec {
   path: string;
   /** One line for the docs and the 404 listing. */
   help: string;
-  /** Refuse request fields the op does not name (see SchemaOptions in kms-server/route.ts). */
+  /** Refuse request fields the op does not name (see SchemaOptions in http/field-schema.ts). */
   strict?: boolean;
   /** Appended to the refusal of an unknown field. */
   unknownFieldHint?: string;

@@ -5,7 +5,7 @@
  */
 import type { Context } from 'koa';
 import type { z } from 'zod';
-import { checkInput } from '../../http/schema.js';
+import { checkInput } from '../../http/check-input.js';
 import type { Scope } from '../auth.js';
 import type { AppParts } from '../context.js';
 import { readJson } from '../http.js';
