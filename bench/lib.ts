@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import autocannon, { type AutocannonRequest } from 'autocannon';
-import { cleanEnv, freePort, until } from '../harness/processes.js';
+import { cleanEnv, freePort, until } from './processes.js';
 import { createKms, generateMasterKeyFile } from './product.js';
 
 export function median(values: number[]): number {

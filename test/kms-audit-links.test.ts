@@ -5,11 +5,11 @@
  */
 import fs from 'node:fs';
 import test, { type ExecutionContext } from 'ava';
-import { until } from '../harness/processes.js';
 import { auditVerifyCommand } from '../src/cli/kms-commands/audit-verify.js';
 import { createKms, type EmbeddedKmsHandle } from '../src/kms/index.js';
 import { Registry } from '../src/kms/registry/index.js';
 import { auditPath, auditText, captureStdout, openKms, startChild, writeScript } from './helpers/kms.js';
+import { until } from './helpers/processes.js';
 
 interface Line {
   s: string;

@@ -6,9 +6,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
-import { until } from '../harness/processes.js';
 import type { RotationStatus } from '../src/api/index.js';
 import { type Child, openKms, runChild, startChild, writeScript } from './helpers/kms.js';
+import { until } from './helpers/processes.js';
 
 const DEKS = 30_000;
 const SAMPLE_EVERY = 100;

@@ -7,7 +7,6 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BroadcastChannel } from 'node:worker_threads';
 import test from 'ava';
-import { until } from '../harness/processes.js';
 import { ServiceError } from '../src/errors.js';
 import { createKms } from '../src/kms/index.js';
 import {
@@ -20,6 +19,7 @@ import {
   writeMasterKey,
   writeScript,
 } from './helpers/kms.js';
+import { until } from './helpers/processes.js';
 
 function sha256(file: string): string {
   return createHash('sha256').update(fs.readFileSync(file)).digest('hex');

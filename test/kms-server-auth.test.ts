@@ -6,7 +6,6 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
-import { until } from '../harness/processes.js';
 import type { CodedError } from '../src/errors.js';
 import { createRemoteKms } from '../src/remote/index.js';
 import {
@@ -20,6 +19,7 @@ import {
   request,
   spawnDaemon,
 } from './helpers/kms-daemon.js';
+import { until } from './helpers/processes.js';
 import { tempDir } from './helpers/server.js';
 
 const APP_TOKEN = 'app-token-0123456789abcdef';

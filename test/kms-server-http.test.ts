@@ -4,8 +4,8 @@
  * a request can produce (400, 404, 405, 413, 415, 422).
  */
 import test from 'ava';
-import { until } from '../harness/processes.js';
 import { b64, type Daemon, postJson, request, spawnDaemon } from './helpers/kms-daemon.js';
+import { until } from './helpers/processes.js';
 
 let daemon: Daemon;
 let base: string;

@@ -7,7 +7,6 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import path from 'node:path';
 import test from 'ava';
-import { until } from '../harness/processes.js';
 import {
   decodeError,
   decodeResult,
@@ -24,6 +23,7 @@ import {
   postJson,
   spawnDaemon,
 } from './helpers/kms-daemon.js';
+import { until } from './helpers/processes.js';
 import { tempDir } from './helpers/server.js';
 
 const TOKEN = 'listener-token-0123456789abcdef';

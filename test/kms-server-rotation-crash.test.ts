@@ -8,11 +8,11 @@
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
-import { until } from '../harness/processes.js';
 import type { EncryptResult, Kms } from '../src/api/index.js';
 import type { CodedError } from '../src/errors.js';
 import { createRemoteKms } from '../src/remote/index.js';
 import { type Daemon, keygen, spawnDaemon } from './helpers/kms-daemon.js';
+import { until } from './helpers/processes.js';
 import { KMS_CLI, runCli, tempDir } from './helpers/server.js';
 
 const KEYS = 20_000;

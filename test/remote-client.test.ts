@@ -8,7 +8,6 @@
 import { randomFillSync } from 'node:crypto';
 import http from 'node:http';
 import test, { type ExecutionContext } from 'ava';
-import { until } from '../harness/processes.js';
 import type { Kms } from '../src/api/index.js';
 import { DEFAULT_MAX_BODY_BYTES } from '../src/config/daemon.js';
 import type { CodedError } from '../src/errors.js';
@@ -17,6 +16,7 @@ import { createRemoteKms } from '../src/remote/index.js';
 import { DEFAULT_MAX_FRAME_BYTES, decodeError } from '../src/wire/bridge-codec.js';
 import { expectCode, openKms, sealAndOpen, sealedMessages } from './helpers/kms.js';
 import { BridgeSocket, type Daemon, makePki, spawnDaemon } from './helpers/kms-daemon.js';
+import { until } from './helpers/processes.js';
 
 const transports = [
   ['http', (d: Daemon) => `http://${d.http}`],

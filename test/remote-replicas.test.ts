@@ -5,7 +5,6 @@
  * case exact; the last tests use real daemons.
  */
 import test from 'ava';
-import { freePort, until } from '../harness/processes.js';
 import { type CodedError, kmsError } from '../src/errors.js';
 import type { KmsRequest } from '../src/ops/index.js';
 import { createRemoteKms } from '../src/remote/index.js';
@@ -13,6 +12,7 @@ import { ReplicaSet } from '../src/remote/replica-set.js';
 import { type RemoteTransport, unavailable } from '../src/remote/transport.js';
 import { expectCode, sealAndOpen, sealedMessages } from './helpers/kms.js';
 import { spawnDaemon } from './helpers/kms-daemon.js';
+import { freePort, until } from './helpers/processes.js';
 
 type Behaviour = (req: KmsRequest) => Promise<unknown>;
 

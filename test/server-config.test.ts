@@ -6,9 +6,9 @@
 import { statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
-import { cleanEnv, freePort, until } from '../harness/processes.js';
 import { loadConfig } from '../src/config/server.js';
 import { CodedError } from '../src/errors.js';
+import { cleanEnv, freePort, until } from './helpers/processes.js';
 import { runCli, SERVER_CLI, tempDir } from './helpers/server.js';
 
 function configError(fn: () => unknown): CodedError {

@@ -3,8 +3,8 @@
  * restarted under load: writes fail with 503 and store nothing, then everything recovers by itself.
  */
 import test from 'ava';
-import { until } from '../harness/processes.js';
 import { missingOrWrong, seed, Traffic } from './helpers/load.js';
+import { until } from './helpers/processes.js';
 import { filesContaining, startKmsDaemon, startServer } from './helpers/server.js';
 
 test('external KMS: life cycle, then the KMS killed and restarted under load', async (t) => {

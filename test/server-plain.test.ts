@@ -4,8 +4,8 @@
  */
 import path from 'node:path';
 import test from 'ava';
-import { cleanEnv, until } from '../harness/processes.js';
 import { missingOrWrong, seed, Traffic } from './helpers/load.js';
+import { cleanEnv, until } from './helpers/processes.js';
 import { filesContaining, runCli, SERVER_CLI, startServer } from './helpers/server.js';
 
 test('encryption off: life cycle works and admin encryption operations answer 409', async (t) => {

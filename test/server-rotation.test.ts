@@ -3,8 +3,8 @@
  * every acknowledged message must survive and decrypt.
  */
 import test from 'ava';
-import { until } from '../harness/processes.js';
 import { missingOrWrong, seed, Traffic } from './helpers/load.js';
+import { until } from './helpers/processes.js';
 import { startServer } from './helpers/server.js';
 
 test('thread DEK rotation and KEK rotation while a writer and a reader run lose nothing', async (t) => {

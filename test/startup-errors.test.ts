@@ -11,13 +11,13 @@ import { existsSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import path from 'node:path';
 import test from 'ava';
-import { cleanEnv } from '../harness/processes.js';
 import { loadDaemonConfig } from '../src/config/daemon.js';
 import { loadConfig } from '../src/config/server.js';
 import { CodedError } from '../src/errors.js';
 import { generateMasterKeyFile } from '../src/kms/index.js';
 import { listenError } from '../src/wire/listen.js';
 import { daemonRefuses, keygen } from './helpers/kms-daemon.js';
+import { cleanEnv } from './helpers/processes.js';
 import { KMS_CLI, runCli, SERVER_CLI, tempDir } from './helpers/server.js';
 
 /** A loopback port held open for the whole test. */

@@ -11,8 +11,8 @@ import http from 'node:http';
 import https from 'node:https';
 import { connect, type Socket } from 'node:net';
 import path from 'node:path';
-import { cleanEnv, until } from '../../harness/processes.js';
 import { type Frame, FrameDecoder } from '../../src/wire/bridge-codec.js';
+import { cleanEnv, until } from './processes.js';
 import { type ExitInfo, KMS_CLI, runCli, tempDir } from './server.js';
 
 const running = new Set<ChildProcess>();

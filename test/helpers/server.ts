@@ -8,8 +8,8 @@ import { mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cleanEnv, freePort, until } from '../../harness/processes.js';
 import { generateMasterKeyFile } from '../../src/kms/index.js';
+import { cleanEnv, freePort, until } from './processes.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 // The built executables on purpose: these are end-to-end tests of what `npm install` ships (bin

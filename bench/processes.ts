@@ -1,7 +1,8 @@
 /**
  * Plumbing for tests and benchmarks that run the real executables as child processes: a clean
- * environment, a free loopback port, and a deadline-bound poll. It lives apart from test/ and
- * bench/ because both use it; it imports no test framework and is not part of the package.
+ * environment, a free loopback port, and a deadline-bound poll. Benchmarks import nothing from
+ * test/, so it lives here and test/helpers/processes.ts re-exports it; it imports no test
+ * framework and is not part of the package.
  */
 import { createServer } from 'node:net';
 import { setTimeout as delay } from 'node:timers/promises';
