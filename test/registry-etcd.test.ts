@@ -7,6 +7,7 @@
 import test from 'ava';
 import { Etcd3 } from 'etcd3';
 import { EtcdStore } from '../src/kms/registry/etcd.js';
+import { Registry } from '../src/kms/registry/index.js';
 import { EtcdCluster } from './helpers/etcd.js';
 import { until } from './helpers/processes.js';
 import { registryStoreSuite } from './helpers/registry-store-suite.js';
@@ -130,6 +131,48 @@ test.serial(
     t.is(await a.get('thread/t7'), undefined);
     await a.close();
     await b.close();
+  },
+);
+
+test.serial(
+  'two replicas starting a KEK rotation at once: one new KEK version, the other refused',
+  async (t) => {
+    const { a, b } = await replicas();
+    const [ra, rb] = await Promise.all([Registry.open(a), Registry.open(b)]);
+    const kek = (version: number, wrapped: number) => ({
+      kekId: 'kek_1',
+      version,
+      wrapped: Buffer.alloc(60, wrapped),
+      createdAt: 'now',
+      refs: 0,
+    });
+    t.true(
+      await ra.initKek({ kekId: 'kek_1', activeVersion: 1, createdAt: 'now' }, kek(1, 1), Buffer.alloc(16)),
+    );
+    t.false(
+      await rb.initKek({ kekId: 'kek_1', activeVersion: 1, createdAt: 'now' }, kek(1, 9), Buffer.alloc(16)),
+    );
+    await until('b sees KEK version 1', () => rb.kekMeta(), 5000);
+    const rotation = {
+      state: 'running' as const,
+      target: 2,
+      cursor: null,
+      done: 0,
+      total: 0,
+      startedAt: 'now',
+      finishedAt: null,
+    };
+    const results = await Promise.allSettled([
+      ra.beginRotation(kek(2, 2), rotation),
+      rb.beginRotation(kek(2, 3), rotation),
+    ]);
+    const refused = results.filter((r) => r.status === 'rejected') as PromiseRejectedResult[];
+    t.is(refused.length, 1);
+    t.is(refused[0]?.reason.code, 'ROTATION_IN_PROGRESS');
+    const winner = results[0]?.status === 'fulfilled' ? 2 : 3;
+    t.deepEqual((await a.get('kek/2')) as unknown, kek(2, winner), 'the first KEK version 2 stays as it was');
+    await ra.close();
+    await rb.close();
   },
 );
 

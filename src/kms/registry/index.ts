@@ -320,10 +320,18 @@ export class Registry {
     });
   }
 
-  /** Adds a new active KEK version and records a running rotation to it, atomically. */
+  /**
+   * Adds a new active KEK version and records a running rotation to it, atomically. Refused with
+   * ROTATION_IN_PROGRESS when that version exists or is not the next one: another process of a
+   * cluster started a rotation first, and overwriting its new KEK would strand every DEK it had
+   * already rewrapped.
+   */
   async beginRotation(kek: KekRecord, rotation: RotationRecord): Promise<void> {
     await this.#store.atomically((tx) => {
       const meta = tx.get(KEK_META) as KekMeta;
+      if (tx.get(kekKey(kek.version)) !== undefined || meta.activeVersion + 1 !== kek.version) {
+        throw kmsError('ROTATION_IN_PROGRESS', `KEK version ${kek.version} was started by another process`);
+      }
       tx.put(kekKey(kek.version), kek);
       tx.put(KEK_META, { ...meta, activeVersion: kek.version });
       tx.put(ROTATION, rotation);
