@@ -8,6 +8,12 @@ import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
 import { kmsError } from '../errors.js';
+import {
+  ETCD_ROTATION_BATCH,
+  type EtcdTlsFiles,
+  type RegistryOptions,
+  registryLocation,
+} from '../kms/registry/location.js';
 import type { Logger } from '../log.js';
 import type { MasterKeyRef } from '../worker-abi/index.js';
 import { envBool, envInt, envValue, readConfigFile } from './layers.js';
@@ -50,6 +56,18 @@ export interface KmsOptions {
   rotationBatchSize?: number;
   /** Resume an interrupted KEK rotation in the background at start-up. Default true. */
   resumeRotation?: boolean;
+  /**
+   * Where the registry lives: `lmdb` (in dataDir; the default) or the etcd cluster several KMS
+   * replicas share, `etcd://host:port,...` or `etcds://...` (TLS). Env: PROGRESSDB_KMS_REGISTRY.
+   */
+  registry?: string;
+  /** This KMS cluster's key prefix in etcd (`/progressdb-kms/<cluster>/`). Env: PROGRESSDB_KMS_CLUSTER. */
+  cluster?: string;
+  /** etcds:// CA, client certificate and key files. Env: PROGRESSDB_KMS_ETCD_{CA,CERT,KEY}_FILE. */
+  etcdTls?: EtcdTlsFiles;
+  /** etcd user and a file holding its password. Env: PROGRESSDB_KMS_ETCD_USER, _ETCD_PASSWORD_FILE. */
+  etcdUser?: string;
+  etcdPasswordFile?: string;
   logger?: Logger;
 }
 
@@ -64,6 +82,7 @@ export interface ResolvedKmsOptions {
   auditFsyncMs: number;
   rotationBatchSize: number;
   resumeRotation: boolean;
+  registry: RegistryOptions;
 }
 
 /** The integer options: their environment variable (first the option, then it) and range. */
@@ -148,6 +167,7 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     throw kmsError('CONFIG_INVALID', 'no KMS data directory: pass dataDir or set PROGRESSDB_KMS_DATA_DIR');
   }
   const poolSize = intOption(opts, 'poolSize', Math.max(1, availableParallelism()));
+  const registry = resolveRegistry(opts);
   return {
     dataDir: path.resolve(dataDir),
     masterKey: resolveMasterKeyRef(opts),
@@ -157,7 +177,37 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     dekCacheSize: intOption(opts, 'dekCacheSize', 10_000),
     audit: opts.audit ?? envBool('PROGRESSDB_KMS_AUDIT') ?? true,
     auditFsyncMs: intOption(opts, 'auditFsyncMs', 50),
-    rotationBatchSize: intOption(opts, 'rotationBatchSize', 2000),
+    rotationBatchSize: intOption(
+      opts,
+      'rotationBatchSize',
+      registry.url === undefined ? 2000 : ETCD_ROTATION_BATCH,
+    ),
     resumeRotation: opts.resumeRotation ?? true,
+    registry,
   };
+}
+
+/** The registry options and their env fallbacks, checked (registryLocation) but not connected. */
+function resolveRegistry(opts: KmsOptions): RegistryOptions {
+  const url = opts.registry ?? envString('PROGRESSDB_KMS_REGISTRY');
+  const registry: RegistryOptions = {};
+  if (url === undefined || url.trim() === 'lmdb') return registry;
+  const tls = opts.etcdTls ?? {};
+  const etcdTls: EtcdTlsFiles = {};
+  const caFile = tls.caFile ?? envString('PROGRESSDB_KMS_ETCD_CA_FILE');
+  const certFile = tls.certFile ?? envString('PROGRESSDB_KMS_ETCD_CERT_FILE');
+  const keyFile = tls.keyFile ?? envString('PROGRESSDB_KMS_ETCD_KEY_FILE');
+  if (caFile !== undefined) etcdTls.caFile = path.resolve(caFile);
+  if (certFile !== undefined) etcdTls.certFile = path.resolve(certFile);
+  if (keyFile !== undefined) etcdTls.keyFile = path.resolve(keyFile);
+  registry.url = url;
+  registry.etcdTls = etcdTls;
+  const cluster = opts.cluster ?? envString('PROGRESSDB_KMS_CLUSTER');
+  const user = opts.etcdUser ?? envString('PROGRESSDB_KMS_ETCD_USER');
+  const passwordFile = opts.etcdPasswordFile ?? envString('PROGRESSDB_KMS_ETCD_PASSWORD_FILE');
+  if (cluster !== undefined) registry.cluster = cluster;
+  if (user !== undefined) registry.etcdUser = user;
+  if (passwordFile !== undefined) registry.etcdPasswordFile = path.resolve(passwordFile);
+  registryLocation(registry);
+  return registry;
 }

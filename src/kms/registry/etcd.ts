@@ -72,6 +72,8 @@ export interface EtcdStoreOptions {
   /** Key prefix of this KMS cluster, ending in '/'. */
   prefix: string;
   cacheEntries?: number;
+  /** Called by close(), after the watch is cancelled: closes a client the store was given to own. */
+  onClose?: () => void;
   /** Called when the cache was dropped (the watch fell behind a compaction), for metrics and logs. */
   onCacheDropped?: (reason: string) => void;
 }
@@ -84,6 +86,7 @@ export class EtcdStore implements RegistryStore {
   readonly #cache = new Map<string, Cached>();
   readonly #listeners = new ChangeListeners();
   readonly #onCacheDropped: ((reason: string) => void) | undefined;
+  readonly #onClose: (() => void) | undefined;
   readonly #group = new GroupCommit(
     (key) => this.#read(key),
     (reads, writes) => this.#commit(reads, writes),
@@ -103,6 +106,7 @@ export class EtcdStore implements RegistryStore {
     this.#prefix = opts.prefix;
     this.#cacheEntries = opts.cacheEntries ?? DEFAULT_ETCD_CACHE_ENTRIES;
     this.#onCacheDropped = opts.onCacheDropped;
+    this.#onClose = opts.onClose;
   }
 
   /** Connects (one linearizable read) and starts the prefix watch before answering anything. */
@@ -306,6 +310,7 @@ export class EtcdStore implements RegistryStore {
     await this.#watcher?.cancel().catch(() => undefined);
     this.#watcher = null;
     this.#cache.clear();
+    this.#onClose?.();
   }
 }
 

@@ -1,0 +1,56 @@
+/**
+ * Opens the registry that the options name (location.ts): LMDB in the data directory, or the etcd
+ * store. The etcd client (gRPC) is loaded only when an etcd registry is asked for.
+ */
+import fs from 'node:fs';
+import type { IOptions } from 'etcd3';
+import { kmsError } from '../../errors.js';
+import type { EtcdStore } from './etcd.js';
+import { Registry } from './index.js';
+import { type RegistryLocation, type RegistryOptions, registryLocation } from './location.js';
+
+function readFile(file: string, what: string): Buffer {
+  try {
+    return fs.readFileSync(file);
+  } catch (err) {
+    throw kmsError('CONFIG_INVALID', `cannot read ${what} ${file} (${(err as NodeJS.ErrnoException).code})`);
+  }
+}
+
+function etcdClientOptions(
+  location: Extract<RegistryLocation, { kind: 'etcd' }>,
+  opts: RegistryOptions,
+): IOptions {
+  const options: IOptions = { hosts: location.hosts };
+  const tls = opts.etcdTls ?? {};
+  // https:// hosts alone make the client use TLS with the system's CAs; files replace them.
+  if (location.secure && (tls.caFile !== undefined || tls.certFile !== undefined)) {
+    options.credentials = {
+      rootCertificate: tls.caFile === undefined ? Buffer.alloc(0) : readFile(tls.caFile, 'etcd CA file'),
+      ...(tls.certFile && { certChain: readFile(tls.certFile, 'etcd certificate file') }),
+      ...(tls.keyFile && { privateKey: readFile(tls.keyFile, 'etcd key file') }),
+    };
+  }
+  if (opts.etcdUser !== undefined && opts.etcdPasswordFile !== undefined) {
+    const password = readFile(opts.etcdPasswordFile, 'etcd password file').toString('utf8').trim();
+    options.auth = { username: opts.etcdUser, password };
+  }
+  return options;
+}
+
+/** Opens the registry the options name; `dataDir` holds the LMDB one. */
+export async function openRegistry(dataDir: string, opts: RegistryOptions): Promise<Registry> {
+  const location = registryLocation(opts);
+  if (location.kind === 'lmdb') return Registry.openDataDir(dataDir);
+  const [{ Etcd3 }, { EtcdStore }] = await Promise.all([import('etcd3'), import('./etcd.js')]);
+  const client = new Etcd3(etcdClientOptions(location, opts));
+  let store: EtcdStore | undefined;
+  try {
+    store = await EtcdStore.open({ client, prefix: location.prefix, onClose: () => client.close() });
+    return await Registry.open(store);
+  } catch (err) {
+    if (store) await store.close();
+    else client.close();
+    throw err;
+  }
+}
