@@ -9,6 +9,7 @@ import path from 'node:path';
 import { z } from 'zod';
 import { kmsError } from '../errors.js';
 import {
+  ETCD_MAX_ROTATION_BATCH,
   ETCD_ROTATION_BATCH,
   type EtcdTlsFiles,
   type RegistryOptions,
@@ -168,6 +169,17 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
   }
   const poolSize = intOption(opts, 'poolSize', Math.max(1, availableParallelism()));
   const registry = resolveRegistry(opts);
+  const rotationBatchSize = intOption(
+    opts,
+    'rotationBatchSize',
+    registry.url === undefined ? 2000 : ETCD_ROTATION_BATCH,
+  );
+  if (registry.url !== undefined && rotationBatchSize > ETCD_MAX_ROTATION_BATCH) {
+    throw kmsError(
+      'CONFIG_INVALID',
+      `rotationBatchSize must be at most ${ETCD_MAX_ROTATION_BATCH} with an etcd registry (one etcd transaction per batch)`,
+    );
+  }
   return {
     dataDir: path.resolve(dataDir),
     masterKey: resolveMasterKeyRef(opts),

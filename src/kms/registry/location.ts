@@ -10,6 +10,8 @@ import { formatHostPort, parseEndpoint } from '../../wire/endpoint.js';
 
 /** Rewraps per etcd transaction: each is a compare and a write, within etcd's 128 ops per transaction. */
 export const ETCD_ROTATION_BATCH = 40;
+/** The most: 60 compares and writes, and a few for KEK counts and progress, stay under 128. */
+export const ETCD_MAX_ROTATION_BATCH = 60;
 const CLUSTER_NAME = /^[A-Za-z0-9._-]{1,64}$/;
 const ETCD_PORT = 2379;
 
