@@ -51,7 +51,8 @@ import {
 } from './dek-versions.js';
 import { type DirLock, lockDataDir } from './dir-lock.js';
 import { CryptoPool, type PendingOp } from './pool.js';
-import { type KekMeta, Registry } from './registry/index.js';
+import type { KekMeta, Registry } from './registry/index.js';
+import { openRegistry } from './registry/open.js';
 import { KekRotation } from './rotation.js';
 import { checkAad, checkBytes, checkId, isValidId, MAX_PLAINTEXT_BYTES } from './validate-args.js';
 
@@ -876,7 +877,7 @@ export async function createKms(options: KmsOptions = {}): Promise<EmbeddedKmsHa
     auditFile = opts.audit
       ? AuditFile.open(path.join(opts.dataDir, AUDIT_FILE_NAME), opts.auditFsyncMs)
       : null;
-    registry = await Registry.openDataDir(opts.dataDir);
+    registry = await openRegistry(opts.dataDir, opts.registry);
   } catch (err) {
     auditFile?.close();
     lock.release();

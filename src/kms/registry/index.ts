@@ -81,18 +81,25 @@ export class Registry {
   #rotation: RotationRecord | undefined;
   #auditHead: AuditHeadRecord | undefined;
   readonly #unwatch: (() => void)[] = [];
+  /** Where this process's audit head lives: the store itself, or the data directory's LMDB. */
+  readonly #local: RegistryStore;
 
-  private constructor(store: RegistryStore) {
+  private constructor(store: RegistryStore, local: RegistryStore) {
     this.#store = store;
+    this.#local = local;
   }
 
-  /** The registry over `store`; refuses a registry format this version does not know. */
-  static async open(store: RegistryStore): Promise<Registry> {
+  /**
+   * The registry over `store`; refuses a registry format this version does not know. `local`,
+   * for a store that several KMS replicas share, keeps what belongs to this process alone: the
+   * audit head of its own audit log.
+   */
+  static async open(store: RegistryStore, local: RegistryStore = store): Promise<Registry> {
     const format = await store.get(FORMAT);
     if (format !== undefined && format !== FORMAT_VERSION) {
       throw kmsError('STORE_CORRUPT', `registry format ${String(format)} is not supported by this version`);
     }
-    const registry = new Registry(store);
+    const registry = new Registry(store, local);
     await registry.#load();
     return registry;
   }
@@ -127,7 +134,7 @@ export class Registry {
       store.watch(ROTATION, (c) => {
         this.#rotation = c.value as RotationRecord | undefined;
       }),
-      store.watch(AUDIT_HEAD, (c) => {
+      this.#local.watch(AUDIT_HEAD, (c) => {
         this.#auditHead = c.value as AuditHeadRecord | undefined;
       }),
       store.watch(DEK_PREFIX, (c) => {
@@ -140,7 +147,7 @@ export class Registry {
     for (const { key, value } of await store.range(KEK_PREFIX)) this.#kekChanged({ key, value });
     this.#kekMeta = (await store.get(KEK_META)) as KekMeta | undefined;
     this.#rotation = (await store.get(ROTATION)) as RotationRecord | undefined;
-    this.#auditHead = (await store.get(AUDIT_HEAD)) as AuditHeadRecord | undefined;
+    this.#auditHead = (await this.#local.get(AUDIT_HEAD)) as AuditHeadRecord | undefined;
   }
 
   #kekChanged({ key, value }: StoreChange): void {
@@ -187,7 +194,7 @@ export class Registry {
    * when this must fail quietly.
    */
   putAuditHead(head: AuditHeadRecord): void {
-    this.#store.putNow(AUDIT_HEAD, head);
+    this.#local.putNow(AUDIT_HEAD, head);
   }
 
   async kcv(): Promise<Uint8Array | undefined> {
@@ -394,5 +401,6 @@ export class Registry {
   async close(): Promise<void> {
     for (const unwatch of this.#unwatch.splice(0)) unwatch();
     await this.#store.close();
+    if (this.#local !== this.#store) await this.#local.close();
   }
 }

@@ -7,6 +7,7 @@ import type { IOptions } from 'etcd3';
 import { kmsError } from '../../errors.js';
 import type { EtcdStore } from './etcd.js';
 import { Registry } from './index.js';
+import { LmdbStore } from './lmdb.js';
 import { type RegistryLocation, type RegistryOptions, registryLocation } from './location.js';
 
 function readFile(file: string, what: string): Buffer {
@@ -45,12 +46,15 @@ export async function openRegistry(dataDir: string, opts: RegistryOptions): Prom
   const [{ Etcd3 }, { EtcdStore }] = await Promise.all([import('etcd3'), import('./etcd.js')]);
   const client = new Etcd3(etcdClientOptions(location, opts));
   let store: EtcdStore | undefined;
+  // The audit head describes this replica's own log, so it stays in its data directory.
+  const local = LmdbStore.open(dataDir);
   try {
     store = await EtcdStore.open({ client, prefix: location.prefix, onClose: () => client.close() });
-    return await Registry.open(store);
+    return await Registry.open(store, local);
   } catch (err) {
     if (store) await store.close();
     else client.close();
+    await local.close();
     throw err;
   }
 }
