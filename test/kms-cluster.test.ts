@@ -1,14 +1,20 @@
 /**
  * A KMS cluster end to end: three progressdb-kms replicas sharing one etcd registry (each with the
  * same master key file and its own data directory), reached by one client that knows all three.
- * Any replica serves any key, concurrent creates of one thread agree on its key, and a replica
- * killed with SIGKILL under load costs the callers nothing.
+ * Any replica serves any key, concurrent creates of one thread agree on its key, etcd holds
+ * wrapped material only, and a replica killed with SIGKILL under load costs the callers nothing.
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
+import { Etcd3 } from 'etcd3';
+import { unpack } from 'msgpackr';
 import type { Kms } from '../src/api/index.js';
+import { dekIdentity, kekIdentity, WRAP_KIND_DEK, WRAP_KIND_KEK } from '../src/format.js';
+import type { DekRecord } from '../src/kms/dek-versions.js';
 import { createRemoteKms } from '../src/remote/index.js';
+import { unwrapKey } from '../workers/aead.js';
+import { loadRootKeys } from '../workers/master-key.js';
 import { EtcdCluster } from './helpers/etcd.js';
 import { tempDir } from './helpers/kms.js';
 import { type Daemon, keygen, spawnDaemon } from './helpers/kms-daemon.js';
@@ -78,6 +84,63 @@ test.serial(
     t.deepEqual(counts, [11, 11, 11]);
   },
 );
+
+test.serial('etcd holds wrapped material only: no master key, KEK or DEK in the clear', async (t) => {
+  const [a] = (await startReplicas(t, 1, 'secrets')) as [Daemon];
+  const kms = client([`http://${a.http}`]);
+  const deks = await Promise.all(Array.from({ length: 5 }, (_, i) => kms.createDekForThread(`secret-${i}`)));
+  await kms.rotateDek(deks[0]?.keyId as string);
+  await kms.rotateKek();
+  // The test knows the master key, so it can unwrap what etcd holds and look for the clear keys.
+  const hex = fs.readFileSync(a.masterKeyFile, 'utf8').trim();
+  const roots = loadRootKeys({ kind: 'file', path: a.masterKeyFile });
+  const admin = new Etcd3({ hosts: etcd.clientUrls });
+  const values = (await admin.getAll().prefix('/progressdb-kms/secrets/').buffers()) as Record<
+    string,
+    Buffer
+  >;
+  admin.close();
+  const stored = Object.entries(values);
+  const clear: [string, Buffer][] = [
+    ['master key', Buffer.from(hex, 'hex')],
+    ['master key hex', Buffer.from(hex)],
+    ['KEK-wrapping key', roots.kekWrapKey],
+    ['audit key', roots.auditKey],
+  ];
+  const keks = new Map<number, Buffer>();
+  for (const [key, value] of stored) {
+    if (!key.includes('/kek/')) continue;
+    const kek = unpack(value) as { kekId: string; version: number; wrapped: Uint8Array };
+    const raw = unwrapKey(
+      roots.kekWrapKey,
+      WRAP_KIND_KEK,
+      0,
+      kekIdentity(kek.kekId, kek.version),
+      kek.wrapped,
+    );
+    keks.set(kek.version, raw);
+    clear.push([`KEK ${kek.version}`, raw]);
+  }
+  let dekVersions = 0;
+  for (const [key, value] of stored) {
+    if (!key.includes('/dek/')) continue;
+    const record = unpack(value) as DekRecord;
+    for (const v of record.versions) {
+      const kek = keks.get(v.kek) as Buffer;
+      clear.push([
+        `DEK ${record.keyId} v${v.v}`,
+        unwrapKey(kek, WRAP_KIND_DEK, v.kek, dekIdentity(record.keyId, v.v), v.wrapped),
+      ]);
+      dekVersions++;
+    }
+  }
+  t.is(dekVersions, 6, 'five keys, one of them rotated once: every version was unwrapped');
+  t.true(keks.size >= 1);
+  for (const [what, bytes] of clear) {
+    const found = stored.filter(([, value]) => value.includes(bytes)).map(([key]) => key);
+    t.deepEqual(found, [], `${what} is not stored in etcd`);
+  }
+});
 
 for (const transport of ['http', 'tcp'] as const) {
   test.serial(
