@@ -14,6 +14,7 @@ import {
   dataOpRefs,
   destroyAll,
   destroyVersionsBefore,
+  dropsKeyMaterial,
   nextVersion,
 } from '../src/kms/dek-versions.js';
 
@@ -186,4 +187,13 @@ test('dataOpRefs: a ciphertext naming a version the key lacks, or no version, is
   t.throws(() => dataOpRefs(r, 'reencrypt', ciphertextOf(7)), { code: 'DECRYPT_FAILED' });
   t.throws(() => dataOpRefs(r, 'decrypt', Buffer.from('short')), { code: 'DECRYPT_FAILED' });
   t.is(dataOpRefs(r, 'decrypt', ciphertextOf(2))[0]!.keyVersion, 2);
+});
+
+test('dropsKeyMaterial: a deleted or destroyed key, or one with earlier versions destroyed; not a rotation', (t) => {
+  t.true(dropsKeyMaterial(undefined));
+  t.true(dropsKeyMaterial({ ...record([version(1)]), state: 'destroyed' }));
+  t.true(dropsKeyMaterial(record([version(3), version(4)])));
+  t.false(dropsKeyMaterial(record([version(1)])));
+  t.false(dropsKeyMaterial(record([version(1), version(2), version(3)])), 'rotated: every version kept');
+  t.false(dropsKeyMaterial(record([version(1, 2), version(2, 2)])), 'rewrapped under a new KEK');
 });

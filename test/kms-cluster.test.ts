@@ -18,6 +18,7 @@ import { loadRootKeys } from '../workers/master-key.js';
 import { EtcdCluster } from './helpers/etcd.js';
 import { tempDir } from './helpers/kms.js';
 import { type Daemon, keygen, spawnDaemon } from './helpers/kms-daemon.js';
+import { until } from './helpers/processes.js';
 
 let etcd: EtcdCluster;
 let replicas: Daemon[] = [];
@@ -84,6 +85,43 @@ test.serial(
     t.deepEqual(counts, [11, 11, 11]);
   },
 );
+
+test.serial('a key destroyed on one replica is refused by the others', async (t) => {
+  const [a, b] = (await startReplicas(t, 2, 'destroy')) as [Daemon, Daemon];
+  const [onA, onB] = [a, b].map((d) => client([`http://${d.http}`])) as [Kms, Kms];
+  const whole = await onA.createDekForThread('destroyed-whole');
+  const sealed = await onB.encrypt(whole.keyId, Buffer.from('soon unreadable'));
+  const partial = await onA.createDekForThread('destroyed-old-version');
+  const old = await onB.encrypt(partial.keyId, Buffer.from('version 1'));
+  await onA.rotateDek(partial.keyId);
+  await onA.destroyDek(whole.keyId);
+  await onA.destroyDekVersionsBefore(partial.keyId, 2);
+  // B learns of it through its watch on the registry, within milliseconds. A destroyed version
+  // reads as a failed decryption, as it does on one node.
+  const refused = (p: Promise<unknown>) =>
+    p.then(
+      () => undefined,
+      (err: { code?: string }) => err.code,
+    );
+  t.is(
+    await until(
+      'B refuses the destroyed key',
+      () => refused(onB.decrypt(whole.keyId, sealed.ciphertext)),
+      5000,
+    ),
+    'KEY_NOT_FOUND',
+  );
+  t.is(
+    await until(
+      'B refuses the destroyed version',
+      () => refused(onB.decrypt(partial.keyId, old.ciphertext)),
+      5000,
+    ),
+    'DECRYPT_FAILED',
+  );
+  const fresh = await onB.encrypt(partial.keyId, Buffer.from('version 2'));
+  t.is(fresh.keyVersion, 2);
+});
 
 test.serial('etcd holds wrapped material only: no master key, KEK or DEK in the clear', async (t) => {
   const [a] = (await startReplicas(t, 1, 'secrets')) as [Daemon];

@@ -26,6 +26,15 @@ export interface DekRecord {
   destroyedAt?: string;
 }
 
+/**
+ * Whether this state of a record (undefined: deleted) leaves keys that no worker may keep: the
+ * whole key destroyed, or versions before the current one destroyed (versions are numbered from
+ * 1 with no gaps until some are destroyed).
+ */
+export function dropsKeyMaterial(record: DekRecord | undefined): boolean {
+  return record === undefined || record.state !== 'active' || record.versions.length < record.current;
+}
+
 /** One DEK version rewrapped elsewhere: applied only if the record still holds `from`. */
 export interface VersionRewrap {
   v: number;

@@ -46,6 +46,7 @@ import {
   dekRef,
   destroyAll,
   destroyVersionsBefore,
+  dropsKeyMaterial,
   nextVersion,
   requireActive,
 } from './dek-versions.js';
@@ -152,6 +153,10 @@ class EmbeddedKms implements Kms {
         this.#auditFile?.markDirty();
       },
       activeKekVersion: () => this.#kek.activeVersion,
+    });
+    // Keys destroyed by another replica of a cluster leave this replica's workers too.
+    registry.onDekChange((keyId, record) => {
+      if (dropsKeyMaterial(record)) this.#pool.evict(keyId);
     });
   }
 

@@ -183,6 +183,18 @@ export class Registry {
     }
   }
 
+  /**
+   * Calls `listener` for every committed change of a DEK record: this process's own and, with a
+   * shared store, those of the other replicas (undefined: the record was deleted).
+   */
+  onDekChange(listener: (keyId: string, record: DekRecord | undefined) => void): void {
+    this.#unwatch.push(
+      this.#store.watch(DEK_PREFIX, (c) =>
+        listener(c.key.slice(DEK_PREFIX.length), c.value as DekRecord | undefined),
+      ),
+    );
+  }
+
   auditHead(): AuditHeadRecord | undefined {
     return this.#auditHead;
   }
