@@ -34,6 +34,9 @@ export interface RotationDeps {
 /** Passes over the table after the first, to catch DEKs created under the old KEK mid-pass. */
 const MAX_EXTRA_PASSES = 3;
 
+/** Who asked for the rotation, for its audit lines. */
+type Who = { caller: string | undefined; remote: string | undefined };
+
 export class KekRotation {
   readonly #deps: RotationDeps;
   #running: Promise<RotationStatus> | null = null;
@@ -105,57 +108,79 @@ export class KekRotation {
   }
 
   async #rotate(ctx: CallContext | undefined): Promise<RotationStatus> {
-    const { registry } = this.#deps;
     const who = { caller: ctx?.caller, remote: ctx?.remoteAddress };
-    let progress = registry.rotation();
-    if (progress === undefined || progress.state === 'completed') {
-      const active = registry.kekMeta()!.activeVersion;
-      const version = active + 1;
-      const wrapped = await this.#deps.newKek(version, {
-        op: 'rotate_kek',
-        kekVersion: version,
-        detail: `start: KEK version ${active} -> ${version}`,
-        ...who,
-      });
-      const now = new Date().toISOString();
-      progress = {
-        state: 'running',
-        target: version,
-        cursor: null,
-        done: 0,
-        total: await registry.dekRecordCount(),
-        startedAt: now,
-        finishedAt: null,
-      };
-      await registry.beginRotation(
-        { kekId: this.#deps.kekId(), version, wrapped, createdAt: now, refs: 0 },
-        progress,
-      );
-      this.#deps.onActiveChanged(version);
-    } else {
+    const progress = await this.#beginOrResume(who);
+    this.#progress = progress;
+    const passed = await this.#rewrapAll(progress, who);
+    // Stopped mid-way: the stored record still says running (it resumes at the next start).
+    if (passed !== null) await this.#finish(passed, who);
+    this.#inProgress = false;
+    return this.status();
+  }
+
+  /** A new KEK version and a running rotation to it, or the interrupted rotation as stored. */
+  async #beginOrResume(who: Who): Promise<RotationRecord> {
+    const { registry } = this.#deps;
+    const stored = registry.rotation();
+    if (stored !== undefined && stored.state !== 'completed') {
       await this.#deps.note({
         op: 'rotate_kek',
-        kekVersion: progress.target,
-        detail: `resume at ${progress.done}/${progress.total}`,
+        kekVersion: stored.target,
+        detail: `resume at ${stored.done}/${stored.total}`,
         ...who,
       });
+      return stored;
     }
-    this.#progress = progress;
+    const meta = registry.kekMeta();
+    if (meta === undefined) throw kmsError('STORE_CORRUPT', 'the KEK metadata is missing from the registry');
+    const active = meta.activeVersion;
+    const version = active + 1;
+    const wrapped = await this.#deps.newKek(version, {
+      op: 'rotate_kek',
+      kekVersion: version,
+      detail: `start: KEK version ${active} -> ${version}`,
+      ...who,
+    });
+    const now = new Date().toISOString();
+    const progress: RotationRecord = {
+      state: 'running',
+      target: version,
+      cursor: null,
+      done: 0,
+      total: await registry.dekRecordCount(),
+      startedAt: now,
+      finishedAt: null,
+    };
+    await registry.beginRotation(
+      { kekId: this.#deps.kekId(), version, wrapped, createdAt: now, refs: 0 },
+      progress,
+    );
+    this.#deps.onActiveChanged(version);
+    return progress;
+  }
 
+  /**
+   * Passes over every DEK record, a batch per transaction (the next batch is rewrapped while the
+   * last one commits), until no DEK version is left under an older KEK or the extra passes run out.
+   * Returns the last progress, or null when asked to stop.
+   */
+  async #rewrapAll(start: RotationRecord, who: Who): Promise<RotationRecord | null> {
+    const { registry } = this.#deps;
+    let progress = start;
     let pendingCommit: Promise<unknown> = Promise.resolve();
     let extraPasses = 0;
     for (;;) {
       if (this.#stopRequested) {
         await pendingCommit;
-        // Stopped mid-way: the stored record still says running (it resumes at the next start).
-        this.#inProgress = false;
-        return this.status();
+        return null;
       }
       const records = await registry.deksAfter(progress.cursor, this.#deps.batchSize);
-      if (records.length === 0) {
+      const last = records.at(-1);
+      if (last === undefined) {
         await pendingCommit;
-        const stragglers = registry.keks().some((k) => k.version !== progress!.target && k.refs > 0);
-        if (!stragglers || extraPasses >= MAX_EXTRA_PASSES) break;
+        const target = progress.target;
+        const stragglers = registry.keks().some((k) => k.version !== target && k.refs > 0);
+        if (!stragglers || extraPasses >= MAX_EXTRA_PASSES) return progress;
         extraPasses++;
         progress = { ...progress, cursor: null };
         await registry.saveRotation(progress);
@@ -165,7 +190,7 @@ export class KekRotation {
       const rewraps = await this.#rewrapBatch(records, progress.target, who);
       const next: RotationRecord = {
         ...progress,
-        cursor: records[records.length - 1]!.keyId,
+        cursor: last.keyId,
         done: Math.min(progress.total, progress.done + records.length),
       };
       await pendingCommit;
@@ -175,14 +200,17 @@ export class KekRotation {
       });
       progress = next;
     }
+  }
 
+  /** Records completion and destroys the KEK versions no DEK version needs any more. */
+  async #finish(progress: RotationRecord, who: Who): Promise<void> {
     const finished: RotationRecord = {
       ...progress,
       state: 'completed',
       done: progress.total,
       finishedAt: new Date().toISOString(),
     };
-    const destroyed = await registry.finishRotation(finished);
+    const destroyed = await this.#deps.registry.finishRotation(finished);
     this.#progress = finished;
     await this.#deps.note({
       op: 'rotate_kek',
@@ -190,16 +218,10 @@ export class KekRotation {
       detail: `complete: ${finished.total} keys; destroyed KEK versions [${destroyed.join(',')}]`,
       ...who,
     });
-    this.#inProgress = false;
-    return this.status();
   }
 
   /** Rewraps every version of `records` not yet under `target`, split across the workers. */
-  async #rewrapBatch(
-    records: DekRecord[],
-    target: number,
-    who: { caller: string | undefined; remote: string | undefined },
-  ): Promise<Rewrap[]> {
+  async #rewrapBatch(records: DekRecord[], target: number, who: Who): Promise<Rewrap[]> {
     const pending: { record: DekRecord; version: DekVersionRecord }[] = [];
     for (const record of records) {
       if (record.state !== 'active') continue;
