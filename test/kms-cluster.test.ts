@@ -19,6 +19,7 @@ import { EtcdCluster } from './helpers/etcd.js';
 import { tempDir } from './helpers/kms.js';
 import { type Daemon, keygen, spawnDaemon } from './helpers/kms-daemon.js';
 import { until } from './helpers/processes.js';
+import { startServer } from './helpers/server.js';
 
 let etcd: EtcdCluster;
 let replicas: Daemon[] = [];
@@ -179,6 +180,24 @@ test.serial('etcd holds wrapped material only: no master key, KEK or DEK in the 
     t.deepEqual(found, [], `${what} is not stored in etcd`);
   }
 });
+
+test.serial(
+  'an external-mode server starts with one of three replicas down, and serves through the others',
+  async (t) => {
+    const started = await startReplicas(t, 3, 'server');
+    await started[0]?.kill9();
+    const server = await startServer({
+      mode: 'external',
+      kmsEndpoint: started.map((d) => `http://${d.http}`).join(','),
+    });
+    t.teardown(() => server.stop());
+    const thread = await server.api.createThread('on a cluster');
+    for (let i = 0; i < 5; i++) t.is((await server.api.postMessage(thread, { text: `m${i}` })).status, 201);
+    await started[1]?.kill9();
+    const read = await server.api.allMessages(thread);
+    t.deepEqual(read.map((m) => (m.body as { text: string }).text).sort(), ['m0', 'm1', 'm2', 'm3', 'm4']);
+  },
+);
 
 for (const transport of ['http', 'tcp'] as const) {
   test.serial(
