@@ -26,22 +26,27 @@ let replicas: Daemon[] = [];
 const clients: Kms[] = [];
 
 /** Replicas of one cluster: the same master key file copied into each one's own directory. */
-async function startReplicas(t: ExecutionContext, count: number, cluster: string): Promise<Daemon[]> {
+async function startReplicas(
+  t: ExecutionContext,
+  count: number,
+  cluster: string,
+  { atOnce = false } = {},
+): Promise<Daemon[]> {
   const keyDir = tempDir(t, 'pdb-cluster-key-');
   const keyFile = await keygen(keyDir);
-  const started: Daemon[] = [];
-  for (let i = 0; i < count; i++) {
+  const start = (i: number) => {
     const dir = tempDir(t, `pdb-replica-${i}-`);
     fs.copyFileSync(keyFile, path.join(dir, 'master.key'));
     fs.chmodSync(path.join(dir, 'master.key'), 0o600);
-    started.push(
-      await spawnDaemon({
-        dir,
-        bridgePort: 0,
-        env: { PROGRESSDB_KMS_REGISTRY: etcd.registryUrl, PROGRESSDB_KMS_CLUSTER: cluster },
-      }),
-    );
-  }
+    return spawnDaemon({
+      dir,
+      bridgePort: 0,
+      env: { PROGRESSDB_KMS_REGISTRY: etcd.registryUrl, PROGRESSDB_KMS_CLUSTER: cluster },
+    });
+  };
+  const started: Daemon[] = [];
+  if (atOnce) started.push(...(await Promise.all(Array.from({ length: count }, (_, i) => start(i)))));
+  else for (let i = 0; i < count; i++) started.push(await start(i));
   replicas.push(...started);
   return started;
 }
@@ -84,6 +89,33 @@ test.serial(
     // The cluster knows every key once: the count is the same seen from each replica.
     const counts = await Promise.all([onA, onB, onC].map(async (kms) => (await kms.health()).dekCount));
     t.deepEqual(counts, [11, 11, 11]);
+  },
+);
+
+test.serial(
+  'replicas started at once on an empty cluster agree on one KEK, and keys made anywhere survive a restart',
+  async (t) => {
+    const started = await startReplicas(t, 3, 'first-start', { atOnce: true });
+    const clientsOf = started.map((d) => client([`http://${d.http}`]));
+    const healths = await Promise.all(clientsOf.map((kms) => kms.health()));
+    t.is(new Set(healths.map((h) => h.kekId)).size, 1, 'one KEK id across the replicas');
+    const made = await Promise.all(clientsOf.map((kms, i) => kms.createDekForThread(`first-${i}`)));
+    const sealed = await Promise.all(
+      made.map((dek, i) => clientsOf[i]?.encrypt(dek.keyId, Buffer.from(`k${i}`))),
+    );
+    // Every replica restarted: each key must unwrap under the KEK the registry holds, wherever made.
+    await Promise.all(started.map((d) => d.kill9()));
+    const again = await spawnDaemon({
+      dir: (started[0] as Daemon).dir,
+      bridgePort: 0,
+      env: { PROGRESSDB_KMS_REGISTRY: etcd.registryUrl, PROGRESSDB_KMS_CLUSTER: 'first-start' },
+    });
+    replicas.push(again);
+    const kms = client([`http://${again.http}`]);
+    for (const [i, dek] of made.entries()) {
+      const ciphertext = sealed[i]?.ciphertext as Buffer;
+      t.is((await kms.decrypt(dek.keyId, ciphertext)).toString(), `k${i}`);
+    }
   },
 );
 

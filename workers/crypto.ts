@@ -54,7 +54,12 @@ const init = workerData as WorkerInit;
 
 let rootKeys: RootKeys | null = null;
 let auditStream: AuditStream | null = null;
-const keks = new Map<number, Buffer>();
+/**
+ * Unwrapped KEK versions with the wrapped bytes they came from. A cached KEK is used only for the
+ * same wrapped bytes: a replica that lost a race to make a KEK version (the registry kept the
+ * other replica's) must never wrap keys under the one it made.
+ */
+const keks = new Map<number, { key: Buffer; wrapped: Uint8Array }>();
 const deks = new KeyCache(init.dekCacheSize);
 
 function roots(): RootKeys {
@@ -105,7 +110,7 @@ function flushAudit(): boolean {
 /** Zeroes every key this worker holds. */
 function zeroAll(): void {
   deks.clear();
-  for (const key of keks.values()) key.fill(0);
+  for (const { key } of keks.values()) key.fill(0);
   keks.clear();
   if (rootKeys !== null) {
     rootKeys.kekWrapKey.fill(0);
@@ -129,9 +134,11 @@ channel.onmessage = (event) => {
 channel.unref();
 
 function kekFor(version: number, refs: readonly KekRef[]): Buffer {
-  const cached = keks.get(version);
-  if (cached !== undefined) return cached;
   const ref = refs.find((k) => k.version === version);
+  const cached = keks.get(version);
+  if (cached !== undefined && (ref === undefined || Buffer.compare(cached.wrapped, ref.wrapped) === 0)) {
+    return cached.key;
+  }
   // The main thread supplies every KEK version the registry holds for the task's keys.
   if (ref === undefined) {
     throw new WorkerFault('STORE_CORRUPT', `KEK version ${version} is missing from the registry`);
@@ -148,7 +155,8 @@ function kekFor(version: number, refs: readonly KekRef[]): Buffer {
     }
     throw err;
   }
-  keks.set(version, key);
+  cached?.key.fill(0);
+  keks.set(version, { key, wrapped: new Uint8Array(ref.wrapped) });
   return key;
 }
 
@@ -338,7 +346,8 @@ function newKek(task: NewKekTask): NewKekResult {
   const wrapped = Buffer.alloc(WRAPPED_KEY_BYTES);
   wrapKeyInto(kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(task.kekId, task.version), key, wrapped, 0);
   auditOne(task.audit, null);
-  keks.set(task.version, key);
+  keks.get(task.version)?.key.fill(0);
+  keks.set(task.version, { key, wrapped: new Uint8Array(wrapped) });
   return { wrapped, kcv: keyCheckValue(), auditHead: auditStream?.head() ?? undefined };
 }
 

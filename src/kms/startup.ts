@@ -51,8 +51,11 @@ function repairAuditLog(deps: StartUpDeps): number {
   return dropped;
 }
 
-/** KEK version 1 of a new registry; another process that initialised it first wins (initKek). */
-async function createFirstKek(deps: StartUpDeps): Promise<void> {
+/**
+ * KEK version 1 of a new registry. Returns false when another process initialised it first: that
+ * one wins (initKek), and the KEK made here is never used.
+ */
+async function createFirstKek(deps: StartUpDeps): Promise<boolean> {
   repairAuditLog(deps);
   deps.auditHeads?.begin();
   const kekId = `kek_${randomBytes(8).toString('hex')}`;
@@ -63,7 +66,7 @@ async function createFirstKek(deps: StartUpDeps): Promise<void> {
     audit: { op: 'start', kekVersion: 1, detail: 'new data directory: created KEK version 1' },
   });
   const now = new Date().toISOString();
-  await deps.registry.initKek(
+  return deps.registry.initKek(
     { kekId, activeVersion: 1, createdAt: now },
     { kekId, version: 1, wrapped: created.wrapped, createdAt: now, refs: 0 },
     created.kcv,

@@ -144,10 +144,20 @@ export class Registry {
         if (cached !== undefined && cached !== c.value) this.#cache.delete(keyId);
       }),
     );
+    await this.refresh();
+    this.#auditHead = (await this.#local.get(AUDIT_HEAD)) as AuditHeadRecord | undefined;
+  }
+
+  /**
+   * Reads the keyring, the KEK metadata and the rotation record from the store again (a cluster
+   * store reads linearizably): after losing a race to another process, what it wrote is here at
+   * once, without waiting for its change events.
+   */
+  async refresh(): Promise<void> {
+    const store = this.#store;
     for (const { key, value } of await store.range(KEK_PREFIX)) this.#kekChanged({ key, value });
     this.#kekMeta = (await store.get(KEK_META)) as KekMeta | undefined;
     this.#rotation = (await store.get(ROTATION)) as RotationRecord | undefined;
-    this.#auditHead = (await this.#local.get(AUDIT_HEAD)) as AuditHeadRecord | undefined;
   }
 
   #kekChanged({ key, value }: StoreChange): void {
