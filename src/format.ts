@@ -33,7 +33,12 @@ export const WRAPPED_KEY_BYTES = WRAP_HEADER_BYTES + NONCE_BYTES + KEY_BYTES + T
 /** The DEK version a ciphertext names, or -1 when the bytes cannot be one of ours. */
 export function ciphertextKeyVersion(ciphertext: Uint8Array): number {
   if (ciphertext.length < CIPHERTEXT_OVERHEAD || ciphertext[0] !== CIPHERTEXT_FORMAT) return -1;
-  const v = ((ciphertext[1]! << 24) | (ciphertext[2]! << 16) | (ciphertext[3]! << 8) | ciphertext[4]!) >>> 0;
+  // In bounds: the length check above guarantees at least CIPHERTEXT_OVERHEAD bytes.
+  const b1 = ciphertext[1] as number;
+  const b2 = ciphertext[2] as number;
+  const b3 = ciphertext[3] as number;
+  const b4 = ciphertext[4] as number;
+  const v = ((b1 << 24) | (b2 << 16) | (b3 << 8) | b4) >>> 0;
   return v >= 1 && v <= 0x7fffffff ? v : -1;
 }
 

@@ -46,7 +46,8 @@ function hexValue(c: number): number {
  * Throws MASTER_KEY_INVALID (naming `what`, never the value) on anything else.
  */
 export function decodeHexKey(source: Uint8Array | string, what: string): Buffer {
-  const at = typeof source === 'string' ? (i: number) => source.charCodeAt(i) : (i: number) => source[i]!;
+  const at =
+    typeof source === 'string' ? (i: number) => source.charCodeAt(i) : (i: number) => source[i] as number;
   let start = 0;
   let end = source.length;
   while (start < end && isSpace(at(start))) start++;

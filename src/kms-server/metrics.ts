@@ -60,9 +60,14 @@ class DurationHistogram {
     for (const s of this.series()) {
       const labels = { op: s.op, transport: s.transport };
       let acc = 0;
+      // In bounds: buckets holds one slot per DURATION_BUCKETS entry plus the +Inf slot.
       for (let i = 0; i < DURATION_BUCKETS.length; i++) {
-        acc += s.buckets[i]!;
-        values.push({ labels: { le: DURATION_BUCKETS[i]!, ...labels }, value: acc, metricName: bucket });
+        acc += s.buckets[i] as number;
+        values.push({
+          labels: { le: DURATION_BUCKETS[i] as number, ...labels },
+          value: acc,
+          metricName: bucket,
+        });
       }
       values.push({ labels: { le: '+Inf', ...labels }, value: s.count, metricName: bucket });
       values.push({ labels, value: s.sum, metricName: `${this.name}_sum` });
@@ -82,7 +87,17 @@ class DurationHistogram {
 
 export class DaemonMetrics {
   readonly registry = new Registry();
-  private readonly health: Record<string, Gauge>;
+  private readonly health: Record<
+    | 'ready'
+    | 'queueDepth'
+    | 'poolThreads'
+    | 'deks'
+    | 'activeKekVersion'
+    | 'rotationRunning'
+    | 'rotationDone'
+    | 'rotationTotal',
+    Gauge
+  >;
   private readonly bridgeConnections: Gauge;
   private readonly closedConnections: Counter;
   /** Bytes of unfinished bridge frames held now; set by the bridge listener. */
@@ -182,8 +197,9 @@ export class DaemonMetrics {
     const s = this.seriesOf(op, transport);
     const seconds = (performance.now() - startedAt) / 1000;
     let b = 0;
-    while (b < DURATION_BUCKETS.length && seconds > DURATION_BUCKETS[b]!) b++;
-    s.buckets[b]!++;
+    // In bounds: b stops at DURATION_BUCKETS.length, the last (+Inf) slot of buckets.
+    while (b < DURATION_BUCKETS.length && seconds > (DURATION_BUCKETS[b] as number)) b++;
+    s.buckets[b] = (s.buckets[b] as number) + 1;
     s.sum += seconds;
     s.count++;
     if (!error) {
@@ -223,15 +239,15 @@ export class DaemonMetrics {
   /** Copies a health snapshot into the gauges; called just before a scrape is rendered. */
   setHealth(h: KmsHealth | null): void {
     const g = this.health;
-    g.ready!.set(h?.ok ? 1 : 0);
+    g.ready.set(h?.ok ? 1 : 0);
     if (!h) return;
-    g.queueDepth!.set(h.queueDepth);
-    g.poolThreads!.set(h.poolThreads);
-    g.deks!.set(h.dekCount);
-    g.activeKekVersion!.set(h.activeKekVersion);
-    g.rotationRunning!.set(h.rotation.state === 'running' ? 1 : 0);
-    g.rotationDone!.set(h.rotation.done);
-    g.rotationTotal!.set(h.rotation.total);
+    g.queueDepth.set(h.queueDepth);
+    g.poolThreads.set(h.poolThreads);
+    g.deks.set(h.dekCount);
+    g.activeKekVersion.set(h.activeKekVersion);
+    g.rotationRunning.set(h.rotation.state === 'running' ? 1 : 0);
+    g.rotationDone.set(h.rotation.done);
+    g.rotationTotal.set(h.rotation.total);
   }
 
   render(): Promise<string> {

@@ -22,7 +22,8 @@ export class IdGenerator {
       this.lastTime = now;
       const bytes = randomBytes(16);
       // Keep the top digit below 16 so increments within one millisecond cannot overflow in practice.
-      for (let i = 0; i < 16; i++) this.random[i] = bytes[i]! & (i === 0 ? 0x0f : 0x1f);
+      // In bounds: bytes and this.random both hold 16 bytes.
+      for (let i = 0; i < 16; i++) this.random[i] = (bytes[i] as number) & (i === 0 ? 0x0f : 0x1f);
     } else {
       this.increment();
     }
@@ -30,7 +31,7 @@ export class IdGenerator {
     let t = this.lastTime;
     const timeDigits = new Array<string>(10);
     for (let i = 9; i >= 0; i--) {
-      timeDigits[i] = ALPHABET[t % 32]!;
+      timeDigits[i] = ALPHABET.charAt(t % 32);
       t = Math.floor(t / 32);
     }
     out = timeDigits.join('');
@@ -40,8 +41,9 @@ export class IdGenerator {
 
   private increment(): void {
     for (let i = 15; i >= 0; i--) {
-      if (this.random[i]! < 31) {
-        this.random[i]!++;
+      // In bounds: i runs over the 16 bytes of this.random.
+      if ((this.random[i] as number) < 31) {
+        this.random[i] = (this.random[i] as number) + 1;
         return;
       }
       this.random[i] = 0;

@@ -143,7 +143,8 @@ export class BodyReader {
 
   u8(): number {
     this.need(1);
-    return this.buf[this.pos++]!;
+    // In bounds: need(1) checked that one byte remains.
+    return this.buf[this.pos++] as number;
   }
 
   u32(): number {
@@ -312,7 +313,8 @@ export class FrameDecoder {
   }
 
   private frameOf(whole: Buffer): Frame {
-    return { id: whole.readUInt32BE(4), type: whole[8]!, body: whole.subarray(9) };
+    // In bounds: callers refuse frames shorter than the length prefix plus the 5-byte header.
+    return { id: whole.readUInt32BE(4), type: whole[8] as number, body: whole.subarray(9) };
   }
 }
 

@@ -26,8 +26,9 @@ export function jsonDepthExceeds(bytes: Uint8Array, maxDepth: number): boolean {
   const buf = Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const end = buf.length;
   let depth = 0;
+  // In bounds: i and j stay below buf.length, and CLASS has an entry for every byte value.
   for (let i = 0; i < end; i++) {
-    const c = CLASS[buf[i]!]!;
+    const c = CLASS[buf[i] as number] as number;
     if (c === 0) continue;
     if (c === 3) {
       // Skip the string. Short ones byte by byte; past a few bytes, jump from quote to quote
@@ -35,7 +36,7 @@ export function jsonDepthExceeds(bytes: Uint8Array, maxDepth: number): boolean {
       let j = i + 1;
       const scanEnd = Math.min(end, j + 16);
       while (j < scanEnd) {
-        const d = buf[j]!;
+        const d = buf[j] as number;
         if (d === QUOTE) break;
         j += d === BACKSLASH ? 2 : 1;
       }
