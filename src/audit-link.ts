@@ -52,7 +52,8 @@ export function parseHeads(text: unknown): StreamHead[] | null {
   for (const item of text.split(' ')) {
     const match = HEAD.exec(item);
     if (match === null) return null;
-    heads.push({ s: match[1]!, n: Number(match[2]), mac: match[3]! });
+    // The pattern's groups all take part in every match.
+    heads.push({ s: match[1] as string, n: Number(match[2]), mac: match[3] as string });
   }
   return heads;
 }

@@ -84,7 +84,10 @@ function appendAudit(block: SealedBlock): void {
     throw new WorkerFault('AUDIT_WRITE_FAILED', `audit log unavailable (${auditFailure})`);
   }
   try {
-    if (auditFd < 0) auditFd = fs.openSync(init.auditFile!, 'a', 0o600);
+    if (auditFd < 0) {
+      if (init.auditFile === null) throw new WorkerFault('INTERNAL', 'audit lines without an audit file');
+      auditFd = fs.openSync(init.auditFile, 'a', 0o600);
+    }
     let written = 0;
     while (written < block.length) {
       written += fs.writeSync(auditFd, block.buffer, written, block.length - written);
@@ -224,22 +227,26 @@ function runOp(batch: BatchTaskReader, i: number, dek: DekRef | null): void {
   const aad = batch.aad(i);
   const out = batch.data;
   const outPos = batch.outputOffset(i);
+  if (kind === OpKind.note) return;
+  // Every op but a note names its key (the pool lays out one per op).
+  if (dek === null) throw new WorkerFault('INTERNAL', `op kind ${kind} without a key`);
   switch (kind) {
     case OpKind.encrypt:
-      sealInto(dekFor(dek!, task), dek!.keyVersion, input, aad, out, outPos);
+      sealInto(dekFor(dek, task), dek.keyVersion, input, aad, out, outPos);
       return;
     case OpKind.decrypt:
       // The main thread chose `dek` by the version this ciphertext names.
-      openInto(dekFor(dek!, task), input, aad, out, outPos);
+      openInto(dekFor(dek, task), input, aad, out, outPos);
       return;
     case OpKind.reencrypt: {
       // `dek` is the current version; the source the one the ciphertext names.
-      const source = batch.sourceDek(i)!;
+      const source = batch.sourceDek(i);
+      if (source === null) throw new WorkerFault('INTERNAL', 'reencrypt without its source key');
       if (ciphertextKeyVersion(input) !== source.keyVersion) throw new AuthFailure();
       const plain = Buffer.alloc(input.length - CIPHERTEXT_OVERHEAD);
       try {
         openInto(dekFor(source, task), input, aad, plain, 0);
-        sealInto(dekFor(dek!, task), dek!.keyVersion, plain, aad, out, outPos);
+        sealInto(dekFor(dek, task), dek.keyVersion, plain, aad, out, outPos);
       } finally {
         plain.fill(0);
       }
@@ -248,17 +255,17 @@ function runOp(batch: BatchTaskReader, i: number, dek: DekRef | null): void {
     case OpKind.generate: {
       const key = newKey();
       const kek = kekFor(task.targetKekVersion, task.keks);
-      const identity = dekIdentity(dek!.keyId, dek!.keyVersion);
+      const identity = dekIdentity(dek.keyId, dek.keyVersion);
       wrapKeyInto(kek, WRAP_KIND_DEK, task.targetKekVersion, identity, key, out, outPos);
-      deks.set(dekCacheId(dek!), key);
+      deks.set(dekCacheId(dek), key);
       return;
     }
     case OpKind.rewrap: {
-      const cached = deks.get(dekCacheId(dek!));
-      const key = cached ?? unwrapForRewrap(dek!, task);
+      const cached = deks.get(dekCacheId(dek));
+      const key = cached ?? unwrapForRewrap(dek, task);
       try {
         const kek = kekFor(task.targetKekVersion, task.keks);
-        const identity = dekIdentity(dek!.keyId, dek!.keyVersion);
+        const identity = dekIdentity(dek.keyId, dek.keyVersion);
         wrapKeyInto(kek, WRAP_KIND_DEK, task.targetKekVersion, identity, key, out, outPos);
       } finally {
         // Bulk rotation must not flood the cache: a key unwrapped only to rewrap is dropped.
@@ -266,8 +273,6 @@ function runOp(batch: BatchTaskReader, i: number, dek: DekRef | null): void {
       }
       return;
     }
-    case OpKind.note:
-      return;
     default:
       throw new WorkerFault('UNSUPPORTED_OPERATION', `unknown op kind ${kind}`);
   }

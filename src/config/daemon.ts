@@ -201,7 +201,7 @@ function loadFile(file: string, problems: string[]): FileConfig {
   const shape = FileSchema.shape as Record<string, z.ZodType>;
   const kept: Record<string, unknown> = {};
   for (const [key, value] of Object.entries(raw)) {
-    const setting = Object.hasOwn(shape, key) ? shape[key]!.safeParse(value) : undefined;
+    const setting = Object.hasOwn(shape, key) ? shape[key]?.safeParse(value) : undefined;
     if (setting?.success) kept[key] = setting.data;
   }
   return { ...(kept as FileConfig), hasMasterKey };
@@ -216,7 +216,8 @@ function loadTokens(entries: FileConfig['tokens'], baseDir: string, problems: st
   function loadToken(entry: NonNullable<FileConfig['tokens']>[number]): void {
     const token =
       entry.token ??
-      readText(path.resolve(baseDir, entry.token_file!), `token file of "${entry.name}"`).trim();
+      // The schema requires exactly one of token and token_file.
+      readText(path.resolve(baseDir, entry.token_file as string), `token file of "${entry.name}"`).trim();
     if (token.length < MIN_TOKEN_LENGTH || /\s/.test(token)) {
       throw invalid(`token "${entry.name}" must be at least ${MIN_TOKEN_LENGTH} characters without spaces`);
     }
@@ -237,12 +238,13 @@ function parseNetworks(entries: readonly string[], where: string, problems: stri
 function parseNetwork(raw: string, where: string): AllowedNetwork {
   const text = raw.trim();
   const m = /^([^/\s]+)\/(\d{1,3})$/.exec(text);
-  const version = m ? isIP(m[1]!) : 0;
+  const address = m?.[1];
+  const version = address === undefined ? 0 : isIP(address);
   const prefix = m ? Number(m[2]) : Number.NaN;
   if (version === 0 || prefix > (version === 4 ? 32 : 128)) {
     throw invalid(`${where}: "${raw}" is not a network in CIDR form (e.g. 10.0.0.0/8 or fd00::/8)`);
   }
-  return { text, address: m![1]!, prefix, family: version === 4 ? 'ipv4' : 'ipv6' };
+  return { text, address: address as string, prefix, family: version === 4 ? 'ipv4' : 'ipv6' };
 }
 
 function loadTls(
@@ -484,7 +486,7 @@ export function exposedListeners(config: DaemonConfig): string[] {
   ];
   return named
     .filter(([, l]) => l !== null && !isLoopbackHost(l.host))
-    .map(([name, l]) => `${name} ${l!.host}`);
+    .map(([name, l]) => `${name} ${l?.host}`);
 }
 
 function checkExposure(config: DaemonConfig): void {

@@ -223,5 +223,5 @@ const BEARER = /^Bearer[ \t]+(\S+)[ \t]*$/i;
 export function bearerToken(header: string | undefined): string | undefined {
   if (header === undefined) return undefined;
   const m = BEARER.exec(header);
-  return m ? m[1]! : '';
+  return m?.[1] ?? '';
 }

@@ -241,6 +241,7 @@ class BridgeConnection {
     if (g === null) return;
     this.group = null;
     if (g.ids.length === 1) {
+      // biome-ignore lint/style/noNonNullAssertion: a group holds at least one request
       this.run(g.ids[0]!, g.spec, g.requests[0]!);
       return;
     }
@@ -252,16 +253,19 @@ class BridgeConnection {
     this.updateFlow();
     const items: unknown[] = [];
     for (const r of g.requests) for (const item of r.items) items.push(item);
+    // biome-ignore lint/style/noNonNullAssertion: ops run only after the AUTH step set the caller
     const call: Promise<ItemResult<unknown>[]> = g.spec.run(this.deps.kms, { items }, this.caller!);
     call.then(
       (results) => {
         let at = 0;
         for (let i = 0; i < n; i++) {
+          // biome-ignore lint/style/noNonNullAssertion: i < g.requests.length
           const count = g.requests[i]!.items.length;
           const mine = results.slice(at, at + count);
           at += count;
           this.countItemErrors(mine);
           this.deps.metrics.observe(label, 'bridge', startedAt);
+          // biome-ignore lint/style/noNonNullAssertion: i < g.requests.length (one id per request)
           this.send(encodeResult(g.ids[i]!, op, mine));
         }
         this.settled(n);
@@ -292,6 +296,7 @@ class BridgeConnection {
     const label = labelOf(spec);
     this.inFlight++;
     this.updateFlow();
+    // biome-ignore lint/style/noNonNullAssertion: ops run only after the AUTH step set the caller
     spec.run(this.deps.kms, req, this.caller!).then(
       (value: unknown) => {
         if (spec.batch) this.countItemErrors(value as ItemResult<unknown>[]);

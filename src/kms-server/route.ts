@@ -96,10 +96,12 @@ export async function runBatchRoute<I, R>(route: BatchRoute<I, R>, input: RouteI
   }
   if (valid.length > 0) {
     const answered = await route.run(valid, input.caller);
+    // biome-ignore lint/style/noNonNullAssertion: indexes within the batch: every position was answered, in order
     for (let j = 0; j < positions.length; j++) results[positions[j]!] = answered[j]!;
   }
   const toJson = route.toJson;
   if (!isBatch) {
+    // biome-ignore lint/style/noNonNullAssertion: indexes within the batch: every position was answered, in order
     const only = results[0]!;
     if (!only.ok) throw only.error;
     if (toJson) return { status: 200, contentType: JSON_TYPE, text: toJson(only.value) };
@@ -109,6 +111,7 @@ export async function runBatchRoute<I, R>(route: BatchRoute<I, R>, input: RouteI
   if (toJson) {
     const parts = new Array<string>(results.length);
     for (let i = 0; i < results.length; i++) {
+      // biome-ignore lint/style/noNonNullAssertion: indexes within the batch: every position was answered, in order
       const r = results[i]!;
       if (r.ok) parts[i] = toJson(r.value);
       else {
@@ -120,6 +123,7 @@ export async function runBatchRoute<I, R>(route: BatchRoute<I, R>, input: RouteI
   }
   const out = new Array<unknown>(results.length);
   for (let i = 0; i < results.length; i++) {
+    // biome-ignore lint/style/noNonNullAssertion: indexes within the batch: every position was answered, in order
     const r = results[i]!;
     if (r.ok) {
       out[i] = route.toWire(r.value);

@@ -115,7 +115,9 @@ export async function startDaemon(
     httpAddress = await listenOn(httpServer, config.http.host, config.http.port, 'endpoint');
     if (bridge && config.bridge) {
       bridgeAddress = await bridge.listen(config.bridge.host, config.bridge.port).catch((err) => {
-        throw listenError('bridge endpoint', config.bridge!.host, config.bridge!.port, err);
+        // Only reached when the bridge was configured (its listen call is what failed).
+        const bridge = config.bridge as NonNullable<typeof config.bridge>;
+        throw listenError('bridge endpoint', bridge.host, bridge.port, err);
       });
     }
   } catch (err) {

@@ -150,9 +150,10 @@ export function applyVersionRewraps(
   for (const rewrap of rewraps) {
     const source = versions ?? record.versions;
     const at = source.findIndex((x) => x.v === rewrap.v);
-    if (at < 0 || Buffer.compare(source[at]!.wrapped, rewrap.from) !== 0) continue;
+    const held = source[at];
+    if (held === undefined || Buffer.compare(held.wrapped, rewrap.from) !== 0) continue;
     versions ??= [...record.versions];
-    versions[at] = { ...source[at]!, kek: rewrap.toKek, wrapped: rewrap.to };
+    versions[at] = { ...held, kek: rewrap.toKek, wrapped: rewrap.to };
     applied++;
   }
   return versions === null ? { record, applied } : { record: { ...record, versions }, applied };

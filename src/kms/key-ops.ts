@@ -166,7 +166,8 @@ export class KeyOps {
     const target = this.kek().activeVersion;
     const rewrapped = await Promise.all(
       record.versions.map(async (version) => {
-        const ref = dekRef(record, version.v)!;
+        // The version comes from the record itself.
+        const ref = dekRef(record, version.v) as DekRef;
         const audit = {
           ...auditFields('rewrap', ctx, keyId, record.threadId, target),
           detail: `key version ${version.v}`,

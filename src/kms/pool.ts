@@ -218,6 +218,7 @@ export class CryptoPool {
       let count = 0;
       let bytes = 0;
       while (count < this.#queue.length && count < maxBatch && (count === 0 || bytes < MAX_TASK_BYTES)) {
+        // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
         const op = this.#queue[count]!;
         bytes += opBytes(op);
         count++;
@@ -239,6 +240,7 @@ export class CryptoPool {
     const writer = new BatchTaskWriter(deks.length + (audit === null ? 0 : 1), deks.length * slot);
     for (let i = 0; i < deks.length; i++) {
       writer.add(kind, i, null, null, -1, -1);
+      // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
       kekVersions.add(deks[i]!.kekVersion);
     }
     if (audit !== null) writer.add(OpKind.note, -1, null, null, 0, -1);
@@ -299,12 +301,16 @@ export class CryptoPool {
     };
 
     for (let i = 0; i < batch.length; i++) {
+      // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
       const op = batch[i]!;
       let dekAt = -1;
       // Reencrypt needs its two DEK versions adjacent, so they are never shared with other ops.
+      // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
       if (op.deks.length === 1) dekAt = indexDek(op.deks[0]!, op.kind === OpKind.generate);
       else if (op.deks.length > 1) {
+        // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
         dekAt = indexDek(op.deks[0]!, true);
+        // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
         indexDek(op.deks[1]!, true);
       }
       if (op.kind === OpKind.generate || op.kind === OpKind.rewrap) needsTarget = true;
@@ -343,7 +349,9 @@ export class CryptoPool {
     this.#reportAudit(result);
     for (let i = 0; i < batch.length; i++) {
       const error = result.error(i);
+      // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
       if (error !== null) batch[i]!.done(error.code, null, 0);
+      // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
       else batch[i]!.done(null, result.output(i), result.keyVersion(i));
     }
   }

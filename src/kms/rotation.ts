@@ -263,7 +263,7 @@ export class KekRotation {
             throw kmsError(error.code, `KEK rotation batch failed (${error.code}); it will resume`);
           }
           if (i >= slice.length) continue; // the audit note
-          const { record, version } = slice[i]!;
+          const { record, version } = slice[i] as (typeof slice)[number];
           rewraps.push({
             keyId: record.keyId,
             v: version.v,

@@ -115,8 +115,8 @@ export class HttpTransport implements RemoteTransport {
         if (done) return;
         done = true;
         clearTimeout(timer);
-        if (err) reject(err);
-        else resolve(value!);
+        if (err || value === undefined) reject(err ?? kmsError('INTERNAL', 'no answer and no error'));
+        else resolve(value);
       };
       const req = this.request({
         agent: this.agent,

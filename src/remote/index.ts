@@ -203,7 +203,7 @@ class RemoteKms implements Kms {
       (results) => {
         for (let i = 0; i < waiting.length; i++) {
           const r = results[i];
-          const w = waiting[i]!;
+          const w = waiting[i] as Waiting;
           if (r === undefined) w.reject(kmsError('INTERNAL', 'the KMS daemon answered a short batch'));
           else if (r.ok) w.resolve(r.value);
           else w.reject(r.error);
@@ -262,7 +262,8 @@ class RemoteKms implements Kms {
     const answers = await this.batch<I, R>(op, valid, sizeOf);
     if (refused === null) return answers;
     let next = 0;
-    return Array.from(refused, (r) => r ?? answers[next++]!);
+    // answers has one result per item not refused, in order.
+    return Array.from(refused, (r) => r ?? (answers[next++] as ItemResult<R>));
   }
 
   private async batch<I, R>(
@@ -277,7 +278,7 @@ class RemoteKms implements Kms {
     const answers = await Promise.all(
       parts.map((part) => this.call<ItemResult<R>[]>({ op, items: part } as KmsRequest)),
     );
-    return answers.length === 1 ? answers[0]! : answers.flat();
+    return answers.length === 1 ? (answers[0] as ItemResult<R>[]) : answers.flat();
   }
 
   /** A call naming one key: the id is checked first, as the embedded KMS checks it. */

@@ -61,7 +61,7 @@ export class KeyRing {
       }
       const m = /^Bearer +(\S+) *$/i.exec(header);
       if (!m) throw new UserError('UNAUTHENTICATED', 'Authorization must be "Bearer <key>"');
-      const key = this.identify(m[1]!);
+      const key = this.identify(m[1] as string);
       if (key === undefined) throw new UserError('UNAUTHENTICATED', 'unknown key');
       if (key.scope !== scope) {
         throw new UserError(

@@ -83,9 +83,11 @@ export class BodyCodec {
   ): Promise<ItemResult<MessageContent>[]> {
     const parts = records.map((r) => this.splitStored(JSON.parse(r.plain ?? 'null')));
     const results = await this.requireKms().encryptBatch(
+      // biome-ignore lint/style/noNonNullAssertion: indexes within arrays of one entry per record, or a path with at least one step
       parts.map((p, i) => ({ keyId, plaintext: p.plaintext, aad: messageAad(threadId, records[i]!.id) })),
       ctx,
     );
+    // biome-ignore lint/style/noNonNullAssertion: indexes within arrays of one entry per record, or a path with at least one step
     return storedContents(results, (i) => parts[i]!.rest);
   }
 
@@ -100,9 +102,11 @@ export class BodyCodec {
     ctx: CallContext,
   ): Promise<ItemResult<MessageContent>[]> {
     const results = await this.requireKms().reencryptBatch(
+      // biome-ignore lint/style/noNonNullAssertion: indexes within arrays of one entry per record, or a path with at least one step
       records.map((r) => ({ keyId, ciphertext: r.ct!, aad: messageAad(threadId, r.id) })),
       ctx,
     );
+    // biome-ignore lint/style/noNonNullAssertion: indexes within arrays of one entry per record, or a path with at least one step
     return storedContents(results, (i) => records[i]!.rest);
   }
 
@@ -132,12 +136,14 @@ export class BodyCodec {
     if (items.length > 0) {
       const results = await this.requireKms().decryptBatch(items, ctx);
       results.forEach((res, j) => {
+        // biome-ignore lint/style/noNonNullAssertion: indexes within arrays of one entry per record, or a path with at least one step
         const i = at[j]!;
         if (!res.ok) {
           // Availability is a property of the whole call, not of one message.
           if (res.error.status >= 500) throw res.error;
           out[i] = res;
         } else {
+          // biome-ignore lint/style/noNonNullAssertion: indexes within arrays of one entry per record, or a path with at least one step
           out[i] = { ok: true, value: this.join(res.value, records[i]!.rest) };
         }
       });
@@ -192,6 +198,7 @@ export class BodyCodec {
     const secrets = decoded as Secrets;
     // Last taken, first restored: with overlapping patterns (`meta.*.*, meta.*`) a later secret is
     // the container an earlier one was taken out of, so it has to be back before its contents.
+    // biome-ignore lint/style/noNonNullAssertion: indexes within arrays of one entry per record, or a path with at least one step
     for (let i = secrets.length - 1; i >= 0; i--) putAt(body, secrets[i]![0], secrets[i]![1]);
     return body;
   }
@@ -212,6 +219,7 @@ function takeMatches(
   here: PathStep[],
   secrets: Secrets,
 ): void {
+  // biome-ignore lint/style/noNonNullAssertion: indexes within arrays of one entry per record, or a path with at least one step
   const step = pattern[depth]!;
   const last = depth === pattern.length - 1;
   const visit = (container: Record<string, unknown> | unknown[], key: string | number) => {
@@ -247,11 +255,14 @@ function takeMatches(
 function putAt(root: unknown, where: readonly PathStep[], value: unknown): void {
   let node = root;
   for (let i = 0; i < where.length - 1; i++) {
+    // biome-ignore lint/style/noNonNullAssertion: indexes within arrays of one entry per record, or a path with at least one step
     if (typeof node !== 'object' || node === null || !Object.hasOwn(node, where[i]!)) return;
+    // biome-ignore lint/style/noNonNullAssertion: indexes within arrays of one entry per record, or a path with at least one step
     node = (node as Record<string | number, unknown>)[where[i]!];
   }
   if (typeof node !== 'object' || node === null) return;
   // defineProperty, not assignment: a body key named "__proto__" must stay a plain own property.
+  // biome-ignore lint/style/noNonNullAssertion: indexes within arrays of one entry per record, or a path with at least one step
   Object.defineProperty(node, where[where.length - 1]!, {
     value,
     writable: true,

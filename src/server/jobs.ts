@@ -187,6 +187,7 @@ export class JobRunner {
       job.phase = 'reencrypt';
       await this.store.putJob(key, job);
     }
+    // biome-ignore lint/style/noNonNullAssertion: set just above for the reencrypt phase
     const target = job.targetVersion!;
     while (job.phase === 'reencrypt') {
       if (this.stopping) return;
@@ -200,6 +201,7 @@ export class JobRunner {
       const reencrypted =
         old.length > 0 ? await this.service.codec.reencryptBatch(job.keyId, job.threadId, old, this.ctx) : [];
       const updates = this.collect(old, reencrypted, job.undecryptable);
+      // biome-ignore lint/style/noNonNullAssertion: the batch is not empty (checked above)
       const next = { ...job, cursor: batch[batch.length - 1]!.id, scanned: job.scanned + batch.length };
       const written = await this.store.replaceContents(job.threadId, updates, {
         key,
@@ -287,12 +289,15 @@ export class JobRunner {
     // The DEK is recorded on the thread before the scan: from then on, API writes to the thread are
     // encrypted (a plaintext write racing with this is refused by the store and redone).
     t = await this.service.ensureThreadKey(t, this.ctx);
+    // biome-ignore lint/style/noNonNullAssertion: a running encrypt job always has a current thread
     const batch = this.store.scanMessages(threadId, job.current!.cursor, this.batchSize);
     if (batch.length === 0) return true;
     const plain = batch.filter((r) => r.plain !== undefined);
     const sealed =
+      // biome-ignore lint/style/noNonNullAssertion: ensureThreadKey returns the thread with its key
       plain.length > 0 ? await this.service.codec.sealBatch(t.keyId!, threadId, plain, this.ctx) : [];
     const updates = this.collect(plain, sealed, job.undecryptable);
+    // biome-ignore lint/style/noNonNullAssertion: the batch is not empty (checked above)
     const next = { ...job, current: { threadId, cursor: batch[batch.length - 1]!.id } };
     const written = await this.store.replaceContents(threadId, updates, {
       key: ENCRYPT_KEY,
@@ -319,6 +324,7 @@ export class JobRunner {
   ): { id: string; rev: number; content: MessageContent }[] {
     const updates: { id: string; rev: number; content: MessageContent }[] = [];
     results.forEach((s, i) => {
+      // biome-ignore lint/style/noNonNullAssertion: i < records.length
       const r = records[i]!;
       if (s.ok) {
         updates.push({ id: r.id, rev: r.rev, content: s.value });

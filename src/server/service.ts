@@ -202,7 +202,8 @@ export class ChatService {
     const page = this.store.listMessages(threadId, limit, cursor);
     const bodies = await this.codec.openPage(t.keyId, threadId, page.items, ctx);
     return {
-      messages: page.items.map((r, i) => messageView(threadId, r, bodies[i]!)),
+      // One body per item, in order.
+      messages: page.items.map((r, i) => messageView(threadId, r, bodies[i] as (typeof bodies)[number])),
       next_cursor: page.nextCursor,
     };
   }

@@ -228,7 +228,7 @@ export class Store {
     );
     const more = items.length > limit;
     if (more) items.pop();
-    return { items, nextCursor: more ? items[items.length - 1]!.id : null };
+    return { items, nextCursor: more ? (items.at(-1)?.id ?? null) : null };
   }
 
   /** Oldest first, after message id `after` (for background jobs). */

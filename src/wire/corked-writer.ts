@@ -24,7 +24,7 @@ export class CorkedWriter {
     this.bytes = 0;
     const socket = this.socket;
     if (frames.length === 0 || socket.destroyed || socket.writableEnded) return;
-    if (frames.length === 1) socket.write(frames[0]!);
+    if (frames.length === 1) socket.write(frames[0] as Buffer);
     else if (bytes <= CONCAT_MAX_BYTES) socket.write(Buffer.concat(frames, bytes));
     else {
       socket.cork();

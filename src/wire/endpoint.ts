@@ -42,7 +42,8 @@ export function parseEndpoint(
   let rest = text;
   const schemeMatch = SCHEME.exec(text);
   if (schemeMatch) {
-    const name = schemeMatch[1]!.toLowerCase() as EndpointScheme;
+    // SCHEME's two groups take part in every match.
+    const name = (schemeMatch[1] as string).toLowerCase() as EndpointScheme;
     if (!schemes.includes(name)) {
       throw kmsError(
         'CONFIG_INVALID',
@@ -51,11 +52,11 @@ export function parseEndpoint(
       );
     }
     scheme = name;
-    rest = schemeMatch[2]!;
+    rest = schemeMatch[2] as string;
   }
   const m = HOST_PORT.exec(rest);
   if (!m) throw kmsError('CONFIG_INVALID', `endpoint "${input}" is not host:port`, { reason: 'form' });
-  const host = m[1] ?? m[2]!;
+  const host = (m[1] ?? m[2]) as string;
   if (m[1] !== undefined && isIP(host) !== 6) {
     throw kmsError('CONFIG_INVALID', `endpoint "${input}": "${host}" is not an IPv6 address`, {
       reason: 'ipv6',

@@ -378,10 +378,13 @@ export class Registry {
       let applied = 0;
       // Rewraps come grouped by key (one record's versions are adjacent).
       for (let i = 0, end = 0; i < rewraps.length; i = end) {
+        // biome-ignore lint/style/noNonNullAssertion: i and end stay below rewraps.length
         const keyId = rewraps[i]!.keyId;
+        // biome-ignore lint/style/noNonNullAssertion: i and end stay below rewraps.length
         while (end < rewraps.length && rewraps[end]!.keyId === keyId) end++;
         const record = tx.get(dekKey(keyId)) as DekRecord | undefined;
         if (record === undefined) continue;
+        // biome-ignore lint/style/noNonNullAssertion: i and end stay below rewraps.length
         const result = applyVersionRewraps(record, end - i === 1 ? [rewraps[i]!] : rewraps.slice(i, end));
         if (result.record === record) continue;
         addKekRefDeltas(deltas, record, result.record);

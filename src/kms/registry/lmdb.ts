@@ -87,17 +87,20 @@ export class LmdbStore implements RegistryStore {
   /** The sub-database and key a store key lives at. */
   #locate(key: string): { db: Database<unknown, LmdbKey>; key: LmdbKey } {
     const meta = META_KEYS[key];
+    // biome-ignore lint/style/noNonNullAssertion: every namespace's sub-database is opened in the constructor
     if (meta !== undefined) return { db: this.#dbs.meta!, key: meta };
     const ns = namespaceOf(key);
     if (ns === undefined) throw kmsError('INTERNAL', `no registry namespace for key ${key}`);
     const rest = key.slice(ns.length);
     const { db, numeric } = NAMESPACES[ns];
+    // biome-ignore lint/style/noNonNullAssertion: every namespace's sub-database is opened in the constructor
     return { db: this.#dbs[db]!, key: numeric ? Number(rest) : rest };
   }
 
   #namespace(prefix: string): { db: Database<unknown, LmdbKey>; numeric: boolean } {
     const ns = NAMESPACES[prefix as Namespace];
     if (ns === undefined) throw kmsError('INTERNAL', `no registry namespace ${prefix}`);
+    // biome-ignore lint/style/noNonNullAssertion: every namespace's sub-database is opened in the constructor
     return { db: this.#dbs[ns.db]!, numeric: ns.numeric };
   }
 
