@@ -1,26 +1,11 @@
-/**
- * Daemon configuration: command-line flags, then PROGRESSDB_KMS_* environment variables, then the
- * config file (YAML or JSON, validated with zod; unknown keys are errors so typos do not pass
- * silently), then defaults (layers.ts). Every problem found (schema issues and the checks below) is
- * listed in one CONFIG_INVALID error, one line each, as the server's configuration does (server.ts).
- *
- * The HTTP listener is `--listen` / PROGRESSDB_KMS_LISTEN: PROGRESSDB_KMS_ENDPOINT means "connect
- * to" in the server, so here it (and `--endpoint`) only remain as deprecated aliases.
- *
- * The master key is never read here: only its source (a file path, or this config file when it
- * holds `master_key`) is handed to createKms, whose worker reads it.
- */
-import { readFileSync } from 'node:fs';
-import { isIP } from 'node:net';
 import path from 'node:path';
-import tls from 'node:tls';
 import { z } from 'zod';
-import { CodedError, kmsError } from '../errors.js';
 import type { AllowedNetwork, TlsMaterial, TokenEntry } from '../kms-server/auth.js';
 import type { Limits } from '../kms-server/route.js';
 import { DEFAULT_MAX_FRAME_BYTES } from '../wire/bridge-codec.js';
 import { type Endpoint, isLoopbackHost, parseEndpoint } from '../wire/endpoint.js';
 import { MAX_OP_BODY_BYTES } from '../wire/http-json.js';
+import { collect, invalid, loadTls, loadTokens, parseNetworks, TokenSchema } from './daemon-auth.js';
 import {
   configError,
   envValue,
@@ -36,12 +21,6 @@ import type { KmsOptions } from './library.js';
 
 export const DEFAULT_ENDPOINT = '127.0.0.1:6820';
 export const DEFAULT_BRIDGE_PORT = 6821;
-const MIN_TOKEN_LENGTH = 16;
-/**
- * Longest token, in bytes. Before a bridge connection is authenticated it may send only an AUTH
- * frame of PRE_AUTH_FRAME_BYTES (bridge.ts), which must hold the longest token.
- */
-export const MAX_TOKEN_BYTES = 1024;
 /**
  * Default HTTP body limit: a call on the largest input the KMS accepts fits (its bytes go as
  * base64, 4/3 of their size), so both transports take what the library takes. Bodies are read
@@ -110,16 +89,6 @@ export interface DaemonLimits extends Limits {
 
 const int = (min: number, max: number) => z.number().int().min(min).max(max);
 
-const TokenSchema = z
-  .strictObject({
-    name: z.string().min(1).max(128),
-    token: z.string().optional(),
-    token_file: z.string().optional(),
-  })
-  .refine((t) => (t.token === undefined) !== (t.token_file === undefined), {
-    message: 'give exactly one of token or token_file',
-  });
-
 const FileSchema = z.strictObject({
   endpoint: z.string().optional(),
   bridge_endpoint: z.string().optional(),
@@ -162,29 +131,6 @@ const FileSchema = z.strictObject({
 /** The file's settings, and whether it holds `master_key` (located, not parsed: readConfigFile). */
 type FileConfig = z.infer<typeof FileSchema> & { hasMasterKey?: boolean };
 
-function invalid(message: string): Error {
-  return kmsError('CONFIG_INVALID', message);
-}
-
-/** Runs one check; a CONFIG_INVALID it throws becomes a problem and `fallback` stands in for its value. */
-function collect<T>(problems: string[], check: () => T, fallback: T): T {
-  try {
-    return check();
-  } catch (err) {
-    if (!(err instanceof CodedError) || err.code !== 'CONFIG_INVALID') throw err;
-    problems.push(...((err.details?.problems as string[] | undefined) ?? [err.message]));
-    return fallback;
-  }
-}
-
-function readText(file: string, what: string): string {
-  try {
-    return readFileSync(file, 'utf8');
-  } catch (err) {
-    throw invalid(`cannot read ${what} ${file}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
-  }
-}
-
 /**
  * Every schema issue of the file is a problem; the top-level settings that are valid on their own
  * are kept, so the checks that follow report nothing about the broken ones.
@@ -205,74 +151,6 @@ function loadFile(file: string, problems: string[]): FileConfig {
     if (setting?.success) kept[key] = setting.data;
   }
   return { ...(kept as FileConfig), hasMasterKey };
-}
-
-function loadTokens(entries: FileConfig['tokens'], baseDir: string, problems: string[]): TokenEntry[] {
-  const tokens: TokenEntry[] = [];
-  const names = new Set<string>();
-  for (const entry of entries ?? []) collect(problems, () => loadToken(entry), undefined);
-  return tokens;
-
-  function loadToken(entry: NonNullable<FileConfig['tokens']>[number]): void {
-    const token =
-      entry.token ??
-      // The schema requires exactly one of token and token_file.
-      readText(path.resolve(baseDir, entry.token_file as string), `token file of "${entry.name}"`).trim();
-    if (token.length < MIN_TOKEN_LENGTH || /\s/.test(token)) {
-      throw invalid(`token "${entry.name}" must be at least ${MIN_TOKEN_LENGTH} characters without spaces`);
-    }
-    if (Buffer.byteLength(token) > MAX_TOKEN_BYTES) {
-      throw invalid(`token "${entry.name}" must be at most ${MAX_TOKEN_BYTES} bytes`);
-    }
-    if (names.has(entry.name)) throw invalid(`token name "${entry.name}" is used twice`);
-    names.add(entry.name);
-    tokens.push({ name: entry.name, token });
-  }
-}
-
-/** `10.0.0.0/8`, `::1/128`: an address and a prefix length; anything else is CONFIG_INVALID. */
-function parseNetworks(entries: readonly string[], where: string, problems: string[]): AllowedNetwork[] {
-  return entries.flatMap((raw) => collect(problems, () => [parseNetwork(raw, where)], []));
-}
-
-function parseNetwork(raw: string, where: string): AllowedNetwork {
-  const text = raw.trim();
-  const m = /^([^/\s]+)\/(\d{1,3})$/.exec(text);
-  const address = m?.[1];
-  const version = address === undefined ? 0 : isIP(address);
-  const prefix = m ? Number(m[2]) : Number.NaN;
-  if (version === 0 || prefix > (version === 4 ? 32 : 128)) {
-    throw invalid(`${where}: "${raw}" is not a network in CIDR form (e.g. 10.0.0.0/8 or fd00::/8)`);
-  }
-  return { text, address: address as string, prefix, family: version === 4 ? 'ipv4' : 'ipv6' };
-}
-
-function loadTls(
-  cert: string | undefined,
-  key: string | undefined,
-  ca: string | undefined,
-): TlsMaterial | null {
-  if (cert === undefined && key === undefined) {
-    if (ca !== undefined) throw invalid('a TLS CA file needs a TLS certificate and key as well');
-    return null;
-  }
-  if (cert === undefined || key === undefined)
-    throw invalid('TLS needs both a certificate file and a key file');
-  const material: TlsMaterial = {
-    cert: Buffer.from(readText(cert, 'TLS certificate')),
-    key: Buffer.from(readText(key, 'TLS key')),
-    ca: ca === undefined ? undefined : Buffer.from(readText(ca, 'TLS CA file')),
-  };
-  try {
-    tls.createSecureContext({
-      cert: material.cert,
-      key: material.key,
-      ...(material.ca ? { ca: material.ca } : {}),
-    });
-  } catch (err) {
-    throw invalid(`TLS certificate, key or CA cannot be used: ${(err as Error).message}`);
-  }
-  return material;
 }
 
 function listener(text: string, defaultPort: number, what: string): ListenerConfig {
