@@ -5,6 +5,7 @@
  * wrapped material only, and a replica killed with SIGKILL under load costs the callers nothing.
  */
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
 import { Etcd3 } from 'etcd3';
@@ -23,19 +24,32 @@ import { startServer } from './helpers/server.js';
 
 let etcd: EtcdCluster;
 let replicas: Daemon[] = [];
+/** Three replicas the first test starts and the tests after it that kill nothing share. */
+let shared: [Daemon, Daemon, Daemon];
 const clients: Kms[] = [];
 
 /** Replicas of one cluster: the same master key file copied into each one's own directory. */
+/** Directories of replicas that outlive the test that started them, removed at the end. */
+const sharedDirs: string[] = [];
+
+/** A temporary directory, removed with the test `t`, or at the end of the file when `t` is null. */
+function replicaDir(t: ExecutionContext | null, prefix: string): string {
+  if (t !== null) return tempDir(t, prefix);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  sharedDirs.push(dir);
+  return dir;
+}
+
 async function startReplicas(
-  t: ExecutionContext,
+  t: ExecutionContext | null,
   count: number,
   cluster: string,
   { atOnce = false } = {},
 ): Promise<Daemon[]> {
-  const keyDir = tempDir(t, 'pdb-cluster-key-');
+  const keyDir = replicaDir(t, 'pdb-cluster-key-');
   const keyFile = await keygen(keyDir);
   const start = (i: number) => {
-    const dir = tempDir(t, `pdb-replica-${i}-`);
+    const dir = replicaDir(t, `pdb-replica-${i}-`);
     fs.copyFileSync(keyFile, path.join(dir, 'master.key'));
     fs.chmodSync(path.join(dir, 'master.key'), 0o600);
     return spawnDaemon({
@@ -66,12 +80,14 @@ test.after.always(async () => {
   await Promise.all(replicas.map((r) => r.kill9()));
   replicas = [];
   await etcd?.stop();
+  for (const dir of sharedDirs) fs.rmSync(dir, { recursive: true, force: true });
 });
 
 test.serial(
   'any replica serves any key; concurrent creates of a thread on three replicas agree',
   async (t) => {
-    const [a, b, c] = (await startReplicas(t, 3, 'serves')) as [Daemon, Daemon, Daemon];
+    shared = (await startReplicas(null, 3, 'shared')) as [Daemon, Daemon, Daemon];
+    const [a, b, c] = shared;
     const [onA, onB, onC] = [a, b, c].map((d) => client([`http://${d.http}`])) as [Kms, Kms, Kms];
     const dek = await onA.createDekForThread('thread-1');
     const sealed = await onB.encrypt(dek.keyId, Buffer.from('written through B'), Buffer.from('aad'));
@@ -120,7 +136,7 @@ test.serial(
 );
 
 test.serial('a key destroyed on one replica is refused by the others', async (t) => {
-  const [a, b] = (await startReplicas(t, 2, 'destroy')) as [Daemon, Daemon];
+  const [a, b] = shared;
   const [onA, onB] = [a, b].map((d) => client([`http://${d.http}`])) as [Kms, Kms];
   const whole = await onA.createDekForThread('destroyed-whole');
   const sealed = await onB.encrypt(whole.keyId, Buffer.from('soon unreadable'));
@@ -157,7 +173,7 @@ test.serial('a key destroyed on one replica is refused by the others', async (t)
 });
 
 test.serial('etcd holds wrapped material only: no master key, KEK or DEK in the clear', async (t) => {
-  const [a] = (await startReplicas(t, 1, 'secrets')) as [Daemon];
+  const [a] = shared;
   const kms = client([`http://${a.http}`]);
   const deks = await Promise.all(Array.from({ length: 5 }, (_, i) => kms.createDekForThread(`secret-${i}`)));
   await kms.rotateDek(deks[0]?.keyId as string);
@@ -166,10 +182,7 @@ test.serial('etcd holds wrapped material only: no master key, KEK or DEK in the 
   const hex = fs.readFileSync(a.masterKeyFile, 'utf8').trim();
   const roots = loadRootKeys({ kind: 'file', path: a.masterKeyFile });
   const admin = new Etcd3({ hosts: etcd.clientUrls });
-  const values = (await admin.getAll().prefix('/progressdb-kms/secrets/').buffers()) as Record<
-    string,
-    Buffer
-  >;
+  const values = (await admin.getAll().prefix('/progressdb-kms/shared/').buffers()) as Record<string, Buffer>;
   admin.close();
   const stored = Object.entries(values);
   const clear: [string, Buffer][] = [
@@ -205,7 +218,8 @@ test.serial('etcd holds wrapped material only: no master key, KEK or DEK in the 
       dekVersions++;
     }
   }
-  t.is(dekVersions, 6, 'five keys, one of them rotated once: every version was unwrapped');
+  // Five keys here, one rotated once, beside what the earlier tests on these replicas made.
+  t.true(dekVersions >= 6, `${dekVersions} DEK versions unwrapped`);
   t.true(keks.size >= 1);
   for (const [what, bytes] of clear) {
     const found = stored.filter(([, value]) => value.includes(bytes)).map(([key]) => key);
