@@ -99,7 +99,8 @@ class EmbeddedKms implements Kms {
       },
       activeKekVersion: () => this.#kek.activeVersion,
     });
-    // Keys destroyed by another replica of a cluster leave this replica's workers too.
+    // Every destroy leaves the workers here: this process's own (the store reports a commit before
+    // it resolves) and, in a cluster, other replicas'.
     registry.onDekChange((keyId, record) => {
       if (dropsKeyMaterial(record)) this.#pool.evict(keyId);
     });
@@ -109,7 +110,6 @@ class EmbeddedKms implements Kms {
       queue: this.#queue,
       registry,
       kek: () => this.#kek,
-      evict: (keyId) => this.#pool.evict(keyId),
       assertOpen: () => this.#assertOpen(),
       isClosed: () => this.#closed,
     });
@@ -146,8 +146,6 @@ class EmbeddedKms implements Kms {
         return result.wrapped;
       },
       note: (audit) => this.#queue.note(audit),
-      // The registry's KEK metadata already names the new version (see #kek).
-      onActiveChanged: () => {},
     });
     if (this.#rotation.interrupted && this.#opts.resumeRotation) {
       this.#log.warn('resuming an interrupted KEK rotation');

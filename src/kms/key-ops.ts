@@ -34,8 +34,6 @@ export interface KeyOpsDeps {
   registry: Registry;
   /** The active KEK as the registry holds it now. */
   kek(): KekMeta;
-  /** Tells every worker to drop (and zero) a key's cached versions. */
-  evict(keyId: string): void;
   assertOpen(): void;
   isClosed(): boolean;
 }
@@ -45,7 +43,6 @@ export class KeyOps {
   private readonly queue: OpQueue;
   private readonly registry: Registry;
   private readonly kek: () => KekMeta;
-  private readonly evict: (keyId: string) => void;
   private readonly assertOpen: () => void;
   private readonly isClosed: () => boolean;
 
@@ -53,7 +50,6 @@ export class KeyOps {
     this.queue = deps.queue;
     this.registry = deps.registry;
     this.kek = deps.kek;
-    this.evict = deps.evict;
     this.assertOpen = deps.assertOpen;
     this.isClosed = deps.isClosed;
   }
@@ -241,14 +237,17 @@ export class KeyOps {
     return this.#destroyed('destroy_dek', ctx, updated, destroyed);
   }
 
-  /** After a destroy commits: every worker drops the key's cached versions; the audit line says which. */
+  /**
+   * After a destroy commits, the audit line says which versions went. The workers have already
+   * dropped them: the registry's change event for the commit evicts them (EmbeddedKms), for this
+   * replica's destroys and other replicas' alike.
+   */
   async #destroyed(
     op: string,
     ctx: CallContext | undefined,
     record: DekRecord,
     destroyed: number[],
   ): Promise<DestroyResult> {
-    this.evict(record.keyId);
     const audit = {
       ...auditFields(op, ctx, record.keyId, record.threadId),
       detail: `destroyed [${destroyed.join(',')}]`,

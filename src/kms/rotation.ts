@@ -28,7 +28,6 @@ export interface RotationDeps {
   newKek: (version: number, audit: AuditFields) => Promise<Uint8Array>;
   /** Writes an audit-only line. */
   note: (audit: AuditFields) => Promise<void>;
-  onActiveChanged: (version: number) => void;
 }
 
 /** Passes over the table after the first, to catch DEKs created under the old KEK mid-pass. */
@@ -155,7 +154,6 @@ export class KekRotation {
       { kekId: this.#deps.kekId(), version, wrapped, createdAt: now, refs: 0 },
       progress,
     );
-    this.#deps.onActiveChanged(version);
     return progress;
   }
 
