@@ -30,6 +30,8 @@ export const ERROR_CATALOGUE = {
   INTERNAL: { status: 500, message: 'internal error' },
   NOT_READY: { status: 503, message: 'not ready' },
   KMS_UNAVAILABLE: { status: 503, message: 'KMS unavailable' },
+  /** A cluster replica without a live etcd lease (or etcd without quorum): try another replica. */
+  REGISTRY_UNAVAILABLE: { status: 503, message: 'the KMS registry (etcd) is unavailable to this replica' },
   AUDIT_WRITE_FAILED: { status: 503, message: 'audit log write failed; operation refused' },
   TIMEOUT: { status: 504, message: 'timed out' },
   // start-up and configuration (reported by the CLIs with exit code 1)

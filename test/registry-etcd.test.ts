@@ -203,7 +203,7 @@ test.serial(
     try {
       t.deepEqual(b.peek('dek/hot'), { wrapped: Buffer.from('wrapped bytes') });
       const err = await t.throwsAsync(b.get('dek/cold'));
-      t.is((err as { code?: string }).code, 'KMS_UNAVAILABLE');
+      t.is((err as { code?: string }).code, 'REGISTRY_UNAVAILABLE');
     } finally {
       await cluster.restart(2);
     }

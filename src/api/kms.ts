@@ -61,6 +61,18 @@ export interface RotationStatus {
   kekVersions: number[];
 }
 
+/** A replica of a KMS cluster (etcd registry): whether it may serve, and until when. */
+export interface ReplicaStatus {
+  replicaId: string;
+  /** False once its etcd lease may have lapsed (or while it catches up): it refuses every call. */
+  serving: boolean;
+  /** Until when it may serve without another answer from etcd (ISO time). */
+  servingUntil: string | null;
+  leaseTtlSeconds: number;
+  /** Why it is not serving, when it is not. */
+  reason: string | null;
+}
+
 export interface KmsHealth {
   ok: boolean;
   mode: 'embedded' | 'external';
@@ -70,6 +82,8 @@ export interface KmsHealth {
   poolThreads: number;
   queueDepth: number;
   rotation: RotationStatus;
+  /** Present for a replica of a cluster. */
+  replica?: ReplicaStatus;
 }
 
 export interface DestroyResult {

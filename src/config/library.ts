@@ -8,6 +8,7 @@ import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
 import { kmsError } from '../errors.js';
+import { DEFAULT_LEASE_TTL_SECONDS, MIN_LEASE_TTL_SECONDS } from '../kms/registry/etcd-membership.js';
 import {
   ETCD_MAX_ROTATION_BATCH,
   ETCD_ROTATION_BATCH,
@@ -53,7 +54,7 @@ export interface KmsOptions {
   audit?: boolean;
   /** Group fsync interval of the audit log in ms. Env: PROGRESSDB_KMS_AUDIT_FSYNC_MS. Default 50. */
   auditFsyncMs?: number;
-  /** DEK records rewrapped per worker task and LMDB transaction during KEK rotation. Default 2000. */
+  /** DEK records rewrapped per worker task and transaction during KEK rotation. Default 2000 (40 on etcd). Env: PROGRESSDB_KMS_ROTATION_BATCH_SIZE. */
   rotationBatchSize?: number;
   /** Resume an interrupted KEK rotation in the background at start-up. Default true. */
   resumeRotation?: boolean;
@@ -69,6 +70,12 @@ export interface KmsOptions {
   /** etcd user and a file holding its password. Env: PROGRESSDB_KMS_ETCD_USER, _ETCD_PASSWORD_FILE. */
   etcdUser?: string;
   etcdPasswordFile?: string;
+  /**
+   * etcd lease TTL of a cluster replica, in seconds: a replica cut off from etcd stops serving
+   * within it, and a dead replica's rotation is resumed by another within it. Default 10.
+   * Env: PROGRESSDB_KMS_LEASE_TTL_SECONDS.
+   */
+  leaseTtlSeconds?: number;
   logger?: Logger;
 }
 
@@ -93,7 +100,8 @@ const INT_FIELDS = {
   idleSpinUs: { env: 'PROGRESSDB_KMS_WORKER_SPIN_US', min: 0, max: 10_000 },
   dekCacheSize: { env: 'PROGRESSDB_KMS_DEK_CACHE_SIZE', min: 1, max: 10_000_000 },
   auditFsyncMs: { env: 'PROGRESSDB_KMS_AUDIT_FSYNC_MS', min: 0, max: 60_000 },
-  rotationBatchSize: { env: undefined, min: 1, max: 100_000 },
+  rotationBatchSize: { env: 'PROGRESSDB_KMS_ROTATION_BATCH_SIZE', min: 1, max: 100_000 },
+  leaseTtlSeconds: { env: 'PROGRESSDB_KMS_LEASE_TTL_SECONDS', min: MIN_LEASE_TTL_SECONDS, max: 300 },
 } as const satisfies Record<string, { env: string | undefined; min: number; max: number }>;
 
 type IntField = keyof typeof INT_FIELDS;
@@ -214,6 +222,7 @@ function resolveRegistry(opts: KmsOptions): RegistryOptions {
   if (keyFile !== undefined) etcdTls.keyFile = path.resolve(keyFile);
   registry.url = url;
   registry.etcdTls = etcdTls;
+  registry.leaseTtlSeconds = intOption(opts, 'leaseTtlSeconds', DEFAULT_LEASE_TTL_SECONDS);
   const cluster = opts.cluster ?? envString('PROGRESSDB_KMS_CLUSTER');
   const user = opts.etcdUser ?? envString('PROGRESSDB_KMS_ETCD_USER');
   const passwordFile = opts.etcdPasswordFile ?? envString('PROGRESSDB_KMS_ETCD_PASSWORD_FILE');

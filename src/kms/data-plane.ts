@@ -185,12 +185,27 @@ export class DataPlane {
     aad: Uint8Array | undefined,
     ctx: CallContext | undefined,
   ): Promise<OpOutput> {
+    const refusal = this.#refusal();
+    if (refusal !== null) return Promise.reject(refusal);
     const prepared = this.#prepare(kind, op, keyId, data, aad, ctx);
     if (prepared.unknownKey === undefined) return this.#submitOne(prepared);
     // Not known locally: one fetch from the registry's store, then the op as if it had been.
     return this.registry
       .dek(prepared.unknownKey)
       .then(() => this.#submitOne(this.#prepare(kind, op, keyId, data, aad, ctx)));
+  }
+
+  /**
+   * A cluster replica that may not serve (no live etcd lease) refuses the whole call with
+   * REGISTRY_UNAVAILABLE, never item by item, so a client moves it to another replica.
+   */
+  #refusal(): CodedError | null {
+    try {
+      this.registry.assertServing();
+      return null;
+    } catch (err) {
+      return toCodedError(err);
+    }
   }
 
   #submitOne(prepared: PreparedOp): Promise<OpOutput> {
@@ -211,6 +226,8 @@ export class DataPlane {
     wrap: (output: Buffer, keyVersion: number) => T,
   ): Promise<ItemResult<T>[]> {
     if (!Array.isArray(items)) return Promise.reject(kmsError('INVALID_INPUT', 'items must be an array'));
+    const refusal = this.#refusal();
+    if (refusal !== null) return Promise.reject(refusal);
     const results: ItemResult<T>[] = new Array(items.length);
     if (items.length === 0) return Promise.resolve(results);
     const prepareItem = (item: EncryptItem | DecryptItem | undefined) => {

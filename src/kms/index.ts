@@ -32,7 +32,7 @@ import { type DirLock, lockDataDir } from './dir-lock.js';
 import { KeyOps } from './key-ops.js';
 import { OpQueue } from './op-queue.js';
 import { CryptoPool } from './pool.js';
-import type { KekMeta, Registry } from './registry/index.js';
+import { type KekMeta, type Registry, ROTATION_LOCK } from './registry/index.js';
 import { openRegistry } from './registry/open.js';
 import { KekRotation } from './rotation.js';
 import { startUp } from './startup.js';
@@ -59,6 +59,9 @@ class EmbeddedKms implements Kms {
   readonly #keys: KeyOps;
   #rotation!: KekRotation;
   #closed = false;
+  readonly #stopWatching: (() => void)[] = [];
+  /** The last DEK count health() read (a replica cut off from etcd reports it). */
+  #dekCount = 0;
   #closing: Promise<void> | null = null;
 
   constructor(
@@ -110,7 +113,10 @@ class EmbeddedKms implements Kms {
       queue: this.#queue,
       registry,
       kek: () => this.#kek,
-      assertOpen: () => this.#assertOpen(),
+      assertOpen: () => {
+        this.#assertOpen();
+        registry.assertServing();
+      },
       isClosed: () => this.#closed,
     });
   }
@@ -147,15 +153,24 @@ class EmbeddedKms implements Kms {
       },
       note: (audit) => this.#queue.note(audit),
     });
-    if (this.#rotation.interrupted && this.#opts.resumeRotation) {
-      this.#log.warn('resuming an interrupted KEK rotation');
-      this.#rotation.run({ caller: 'kms-startup' }).catch((err) => {
-        this.#log.error(
-          { code: toCodedError(err).code },
-          'resumed KEK rotation failed; it will resume on the next call',
-        );
-      });
-    }
+    if (!this.#opts.resumeRotation) return;
+    if (this.#rotation.interrupted) this.#resumeRotation('kms-startup');
+    // In a cluster, a rotation whose replica died (its lease, and the lock, lapsed) is resumed here.
+    const unwatch = this.#registry.cluster?.onUnlocked(ROTATION_LOCK, () => {
+      if (this.#rotation.interrupted && !this.#rotation.running && !this.#closed)
+        this.#resumeRotation('kms-takeover');
+    });
+    if (unwatch !== undefined) this.#stopWatching.push(unwatch);
+  }
+
+  #resumeRotation(caller: string): void {
+    this.#log.warn('resuming an interrupted KEK rotation');
+    this.#rotation.run({ caller }).catch((err) => {
+      this.#log.error(
+        { code: toCodedError(err).code },
+        'resumed KEK rotation failed; it will resume on the next call',
+      );
+    });
   }
 
   /** Creates a KEK version in a worker; its audit line counts like a batch's. */
@@ -245,13 +260,15 @@ class EmbeddedKms implements Kms {
 
   // --- KEK rotation ------------------------------------------------------------------------
 
-  rotateKek(ctx?: CallContext): Promise<RotationStatus> {
-    if (this.#closed) return Promise.reject(kmsError('NOT_READY', 'the KMS is closed'));
+  async rotateKek(ctx?: CallContext): Promise<RotationStatus> {
+    if (this.#closed) throw kmsError('NOT_READY', 'the KMS is closed');
+    this.#registry.assertServing();
     return this.#rotation.run(ctx);
   }
 
   async startKekRotation(ctx?: CallContext): Promise<RotationStatus> {
     if (this.#closed) throw kmsError('NOT_READY', 'the KMS is closed');
+    this.#registry.assertServing();
     const running = this.#rotation.run(ctx);
     running.catch((err) => {
       this.#log.error(
@@ -270,15 +287,20 @@ class EmbeddedKms implements Kms {
 
   async health(): Promise<KmsHealth> {
     this.#assertOpen();
+    const replica = this.#registry.cluster?.status();
+    const serving = replica?.serving ?? true;
+    // A replica cut off from etcd answers at once with the last count, rather than wait for etcd.
+    if (serving) this.#dekCount = await this.#registry.dekCount().catch(() => this.#dekCount);
     return {
-      ok: !this.#closed && !(this.#auditFile?.failed ?? false),
+      ok: !this.#closed && !(this.#auditFile?.failed ?? false) && serving,
       mode: 'embedded',
       kekId: this.#kek.kekId,
       activeKekVersion: this.#kek.activeVersion,
-      dekCount: await this.#registry.dekCount(),
+      dekCount: this.#dekCount,
       poolThreads: this.#pool.threads,
       queueDepth: this.#pool.queueDepth,
       rotation: this.#rotation.status(),
+      ...(replica !== undefined && { replica }),
     };
   }
 
@@ -298,6 +320,7 @@ class EmbeddedKms implements Kms {
   }
 
   async #close(): Promise<void> {
+    for (const unwatch of this.#stopWatching.splice(0)) unwatch();
     await this.#rotation?.stop();
     await this.#pool.idle();
     let stopped = false;
@@ -351,7 +374,12 @@ export async function createKms(options: KmsOptions = {}): Promise<EmbeddedKmsHa
     auditFile = opts.audit
       ? AuditFile.open(path.join(opts.dataDir, AUDIT_FILE_NAME), opts.auditFsyncMs)
       : null;
-    registry = await openRegistry(opts.dataDir, opts.registry);
+    registry = await openRegistry(opts.dataDir, opts.registry, {
+      onServingChange: (serving, why) => {
+        if (serving) log.warn(`this KMS replica serves again: ${why}`);
+        else log.error(`this KMS replica stopped serving (REGISTRY_UNAVAILABLE): ${why}`);
+      },
+    });
   } catch (err) {
     auditFile?.close();
     lock.release();

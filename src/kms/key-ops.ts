@@ -240,7 +240,8 @@ export class KeyOps {
   /**
    * After a destroy commits, the audit line says which versions went. The workers have already
    * dropped them: the registry's change event for the commit evicts them (EmbeddedKms), for this
-   * replica's destroys and other replicas' alike.
+   * replica's destroys and other replicas' alike. In a cluster the call then waits until every
+   * live replica has applied the commit (Registry.confirmApplied).
    */
   async #destroyed(
     op: string,
@@ -253,6 +254,8 @@ export class KeyOps {
       detail: `destroyed [${destroyed.join(',')}]`,
     };
     await this.queue.note(audit);
+    // In a cluster, answer only once no live replica can still use what was destroyed.
+    await this.registry.confirmApplied();
     return { keyId: record.keyId, destroyedVersions: destroyed };
   }
 

@@ -8,6 +8,11 @@
  * version is wrapped under a KEK version that is stored, and a crash resumes from the cursor
  * (on the next start, or the next call).
  *
+ * In a cluster one replica rotates at a time, under the cluster's rotation lock (a key under its
+ * lease; every rotation write is fenced by it). A call on another replica joins the rotation; if
+ * the rotating replica dies, its lease lapses, the lock with it, and a joined or idle replica
+ * takes the lock and resumes from the stored cursor.
+ *
  * Scale: the pass walks the DEK table by key range (never loading it whole), rewraps a batch in
  * parallel worker tasks while the previous batch's transaction commits.
  */
@@ -17,7 +22,15 @@ import { kmsError } from '../errors.js';
 import { WRAPPED_KEY_BYTES } from '../format.js';
 import { type AuditFields, type DekRef, OpKind } from '../worker-abi/index.js';
 import type { CryptoPool } from './pool.js';
-import type { DekRecord, DekVersionRecord, Registry, Rewrap, RotationRecord } from './registry/index.js';
+import {
+  type DekRecord,
+  type DekVersionRecord,
+  type Registry,
+  type Rewrap,
+  ROTATION_LOCK,
+  type RotationRecord,
+  type StoreCluster,
+} from './registry/index.js';
 
 export interface RotationDeps {
   registry: Registry;
@@ -45,11 +58,11 @@ export class KekRotation {
    */
   #inProgress = false;
   #stopRequested = false;
-  #progress: RotationRecord | null;
+  /** Wakes a call waiting for another replica's rotation (see #lockOrJoin) when asked to stop. */
+  #wakeJoin: (() => void) | null = null;
 
   constructor(deps: RotationDeps) {
     this.#deps = deps;
-    this.#progress = deps.registry.rotation() ?? null;
   }
 
   get running(): boolean {
@@ -59,7 +72,9 @@ export class KekRotation {
   status(): RotationStatus {
     const { registry } = this.#deps;
     const meta = registry.kekMeta();
-    const progress = this.#progress;
+    // The stored record: it changes only when a transaction commits, so status shows durable
+    // progress, and in a cluster that of whichever replica rotates.
+    const progress = registry.rotation();
     return {
       // An interrupted rotation (stored as running, nothing driving it) still reads as running:
       // it resumes at the next start or call.
@@ -77,7 +92,7 @@ export class KekRotation {
 
   /** Whether a rotation was interrupted (crash or shutdown) and should be resumed. */
   get interrupted(): boolean {
-    return this.#progress?.state === 'running';
+    return this.#deps.registry.rotation()?.state === 'running';
   }
 
   /** Starts, joins or resumes the rotation; resolves when it has finished (or was stopped). */
@@ -97,6 +112,7 @@ export class KekRotation {
     const running = this.#running;
     if (running === null) return;
     this.#stopRequested = true;
+    this.#wakeJoin?.();
     try {
       await running;
     } catch {
@@ -108,13 +124,51 @@ export class KekRotation {
 
   async #rotate(ctx: CallContext | undefined): Promise<RotationStatus> {
     const who = { caller: ctx?.caller, remote: ctx?.remoteAddress };
-    const progress = await this.#beginOrResume(who);
-    this.#progress = progress;
-    const passed = await this.#rewrapAll(progress, who);
-    // Stopped mid-way: the stored record still says running (it resumes at the next start).
-    if (passed !== null) await this.#finish(passed, who);
+    const cluster = this.#deps.registry.cluster;
+    if (cluster !== undefined && !(await this.#lockOrJoin(cluster))) return this.status();
+    try {
+      const progress = await this.#beginOrResume(who);
+      const passed = await this.#rewrapAll(progress, who);
+      // Stopped mid-way: the stored record still says running (it resumes at the next start).
+      if (passed !== null) await this.#finish(passed, who);
+    } finally {
+      await cluster?.unlock(ROTATION_LOCK);
+    }
     this.#inProgress = false;
     return this.status();
+  }
+
+  /**
+   * Takes the cluster's rotation lock: true when this replica is to rotate. While another replica
+   * holds it, this call joins that rotation and waits: false once it has completed (or on stop);
+   * if its holder's lease lapses first, this replica takes the lock and resumes the rotation.
+   */
+  async #lockOrJoin(cluster: StoreCluster): Promise<boolean> {
+    const { registry } = this.#deps;
+    let joined = false;
+    for (;;) {
+      // Listen before trying, so a release between a failed try and the wait is not missed.
+      let off: () => void = () => undefined;
+      const released = new Promise<void>((resolve) => {
+        this.#wakeJoin = resolve;
+        off = cluster.onUnlocked(ROTATION_LOCK, resolve);
+      });
+      try {
+        if (await cluster.tryLock(ROTATION_LOCK)) {
+          // What the previous holder wrote is read linearizably, not awaited from the watch.
+          await registry.refresh();
+          if (!joined || registry.rotation()?.state === 'running') return true;
+          await cluster.unlock(ROTATION_LOCK);
+          return false;
+        }
+        joined = true;
+        await released;
+      } finally {
+        off();
+        this.#wakeJoin = null;
+      }
+      if (this.#stopRequested) return false;
+    }
   }
 
   /** A new KEK version and a running rotation to it, or the interrupted rotation as stored. */
@@ -182,7 +236,6 @@ export class KekRotation {
         extraPasses++;
         progress = { ...progress, cursor: null };
         await registry.saveRotation(progress);
-        this.#progress = progress;
         continue;
       }
       const rewraps = await this.#rewrapBatch(records, progress.target, who);
@@ -192,10 +245,7 @@ export class KekRotation {
         done: Math.min(progress.total, progress.done + records.length),
       };
       await pendingCommit;
-      // Status reports durable progress only: a batch counts once its transaction has committed.
-      pendingCommit = registry.applyRewraps(rewraps, next).then(() => {
-        this.#progress = next;
-      });
+      pendingCommit = registry.applyRewraps(rewraps, next);
       progress = next;
     }
   }
@@ -208,8 +258,11 @@ export class KekRotation {
       done: progress.total,
       finishedAt: new Date().toISOString(),
     };
-    const destroyed = await this.#deps.registry.finishRotation(finished);
-    this.#progress = finished;
+    const { registry } = this.#deps;
+    const destroyed = await registry.finishRotation(finished);
+    // etcd keeps every revision until compacted: without this, each rotation (a new revision of
+    // every DEK record) would grow it for good. The rotation is complete whether or not this works.
+    await registry.compactHistory().catch(() => undefined);
     await this.#deps.note({
       op: 'rotate_kek',
       kekVersion: finished.target,

@@ -1,6 +1,6 @@
 /** health: the KMS health snapshot (authenticated; the daemon's /healthz is the bare probe). */
-import type { KmsHealth } from '../api/index.js';
-import { bool, type Field, nested, record, text, uint } from './fields.js';
+import type { KmsHealth, ReplicaStatus } from '../api/index.js';
+import { bool, type Field, nested, nullable, optional, record, text, uint } from './fields.js';
 import { singleOp } from './op.js';
 import { noParamsBinary, noParamsRecord, rotationStatusBinary, rotationStatusRecord } from './shapes.js';
 
@@ -12,6 +12,14 @@ const mode: Field<KmsHealth['mode']> = {
   read: () => 'external',
 };
 
+const replicaStatusRecord = record<ReplicaStatus>({
+  replicaId: text('replica_id'),
+  serving: bool('serving'),
+  servingUntil: nullable(text('serving_until')),
+  leaseTtlSeconds: uint('lease_ttl_seconds'),
+  reason: nullable(text('reason')),
+});
+
 export const health = singleOp({
   name: 'health',
   code: 0x0c,
@@ -19,7 +27,7 @@ export const health = singleOp({
   http: {
     method: 'GET',
     path: '/health',
-    help: '→ {"ok","kek_id","active_kek_version","dek_count","pool_threads","queue_depth","rotation":{...}}',
+    help: '→ {"ok","kek_id","active_kek_version","dek_count","pool_threads","queue_depth","rotation":{...},"replica":{...} (a cluster replica)}',
   },
   json: {
     request: noParamsRecord,
@@ -32,8 +40,10 @@ export const health = singleOp({
       poolThreads: uint('pool_threads'),
       queueDepth: uint('queue_depth'),
       rotation: nested('rotation', rotationStatusRecord),
+      replica: optional(nested('replica', replicaStatusRecord)),
     }),
   },
+  // The bridge's health carries no replica part: `ok` already says whether a replica serves.
   binary: {
     request: noParamsBinary('health'),
     result: {

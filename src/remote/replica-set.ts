@@ -25,7 +25,12 @@ const PROBE_MIN_MS = 250;
 const PROBE_MAX_MS = 10_000;
 
 /** Failures that say "this replica cannot serve now", not "this request is wrong". */
-const REPLICA_FAULTS: ReadonlySet<string> = new Set(['KMS_UNAVAILABLE', 'TIMEOUT', 'NOT_READY']);
+const REPLICA_FAULTS: ReadonlySet<string> = new Set([
+  'KMS_UNAVAILABLE',
+  'REGISTRY_UNAVAILABLE',
+  'TIMEOUT',
+  'NOT_READY',
+]);
 
 export function isReplicaFault(err: CodedError): boolean {
   return REPLICA_FAULTS.has(err.code);

@@ -55,7 +55,12 @@ export function surelyNotSent(err: CodedError): boolean {
 export function mayRepeat(op: KmsOp, err: CodedError): boolean {
   if (surelyNotSent(err)) return true;
   if (!REPEATABLE_OPS.has(op)) return false;
-  return err.code === 'KMS_UNAVAILABLE' || err.code === 'NOT_READY' || err.code === 'TIMEOUT';
+  return (
+    err.code === 'KMS_UNAVAILABLE' ||
+    err.code === 'REGISTRY_UNAVAILABLE' ||
+    err.code === 'NOT_READY' ||
+    err.code === 'TIMEOUT'
+  );
 }
 
 /**

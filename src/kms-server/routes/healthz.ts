@@ -1,4 +1,7 @@
-/** GET /healthz: 200 `ok` when the pool and store are ready, 503 NOT_READY otherwise (no auth). */
+/**
+ * GET /healthz: 200 `ok` when the pool and store are ready; 503 REGISTRY_UNAVAILABLE for a cluster
+ * replica without a live etcd lease, NOT_READY otherwise (no auth).
+ */
 import { kmsError } from '../../errors.js';
 import type { RouteSpec } from '../route.js';
 
@@ -11,6 +14,9 @@ export const healthzRoute: RouteSpec = {
   handle: async ({ services }) => {
     if (!services.accepting()) throw kmsError('NOT_READY', 'shutting down');
     const health = await services.kms.health().catch(() => null);
+    if (health?.replica?.serving === false) {
+      throw kmsError('REGISTRY_UNAVAILABLE', `not serving: ${health.replica.reason ?? 'no etcd lease'}`);
+    }
     if (!health?.ok) throw kmsError('NOT_READY');
     return { status: 200, contentType: 'text/plain; charset=utf-8', text: 'ok' };
   },

@@ -119,7 +119,7 @@ export class GroupCommit {
       }
     }
     const err = kmsError(
-      'KMS_UNAVAILABLE',
+      'REGISTRY_UNAVAILABLE',
       'the etcd registry stayed contended (too many conflicting writes); retry',
     );
     for (const entry of batch) entry.reject(err);

@@ -21,11 +21,14 @@ import type { Etcd3, IKeyValue, Watcher } from 'etcd3';
 import { Packr } from 'msgpackr';
 import { kmsError } from '../../errors.js';
 import { GroupCommit, type Read } from './etcd-group-commit.js';
+import { Membership, type MembershipOptions } from './etcd-membership.js';
 import {
   ChangeListeners,
+  type ClusterStatus,
   type RangeOptions,
   type RegistryStore,
   type StoreChange,
+  type StoreCluster,
   type StoreEntry,
   type StoreTransaction,
   type StoreTxnView,
@@ -76,6 +79,11 @@ export interface EtcdStoreOptions {
   onClose?: () => void;
   /** Called when the cache was dropped (the watch fell behind a compaction), for metrics and logs. */
   onCacheDropped?: (reason: string) => void;
+  /**
+   * Join the cluster as this replica (a lease, a member key: etcd-membership.ts). Without it the
+   * store serves with no membership: tools such as migrate, and the store's own tests.
+   */
+  membership?: MembershipOptions;
 }
 
 export class EtcdStore implements RegistryStore {
@@ -100,6 +108,11 @@ export class EtcdStore implements RegistryStore {
   readonly #reported = new Map<string, bigint>();
   /** The newest revision the watch delivered (it delivers in revision order). */
   #watchedRevision = 0n;
+  /** The revision of this store's newest commit. */
+  #committedRevision = 0n;
+  #membership: Membership | null = null;
+  readonly #cacheDroppedListeners = new Set<() => void>();
+  cluster?: StoreCluster;
 
   private constructor(opts: EtcdStoreOptions) {
     this.#client = opts.client;
@@ -115,11 +128,46 @@ export class EtcdStore implements RegistryStore {
     const store = new EtcdStore(opts);
     try {
       const revision = await store.#currentRevision();
+      store.#watchedRevision = revision;
       await store.#watch(revision + 1n);
+      if (opts.membership !== undefined) await store.#join(opts.membership);
     } catch (err) {
-      throw unavailable(err);
+      // The caller still owns the client (onClose is not called): it closes it.
+      await store.#shutdown();
+      throw (err as { code?: string }).code === undefined ? unavailable(err) : err;
     }
     return store;
+  }
+
+  async #join(opts: MembershipOptions): Promise<void> {
+    const membership = await Membership.join(
+      {
+        client: this.#client,
+        etcdKey: (key) => this.#etcdKey(key),
+        encode,
+        appliedRevision: () => this.#watchedRevision,
+        watch: (prefix, onChange) => this.#listeners.add(prefix, onChange),
+        range: (prefix) => this.range(prefix),
+      },
+      opts,
+    );
+    this.#membership = membership;
+    this.cluster = {
+      replicaId: membership.replicaId,
+      assertServing: () => membership.assertServing(),
+      status: (): ClusterStatus => membership.status(),
+      confirmApplied: () => membership.confirmApplied(),
+      compactHistory: () => membership.compact(this.#committedRevision),
+      lockKey: (name) => membership.lockKey(name),
+      holds: (value) => membership.holds(value),
+      tryLock: (name) => membership.tryLock(name),
+      unlock: (name) => membership.unlock(name),
+      onUnlocked: (name, onReleased) => membership.onUnlocked(name, onReleased),
+      onCacheDropped: (onDropped) => {
+        this.#cacheDroppedListeners.add(onDropped);
+        return () => this.#cacheDroppedListeners.delete(onDropped);
+      },
+    };
   }
 
   async #currentRevision(): Promise<bigint> {
@@ -145,9 +193,14 @@ export class EtcdStore implements RegistryStore {
     this.#reported.clear();
     this.#onCacheDropped?.(err.message);
     this.#watcher = null;
+    for (const onDropped of this.#cacheDroppedListeners) onDropped();
     while (!this.#closed) {
       try {
-        await this.#watch((await this.#currentRevision()) + 1n);
+        const revision = await this.#currentRevision();
+        // Nothing older than this is held any more (the cache is empty): this replica has applied it.
+        if (revision > this.#watchedRevision) this.#watchedRevision = revision;
+        await this.#watch(revision + 1n);
+        this.#membership?.cacheDropped();
         return;
       } catch {
         // etcd unreachable: keep the cache empty (every read goes to etcd) and try again.
@@ -274,6 +327,7 @@ export class EtcdStore implements RegistryStore {
     }
     if (!res.succeeded) return false;
     const revision = BigInt(res.header.revision);
+    if (revision > this.#committedRevision) this.#committedRevision = revision;
     for (const [key, value] of writes) this.#remember(key, value, revision);
     // Listeners hear of our own commits at once, as LMDB's do, unless the watch was quicker than
     // the commit's answer; the watch's copy of a change already reported is then skipped.
@@ -306,11 +360,18 @@ export class EtcdStore implements RegistryStore {
   }
 
   async close(): Promise<void> {
+    if (this.#closed) return;
+    await this.#shutdown();
+    this.#onClose?.();
+  }
+
+  /** Leaves the cluster (its lease revoked: member key and locks gone at once), stops the watch. */
+  async #shutdown(): Promise<void> {
     this.#closed = true;
+    await this.#membership?.leave();
     await this.#watcher?.cancel().catch(() => undefined);
     this.#watcher = null;
     this.#cache.clear();
-    this.#onClose?.();
   }
 }
 
@@ -331,5 +392,5 @@ function prefixEnd(prefix: string): Buffer {
 
 function unavailable(err: unknown): Error {
   const message = err instanceof Error ? err.message : String(err);
-  return kmsError('KMS_UNAVAILABLE', `the etcd registry is unavailable (${message})`);
+  return kmsError('REGISTRY_UNAVAILABLE', `the etcd registry is unavailable (${message})`);
 }

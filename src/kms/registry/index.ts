@@ -17,10 +17,10 @@ import { kmsError } from '../../errors.js';
 import { addKekRefDeltas, applyVersionRewraps, type DekRecord, type VersionRewrap } from '../dek-versions.js';
 import { DekRecordCache } from './dek-cache.js';
 import { LmdbStore } from './lmdb.js';
-import type { RegistryStore, StoreChange, StoreTxnView } from './store.js';
+import type { RegistryStore, StoreChange, StoreCluster, StoreTxnView } from './store.js';
 
 export type { DekRecord, DekVersionRecord } from '../dek-versions.js';
-export type { RegistryStore } from './store.js';
+export type { ClusterStatus, RegistryStore, StoreCluster } from './store.js';
 
 export interface KekRecord {
   kekId: string;
@@ -64,6 +64,8 @@ const KEK_PREFIX = 'kek/';
 const DEK_PREFIX = 'dek/';
 const THREAD_PREFIX = 'thread/';
 const FORMAT_VERSION = 1;
+/** The cluster lock a rotation runs under (StoreCluster): one replica rotates at a time. */
+export const ROTATION_LOCK = 'rotation';
 
 const kekKey = (version: number) => KEK_PREFIX + version;
 const dekKey = (keyId: string) => DEK_PREFIX + keyId;
@@ -144,6 +146,9 @@ export class Registry {
         if (cached !== undefined && cached !== c.value) this.#cache.delete(keyId);
       }),
     );
+    // The store fell behind etcd's history: what this cache holds may be stale too.
+    const dropped = store.cluster?.onCacheDropped(() => this.#cache.clear());
+    if (dropped !== undefined) this.#unwatch.push(dropped);
     await this.refresh();
     this.#auditHead = (await this.#local.get(AUDIT_HEAD)) as AuditHeadRecord | undefined;
   }
@@ -203,6 +208,37 @@ export class Registry {
         listener(c.key.slice(DEK_PREFIX.length), c.value as DekRecord | undefined),
       ),
     );
+  }
+
+  /** This process's membership when the store is shared by a cluster; undefined for one node. */
+  get cluster(): StoreCluster | undefined {
+    return this.#store.cluster;
+  }
+
+  /** Throws REGISTRY_UNAVAILABLE when this cluster replica may not serve (no live lease). */
+  assertServing(): void {
+    this.#store.cluster?.assertServing();
+  }
+
+  /** Resolves once every live replica has applied this process's commits (at once for one node). */
+  async confirmApplied(): Promise<void> {
+    await this.#store.cluster?.confirmApplied();
+  }
+
+  /** Compacts a cluster store's history up to this process's last commit (nothing for one node). */
+  async compactHistory(): Promise<void> {
+    await this.#store.cluster?.compactHistory();
+  }
+
+  /**
+   * In a cluster, refuses a rotation write unless this replica holds the rotation lock: the read
+   * makes the lock part of the transaction's compares, so losing it aborts the commit.
+   */
+  #fenceRotation(tx: StoreTxnView): void {
+    const cluster = this.#store.cluster;
+    if (cluster !== undefined && !cluster.holds(tx.get(cluster.lockKey(ROTATION_LOCK)))) {
+      throw kmsError('ROTATION_IN_PROGRESS', 'this replica no longer holds the rotation lock');
+    }
   }
 
   auditHead(): AuditHeadRecord | undefined {
@@ -357,6 +393,7 @@ export class Registry {
    */
   async beginRotation(kek: KekRecord, rotation: RotationRecord): Promise<void> {
     await this.#store.atomically((tx) => {
+      this.#fenceRotation(tx);
       const meta = tx.get(KEK_META) as KekMeta;
       if (tx.get(kekKey(kek.version)) !== undefined || meta.activeVersion + 1 !== kek.version) {
         throw kmsError('ROTATION_IN_PROGRESS', `KEK version ${kek.version} was started by another process`);
@@ -374,6 +411,7 @@ export class Registry {
    */
   applyRewraps(rewraps: readonly Rewrap[], progress: RotationRecord): Promise<number> {
     return this.#transact((tx, stage) => {
+      this.#fenceRotation(tx);
       const deltas = new Map<number, number>();
       let applied = 0;
       // Rewraps come grouped by key (one record's versions are adjacent).
@@ -399,7 +437,10 @@ export class Registry {
 
   /** Saves rotation progress alone (a batch with nothing to rewrap, or a new pass). */
   async saveRotation(progress: RotationRecord): Promise<void> {
-    await this.#store.transaction({ puts: [{ key: ROTATION, value: progress }] });
+    await this.#store.atomically((tx) => {
+      this.#fenceRotation(tx);
+      tx.put(ROTATION, progress);
+    });
   }
 
   /**
@@ -409,6 +450,7 @@ export class Registry {
   finishRotation(progress: RotationRecord): Promise<number[]> {
     const versions = [...this.#keks.keys()].sort((a, b) => a - b);
     return this.#store.atomically((tx) => {
+      this.#fenceRotation(tx);
       const meta = tx.get(KEK_META) as KekMeta;
       const destroyed: number[] = [];
       for (const version of versions) {

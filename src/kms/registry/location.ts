@@ -32,6 +32,8 @@ export interface RegistryOptions {
   /** etcd user; its password is read from `etcdPasswordFile`. */
   etcdUser?: string;
   etcdPasswordFile?: string;
+  /** A replica's etcd lease TTL (etcd-membership.ts). */
+  leaseTtlSeconds?: number;
 }
 
 export type RegistryLocation =

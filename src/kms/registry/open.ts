@@ -3,9 +3,11 @@
  * store. The etcd client (gRPC) is loaded only when an etcd registry is asked for.
  */
 import fs from 'node:fs';
+import os from 'node:os';
 import type { IOptions } from 'etcd3';
 import { kmsError } from '../../errors.js';
 import type { EtcdStore } from './etcd.js';
+import { DEFAULT_LEASE_TTL_SECONDS } from './etcd-membership.js';
 import { Registry } from './index.js';
 import { LmdbStore } from './lmdb.js';
 import { type RegistryLocation, type RegistryOptions, registryLocation } from './location.js';
@@ -18,11 +20,19 @@ function readFile(file: string, what: string): Buffer {
   }
 }
 
+/** How long one etcd request may take before it fails (the client may retry it on another member). */
+const ETCD_CALL_TIMEOUT_MS = 3000;
+
 function etcdClientOptions(
   location: Extract<RegistryLocation, { kind: 'etcd' }>,
   opts: RegistryOptions,
 ): IOptions {
-  const options: IOptions = { hosts: location.hosts };
+  const options: IOptions = {
+    hosts: location.hosts,
+    // A unary call that etcd cannot answer (no quorum) fails in bounded time as
+    // REGISTRY_UNAVAILABLE instead of hanging its caller; streams (watch, keepalive) stay open.
+    defaultCallOptions: (ctx) => (ctx.isStream ? {} : { deadline: Date.now() + ETCD_CALL_TIMEOUT_MS }),
+  };
   const tls = opts.etcdTls ?? {};
   // https:// hosts alone make the client use TLS with the system's CAs; files replace them.
   if (location.secure && (tls.caFile !== undefined || tls.certFile !== undefined)) {
@@ -39,8 +49,19 @@ function etcdClientOptions(
   return options;
 }
 
+export interface ReplicaOptions {
+  /** This replica's name in the cluster (members, locks, audit lines). */
+  replicaId?: string;
+  /** Told when this replica stops or starts serving (its etcd lease lapsed or was renewed). */
+  onServingChange?: (serving: boolean, why: string) => void;
+}
+
 /** Opens the registry the options name; `dataDir` holds the LMDB one. */
-export async function openRegistry(dataDir: string, opts: RegistryOptions): Promise<Registry> {
+export async function openRegistry(
+  dataDir: string,
+  opts: RegistryOptions,
+  replica: ReplicaOptions = {},
+): Promise<Registry> {
   const location = registryLocation(opts);
   if (location.kind === 'lmdb') return Registry.openDataDir(dataDir);
   const [{ Etcd3 }, { EtcdStore }] = await Promise.all([import('etcd3'), import('./etcd.js')]);
@@ -49,7 +70,16 @@ export async function openRegistry(dataDir: string, opts: RegistryOptions): Prom
   // The audit head describes this replica's own log, so it stays in its data directory.
   const local = LmdbStore.open(dataDir);
   try {
-    store = await EtcdStore.open({ client, prefix: location.prefix, onClose: () => client.close() });
+    store = await EtcdStore.open({
+      client,
+      prefix: location.prefix,
+      onClose: () => client.close(),
+      membership: {
+        replicaId: replica.replicaId ?? `${os.hostname()}-${process.pid}`,
+        ttlSeconds: opts.leaseTtlSeconds ?? DEFAULT_LEASE_TTL_SECONDS,
+        ...(replica.onServingChange && { onStateChange: replica.onServingChange }),
+      },
+    });
     return await Registry.open(store, local);
   } catch (err) {
     if (store) await store.close();

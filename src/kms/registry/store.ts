@@ -11,6 +11,8 @@
  * Only wrapped key material ever passes through a store.
  */
 
+import type { ReplicaStatus } from '../../api/index.js';
+
 export interface StoreEntry {
   key: string;
   value: unknown;
@@ -48,7 +50,37 @@ export interface RangeOptions {
   limit?: number;
 }
 
+/** The state of this process in a cluster store, for health and metrics. */
+export type ClusterStatus = ReplicaStatus;
+
+/**
+ * What a store that several KMS processes share (etcd) adds: this process's membership, with the
+ * guarantees built on it (etcd-membership.ts).
+ */
+export interface StoreCluster {
+  readonly replicaId: string;
+  /** Throws REGISTRY_UNAVAILABLE unless this process may serve from what it has cached. */
+  assertServing(): void;
+  status(): ClusterStatus;
+  /** Resolves once no live process can still act on a state older than this process's commits. */
+  confirmApplied(): Promise<void>;
+  /** Compacts the store's history up to this process's last commit, once every process has applied it. */
+  compactHistory(): Promise<void>;
+  /** The key of lock `name`: a transaction that reads it and checks `holds` is fenced by it. */
+  lockKey(name: string): string;
+  /** Whether a lock key's value says this process holds the lock now. */
+  holds(value: unknown): boolean;
+  tryLock(name: string): Promise<boolean>;
+  unlock(name: string): Promise<void>;
+  /** Calls `onReleased` when lock `name` is released or its holder's lease lapses. */
+  onUnlocked(name: string, onReleased: () => void): () => void;
+  /** Calls `onDropped` when the store dropped its cache (it fell behind etcd's compaction). */
+  onCacheDropped(onDropped: () => void): () => void;
+}
+
 export interface RegistryStore {
+  /** Present when several processes share this store (a cluster): see StoreCluster. */
+  readonly cluster?: StoreCluster;
   /** The value of `key`, read from the authoritative copy (linearizable in a cluster). */
   get(key: string): Promise<unknown>;
   /**
