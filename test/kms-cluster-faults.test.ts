@@ -227,11 +227,18 @@ test.serial(
         t.is(plaintext.toString(), k.threadId, `${name} decrypts ${k.keyId}`);
       }
     }
-    const resumedBy = [b, c].filter((d) =>
-      fs.readFileSync(path.join(d.dataDir, 'kms-audit.log'), 'utf8').includes('resume at'),
-    );
+    const auditOf = (d: Daemon) => fs.readFileSync(path.join(d.dataDir, 'kms-audit.log'), 'utf8');
+    const resumedBy = [b, c].filter((d) => auditOf(d).includes('resume at'));
     t.is(resumedBy.length, 1, 'one replica resumed the rotation');
-    // The rotation's finish compacted etcd's history: the revisions before it are gone.
+    // The status says completed as soon as the finish commits; the compaction follows, and the
+    // completion's audit line (written after it) says whether it worked.
+    const resumer = resumedBy[0] as Daemon;
+    const completion = await until(
+      'the completion is audited',
+      async () => /"detail":"complete:[^"]*"/.exec(auditOf(resumer))?.[0],
+      30_000,
+    );
+    t.regex(completion, /history compacted to revision \d+/);
     const err = await t.throwsAsync(admin.get(metaKey).revision(beforeRevision).exec());
     t.regex(err?.message ?? '', /compacted/);
   },

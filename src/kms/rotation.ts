@@ -262,11 +262,16 @@ export class KekRotation {
     const destroyed = await registry.finishRotation(finished);
     // etcd keeps every revision until compacted: without this, each rotation (a new revision of
     // every DEK record) would grow it for good. The rotation is complete whether or not this works.
-    await registry.compactHistory().catch(() => undefined);
+    // The audit line says which, since a failed compaction (etcd without root rights, say) is
+    // otherwise silent.
+    const compacted = await registry.compactHistory().then(
+      (revision) => (revision === undefined ? '' : `; history compacted to revision ${revision}`),
+      (err: Error) => `; history not compacted (${err.message})`,
+    );
     await this.#deps.note({
       op: 'rotate_kek',
       kekVersion: finished.target,
-      detail: `complete: ${finished.total} keys; destroyed KEK versions [${destroyed.join(',')}]`,
+      detail: `complete: ${finished.total} keys; destroyed KEK versions [${destroyed.join(',')}]${compacted}`,
       ...who,
     });
   }

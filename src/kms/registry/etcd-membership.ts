@@ -305,17 +305,17 @@ export class Membership {
       );
     }
     const pending = new Set<string>();
-    const left = new Set<string>();
     const applied = (record: MemberRecord) => BigInt(record.applied) >= syncRevision;
     let settle: (err?: Error) => void = () => undefined;
     const done = new Promise<void>((resolve, reject) => {
       settle = (err) => (err ? reject(err) : resolve());
     });
     // Listen before reading, so no member's answer falls between the read and the first event.
+    // What the watch has heard is newer than any listing that may race it: it wins.
+    const heard = new Map<string, MemberRecord | undefined>();
     const unwatch = this.#host.watch(MEMBERS, ({ key, value }) => {
       const id = key.slice(MEMBERS.length);
-      if (value === undefined) left.add(id);
-      else left.delete(id);
+      heard.set(id, value as MemberRecord | undefined);
       if (value === undefined || applied(value as MemberRecord)) pending.delete(id);
       if (pending.size === 0 && listed) settle();
     });
@@ -330,7 +330,8 @@ export class Membership {
     try {
       for (const { key, value } of await this.#host.range(MEMBERS)) {
         const id = key.slice(MEMBERS.length);
-        if (id !== this.replicaId && !left.has(id) && !applied(value as MemberRecord)) pending.add(id);
+        const latest = heard.has(id) ? heard.get(id) : (value as MemberRecord);
+        if (id !== this.replicaId && latest !== undefined && !applied(latest)) pending.add(id);
       }
       listed = true;
       if (pending.size === 0) settle();
@@ -392,9 +393,10 @@ export class Membership {
   }
 
   /** Compacts etcd's history up to `revision`, once every live replica has applied it. */
-  async compact(revision: bigint): Promise<void> {
+  async compact(revision: bigint): Promise<string> {
     await this.confirmApplied();
     await this.#host.client.kv.compact({ revision: revision.toString() });
+    return revision.toString();
   }
 
   /** Leaves the cluster: revoking the lease removes the member key and any lock at once. */

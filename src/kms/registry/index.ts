@@ -225,9 +225,12 @@ export class Registry {
     await this.#store.cluster?.confirmApplied();
   }
 
-  /** Compacts a cluster store's history up to this process's last commit (nothing for one node). */
-  async compactHistory(): Promise<void> {
-    await this.#store.cluster?.compactHistory();
+  /**
+   * Compacts a cluster store's history up to this process's last commit and returns that
+   * revision; undefined for one node, which keeps no history.
+   */
+  async compactHistory(): Promise<string | undefined> {
+    return await this.#store.cluster?.compactHistory();
   }
 
   /**

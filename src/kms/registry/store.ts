@@ -64,8 +64,8 @@ export interface StoreCluster {
   status(): ClusterStatus;
   /** Resolves once no live process can still act on a state older than this process's commits. */
   confirmApplied(): Promise<void>;
-  /** Compacts the store's history up to this process's last commit, once every process has applied it. */
-  compactHistory(): Promise<void>;
+  /** Compacts the store's history up to this process's last commit, once every process has applied it; returns that revision. */
+  compactHistory(): Promise<string>;
   /** The key of lock `name`: a transaction that reads it and checks `holds` is fenced by it. */
   lockKey(name: string): string;
   /** Whether a lock key's value says this process holds the lock now. */
