@@ -269,7 +269,9 @@ export class EtcdStore implements RegistryStore {
     const from = options.after === undefined ? this.#etcdKey(prefix) : `${this.#etcdKey(options.after)}\0`;
     const end = prefixEnd(this.#etcdKey(prefix));
     try {
-      let builder = this.#client.getAll().inRange({ start: from, end }).sort('Key', 'Ascend');
+      // No explicit sort: etcd returns a range in key order already, and a sorted range makes
+      // etcd 3.4 read the whole rest of the range before applying the limit (each page O(n)).
+      let builder = this.#client.getAll().inRange({ start: from, end });
       if (options.limit !== undefined) builder = builder.limit(options.limit);
       const res = await builder.exec();
       return res.kvs.map((kv) => ({
