@@ -26,7 +26,7 @@ async function main(): Promise<void> {
     const daemon = await spawnDaemon({
       dir,
       bridgePort: 0,
-      env: { PROGRESSDB_KMS_REGISTRY: etcd.registryUrl, PROGRESSDB_KMS_CLUSTER: 'dev' },
+      args: ['--registry', etcd.registryUrl, '--cluster', 'dev', '--replica-id', `dev-${i}`],
     });
     replicas.push(daemon);
     console.log(`replica ${i}: http://${daemon.http}  tcp://${daemon.bridge}  data ${daemon.dataDir}`);

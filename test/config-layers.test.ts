@@ -8,7 +8,7 @@ import test from 'ava';
 import { loadDaemonConfig } from '../src/config/daemon.js';
 import { layer } from '../src/config/layers.js';
 import { loadConfig } from '../src/config/server.js';
-import { spawnDaemon } from './helpers/kms-daemon.js';
+import { daemonRefuses, spawnDaemon } from './helpers/kms-daemon.js';
 import { tempDir } from './helpers/server.js';
 
 /** Runs `fn` with these variables set in process.env (the daemon reads it), then restores it. */
@@ -151,4 +151,83 @@ test('daemon CLI: a deprecated name is logged as one warning, and the current na
   const warnings = daemon.logs.filter((l) => l.includes('deprecated'));
   t.is(warnings.length, 1, warnings.join('\n'));
   t.regex(warnings[0]!, /flag --endpoint is deprecated: use --listen/);
+});
+
+test('daemon: the registry section of the file < its environment variables < the flags; paths resolve against the file', (t) => {
+  const dir = tempDir();
+  const file = path.join(dir, 'kms.yaml');
+  writeFileSync(
+    file,
+    [
+      'data_dir: kms',
+      'registry:',
+      '  url: etcds://10.0.0.1:2379,10.0.0.2:2379',
+      '  cluster: chat',
+      '  replica_id: kms-a',
+      '  lease_ttl_seconds: 6',
+      '  etcd: {ca_file: pki/ca.pem, cert_file: pki/c.pem, key_file: pki/c.key, user: kms, password_file: etcd.pw}',
+      '',
+    ].join('\n'),
+  );
+  const fromFile = loadDaemonConfig({ config: file });
+  t.like(fromFile.kms, {
+    registry: 'etcds://10.0.0.1:2379,10.0.0.2:2379',
+    cluster: 'chat',
+    replicaId: 'kms-a',
+    leaseTtlSeconds: 6,
+    etcdUser: 'kms',
+    etcdPasswordFile: path.join(dir, 'etcd.pw'),
+  });
+  t.deepEqual(fromFile.kms.etcdTls, {
+    caFile: path.join(dir, 'pki/ca.pem'),
+    certFile: path.join(dir, 'pki/c.pem'),
+    keyFile: path.join(dir, 'pki/c.key'),
+  });
+  t.is(fromFile.origin.registry, `file ${file}`);
+
+  withEnv({ PROGRESSDB_KMS_CLUSTER: 'from-env', PROGRESSDB_KMS_LEASE_TTL_SECONDS: '4' }, () => {
+    const fromEnv = loadDaemonConfig({ config: file });
+    t.is(fromEnv.kms.cluster, 'from-env');
+    t.is(fromEnv.kms.leaseTtlSeconds, 4);
+    t.is(fromEnv.origin.cluster, 'env PROGRESSDB_KMS_CLUSTER');
+    const fromFlags = loadDaemonConfig({
+      config: file,
+      registry: 'etcd://127.0.0.1:2379',
+      cluster: 'from-flag',
+      replicaId: 'kms-b',
+      leaseTtl: 3,
+    });
+    t.like(fromFlags.kms, { registry: 'etcd://127.0.0.1:2379', cluster: 'from-flag', replicaId: 'kms-b' });
+    t.is(fromFlags.kms.leaseTtlSeconds, 3);
+    t.is(fromFlags.origin.registry, 'flag --registry');
+  });
+
+  writeFileSync(file, 'data_dir: kms\nregistry:\n  urll: etcd://x\n');
+  t.throws(() => loadDaemonConfig({ config: file }), { message: /urll|unrecognized/i });
+});
+
+test('daemon CLI: a bad registry URL, replica id, lease TTL or etcd TLS file set is refused at start, naming it', async (t) => {
+  const dir = tempDir();
+  const common = ['--listen', '127.0.0.1:0', '--data-dir', path.join(dir, 'kms')];
+  const cases: [string[], RegExp][] = [
+    [['--registry', 'zookeeper://h:1'], /CONFIG_INVALID.*registry "zookeeper:\/\/h:1"/],
+    [['--registry', 'etcd://127.0.0.1:1', '--replica-id', 'a b'], /CONFIG_INVALID.*replica id/],
+    [['--registry', 'etcd://127.0.0.1:1', '--cluster', 'a/b'], /CONFIG_INVALID.*cluster/],
+    [
+      ['--registry', 'etcd://127.0.0.1:1', '--lease-ttl', '1'],
+      /CONFIG_INVALID: leaseTtlSeconds must be an integer from 2/,
+    ],
+    [['--registry', 'etcd://127.0.0.1:1', '--etcd-ca-file', path.join(dir, 'ca.pem')], /use etcds:\/\//],
+    [
+      ['--registry', 'etcds://127.0.0.1:1', '--etcd-cert-file', path.join(dir, 'c.pem')],
+      /certificate and key together/,
+    ],
+    [['--registry', 'etcd://127.0.0.1:1', '--etcd-user', 'kms'], /user and its password file together/],
+  ];
+  const results = await Promise.all(cases.map(([args]) => daemonRefuses([...common, ...args])));
+  for (const [i, res] of results.entries()) {
+    t.is(res.code, 1, `case ${i}: ${res.stderr}`);
+    t.regex(res.stderr, (cases[i] as [string[], RegExp])[1]);
+    t.notRegex(res.stderr, /\n\s+at /, 'no stack trace');
+  }
 });

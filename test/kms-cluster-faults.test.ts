@@ -51,13 +51,14 @@ async function startReplicas(t: ExecutionContext, cluster: string, specs: Replic
       const daemon = await spawnDaemon({
         dir,
         bridgePort: 0,
-        env: {
-          PROGRESSDB_KMS_REGISTRY: registryOf(spec.members ?? [0, 1, 2]),
-          PROGRESSDB_KMS_CLUSTER: cluster,
-          PROGRESSDB_KMS_REPLICA_ID: `${cluster}-${i}`,
-          PROGRESSDB_KMS_LEASE_TTL_SECONDS: String(LEASE_TTL_SECONDS),
-          ...spec.env,
-        },
+        // The flags a user runs (the other cluster tests use the environment variables).
+        args: [
+          ['--registry', registryOf(spec.members ?? [0, 1, 2])],
+          ['--cluster', cluster],
+          ['--replica-id', `${cluster}-${i}`],
+          ['--lease-ttl', String(LEASE_TTL_SECONDS)],
+        ].flat(),
+        env: { ...spec.env },
       });
       replicas.push(daemon);
       return daemon;
@@ -239,6 +240,13 @@ test.serial(
       30_000,
     );
     t.regex(completion, /history compacted to revision \d+/);
+    // Each replica's log names it on every line.
+    const resumerId = `rotation-${[a, b, c].indexOf(resumer)}`;
+    const named = auditOf(resumer)
+      .trimEnd()
+      .split('\n')
+      .map((line) => (JSON.parse(line) as { replica?: string }).replica);
+    t.deepEqual([...new Set(named)], [resumerId]);
     const err = await t.throwsAsync(admin.get(metaKey).revision(beforeRevision).exec());
     t.regex(err?.message ?? '', /compacted/);
   },

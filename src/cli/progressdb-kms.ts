@@ -81,6 +81,34 @@ program
   )
   .option('--max-batch-items <n>', 'most items in one batch (default 1024)', wholeNumber)
   .option('--insecure', 'allow a non-loopback listener without TLS or tokens (not for production)')
+  .option(
+    '--registry <url>',
+    'lmdb (default: in the data dir) or etcd://h:p,... / etcds://h:p,... shared by the replicas of a cluster (env PROGRESSDB_KMS_REGISTRY)',
+  )
+  .option(
+    '--cluster <name>',
+    'the cluster\'s etcd key prefix (default "default"; env PROGRESSDB_KMS_CLUSTER)',
+  )
+  .option(
+    '--replica-id <id>',
+    "this replica's unique name (default <hostname>-<pid>; env PROGRESSDB_KMS_REPLICA_ID)",
+  )
+  .option(
+    '--lease-ttl <seconds>',
+    'etcd lease TTL: a replica cut off from etcd stops serving within it (default 10; env PROGRESSDB_KMS_LEASE_TTL_SECONDS)',
+    wholeNumber,
+  )
+  .option(
+    '--etcd-ca-file <file>',
+    "CA of etcd's certificates, for etcds:// (env PROGRESSDB_KMS_ETCD_CA_FILE)",
+  )
+  .option('--etcd-cert-file <file>', 'client certificate for etcd (env PROGRESSDB_KMS_ETCD_CERT_FILE)')
+  .option('--etcd-key-file <file>', 'client certificate key for etcd (env PROGRESSDB_KMS_ETCD_KEY_FILE)')
+  .option('--etcd-user <name>', 'etcd user (env PROGRESSDB_KMS_ETCD_USER)')
+  .option(
+    '--etcd-password-file <file>',
+    "file holding the etcd user's password (env PROGRESSDB_KMS_ETCD_PASSWORD_FILE)",
+  )
   .action((opts: ServeFlags) =>
     exitWith(async () => {
       tuneHeapForThroughput();

@@ -7,6 +7,12 @@ import { type Endpoint, isLoopbackHost, parseEndpoint } from '../wire/endpoint.j
 import { MAX_OP_BODY_BYTES } from '../wire/http-json.js';
 import { collect, invalid, loadTls, loadTokens, parseNetworks, TokenSchema } from './daemon-auth.js';
 import {
+  REGISTRY_FIELDS,
+  RegistryFileSchema,
+  type RegistryFlags,
+  registryOptions,
+} from './daemon-registry.js';
+import {
   configError,
   envValue,
   type FieldTable,
@@ -29,7 +35,7 @@ export const DEFAULT_BRIDGE_PORT = 6821;
 export const DEFAULT_MAX_BODY_BYTES = MAX_OP_BODY_BYTES;
 
 /** What the `serve` sub-command's flags carry (all optional). */
-export interface ServeFlags {
+export interface ServeFlags extends RegistryFlags {
   listen?: string;
   /** Deprecated alias of `listen`. */
   endpoint?: string;
@@ -99,6 +105,7 @@ const FileSchema = z.strictObject({
     .strictObject({ cert_file: z.string(), key_file: z.string(), ca_file: z.string().optional() })
     .optional(),
   tokens: z.array(TokenSchema).optional(),
+  registry: RegistryFileSchema.optional(),
   insecure: z.boolean().optional(),
   allowed_networks: z.array(z.string()).optional(),
   drain_timeout_ms: int(0, 600_000).optional(),
@@ -193,6 +200,7 @@ const FIELDS = {
   max_body_bytes: limit('max-body-bytes', 'PROGRESSDB_KMS_MAX_BODY_BYTES', 'limits.max_body_bytes'),
   max_frame_bytes: limit('max-frame-bytes', 'PROGRESSDB_KMS_MAX_FRAME_BYTES', 'limits.max_frame_bytes'),
   max_batch_items: limit('max-batch-items', 'PROGRESSDB_KMS_MAX_BATCH_ITEMS', 'limits.max_batch_items'),
+  ...REGISTRY_FIELDS,
 } as const satisfies FieldTable;
 
 type Field = keyof typeof FIELDS;
@@ -304,6 +312,7 @@ function kmsOptions(
     audit: file.kms?.audit,
     auditFsyncMs: file.kms?.audit_fsync_ms,
     rotationBatchSize: file.kms?.rotation_batch_size,
+    ...registryOptions(s.get, s.filePath),
   };
   const masterKeyFile = s.filePath('master_key_file');
   if (masterKeyFile !== undefined) kms.masterKeyFile = masterKeyFile;

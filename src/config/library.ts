@@ -4,7 +4,7 @@
  * path, env var name or config file path): this module never reads, decodes or keeps the key
  * itself; only the worker does.
  */
-import { availableParallelism } from 'node:os';
+import { availableParallelism, hostname } from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
 import { kmsError } from '../errors.js';
@@ -65,6 +65,12 @@ export interface KmsOptions {
   registry?: string;
   /** This KMS cluster's key prefix in etcd (`/progressdb-kms/<cluster>/`). Env: PROGRESSDB_KMS_CLUSTER. */
   cluster?: string;
+  /**
+   * This replica's name in the cluster: its member key, its locks and its audit lines. Unique per
+   * replica; 1-64 letters, digits, `.`, `_`, `:` or `-`. Default `<hostname>-<pid>`.
+   * Env: PROGRESSDB_KMS_REPLICA_ID.
+   */
+  replicaId?: string;
   /** etcds:// CA, client certificate and key files. Env: PROGRESSDB_KMS_ETCD_{CA,CERT,KEY}_FILE. */
   etcdTls?: EtcdTlsFiles;
   /** etcd user and a file holding its password. Env: PROGRESSDB_KMS_ETCD_USER, _ETCD_PASSWORD_FILE. */
@@ -224,6 +230,8 @@ function resolveRegistry(opts: KmsOptions): RegistryOptions {
   registry.etcdTls = etcdTls;
   registry.leaseTtlSeconds = intOption(opts, 'leaseTtlSeconds', DEFAULT_LEASE_TTL_SECONDS);
   const cluster = opts.cluster ?? envString('PROGRESSDB_KMS_CLUSTER');
+  registry.replicaId =
+    opts.replicaId ?? envString('PROGRESSDB_KMS_REPLICA_ID') ?? `${hostname()}-${process.pid}`;
   const user = opts.etcdUser ?? envString('PROGRESSDB_KMS_ETCD_USER');
   const passwordFile = opts.etcdPasswordFile ?? envString('PROGRESSDB_KMS_ETCD_PASSWORD_FILE');
   if (cluster !== undefined) registry.cluster = cluster;

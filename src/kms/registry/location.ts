@@ -13,6 +13,7 @@ export const ETCD_ROTATION_BATCH = 40;
 /** The most: 60 compares and writes, and a few for KEK counts and progress, stay under 128. */
 export const ETCD_MAX_ROTATION_BATCH = 60;
 const CLUSTER_NAME = /^[A-Za-z0-9._-]{1,64}$/;
+const REPLICA_ID = /^[A-Za-z0-9._:-]{1,64}$/;
 const ETCD_PORT = 2379;
 
 export interface EtcdTlsFiles {
@@ -34,6 +35,8 @@ export interface RegistryOptions {
   etcdPasswordFile?: string;
   /** A replica's etcd lease TTL (etcd-membership.ts). */
   leaseTtlSeconds?: number;
+  /** This replica's unique name in the cluster (members, locks, audit lines). */
+  replicaId?: string;
 }
 
 export type RegistryLocation =
@@ -59,6 +62,12 @@ export function registryLocation(opts: RegistryOptions): RegistryLocation {
   const cluster = opts.cluster ?? 'default';
   if (!CLUSTER_NAME.test(cluster)) {
     throw kmsError('CONFIG_INVALID', 'cluster must be 1-64 letters, digits, dots, dashes or underscores');
+  }
+  if (opts.replicaId !== undefined && !REPLICA_ID.test(opts.replicaId)) {
+    throw kmsError(
+      'CONFIG_INVALID',
+      'replica id must be 1-64 letters, digits, dots, colons, dashes or underscores',
+    );
   }
   if ((opts.etcdUser === undefined) !== (opts.etcdPasswordFile === undefined)) {
     throw kmsError('CONFIG_INVALID', 'give the etcd user and its password file together');

@@ -50,8 +50,6 @@ function etcdClientOptions(
 }
 
 export interface ReplicaOptions {
-  /** This replica's name in the cluster (members, locks, audit lines). */
-  replicaId?: string;
   /** Told when this replica stops or starts serving (its etcd lease lapsed or was renewed). */
   onServingChange?: (serving: boolean, why: string) => void;
 }
@@ -75,7 +73,7 @@ export async function openRegistry(
       prefix: location.prefix,
       onClose: () => client.close(),
       membership: {
-        replicaId: replica.replicaId ?? `${os.hostname()}-${process.pid}`,
+        replicaId: opts.replicaId ?? `${os.hostname()}-${process.pid}`,
         ttlSeconds: opts.leaseTtlSeconds ?? DEFAULT_LEASE_TTL_SECONDS,
         ...(replica.onServingChange && { onStateChange: replica.onServingChange }),
       },
