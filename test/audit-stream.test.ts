@@ -99,3 +99,36 @@ test('a log written before streams were linked verifies, and may be followed by 
   t.false(result.ok);
   t.is(result.firstBadLine, 2);
 });
+
+test('a cluster replica names itself on every line, under the signature; a log of lines without it verifies as before', (t) => {
+  const auditKey = randomBytes(32);
+  const dir = tempDir(t);
+  const file = path.join(dir, 'kms-audit.log');
+  const plain = new AuditStream(auditKey);
+  const replica = new AuditStream(auditKey, null, 'kms-b:2');
+  for (const stream of [plain, replica]) {
+    for (const fields of FIELDS) stream.add(fields, new Date().toISOString(), 'ok', null);
+    const block = stream.seal()!;
+    fs.appendFileSync(file, block.buffer.subarray(0, block.length));
+  }
+  const lines = fs.readFileSync(file, 'utf8').trimEnd().split('\n');
+  const records = lines.map((line) => JSON.parse(line) as { replica?: string; s: string });
+  t.deepEqual(
+    records.map((r) => r.replica),
+    [...FIELDS.map(() => undefined), ...FIELDS.map(() => 'kms-b:2')],
+  );
+  t.true(verifyAuditFile(auditKey, file).ok);
+
+  // Naming another replica on a line is an edit like any other: its block no longer verifies.
+  const forged = path.join(dir, 'forged.log');
+  const at = FIELDS.length + 1;
+  lines[at] = (lines[at] as string).replace('"replica":"kms-b:2"', '"replica":"kms-c:1"');
+  fs.writeFileSync(forged, `${lines.join('\n')}\n`);
+  const result = verifyAuditFile(auditKey, forged);
+  t.false(result.ok);
+  // Reported at the forged line's block: lines FIELDS.length + 1 to 2 * FIELDS.length (1-based).
+  t.true(
+    (result.firstBadLine ?? 0) > FIELDS.length && (result.firstBadLine ?? 0) <= 2 * FIELDS.length,
+    `${result.firstBadLine}: ${result.reason}`,
+  );
+});

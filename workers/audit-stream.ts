@@ -86,7 +86,7 @@ export class AuditStream {
    */
   #block = Buffer.allocUnsafeSlow(64 * 1024);
   #length = 0;
-  /** `{"v":1,"ts":"<ts>","s":"<id>","n":` for the last timestamp seen (one per task). */
+  /** `{"v":1,"ts":"<ts>",["replica":"<id>",]"s":"<id>","n":` for the last timestamp seen (one per task). */
   #prefixTs = '';
   #prefix = Buffer.alloc(0);
   /** Session link fields, appended to the stream's first line only (src/audit-link.ts). */
@@ -94,9 +94,13 @@ export class AuditStream {
   #macHex = '';
   #macN = -1;
 
-  constructor(auditKey: Buffer, link: string | null = null) {
+  /** `"replica":"<id>",` when the KMS is a replica of a cluster, so a line says who wrote it. */
+  readonly #replicaPart: string;
+
+  constructor(auditKey: Buffer, link: string | null = null, replica: string | null = null) {
     this.#key = auditKey;
     this.#link = Buffer.from(link ?? '', 'latin1');
+    this.#replicaPart = replica === null ? '' : `"replica":${JSON.stringify(replica)},`;
   }
 
   /** The last signed block: what the main thread keeps in the registry. Null before the first. */
@@ -104,11 +108,11 @@ export class AuditStream {
     return this.#macHex === '' ? null : { s: this.id, n: this.#macN, mac: this.#macHex };
   }
 
-  /** The line `{"v":1,"ts":…,"s":…,"n":…,"outcome":…<fields>}` plus a newline. */
+  /** The line `{"v":1,"ts":…,["replica":…,]"s":…,"n":…,"outcome":…<fields>}` plus a newline. */
   add(fields: AuditFields, ts: string, outcome: Outcome, code: string | null): void {
     if (ts !== this.#prefixTs) {
       this.#prefixTs = ts;
-      this.#prefix = Buffer.from(`{"v":1,"ts":"${ts}","s":"${this.id}","n":`, 'utf8');
+      this.#prefix = Buffer.from(`{"v":1,"ts":"${ts}",${this.#replicaPart}"s":"${this.id}","n":`, 'utf8');
     }
     const prefix = this.#prefix;
     const result = outcomePart(outcome, code);

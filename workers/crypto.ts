@@ -65,7 +65,8 @@ const deks = new KeyCache(init.dekCacheSize);
 function roots(): RootKeys {
   if (rootKeys === null) {
     rootKeys = loadRootKeys(init.masterKey);
-    if (init.auditFile !== null) auditStream = new AuditStream(rootKeys.auditKey, init.auditLink);
+    if (init.auditFile !== null)
+      auditStream = new AuditStream(rootKeys.auditKey, init.auditLink, init.auditReplica);
   }
   return rootKeys;
 }

@@ -90,6 +90,7 @@ class EmbeddedKms implements Kms {
         auditFile: auditFile === null ? null : auditFile.path,
         auditFsyncEachWrite: opts.auditFsyncMs === 0,
         auditLink: auditHeads?.linkFields ?? null,
+        auditReplica: registry.cluster?.replicaId ?? null,
       },
       kekRef: (version) => this.#kekRef(version),
       onAudit: (failed, head) => {

@@ -13,6 +13,7 @@ export function oneOffWorkerInit(masterKey: MasterKeyRef): WorkerInit {
     auditFile: null,
     auditFsyncEachWrite: false,
     auditLink: null,
+    auditReplica: null,
     idleSpin: null,
   };
 }

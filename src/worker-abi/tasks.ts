@@ -46,6 +46,8 @@ export interface WorkerInit {
   auditFsyncEachWrite: boolean;
   /** Session link fields for the first line of this worker's stream (src/audit-link.ts), or null. */
   auditLink: string | null;
+  /** The replica id each audit line names, when the KMS is a replica of a cluster; else null. */
+  auditReplica: string | null;
   /**
    * Shared with the main thread (layout: IdleSpinSlot): lets a worker that just finished a task spin
    * briefly for the next one instead of parking. Null disables spinning.
