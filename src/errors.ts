@@ -53,6 +53,10 @@ export const ERROR_CATALOGUE = {
   AUDIT_UNWRITABLE: { status: 500, message: 'audit log is not writable' },
   DATA_DIR_LOCKED: { status: 500, message: 'data directory is in use by another process' },
   STORE_CORRUPT: { status: 500, message: 'stored record is corrupt' },
+  /** An etcd cluster prefix that `migrate` is copying into: no replica may start on it yet. */
+  REGISTRY_MIGRATING: { status: 500, message: 'the registry is being migrated; finish the migration first' },
+  /** `migrate` copies only into an empty cluster prefix. */
+  REGISTRY_NOT_EMPTY: { status: 500, message: 'the target registry already holds keys' },
   ADDRESS_IN_USE: { status: 500, message: 'cannot listen: the address is already in use' },
   LISTEN_FAILED: { status: 500, message: 'cannot listen on the configured address' },
 } as const satisfies Record<string, { status: number; message: string }>;

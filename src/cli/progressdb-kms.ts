@@ -13,6 +13,7 @@ import { tuneHeapForThroughput } from './heap-tuning.js';
 const keygen = () => import('./kms-commands/keygen.js');
 const auditVerify = () => import('./kms-commands/audit-verify.js');
 const rotate = () => import('./kms-commands/rotate.js');
+const migrate = () => import('./kms-commands/migrate.js');
 
 function wholeNumber(value: string): number {
   if (!/^\d+$/.test(value)) throw new InvalidArgumentError('expected a whole number');
@@ -44,8 +45,31 @@ const program = new Command('progressdb-kms')
   .description('ProgressDB key management daemon and tools')
   .showHelpAfterError();
 
-program
-  .command('serve', { isDefault: true })
+/** The flags that say where the registry is and how to reach etcd (serve and migrate). */
+function registryFlags(command: Command, registryHelp: string): Command {
+  return command
+    .option('--registry <url>', `${registryHelp} (env PROGRESSDB_KMS_REGISTRY)`)
+    .option(
+      '--cluster <name>',
+      'the cluster\'s etcd key prefix (default "default"; env PROGRESSDB_KMS_CLUSTER)',
+    )
+    .option(
+      '--etcd-ca-file <file>',
+      "CA of etcd's certificates, for etcds:// (env PROGRESSDB_KMS_ETCD_CA_FILE)",
+    )
+    .option('--etcd-cert-file <file>', 'client certificate for etcd (env PROGRESSDB_KMS_ETCD_CERT_FILE)')
+    .option('--etcd-key-file <file>', 'client certificate key for etcd (env PROGRESSDB_KMS_ETCD_KEY_FILE)')
+    .option('--etcd-user <name>', 'etcd user (env PROGRESSDB_KMS_ETCD_USER)')
+    .option(
+      '--etcd-password-file <file>',
+      "file holding the etcd user's password (env PROGRESSDB_KMS_ETCD_PASSWORD_FILE)",
+    );
+}
+
+registryFlags(
+  program.command('serve', { isDefault: true }),
+  'lmdb (default: in the data dir) or etcd://h:p,... / etcds://h:p,... shared by the replicas of a cluster',
+)
   .description('run the KMS daemon (HTTP API, optional TCP bridge)')
   .option(
     '--listen <host:port>',
@@ -82,14 +106,6 @@ program
   .option('--max-batch-items <n>', 'most items in one batch (default 1024)', wholeNumber)
   .option('--insecure', 'allow a non-loopback listener without TLS or tokens (not for production)')
   .option(
-    '--registry <url>',
-    'lmdb (default: in the data dir) or etcd://h:p,... / etcds://h:p,... shared by the replicas of a cluster (env PROGRESSDB_KMS_REGISTRY)',
-  )
-  .option(
-    '--cluster <name>',
-    'the cluster\'s etcd key prefix (default "default"; env PROGRESSDB_KMS_CLUSTER)',
-  )
-  .option(
     '--replica-id <id>',
     "this replica's unique name (default <hostname>-<pid>; env PROGRESSDB_KMS_REPLICA_ID)",
   )
@@ -97,17 +113,6 @@ program
     '--lease-ttl <seconds>',
     'etcd lease TTL: a replica cut off from etcd stops serving within it (default 10; env PROGRESSDB_KMS_LEASE_TTL_SECONDS)',
     wholeNumber,
-  )
-  .option(
-    '--etcd-ca-file <file>',
-    "CA of etcd's certificates, for etcds:// (env PROGRESSDB_KMS_ETCD_CA_FILE)",
-  )
-  .option('--etcd-cert-file <file>', 'client certificate for etcd (env PROGRESSDB_KMS_ETCD_CERT_FILE)')
-  .option('--etcd-key-file <file>', 'client certificate key for etcd (env PROGRESSDB_KMS_ETCD_KEY_FILE)')
-  .option('--etcd-user <name>', 'etcd user (env PROGRESSDB_KMS_ETCD_USER)')
-  .option(
-    '--etcd-password-file <file>',
-    "file holding the etcd user's password (env PROGRESSDB_KMS_ETCD_PASSWORD_FILE)",
   )
   .action((opts: ServeFlags) =>
     exitWith(async () => {
@@ -140,6 +145,13 @@ program
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
   .action((opts: { dataDir?: string; masterKeyFile?: string }) =>
     exitWith(async () => (await rotate()).rotateCommand(opts))(),
+  );
+
+registryFlags(program.command('migrate'), 'the etcd registry to copy into: etcd://h:p,... or etcds://h:p,...')
+  .description('copy a single-node registry (a stopped KMS data dir) into an empty etcd cluster prefix')
+  .option('--from-data-dir <dir>', 'the single-node KMS data directory (its KMS must be stopped)')
+  .action((opts: import('./kms-commands/migrate.js').MigrateFlags) =>
+    exitWith(async () => (await migrate()).migrateCommand(opts))(),
   );
 
 program.parseAsync(process.argv).catch(fail);

@@ -214,7 +214,7 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
 }
 
 /** The registry options and their env fallbacks, checked (registryLocation) but not connected. */
-function resolveRegistry(opts: KmsOptions): RegistryOptions {
+export function resolveRegistry(opts: KmsOptions): RegistryOptions {
   const url = opts.registry ?? envString('PROGRESSDB_KMS_REGISTRY');
   const registry: RegistryOptions = {};
   if (url === undefined || url.trim() === 'lmdb') return registry;

@@ -58,6 +58,8 @@ const FORMAT = 'meta/format';
 /** Key check value of the KEK-wrapping key (CheckKekTask): tells a wrong master key from corruption. */
 const KCV = 'meta/kcv';
 const ROTATION = 'rotation';
+/** Present while `progressdb-kms migrate` copies into this store (migrate.ts): refused. */
+export const MIGRATING = 'meta/migrating';
 /** Where the audit log's sessions have reached (src/audit-link.ts): what `audit verify` checks the log against. */
 const AUDIT_HEAD = 'audit-head';
 const KEK_PREFIX = 'kek/';
@@ -97,6 +99,13 @@ export class Registry {
    * audit head of its own audit log.
    */
   static async open(store: RegistryStore, local: RegistryStore = store): Promise<Registry> {
+    const migrating = (await store.get(MIGRATING)) as { from?: string; startedAt?: string } | undefined;
+    if (migrating !== undefined) {
+      throw kmsError(
+        'REGISTRY_MIGRATING',
+        `a migration from ${migrating.from} (started ${migrating.startedAt}) has not finished: run progressdb-kms migrate again to finish it`,
+      );
+    }
     const format = await store.get(FORMAT);
     if (format !== undefined && format !== FORMAT_VERSION) {
       throw kmsError('STORE_CORRUPT', `registry format ${String(format)} is not supported by this version`);

@@ -23,7 +23,7 @@ function readFile(file: string, what: string): Buffer {
 /** How long one etcd request may take before it fails (the client may retry it on another member). */
 const ETCD_CALL_TIMEOUT_MS = 3000;
 
-function etcdClientOptions(
+export function etcdClientOptions(
   location: Extract<RegistryLocation, { kind: 'etcd' }>,
   opts: RegistryOptions,
 ): IOptions {

@@ -1,0 +1,57 @@
+/** `progressdb-kms migrate`: a single-node registry copied into an etcd cluster prefix. */
+import type { RegistryFlags } from '../../config/daemon-registry.js';
+import { resolveRegistry } from '../../config/library.js';
+import { kmsError } from '../../errors.js';
+import { migrateRegistry } from '../../kms/registry/migrate.js';
+import { report } from './common.js';
+
+export interface MigrateFlags extends RegistryFlags {
+  fromDataDir?: string;
+}
+
+/**
+ * `migrate --from-data-dir D --registry etcd://...`: refuses a non-empty target and a source with
+ * a rotation in progress; an interrupted run is finished by running it again.
+ */
+export async function migrateCommand(flags: MigrateFlags): Promise<number> {
+  try {
+    if (flags.fromDataDir === undefined) {
+      throw kmsError('CONFIG_INVALID', 'give the single-node data directory to copy: --from-data-dir D');
+    }
+    const registry = resolveRegistry({
+      ...(flags.registry !== undefined && { registry: flags.registry }),
+      ...(flags.cluster !== undefined && { cluster: flags.cluster }),
+      etcdTls: {
+        ...(flags.etcdCaFile !== undefined && { caFile: flags.etcdCaFile }),
+        ...(flags.etcdCertFile !== undefined && { certFile: flags.etcdCertFile }),
+        ...(flags.etcdKeyFile !== undefined && { keyFile: flags.etcdKeyFile }),
+      },
+      ...(flags.etcdUser !== undefined && { etcdUser: flags.etcdUser }),
+      ...(flags.etcdPasswordFile !== undefined && { etcdPasswordFile: flags.etcdPasswordFile }),
+    });
+    const tty = process.stderr.isTTY === true;
+    let lastLine = 0;
+    const result = await migrateRegistry({
+      fromDataDir: flags.fromDataDir,
+      registry,
+      onProgress: (copied, total) => {
+        if (tty) process.stderr.write(`\rcopied ${copied}/${total} records`);
+        else if (Date.now() - lastLine >= 5000 || copied === total) {
+          lastLine = Date.now();
+          process.stderr.write(`copied ${copied}/${total} records\n`);
+        }
+      },
+    });
+    if (tty) process.stderr.write('\n');
+    const { counts } = result;
+    process.stdout.write(
+      `${result.resumed ? 'finished the interrupted migration' : 'migrated'} ${result.from} into ${result.prefix}: ` +
+        `KEK ${result.kekId} (active version ${result.activeKekVersion}), ${counts['kek/']} KEK versions, ` +
+        `${counts['dek/']} DEKs, ${counts['thread/']} threads; counts checked in etcd.\n` +
+        `Start the replicas with --registry and the same master key; do not start a single-node KMS on ${result.from} again (its keys would drift from the cluster's).\n`,
+    );
+    return 0;
+  } catch (err) {
+    return report(err);
+  }
+}
