@@ -172,6 +172,7 @@ test.serial(
     );
     t.is(none.code, 1);
     t.regex(none.stderr, /CONFIG_INVALID: .* holds no KMS registry/);
+    t.deepEqual(fs.readdirSync(empty), [], 'nothing was created in it');
 
     const live = await singleNode(t, 5, 1);
     const kms = await createKms({ dataDir: live.dataDir, masterKeyFile: live.keyFile, poolSize: 1 });

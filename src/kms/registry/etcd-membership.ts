@@ -26,6 +26,7 @@ export const DEFAULT_LEASE_TTL_SECONDS = 10;
 export const MIN_LEASE_TTL_SECONDS = 2;
 
 const MEMBERS = 'members/';
+const PUBLISH_RETRY_MS = 200;
 const SYNC = 'sync';
 const LOCKS = 'lock/';
 
@@ -263,16 +264,23 @@ export class Membership {
       return this.#publishing;
     }
     this.#publishing = (async () => {
+      let failed = false;
       do {
         this.#publishAgain = false;
         const lease = this.#lease;
         if (lease === null || lease.revoked() || this.#closed) return;
-        await lease
+        failed = await lease
           .put(this.#host.etcdKey(this.#memberKey))
           .value(this.#host.encode(this.#record()))
           .exec()
-          .catch(() => undefined);
+          .then(
+            () => false,
+            () => true,
+          );
       } while (this.#publishAgain);
+      // A lost answer would leave a destroy elsewhere waiting for its full timeout: try again
+      // while the lease lives (once it lapses this replica has stopped serving anyway).
+      if (failed) setTimeout(() => void this.#publish(), PUBLISH_RETRY_MS).unref();
     })().finally(() => {
       this.#publishing = null;
     });

@@ -64,6 +64,10 @@ export async function migrateRegistry(opts: MigrateOptions): Promise<MigrationRe
     );
   }
   const from = path.resolve(opts.fromDataDir);
+  // Looked at before the lock and the open, which would create files in a mistyped directory.
+  if (LmdbStore.readOnce(from, 'meta/kek') === undefined) {
+    throw kmsError('CONFIG_INVALID', `${from} holds no KMS registry (no keyring): nothing to migrate`);
+  }
   const lock = lockDataDir(from);
   const source = LmdbStore.open(from);
   const [{ Etcd3 }, { EtcdStore }] = await Promise.all([import('etcd3'), import('./etcd.js')]);
