@@ -154,7 +154,7 @@ export async function run(ctx: BenchContext): Promise<CaseReport> {
   // 500 DEKs/s on etcd); the rate does not depend on N, so normal runs rotate 20,000.
   const deks = quick ? 1000 : ctx.mode === 'full' ? 100_000 : 20_000;
   const rotationRounds = ctx.mode === 'full' ? Math.min(ctx.rounds, 3) : ctx.rounds;
-  // Each autocannon-less window still opens connections and warms caches: not too short.
+  // Timed windows no shorter than 1 s (0.3 s quick): a window must outlast the load ramping up.
   const loadMs = Math.max(ctx.ms, quick ? 300 : 1000);
   const failoverMs = quick ? 1200 : 3000;
   const payload = payloadOf(1024);
