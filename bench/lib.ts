@@ -294,6 +294,13 @@ export class Child {
     );
   }
 
+  /** kill -9: no chance to clean up (a crash, a lost machine); resolves once it has exited. */
+  async kill9(): Promise<void> {
+    if (this.#gone) return;
+    this.proc.kill('SIGKILL');
+    await this.exited;
+  }
+
   /** SIGTERM, then SIGKILL if it has not exited within `ms`. */
   async stop(ms = 10_000): Promise<void> {
     if (this.#gone) return;
@@ -343,29 +350,48 @@ export interface KmsDaemon {
   masterKeyFile: string;
 }
 
+export interface KmsDaemonOptions {
+  bridge?: boolean;
+  /** Extra environment (e.g. PROGRESSDB_KMS_REGISTRY and PROGRESSDB_KMS_CLUSTER for a replica). */
+  env?: Record<string, string>;
+  /** A master key file to use (replicas of one cluster share one); a new one when omitted. */
+  masterKeyFile?: string;
+  /** The data dir to use (a restart reuses its predecessor's); a fresh one when omitted. */
+  dataDir?: string;
+  /** host:port of the HTTP API (a restart keeps its address); a free loopback port when omitted. */
+  http?: string;
+  /** Name of the child in messages. */
+  name?: string;
+}
+
 /** Starts `progressdb-kms serve` on free loopback ports and waits for /healthz. */
-export async function startKmsDaemon(
-  ctx: BenchContext,
-  opts: { bridge?: boolean; env?: Record<string, string> } = {},
-): Promise<KmsDaemon> {
+export async function startKmsDaemon(ctx: BenchContext, opts: KmsDaemonOptions = {}): Promise<KmsDaemon> {
   requireFile(KMS_CLI, 'the external KMS daemon');
   const dir = ctx.tmp('kmsd-');
-  const masterKeyFile = path.join(dir, 'master.key');
-  await generateMasterKeyFile(masterKeyFile);
-  const http = `127.0.0.1:${await freePort()}`;
+  const masterKeyFile = opts.masterKeyFile ?? path.join(dir, 'master.key');
+  if (opts.masterKeyFile === undefined) await generateMasterKeyFile(masterKeyFile);
+  const http = opts.http ?? `127.0.0.1:${await freePort()}`;
   const bridge = opts.bridge ? `127.0.0.1:${await freePort()}` : null;
-  const dataDir = path.join(dir, 'kms');
+  const dataDir = opts.dataDir ?? path.join(dir, 'kms');
   const args = ['serve', '--endpoint', http, '--data-dir', dataDir, '--master-key-file', masterKeyFile];
   if (bridge !== null) args.push('--bridge-endpoint', bridge);
-  const child = spawnNode('progressdb-kms', KMS_CLI, args, { env: cleanEnv(opts.env), cwd: dir });
-  await until(
-    'the KMS daemon /healthz',
-    async () => {
-      child.checkAlive();
-      return httpOk(`http://${http}/healthz`);
-    },
-    30_000,
-  );
+  const child = spawnNode(opts.name ?? 'progressdb-kms', KMS_CLI, args, {
+    env: cleanEnv(opts.env),
+    cwd: dir,
+  });
+  try {
+    await until(
+      'the KMS daemon /healthz',
+      async () => {
+        child.checkAlive();
+        return httpOk(`http://${http}/healthz`);
+      },
+      30_000,
+    );
+  } catch (err) {
+    await child.kill9();
+    throw err;
+  }
   return { child, http, bridge, dataDir, masterKeyFile };
 }
 

@@ -8,7 +8,7 @@
  *   npm run bench -- --quick      reduced set in under a minute; writes no files
  *   --only a,b                    only these cases (by name or number, e.g. --only audit,2);
  *                                 writes no files. Names: embedded tcp http peer rotation audit
- *                                 server startup
+ *                                 server startup cluster
  *   --rounds N --ms N             override rounds per comparison and the timed window
  *   --out DIR                     where to write results (default bench/results; quick and
  *                                 --only runs write only when --out is given)
@@ -23,6 +23,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import * as audit from './cases/audit.js';
+import * as cluster from './cases/cluster.js';
 import * as embedded from './cases/embedded.js';
 import * as http from './cases/http.js';
 import * as peer from './cases/peer.js';
@@ -39,7 +40,7 @@ interface CaseModule {
   run(ctx: BenchContext): Promise<CaseReport>;
 }
 
-const CASES: CaseModule[] = [embedded, tcpBridge, http, peer, rotation, audit, server, startup];
+const CASES: CaseModule[] = [embedded, tcpBridge, http, peer, rotation, audit, server, startup, cluster];
 
 const { values } = parseArgs({
   options: {
