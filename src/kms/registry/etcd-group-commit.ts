@@ -19,9 +19,13 @@ import type { StoreTxnView } from './store.js';
 export interface Read {
   value: unknown;
   modRevision: bigint;
+  /** From the store's cache (or guessed absent), not read from etcd: only the commit's compare checks it. */
+  guessed?: boolean;
 }
 
 export type ReadFn = (key: string) => Promise<Read>;
+/** The store's answer for a key without a round trip: what it has cached, else absent. */
+export type GuessFn = (key: string) => Read;
 /** Commits `writes` (undefined: delete) if every key in `reads` is still at its revision. */
 export type CommitFn = (reads: Map<string, Read>, writes: Map<string, unknown>) => Promise<boolean>;
 
@@ -49,9 +53,16 @@ export class GroupCommit {
   #queue: Entry[] = [];
   #draining = false;
 
+  /**
+   * With `guess`, a batch first runs on guessed reads and no round trip but the commit, whose
+   * compares (every key read, at the mod revision guessed) check every guess; only when one was
+   * wrong does the batch read its keys from etcd and run again. A batch with guesses and no
+   * writes still commits its compares, so no answer rests on an unchecked guess.
+   */
   constructor(
     private readonly read: ReadFn,
     private readonly commit: CommitFn,
+    private readonly guess?: GuessFn,
   ) {}
 
   run<T>(fn: (tx: StoreTxnView) => T): Promise<T> {
@@ -95,7 +106,8 @@ export class GroupCommit {
       }
       let committed: boolean;
       try {
-        committed = writes.size === 0 || (await this.commit(reads, writes));
+        const guessed = [...reads.values()].some((r) => r.guessed === true);
+        committed = (writes.size === 0 && !guessed) || (await this.commit(reads, writes));
       } catch (err) {
         for (const entry of batch) entry.reject(err);
         return;
@@ -107,7 +119,8 @@ export class GroupCommit {
         });
         return;
       }
-      // Another replica changed what we read: read it all again and run the batch again.
+      // Another replica changed what we read (or a guess was wrong): read it all from etcd and
+      // run the batch again.
       try {
         const fresh = await Promise.all(
           [...reads.keys()].map(async (key) => [key, await this.read(key)] as const),
@@ -145,7 +158,7 @@ export class GroupCommit {
         if (!(thrown instanceof NeedKey)) return { ok: false, error: thrown };
         if (!first && reads.size >= MAX_TXN_OPS) return leave(reads, readHere);
         try {
-          reads.set(thrown.key, await this.read(thrown.key));
+          reads.set(thrown.key, this.guess?.(thrown.key) ?? (await this.read(thrown.key)));
         } catch (err) {
           return { ok: false, error: err };
         }

@@ -17,7 +17,7 @@
  * Values are msgpack (records with byte arrays, as LMDB keeps them); only wrapped key material is
  * ever stored here.
  */
-import type { Etcd3, IKeyValue, Watcher } from 'etcd3';
+import type { DeleteBuilder, Etcd3, IKeyValue, PutBuilder, SingleRangeBuilder, Watcher } from 'etcd3';
 import { Packr } from 'msgpackr';
 import { kmsError } from '../../errors.js';
 import { GroupCommit, type Read } from './etcd-group-commit.js';
@@ -98,6 +98,7 @@ export class EtcdStore implements RegistryStore {
   readonly #group = new GroupCommit(
     (key) => this.#read(key),
     (reads, writes) => this.#commit(reads, writes),
+    (key) => this.#guess(key),
   );
   #watcher: Watcher | null = null;
   #closed = false;
@@ -246,6 +247,18 @@ export class EtcdStore implements RegistryStore {
     return (await this.#read(key)).value;
   }
 
+  /**
+   * What the cache says of `key` without a round trip, else absent (a create's new keys are not
+   * cached, and are absent). The watch keeps the cache current, so guesses are mostly right; the
+   * group commit's compares check every one.
+   */
+  #guess(key: string): Read {
+    const cached = this.#cache.get(key);
+    // A cached delete is absent: etcd compares an absent key's mod revision as 0.
+    if (cached === undefined || cached.value === undefined) return { value: undefined, modRevision: 0n, guessed: true };
+    return { value: cached.value, modRevision: cached.modRevision, guessed: true };
+  }
+
   /** A linearizable read of one key (etcd's default), remembered in the cache. */
   async #read(key: string): Promise<Read> {
     let res: Awaited<ReturnType<ReturnType<Etcd3['get']>['exec']>>;
@@ -274,10 +287,13 @@ export class EtcdStore implements RegistryStore {
       let builder = this.#client.getAll().inRange({ start: from, end });
       if (options.limit !== undefined) builder = builder.limit(options.limit);
       const res = await builder.exec();
-      return res.kvs.map((kv) => ({
-        key: fromEtcdKey(kv.key.toString().slice(this.#prefix.length)),
-        value: decode(kv.value),
-      }));
+      return res.kvs.map((kv) => {
+        const key = fromEtcdKey(kv.key.toString().slice(this.#prefix.length));
+        const value = decode(kv.value);
+        // So that a batch over what was just listed (a rotation's page) guesses right.
+        this.#remember(key, value, BigInt(kv.mod_revision));
+        return { key, value };
+      });
     } catch (err) {
       throw unavailable(err);
     }
@@ -316,11 +332,15 @@ export class EtcdStore implements RegistryStore {
       ? this.#client.if(this.#etcdKey(first[0]), 'Mod', '==', first[1])
       : this.#client.if(this.#etcdKey([...writes.keys()][0] as string), 'Version', '>', -1);
     for (const [key, revision] of rest) txn = txn.and(this.#etcdKey(key), 'Mod', '==', revision);
-    const ops = [...writes].map(([key, value]) =>
+    const ops: (PutBuilder | DeleteBuilder | SingleRangeBuilder)[] = [...writes].map(([key, value]) =>
       value === undefined
         ? this.#client.delete().key(this.#etcdKey(key))
         : this.#client.put(this.#etcdKey(key)).value(encode(value)),
     );
+    // etcd 3.4 answers a transaction without operations from the member's own state, like a
+    // serializable read, so it can be stale and miss a write just made through another member.
+    // One (linearizable) read in it makes etcd serve it only once that member has caught up.
+    if (first !== undefined && ops.length === 0) ops.push(this.#client.get(this.#etcdKey(first[0])));
     let res: Awaited<ReturnType<typeof txn.commit>>;
     try {
       res = await txn.then(...ops).commit();
@@ -328,6 +348,8 @@ export class EtcdStore implements RegistryStore {
       throw unavailable(err);
     }
     if (!res.succeeded) return false;
+    // A batch of guessed reads and no writes commits its compares only: nothing changed.
+    if (writes.size === 0) return true;
     const revision = BigInt(res.header.revision);
     if (revision > this.#committedRevision) this.#committedRevision = revision;
     for (const [key, value] of writes) this.#remember(key, value, revision);
