@@ -150,10 +150,10 @@ async function rotate(kms: Kms, expected: number): Promise<number> {
 export async function run(ctx: BenchContext): Promise<CaseReport> {
   const quick = ctx.mode === 'quick';
   const threads = quick ? 200 : 1000;
-  // 100,000 DEKs as in case 5 would take over 20 minutes here (seeding and each round near
-  // 500 DEKs/s on etcd); the rate does not depend on N, so normal runs rotate 20,000.
-  const deks = quick ? 1000 : ctx.mode === 'full' ? 100_000 : 20_000;
-  const rotationRounds = ctx.mode === 'full' ? Math.min(ctx.rounds, 3) : ctx.rounds;
+  // 100,000 DEKs, as the issue asks and case 5 does: a few minutes here (seeding ~1k DEKs/s and
+  // rotating ~2k DEKs/s on etcd), so at most 3 rounds of it.
+  const deks = quick ? 1000 : 100_000;
+  const rotationRounds = quick ? ctx.rounds : Math.min(ctx.rounds, 3);
   // Timed windows no shorter than 1 s (0.3 s quick): a window must outlast the load ramping up.
   const loadMs = Math.max(ctx.ms, quick ? 300 : 1000);
   const failoverMs = quick ? 1200 : 3000;
@@ -408,18 +408,14 @@ export async function run(ctx: BenchContext): Promise<CaseReport> {
         `windows (target 0); a killed replica was back in ${fmt(median(killed.map((k) => k.restartSeconds ?? 0)), 1)} s (median)`,
       `rotation: ${fmt(deks)} DEKs took ${fmt(deks / etcdRate, 1)} s on etcd, ${fmt(deks / lmdbRate, 1)} s on LMDB ` +
         `(medians). etcd's 128-op transaction limit makes a rotation batch ${ETCD_ROTATION_BATCH} DEK records ` +
-        `(one raft commit) against 2,000 per LMDB transaction, but the commit is not what binds: a raw ` +
-        `${ETCD_ROTATION_BATCH}-put transaction took ${fmt(raw.txnMs, 1)} ms here (${fmt((ETCD_ROTATION_BATCH * 1000) / raw.txnMs)} ` +
-        `records/s if back to back), while a batch took ${fmt((ETCD_ROTATION_BATCH * 1000) / etcdRate, 1)} ms. The group commit reads ` +
-        `each record of a batch by its own etcd get, one after another (a NeedKey re-run per record; ` +
-        `${ETCD_ROTATION_BATCH} x ${fmt(raw.getMs, 2)} ms = ${fmt(ETCD_ROTATION_BATCH * raw.getMs, 1)} ms unloaded), ` +
-        'which binds before the transaction size does',
+        `(one raft commit) against 2,000 per LMDB transaction. A batch took ${fmt((ETCD_ROTATION_BATCH * 1000) / etcdRate, 1)} ms, ` +
+        `of which a raw ${ETCD_ROTATION_BATCH}-put transaction takes ${fmt(raw.txnMs, 1)} ms here: batches commit one ` +
+        'after another (each carries the cursor and is fenced by the rotation lock), so each pays its ' +
+        'page read, the rewrap in a worker and its commit; the group commit checks its reads (guessed ' +
+        `from the cache the page read filled) in that one transaction, not by a get each (${fmt(raw.getMs, 2)} ms)`,
     );
-    if (ctx.mode !== 'full') {
-      notes.push(
-        `${quick ? 'quick run: ' : ''}${fmt(threads)} thread DEKs; rotation of ${fmt(deks)} DEKs, not 100,000 ` +
-          '(100,000 on etcd takes minutes per round; --full rotates 100,000)',
-      );
+    if (quick) {
+      notes.push(`quick run: ${fmt(threads)} thread DEKs; rotation of ${fmt(deks)} DEKs, not 100,000`);
     }
     return { metrics, details, notes };
   } finally {
