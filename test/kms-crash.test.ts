@@ -10,8 +10,8 @@ import type { RotationStatus } from '../src/api/index.js';
 import { type Child, openKms, runChild, startChild, writeScript } from './helpers/kms.js';
 import { until } from './helpers/processes.js';
 
-const DEKS = 30_000;
-const SAMPLE_EVERY = 100;
+const DEKS = 10_000;
+const SAMPLE_EVERY = 50;
 
 interface Sample {
   keyId: string;

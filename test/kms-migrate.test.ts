@@ -194,7 +194,7 @@ test.serial(
 test.serial(
   'kill -9 mid-way: replicas refuse the half-copied prefix with REGISTRY_MIGRATING; a re-run finishes it',
   async (t) => {
-    const source = await singleNode(t, 20_000, 500);
+    const source = await singleNode(t, 10_000, 250);
     const prefix = '/progressdb-kms/killed/';
     const child = spawn(process.execPath, [KMS_CLI, ...migrateArgs(source, 'killed')], {
       env: cleanEnv(),
@@ -245,7 +245,7 @@ test.serial(
     const rerun = await migrate(source, 'killed');
     t.is(rerun.code, 0, rerun.stderr);
     t.log(rerun.stderr.trim().split('\n').at(-1));
-    t.regex(rerun.stdout, /finished the interrupted migration .* 20000 DEKs, 20000 threads/);
+    t.regex(rerun.stdout, /finished the interrupted migration .* 10000 DEKs, 10000 threads/);
     const a = await replica(t, source, 'killed', 'killed-a');
     await everyOldCiphertextDecrypts(t, clientOf([a]), source);
   },

@@ -15,7 +15,7 @@ import { type Daemon, keygen, spawnDaemon } from './helpers/kms-daemon.js';
 import { until } from './helpers/processes.js';
 import { KMS_CLI, runCli, tempDir } from './helpers/server.js';
 
-const KEYS = 20_000;
+const KEYS = 5000;
 
 async function daemonWithSmallRotationBatches(dir: string, ports?: { http: number; bridge: number }) {
   return spawnDaemon({
