@@ -82,6 +82,11 @@ export interface KmsHealth {
   poolThreads: number;
   queueDepth: number;
   rotation: RotationStatus;
+  /**
+   * With a rotation period: when the active KEK version falls due (ISO time; null before the
+   * first KEK). Absent without one, and over the TCP bridge.
+   */
+  nextRotationDueAt?: string | null;
   /** Present for a replica of a cluster. */
   replica?: ReplicaStatus;
 }

@@ -131,6 +131,8 @@ const FileSchema = z.strictObject({
       audit: z.boolean().optional(),
       audit_fsync_ms: int(0, 60_000).optional(),
       rotation_batch_size: int(1, 100_000).optional(),
+      /** `90d`, `12h`, ... or `off`: checked by createKms. */
+      kek_rotation_period: z.string().optional(),
     })
     .optional(),
 });
@@ -312,6 +314,7 @@ function kmsOptions(
     audit: file.kms?.audit,
     auditFsyncMs: file.kms?.audit_fsync_ms,
     rotationBatchSize: file.kms?.rotation_batch_size,
+    kekRotationPeriod: file.kms?.kek_rotation_period,
     ...registryOptions(s.get, s.filePath),
   };
   const masterKeyFile = s.filePath('master_key_file');

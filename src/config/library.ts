@@ -16,6 +16,7 @@ import {
   type RegistryOptions,
   registryLocation,
 } from '../kms/registry/location.js';
+import { type KmsClock, parseDuration, SYSTEM_CLOCK } from '../kms/rotation-schedule.js';
 import type { Logger } from '../log.js';
 import type { MasterKeyRef } from '../worker-abi/index.js';
 import { envBool, envInt, envValue, readConfigFile } from './layers.js';
@@ -56,8 +57,18 @@ export interface KmsOptions {
   auditFsyncMs?: number;
   /** DEK records rewrapped per worker task and transaction during KEK rotation. Default 2000 (40 on etcd). Env: PROGRESSDB_KMS_ROTATION_BATCH_SIZE. */
   rotationBatchSize?: number;
-  /** Resume an interrupted KEK rotation in the background at start-up. Default true. */
+  /**
+   * Resume an interrupted KEK rotation in the background at start-up, and run scheduled ones
+   * (kekRotationPeriod). Default true; the offline commands turn it off.
+   */
   resumeRotation?: boolean;
+  /**
+   * Rotate the KEK by itself when the active version is older than this: `90d`, `12h`, `30m`
+   * (or milliseconds). Off by default. Env: PROGRESSDB_KMS_KEK_ROTATION_PERIOD.
+   */
+  kekRotationPeriod?: string | number;
+  /** The clock of scheduled work; tests inject one. Default: the system clock. */
+  clock?: KmsClock;
   /**
    * Where the registry lives: `lmdb` (in dataDir; the default) or the etcd cluster several KMS
    * replicas share, `etcd://host:port,...` or `etcds://...` (TLS). Env: PROGRESSDB_KMS_REGISTRY.
@@ -96,6 +107,9 @@ export interface ResolvedKmsOptions {
   auditFsyncMs: number;
   rotationBatchSize: number;
   resumeRotation: boolean;
+  /** null: no scheduled rotation. */
+  kekRotationPeriodMs: number | null;
+  clock: KmsClock;
   registry: RegistryOptions;
 }
 
@@ -209,8 +223,26 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
       registry.url === undefined ? 2000 : ETCD_ROTATION_BATCH,
     ),
     resumeRotation: opts.resumeRotation ?? true,
+    kekRotationPeriodMs: resolvePeriod(
+      opts.kekRotationPeriod ?? envString('PROGRESSDB_KMS_KEK_ROTATION_PERIOD'),
+    ),
+    clock: opts.clock ?? SYSTEM_CLOCK,
     registry,
   };
+}
+
+function resolvePeriod(given: string | number | undefined): number | null {
+  if (given === undefined || given === 'off') return null;
+  if (typeof given === 'number') {
+    if (!Number.isSafeInteger(given) || given <= 0) {
+      throw kmsError(
+        'CONFIG_INVALID',
+        `kekRotationPeriod must be a positive number of milliseconds, got ${given}`,
+      );
+    }
+    return given;
+  }
+  return parseDuration(given, 'kekRotationPeriod');
 }
 
 /** The registry options and their env fallbacks, checked (registryLocation) but not connected. */

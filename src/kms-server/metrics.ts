@@ -95,7 +95,8 @@ export class DaemonMetrics {
     | 'activeKekVersion'
     | 'rotationRunning'
     | 'rotationDone'
-    | 'rotationTotal',
+    | 'rotationTotal'
+    | 'rotationNextDue',
     Gauge
   >;
   private readonly bridgeConnections: Gauge;
@@ -153,6 +154,10 @@ export class DaemonMetrics {
       rotationRunning: gauge('rotation_running', '1 while a KEK rotation is running'),
       rotationDone: gauge('rotation_done', 'DEK records examined by the current or last KEK rotation'),
       rotationTotal: gauge('rotation_total', 'DEK records to examine in the current or last KEK rotation'),
+      rotationNextDue: gauge(
+        'kek_rotation_next_due_timestamp_seconds',
+        'When the active KEK falls due for its scheduled rotation (Unix time; absent without a period)',
+      ),
     };
     this.bridgeConnections = gauge('bridge_connections', 'Open TCP bridge connections');
     const metrics = this;
@@ -248,6 +253,9 @@ export class DaemonMetrics {
     g.rotationRunning.set(h.rotation.state === 'running' ? 1 : 0);
     g.rotationDone.set(h.rotation.done);
     g.rotationTotal.set(h.rotation.total);
+    const due = h.nextRotationDueAt == null ? Number.NaN : Date.parse(h.nextRotationDueAt);
+    if (Number.isFinite(due)) g.rotationNextDue.set(due / 1000);
+    else g.rotationNextDue.reset();
   }
 
   render(): Promise<string> {

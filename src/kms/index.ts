@@ -35,6 +35,7 @@ import { CryptoPool } from './pool.js';
 import { type KekMeta, type Registry, ROTATION_LOCK } from './registry/index.js';
 import { openRegistry } from './registry/open.js';
 import { KekRotation } from './rotation.js';
+import { RotationSchedule } from './rotation-schedule.js';
 import { startUp } from './startup.js';
 
 export type { KmsOptions } from '../config/library.js';
@@ -60,6 +61,8 @@ class EmbeddedKms implements Kms {
   #rotation!: KekRotation;
   #closed = false;
   readonly #stopWatching: (() => void)[] = [];
+  /** Scheduled KEK rotation (kekRotationPeriod), when configured. */
+  #schedule: RotationSchedule | null = null;
   /** The last DEK count health() read (a replica cut off from etcd reports it). */
   #dekCount = 0;
   #closing: Promise<void> | null = null;
@@ -153,8 +156,26 @@ class EmbeddedKms implements Kms {
         return result.wrapped;
       },
       note: (audit) => this.#queue.note(audit),
+      now: () => this.#opts.clock.now(),
     });
     if (!this.#opts.resumeRotation) return;
+    const periodMs = this.#opts.kekRotationPeriodMs;
+    if (periodMs !== null) {
+      const schedule = new RotationSchedule({
+        periodMs,
+        clock: this.#opts.clock,
+        activeKek: () => {
+          const meta = this.#registry.kekMeta();
+          const record = meta === undefined ? undefined : this.#registry.kek(meta.activeVersion);
+          return record === undefined ? undefined : { version: record.version, createdAt: record.createdAt };
+        },
+        rotate: (version) => this.#rotation.run({ caller: 'kms-schedule' }, { onlyIfActive: version }),
+        log: this.#log,
+      });
+      this.#schedule = schedule;
+      schedule.start();
+      this.#stopWatching.push(() => schedule.stop());
+    }
     if (this.#rotation.interrupted) this.#resumeRotation('kms-startup');
     // In a cluster, a rotation whose replica died (its lease, and the lock, lapsed) is resumed here.
     const unwatch = this.#registry.cluster?.onUnlocked(ROTATION_LOCK, () => {
@@ -301,6 +322,7 @@ class EmbeddedKms implements Kms {
       poolThreads: this.#pool.threads,
       queueDepth: this.#pool.queueDepth,
       rotation: this.#rotation.status(),
+      ...(this.#schedule !== null && { nextRotationDueAt: this.#schedule.nextDueAt() }),
       ...(replica !== undefined && { replica }),
     };
   }

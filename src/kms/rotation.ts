@@ -41,6 +41,16 @@ export interface RotationDeps {
   newKek: (version: number, audit: AuditFields) => Promise<Uint8Array>;
   /** Writes an audit-only line. */
   note: (audit: AuditFields) => Promise<void>;
+  /** The time new KEK versions and rotation records are stamped with (the schedule's clock). */
+  now?: () => number;
+}
+
+export interface RotateOptions {
+  /**
+   * Start a new rotation only while this is still the active KEK version (the schedule's guard:
+   * another replica may have rotated since it looked). An interrupted rotation resumes either way.
+   */
+  onlyIfActive?: number;
 }
 
 /** Passes over the table after the first, to catch DEKs created under the old KEK mid-pass. */
@@ -96,15 +106,19 @@ export class KekRotation {
   }
 
   /** Starts, joins or resumes the rotation; resolves when it has finished (or was stopped). */
-  run(ctx?: CallContext): Promise<RotationStatus> {
+  run(ctx?: CallContext, opts: RotateOptions = {}): Promise<RotationStatus> {
     if (this.#running === null) {
       this.#inProgress = true;
-      this.#running = this.#rotate(ctx).finally(() => {
+      this.#running = this.#rotate(ctx, opts).finally(() => {
         this.#inProgress = false;
         this.#running = null;
       });
     }
     return this.#running;
+  }
+
+  #stamp(): string {
+    return new Date(this.#deps.now?.() ?? Date.now()).toISOString();
   }
 
   /** Asks a running rotation to stop at the next batch boundary and waits for it. */
@@ -122,12 +136,16 @@ export class KekRotation {
     }
   }
 
-  async #rotate(ctx: CallContext | undefined): Promise<RotationStatus> {
+  async #rotate(ctx: CallContext | undefined, opts: RotateOptions): Promise<RotationStatus> {
     const who = { caller: ctx?.caller, remote: ctx?.remoteAddress };
     const cluster = this.#deps.registry.cluster;
     if (cluster !== undefined && !(await this.#lockOrJoin(cluster))) return this.status();
     try {
-      const progress = await this.#beginOrResume(who);
+      const progress = await this.#beginOrResume(who, opts);
+      if (progress === null) {
+        this.#inProgress = false;
+        return this.status();
+      }
       const passed = await this.#rewrapAll(progress, who);
       // Stopped mid-way: the stored record still says running (it resumes at the next start).
       if (passed !== null) await this.#finish(passed, who);
@@ -171,8 +189,11 @@ export class KekRotation {
     }
   }
 
-  /** A new KEK version and a running rotation to it, or the interrupted rotation as stored. */
-  async #beginOrResume(who: Who): Promise<RotationRecord> {
+  /**
+   * A new KEK version and a running rotation to it, or the interrupted rotation as stored; null
+   * when `onlyIfActive` is no longer the active version (nothing to do).
+   */
+  async #beginOrResume(who: Who, opts: RotateOptions): Promise<RotationRecord | null> {
     const { registry } = this.#deps;
     const stored = registry.rotation();
     if (stored !== undefined && stored.state !== 'completed') {
@@ -187,6 +208,7 @@ export class KekRotation {
     const meta = registry.kekMeta();
     if (meta === undefined) throw kmsError('STORE_CORRUPT', 'the KEK metadata is missing from the registry');
     const active = meta.activeVersion;
+    if (opts.onlyIfActive !== undefined && opts.onlyIfActive !== active) return null;
     const version = active + 1;
     const wrapped = await this.#deps.newKek(version, {
       op: 'rotate_kek',
@@ -194,7 +216,7 @@ export class KekRotation {
       detail: `start: KEK version ${active} -> ${version}`,
       ...who,
     });
-    const now = new Date().toISOString();
+    const now = this.#stamp();
     const progress: RotationRecord = {
       state: 'running',
       target: version,
@@ -256,7 +278,7 @@ export class KekRotation {
       ...progress,
       state: 'completed',
       done: progress.total,
-      finishedAt: new Date().toISOString(),
+      finishedAt: this.#stamp(),
     };
     const { registry } = this.#deps;
     const destroyed = await registry.finishRotation(finished);

@@ -27,7 +27,7 @@ export const health = singleOp({
   http: {
     method: 'GET',
     path: '/health',
-    help: '→ {"ok","kek_id","active_kek_version","dek_count","pool_threads","queue_depth","rotation":{...},"replica":{...} (a cluster replica)}',
+    help: '→ {"ok","kek_id","active_kek_version","dek_count","pool_threads","queue_depth","rotation":{...},"next_rotation_due_at" (with a rotation period),"replica":{...} (a cluster replica)}',
   },
   json: {
     request: noParamsRecord,
@@ -40,10 +40,12 @@ export const health = singleOp({
       poolThreads: uint('pool_threads'),
       queueDepth: uint('queue_depth'),
       rotation: nested('rotation', rotationStatusRecord),
+      nextRotationDueAt: optional(nullable(text('next_rotation_due_at'))),
       replica: optional(nested('replica', replicaStatusRecord)),
     }),
   },
-  // The bridge's health carries no replica part: `ok` already says whether a replica serves.
+  // The bridge's health carries no replica part (`ok` already says whether a replica serves) and
+  // no rotation due time (the daemon's /health and metrics do).
   binary: {
     request: noParamsBinary('health'),
     result: {

@@ -255,7 +255,8 @@ export class EtcdStore implements RegistryStore {
   #guess(key: string): Read {
     const cached = this.#cache.get(key);
     // A cached delete is absent: etcd compares an absent key's mod revision as 0.
-    if (cached === undefined || cached.value === undefined) return { value: undefined, modRevision: 0n, guessed: true };
+    if (cached === undefined || cached.value === undefined)
+      return { value: undefined, modRevision: 0n, guessed: true };
     return { value: cached.value, modRevision: cached.modRevision, guessed: true };
   }
 
