@@ -93,26 +93,29 @@ test.serial('create-if-absent raced from two replicas: exactly one wins, both re
   await b.close();
 });
 
-test.serial('a batch guesses from its cache, and etcd checks each guess: a write elsewhere just before is never missed', async (t) => {
-  const { a, b } = await replicas();
-  for (let i = 0; i < 40; i++) {
-    const key = `dek/g${i}`;
-    // Never seen by A (guessed absent), then one A wrote itself (cached), each overwritten by B
-    // just before A reads it, likely before A's watch has heard of it.
-    if (i % 2 === 1) await a.transaction({ puts: [{ key, value: { by: 'a' } }] });
-    await b.transaction({ puts: [{ key, value: { by: 'b', i } }] });
-    t.deepEqual(await a.atomically((tx) => tx.get(key)), { by: 'b', i }, `read-only ${key}`);
-    await b.transaction({ puts: [{ key, value: { by: 'b', i, again: true } }] });
-    const seen = await a.atomically((tx) => {
-      const value = tx.get(key);
-      tx.put(key, { by: 'a', after: value });
-      return value;
-    });
-    t.deepEqual(seen, { by: 'b', i, again: true }, `read-modify-write ${key}`);
-  }
-  await a.close();
-  await b.close();
-});
+test.serial(
+  'a batch guesses from its cache, and etcd checks each guess: a write elsewhere just before is never missed',
+  async (t) => {
+    const { a, b } = await replicas();
+    for (let i = 0; i < 40; i++) {
+      const key = `dek/g${i}`;
+      // Never seen by A (guessed absent), then one A wrote itself (cached), each overwritten by B
+      // just before A reads it, likely before A's watch has heard of it.
+      if (i % 2 === 1) await a.transaction({ puts: [{ key, value: { by: 'a' } }] });
+      await b.transaction({ puts: [{ key, value: { by: 'b', i } }] });
+      t.deepEqual(await a.atomically((tx) => tx.get(key)), { by: 'b', i }, `read-only ${key}`);
+      await b.transaction({ puts: [{ key, value: { by: 'b', i, again: true } }] });
+      const seen = await a.atomically((tx) => {
+        const value = tx.get(key);
+        tx.put(key, { by: 'a', after: value });
+        return value;
+      });
+      t.deepEqual(seen, { by: 'b', i, again: true }, `read-modify-write ${key}`);
+    }
+    await a.close();
+    await b.close();
+  },
+);
 
 test.serial('read-modify-write from two replicas loses no update', async (t) => {
   const { a, b } = await replicas();
