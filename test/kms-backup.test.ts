@@ -8,6 +8,8 @@ import path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
 import { Etcd3 } from 'etcd3';
 import { createKms } from '../src/kms/index.js';
+import { readBackup } from '../src/kms/registry/backup.js';
+import type { DekRecord, KekRecord } from '../src/kms/registry/index.js';
 import { EtcdCluster } from './helpers/etcd.js';
 import { expectCode, openKms, tempDir, writeMasterKey } from './helpers/kms.js';
 import { cleanEnv } from './helpers/processes.js';
@@ -96,6 +98,62 @@ test('backup beside a live KMS, restore to a new directory: keys as of the backu
   const again = await restoreCli(file, restoredDir, fx.keyFile);
   t.is(again.code, 1);
   t.regex(again.stderr, /REGISTRY_NOT_EMPTY: .* already holds registry\.mdb/);
+});
+
+test('a backup taken during creates, destroys and a KEK rotation is one consistent moment', async (t) => {
+  // Small rotation batches: the rotation commits many times while the backup reads.
+  const fx = await openKms(t, { rotationBatchSize: 20 });
+  for (let i = 0; i < 2000; i += 500) {
+    await Promise.all(Array.from({ length: 500 }, (_, j) => fx.kms.createDekForThread(`busy-${i + j}`)));
+  }
+  const file = path.join(fx.dir, 'busy.backup');
+  let stop = false;
+  let writes = 0;
+  const busy = (async () => {
+    for (let i = 0; !stop; i++) {
+      const { keyId } = await fx.kms.createDekForThread(`during-${i}`);
+      if (i % 3 === 0) await fx.kms.rotateDek(keyId);
+      if (i % 5 === 0) await fx.kms.destroyDek(keyId);
+      writes++;
+    }
+  })();
+  const rotation = fx.kms.rotateKek();
+  const made = await cli(['backup', '--data-dir', fx.dataDir, '--out', file]);
+  stop = true;
+  await Promise.all([busy, rotation]);
+  t.is(made.code, 0, made.stderr);
+  t.true(writes > 0);
+
+  // Each KEK version's reference count is the number of DEK versions wrapped under it, and each
+  // thread names an active DEK: what a torn read across commits would break.
+  const { entries, header } = readBackup(file);
+  t.log(
+    `writes during: ${writes}; backup: rotation ${header.rotation}, KEK versions ${header.kekVersions}, ${header.counts.deks} DEKs`,
+  );
+  const deks = new Map<string, DekRecord>();
+  const refs = new Map<number, number>();
+  for (const { key, value } of entries) {
+    if (!key.startsWith('dek/')) continue;
+    const dek = value as DekRecord;
+    deks.set(dek.keyId, dek);
+    for (const v of dek.versions) refs.set(v.kek, (refs.get(v.kek) ?? 0) + 1);
+  }
+  for (const { key, value } of entries) {
+    if (key.startsWith('kek/')) {
+      const kek = value as KekRecord;
+      t.is(kek.refs, refs.get(kek.version) ?? 0, `refs of KEK version ${kek.version}`);
+    } else if (key.startsWith('thread/')) {
+      t.is(deks.get(value as string)?.state, 'active', `the key of ${key}`);
+    }
+  }
+  const restoredDir = path.join(tempDir(t, 'pdb-restore-'), 'kms');
+  const restored = await restoreCli(file, restoredDir, fx.keyFile);
+  t.is(restored.code, 0, restored.stderr);
+  const kms = await createKms({ dataDir: restoredDir, masterKeyFile: fx.keyFile, poolSize: 1 });
+  t.teardown(() => kms.close());
+  const status = await kms.rotationStatus();
+  t.true(status.state === 'completed' || status.state === 'running');
+  await kms.rotateKek();
 });
 
 test('a wrong master key, a flipped byte or a truncated file is refused and the target stays empty', async (t) => {
