@@ -201,19 +201,22 @@ test('a wrong master key, a flipped byte or a truncated file is refused and the 
   t.regex(ok.stdout, /5 DEKs, 5 threads/);
 });
 
-test('backup of an etcd registry at one revision, restored into a data directory', async (t) => {
+test('an etcd registry: backed up at one revision, restored into a data directory and into an empty cluster prefix', async (t) => {
   const etcd = await EtcdCluster.start(1);
   t.teardown(() => etcd.stop());
+  const admin = new Etcd3({ hosts: etcd.clientUrls });
+  t.teardown(() => admin.close());
   const dir = tempDir(t, 'pdb-backup-etcd-');
   const { file: keyFile } = writeMasterKey(dir);
-  const replicaDir = path.join(dir, 'replica');
-  const kms = await createKms({
-    dataDir: replicaDir,
-    masterKeyFile: keyFile,
-    poolSize: 1,
-    registry: etcd.registryUrl,
-    cluster: 'backed',
-  });
+  const replica = (cluster: string, name: string) =>
+    createKms({
+      dataDir: path.join(dir, name),
+      masterKeyFile: keyFile,
+      poolSize: 1,
+      registry: etcd.registryUrl,
+      cluster,
+    });
+  const kms = await replica('backed', 'replica');
   t.teardown(() => kms.close());
   const sealed = await Promise.all(Array.from({ length: 20 }, (_, i) => seal(kms, `e-${i}`)));
   const file = path.join(dir, 'etcd.backup');
@@ -223,9 +226,8 @@ test('backup of an etcd registry at one revision, restored into a data directory
     made.stdout,
     /backed up \/progressdb-kms\/backed\/ at revision \d+ .* 1 KEK versions, 20 DEKs, 20 threads/,
   );
-  const admin = new Etcd3({ hosts: etcd.clientUrls });
-  t.teardown(() => admin.close());
-  t.true((await admin.getAll().prefix('/progressdb-kms/backed/').keys()).length > 0);
+  const after = await seal(kms, 'e-after-backup');
+  await kms.destroyDek((sealed[0] as Sealed).keyId);
   await kms.close();
 
   const restoredDir = path.join(dir, 'restored');
@@ -234,4 +236,41 @@ test('backup of an etcd registry at one revision, restored into a data directory
   const single = await createKms({ dataDir: restoredDir, masterKeyFile: keyFile, poolSize: 1 });
   t.teardown(() => single.close());
   await opensAll(t, single, sealed);
+
+  const intoEtcd = (cluster: string, key = keyFile) =>
+    cli([
+      'restore',
+      '--in',
+      file,
+      '--registry',
+      etcd.registryUrl,
+      '--cluster',
+      cluster,
+      '--master-key-file',
+      key,
+    ]);
+  const wrongKey = writeMasterKey(dir, undefined, 'other.key');
+  const wrong = await intoEtcd('again', wrongKey.file);
+  t.is(wrong.code, 1);
+  t.regex(wrong.stderr, /MASTER_KEY_MISMATCH/);
+  t.is((await admin.getAll().prefix('/progressdb-kms/again/').keys()).length, 0, 'nothing written to etcd');
+
+  const copied = await intoEtcd('again');
+  t.is(copied.code, 0, copied.stderr);
+  t.regex(copied.stdout, /into \/progressdb-kms\/again\/: .* 1 KEK versions, 20 DEKs, 20 threads/);
+  const cluster = await replica('again', 'replica-again');
+  t.teardown(() => cluster.close());
+  await opensAll(t, cluster, sealed);
+  await expectCode(
+    t,
+    cluster.decrypt(after.keyId, after.ciphertext, Buffer.from(after.threadId)),
+    'KEY_NOT_FOUND',
+  );
+
+  const twice = await intoEtcd('again');
+  t.is(twice.code, 1);
+  t.regex(twice.stderr, /REGISTRY_NOT_EMPTY: \/progressdb-kms\/again\/ already holds a keyring/);
+  const occupied = await intoEtcd('backed');
+  t.is(occupied.code, 1);
+  t.regex(occupied.stderr, /REGISTRY_NOT_EMPTY/);
 });

@@ -166,11 +166,13 @@ registryFlags(
     exitWith(async () => (await backup()).backupCommand(opts))(),
   );
 
-program
-  .command('restore')
-  .description('restore a backup into a new data directory, once the master key is proven to unwrap it')
+registryFlags(
+  program.command('restore'),
+  'lmdb (default: in --data-dir) or an empty etcd registry to restore into: etcd://h:p,... / etcds://h:p,...',
+)
+  .description('restore a backup into a new data directory or cluster prefix, once the master key unwraps it')
   .option('--in <file>', 'the backup file')
-  .option('--data-dir <dir>', 'the new KMS data directory (must not hold a registry)')
+  .option('--data-dir <dir>', 'the new KMS data directory, for an LMDB registry (must not hold a registry)')
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
   .action((opts: import('./kms-commands/backup.js').RestoreFlags) =>
     exitWith(async () => (await backup()).restoreCommand(opts))(),

@@ -39,28 +39,29 @@ export async function backupCommand(flags: BackupFlags): Promise<number> {
   }
 }
 
-export interface RestoreFlags {
+export interface RestoreFlags extends RegistryFlags {
   in?: string;
   dataDir?: string;
   masterKeyFile?: string;
 }
 
-/** `restore --in FILE --data-dir NEW --master-key-file K`: into a new data directory only. */
+/**
+ * `restore --in FILE --data-dir NEW --master-key-file K` (or `--registry etcd://... --cluster
+ * NAME`): into a new data directory or an empty cluster prefix only.
+ */
 export async function restoreCommand(flags: RestoreFlags): Promise<number> {
   try {
     if (flags.in === undefined)
       throw kmsError('CONFIG_INVALID', 'give the backup file to restore: --in FILE');
-    if (flags.dataDir === undefined) {
-      throw kmsError('CONFIG_INVALID', 'give the new data directory to restore into: --data-dir NEW');
-    }
     const result = await restoreRegistry({
       inFile: flags.in,
-      dataDir: flags.dataDir,
+      ...(flags.dataDir !== undefined && { dataDir: flags.dataDir }),
+      registry: registryOf(flags),
       masterKey: resolveMasterKeyRef({ masterKeyFile: flags.masterKeyFile }),
     });
     const { counts, header } = result;
     process.stdout.write(
-      `restored ${flags.in} (taken ${header.createdAt}) into ${result.dataDir}: KEK ${header.kekId} ` +
+      `restored ${flags.in} (taken ${header.createdAt}) into ${result.target}: KEK ${header.kekId} ` +
         `(active version ${header.activeKekVersion}), ${counts.keks} KEK versions, ${counts.deks} DEKs, ` +
         `${counts.threads} threads; the master key unwraps its KEK.\n`,
     );

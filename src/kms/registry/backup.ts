@@ -20,10 +20,11 @@
  * against the records, then in a worker that the master key unwraps the backup's KEK (the key
  * check value, CheckKekTask): a wrong key is MASTER_KEY_MISMATCH. The LMDB registry is written
  * under a temporary name and renamed into place complete, so an interrupted restore leaves no
- * registry behind.
+ * registry behind; into etcd it copies as `migrate` does, under a marker (migrate.ts).
  */
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { Packr } from 'msgpackr';
 import { Piscina } from 'piscina';
@@ -36,7 +37,8 @@ import { oneOffWorkerInit } from '../verify-audit.js';
 import type { KekMeta, KekRecord, RotationRecord } from './index.js';
 import { MIGRATING } from './index.js';
 import { LmdbStore, REGISTRY_FILE } from './lmdb.js';
-import { type RegistryOptions, registryLocation } from './location.js';
+import { type RegistryLocation, type RegistryOptions, registryLocation } from './location.js';
+import { claimTarget, copyPage, finishCopy, type MigrationMarker } from './migrate.js';
 import { etcdClientOptions } from './open.js';
 import type { RegistrySnapshot, StoreEntry } from './store.js';
 
@@ -297,7 +299,8 @@ export function readBackup(file: string): ParsedBackup {
 }
 
 export interface RestoreReport {
-  dataDir: string;
+  /** The data directory, or the etcd cluster prefix, restored into. */
+  target: string;
   header: BackupHeader;
   /** Records in the restored registry, counted there after the write. */
   counts: BackupHeader['counts'];
@@ -305,7 +308,10 @@ export interface RestoreReport {
 
 export interface RestoreOptions {
   inFile: string;
-  dataDir: string;
+  /** The new data directory of an LMDB registry (unused for etcd). */
+  dataDir?: string;
+  /** Where to restore: LMDB in `dataDir` (the default) or an empty etcd cluster prefix. */
+  registry?: RegistryOptions;
   masterKey: MasterKeyRef;
 }
 
@@ -320,13 +326,22 @@ function assertEmptyTarget(dataDir: string): void {
   }
 }
 
-/** Restores a backup into a new LMDB data directory; see the module comment for the order of checks. */
+/**
+ * Restores a backup into a new LMDB data directory or an empty etcd cluster prefix; see the module
+ * comment for the order of checks.
+ */
 export async function restoreRegistry(opts: RestoreOptions): Promise<RestoreReport> {
-  const dataDir = path.resolve(opts.dataDir);
+  const location = registryLocation(opts.registry ?? {});
   const inFile = path.resolve(opts.inFile);
-  assertEmptyTarget(dataDir);
+  let dataDir: string | undefined;
+  if (location.kind === 'lmdb') {
+    if (opts.dataDir === undefined) {
+      throw kmsError('CONFIG_INVALID', 'give the new data directory to restore into: --data-dir NEW');
+    }
+    dataDir = path.resolve(opts.dataDir);
+    assertEmptyTarget(dataDir);
+  }
   const { header, entries } = readBackup(inFile);
-  const value = (key: string) => entries.find((e) => e.key === key)?.value;
   const keks: KekRef[] = entries
     .filter((e) => e.key.startsWith('kek/'))
     .map((e) => {
@@ -336,9 +351,38 @@ export async function restoreRegistry(opts: RestoreOptions): Promise<RestoreRepo
   if (!keks.some((k) => k.version === header.activeKekVersion)) {
     throw corrupt(inFile, `lacks the active KEK version ${header.activeKekVersion}`);
   }
-  const kcv = value('meta/kcv') as Uint8Array | undefined;
+  const kcv = entries.find((e) => e.key === 'meta/kcv')?.value as Uint8Array | undefined;
   await checkMasterKey(opts.masterKey, keks, kcv === undefined ? null : new Uint8Array(kcv), inFile);
+  const counts =
+    dataDir === undefined
+      ? await restoreIntoEtcd(
+          location as Extract<RegistryLocation, { kind: 'etcd' }>,
+          opts,
+          inFile,
+          header,
+          entries,
+        )
+      : await restoreIntoDataDir(dataDir, entries);
+  if (JSON.stringify(counts) !== JSON.stringify(header.counts)) {
+    throw kmsError(
+      'STORE_CORRUPT',
+      `the restored registry holds ${JSON.stringify(counts)} where the backup holds ${JSON.stringify(header.counts)}`,
+    );
+  }
+  const target = dataDir ?? (location as Extract<RegistryLocation, { kind: 'etcd' }>).prefix;
+  return { target, header, counts };
+}
 
+async function countsOf(store: Pick<RegistrySnapshot, 'count'>): Promise<BackupHeader['counts']> {
+  return {
+    keks: await store.count('kek/'),
+    deks: await store.count('dek/'),
+    threads: await store.count('thread/'),
+  };
+}
+
+/** Written under a temporary name and renamed into place complete; returns the counts there. */
+async function restoreIntoDataDir(dataDir: string, entries: StoreEntry[]): Promise<BackupHeader['counts']> {
   fs.mkdirSync(dataDir, { recursive: true, mode: 0o700 });
   const lock = lockDataDir(dataDir);
   try {
@@ -359,23 +403,50 @@ export async function restoreRegistry(opts: RestoreOptions): Promise<RestoreRepo
     syncDir(dataDir);
     const restored = LmdbStore.open(dataDir);
     try {
-      const counts = {
-        keks: await restored.count('kek/'),
-        deks: await restored.count('dek/'),
-        threads: await restored.count('thread/'),
-      };
-      if (JSON.stringify(counts) !== JSON.stringify(header.counts)) {
-        throw kmsError(
-          'STORE_CORRUPT',
-          `the restored registry holds ${JSON.stringify(counts)} where the backup holds ${JSON.stringify(header.counts)}`,
-        );
-      }
-      return { dataDir, header, counts };
+      return await countsOf(restored);
     } finally {
       await restored.close();
     }
   } finally {
     lock.release();
+  }
+}
+
+/**
+ * As `migrate` copies (migrate.ts): a marker naming the backup file claims an empty prefix, the
+ * namespaces are copied under it, and the last transaction writes the keyring's meta records and
+ * removes the marker; until then replicas refuse the prefix, and the same restore run again
+ * finishes an interrupted one.
+ */
+async function restoreIntoEtcd(
+  location: Extract<RegistryLocation, { kind: 'etcd' }>,
+  opts: RestoreOptions,
+  inFile: string,
+  header: BackupHeader,
+  entries: StoreEntry[],
+): Promise<BackupHeader['counts']> {
+  const [{ Etcd3 }, { EtcdStore }] = await Promise.all([import('etcd3'), import('./etcd.js')]);
+  const client = new Etcd3(etcdClientOptions(location, opts.registry ?? {}));
+  let store: Awaited<ReturnType<typeof EtcdStore.open>> | undefined;
+  try {
+    store = await EtcdStore.open({ client, prefix: location.prefix, onClose: () => client.close() });
+    const marker: MigrationMarker = {
+      from: inFile,
+      kekId: header.kekId,
+      host: os.hostname(),
+      startedAt: new Date().toISOString(),
+    };
+    await claimTarget(store, marker, location.prefix, 'restore');
+    for (const ns of NAMESPACES) {
+      const page = entries.filter((e) => e.key.startsWith(ns));
+      for (let i = 0; i < page.length; i += PAGE) await copyPage(store, page.slice(i, i + PAGE));
+    }
+    const meta = entries.filter((e) => (META as readonly string[]).includes(e.key));
+    await finishCopy(store, marker, meta, location.prefix);
+    return await countsOf(store);
+  } finally {
+    if (store) await store.close();
+    else client.close();
   }
 }
 
