@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 /**
  * progressdb-kms: the external-mode KMS daemon (`serve`, the default) and its offline tools
- * (`keygen`, `audit verify`, `rotate`). Errors are reported as one line on stderr with exit code
+ * (`keygen`, `audit verify`, `rotate`, `migrate`, `backup`, `restore`). Errors are reported as one line on stderr with exit code
  * 1, never a stack trace.
  */
 import { Command, InvalidArgumentError } from 'commander';
@@ -14,6 +14,7 @@ const keygen = () => import('./kms-commands/keygen.js');
 const auditVerify = () => import('./kms-commands/audit-verify.js');
 const rotate = () => import('./kms-commands/rotate.js');
 const migrate = () => import('./kms-commands/migrate.js');
+const backup = () => import('./kms-commands/backup.js');
 
 function wholeNumber(value: string): number {
   if (!/^\d+$/.test(value)) throw new InvalidArgumentError('expected a whole number');
@@ -152,6 +153,29 @@ registryFlags(program.command('migrate'), 'the etcd registry to copy into: etcd:
   .option('--from-data-dir <dir>', 'the single-node KMS data directory (its KMS must be stopped)')
   .action((opts: import('./kms-commands/migrate.js').MigrateFlags) =>
     exitWith(async () => (await migrate()).migrateCommand(opts))(),
+  );
+
+registryFlags(
+  program.command('backup'),
+  "lmdb (default: the data dir's) or the etcd registry to back up: etcd://h:p,... / etcds://h:p,...",
+)
+  .description('write a consistent snapshot of the registry (wrapped keys only); the KMS may be running')
+  .option('--data-dir <dir>', 'the KMS data directory, for an LMDB registry')
+  .option('--out <file>', 'backup file to write (mode 0600, replaced atomically)')
+  .action((opts: import('./kms-commands/backup.js').BackupFlags) =>
+    exitWith(async () => (await backup()).backupCommand(opts))(),
+  );
+
+registryFlags(
+  program.command('restore'),
+  'lmdb (default: in --data-dir) or an empty etcd registry to restore into: etcd://h:p,... / etcds://h:p,...',
+)
+  .description('restore a backup into a new data directory or cluster prefix, once the master key unwraps it')
+  .option('--in <file>', 'the backup file')
+  .option('--data-dir <dir>', 'the new KMS data directory, for an LMDB registry (must not hold a registry)')
+  .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
+  .action((opts: import('./kms-commands/backup.js').RestoreFlags) =>
+    exitWith(async () => (await backup()).restoreCommand(opts))(),
   );
 
 program.parseAsync(process.argv).catch(fail);

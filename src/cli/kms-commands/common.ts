@@ -4,8 +4,10 @@
  * src/cli/progressdb-kms.ts.
  */
 import path from 'node:path';
-import { givenKmsDataDir } from '../../config/library.js';
+import type { RegistryFlags } from '../../config/daemon-registry.js';
+import { givenKmsDataDir, resolveRegistry } from '../../config/library.js';
 import { kmsError, toCodedError } from '../../errors.js';
+import type { RegistryOptions } from '../../kms/registry/location.js';
 
 export interface DataDirCommandOptions {
   /** Else PROGRESSDB_KMS_DATA_DIR, as for `serve`. */
@@ -26,4 +28,19 @@ export function report(err: unknown): number {
   const coded = toCodedError(err);
   process.stderr.write(`progressdb-kms: ${coded.code}: ${coded.message}\n`);
   return 1;
+}
+
+/** The registry options of an offline command's registry flags (env fallbacks as for `serve`). */
+export function registryOf(flags: RegistryFlags): RegistryOptions {
+  return resolveRegistry({
+    ...(flags.registry !== undefined && { registry: flags.registry }),
+    ...(flags.cluster !== undefined && { cluster: flags.cluster }),
+    etcdTls: {
+      ...(flags.etcdCaFile !== undefined && { caFile: flags.etcdCaFile }),
+      ...(flags.etcdCertFile !== undefined && { certFile: flags.etcdCertFile }),
+      ...(flags.etcdKeyFile !== undefined && { keyFile: flags.etcdKeyFile }),
+    },
+    ...(flags.etcdUser !== undefined && { etcdUser: flags.etcdUser }),
+    ...(flags.etcdPasswordFile !== undefined && { etcdPasswordFile: flags.etcdPasswordFile }),
+  });
 }

@@ -1,9 +1,8 @@
 /** `progressdb-kms migrate`: a single-node registry copied into an etcd cluster prefix. */
 import type { RegistryFlags } from '../../config/daemon-registry.js';
-import { resolveRegistry } from '../../config/library.js';
 import { kmsError } from '../../errors.js';
 import { migrateRegistry } from '../../kms/registry/migrate.js';
-import { report } from './common.js';
+import { registryOf, report } from './common.js';
 
 export interface MigrateFlags extends RegistryFlags {
   fromDataDir?: string;
@@ -18,17 +17,7 @@ export async function migrateCommand(flags: MigrateFlags): Promise<number> {
     if (flags.fromDataDir === undefined) {
       throw kmsError('CONFIG_INVALID', 'give the single-node data directory to copy: --from-data-dir D');
     }
-    const registry = resolveRegistry({
-      ...(flags.registry !== undefined && { registry: flags.registry }),
-      ...(flags.cluster !== undefined && { cluster: flags.cluster }),
-      etcdTls: {
-        ...(flags.etcdCaFile !== undefined && { caFile: flags.etcdCaFile }),
-        ...(flags.etcdCertFile !== undefined && { certFile: flags.etcdCertFile }),
-        ...(flags.etcdKeyFile !== undefined && { keyFile: flags.etcdKeyFile }),
-      },
-      ...(flags.etcdUser !== undefined && { etcdUser: flags.etcdUser }),
-      ...(flags.etcdPasswordFile !== undefined && { etcdPasswordFile: flags.etcdPasswordFile }),
-    });
+    const registry = registryOf(flags);
     const tty = process.stderr.isTTY === true;
     let lastLine = 0;
     const result = await migrateRegistry({

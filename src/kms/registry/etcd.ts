@@ -26,6 +26,7 @@ import {
   ChangeListeners,
   type ClusterStatus,
   type RangeOptions,
+  type RegistrySnapshot,
   type RegistryStore,
   type StoreChange,
   type StoreCluster,
@@ -280,6 +281,39 @@ export class EtcdStore implements RegistryStore {
   }
 
   async range(prefix: string, options: RangeOptions = {}): Promise<StoreEntry[]> {
+    return this.#range(prefix, options, undefined);
+  }
+
+  /**
+   * The registry as of the current revision: every read names that revision, so what commits
+   * meanwhile is not seen (a read fails once etcd compacts past it: REGISTRY_UNAVAILABLE).
+   */
+  async snapshot(): Promise<RegistrySnapshot> {
+    let revision: string;
+    try {
+      revision = (await this.#currentRevision()).toString();
+    } catch (err) {
+      throw unavailable(err);
+    }
+    return {
+      revision,
+      get: async (key) => {
+        try {
+          const res = await this.#client.get(this.#etcdKey(key)).revision(revision).exec();
+          const kv = res.kvs[0];
+          return kv === undefined ? undefined : decode(kv.value);
+        } catch (err) {
+          throw unavailable(err);
+        }
+      },
+      count: (prefix) => this.#count(prefix, revision),
+      range: (prefix, options) => this.#range(prefix, options ?? {}, revision),
+      close: async () => {},
+    };
+  }
+
+  /** A page of a namespace, at `revision` when given (then not cached: it may be old). */
+  async #range(prefix: string, options: RangeOptions, revision: string | undefined): Promise<StoreEntry[]> {
     const from = options.after === undefined ? this.#etcdKey(prefix) : `${this.#etcdKey(options.after)}\0`;
     const end = prefixEnd(this.#etcdKey(prefix));
     try {
@@ -287,12 +321,13 @@ export class EtcdStore implements RegistryStore {
       // etcd 3.4 read the whole rest of the range before applying the limit (each page O(n)).
       let builder = this.#client.getAll().inRange({ start: from, end });
       if (options.limit !== undefined) builder = builder.limit(options.limit);
+      if (revision !== undefined) builder = builder.revision(revision);
       const res = await builder.exec();
       return res.kvs.map((kv) => {
         const key = fromEtcdKey(kv.key.toString().slice(this.#prefix.length));
         const value = decode(kv.value);
         // So that a batch over what was just listed (a rotation's page) guesses right.
-        this.#remember(key, value, BigInt(kv.mod_revision));
+        if (revision === undefined) this.#remember(key, value, BigInt(kv.mod_revision));
         return { key, value };
       });
     } catch (err) {
@@ -300,9 +335,14 @@ export class EtcdStore implements RegistryStore {
     }
   }
 
-  async count(prefix: string): Promise<number> {
+  count(prefix: string): Promise<number> {
+    return this.#count(prefix, undefined);
+  }
+
+  async #count(prefix: string, revision: string | undefined): Promise<number> {
     try {
-      return await this.#client.getAll().prefix(this.#etcdKey(prefix)).count();
+      const builder = this.#client.getAll().prefix(this.#etcdKey(prefix));
+      return await (revision === undefined ? builder : builder.revision(revision)).count();
     } catch (err) {
       throw unavailable(err);
     }

@@ -103,7 +103,7 @@ export class Registry {
     if (migrating !== undefined) {
       throw kmsError(
         'REGISTRY_MIGRATING',
-        `a migration from ${migrating.from} (started ${migrating.startedAt}) has not finished: run progressdb-kms migrate again to finish it`,
+        `a migration from ${migrating.from} (started ${migrating.startedAt}) has not finished: run progressdb-kms migrate again to finish it (or the same restore, for a backup file)`,
       );
     }
     const format = await store.get(FORMAT);

@@ -7,12 +7,13 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { type Database, open, type RootDatabase } from 'lmdb';
+import { type Database, open, type RootDatabase, type Transaction } from 'lmdb';
 import { kmsError } from '../../errors.js';
 import { createPrivateFiles } from '../../private-files.js';
 import {
   ChangeListeners,
   type RangeOptions,
+  type RegistrySnapshot,
   type RegistryStore,
   type StoreChange,
   type StoreEntry,
@@ -42,7 +43,8 @@ const META_KEYS: Record<string, string> = {
   'meta/migrating': 'migrating',
 };
 
-const FILE_NAME = 'registry.mdb';
+export const REGISTRY_FILE = 'registry.mdb';
+const FILE_NAME = REGISTRY_FILE;
 
 function openRoot(file: string, readOnly: boolean): RootDatabase {
   return open({ path: file, compression: false, maxDbs: 8, readOnly });
@@ -72,6 +74,37 @@ export class LmdbStore implements RegistryStore {
     const file = path.join(dataDir, FILE_NAME);
     createPrivateFiles([file, `${file}-lock`]);
     return new LmdbStore(openRoot(file, false));
+  }
+
+  /**
+   * Opens (or creates, 0600) a registry file at `file` itself: restore writes a new registry
+   * under a temporary name and renames it into place once it is complete.
+   */
+  static openFile(file: string): LmdbStore {
+    createPrivateFiles([file, `${file}-lock`]);
+    return new LmdbStore(openRoot(file, false));
+  }
+
+  /**
+   * A data directory's whole registry as of one moment: every read goes through one LMDB read
+   * transaction, which sees the last commit before it began and nothing after, whatever a live
+   * KMS commits meanwhile. Opened read-only and without the directory lock (LMDB lets readers
+   * share the file with its writer), so it runs beside a serving KMS. Undefined: no registry.
+   */
+  static snapshot(dataDir: string): RegistrySnapshot | undefined {
+    const file = path.join(dataDir, FILE_NAME);
+    if (!fs.existsSync(file)) return undefined;
+    const store = new LmdbStore(openRoot(file, true));
+    const txn = store.#root.useReadTransaction();
+    return {
+      get: async (key) => store.#peekIn(key, txn),
+      count: async (prefix) => store.#namespace(prefix).db.getCount({ transaction: txn }),
+      range: async (prefix, options) => store.#rangeIn(prefix, options ?? {}, txn),
+      close: async () => {
+        txn.done();
+        await store.#root.close();
+      },
+    };
   }
 
   /** One value of a data directory's registry, read without its lock (undefined: no registry). */
@@ -107,8 +140,12 @@ export class LmdbStore implements RegistryStore {
   }
 
   peek(key: string): unknown {
+    return this.#peekIn(key, undefined);
+  }
+
+  #peekIn(key: string, transaction: Transaction | undefined): unknown {
     const at = this.#locate(key);
-    return at.db.get(at.key);
+    return transaction === undefined ? at.db.get(at.key) : at.db.get(at.key, { transaction });
   }
 
   async get(key: string): Promise<unknown> {
@@ -116,13 +153,21 @@ export class LmdbStore implements RegistryStore {
   }
 
   async range(prefix: string, options: RangeOptions = {}): Promise<StoreEntry[]> {
+    return this.#rangeIn(prefix, options, undefined);
+  }
+
+  #rangeIn(prefix: string, options: RangeOptions, transaction: Transaction | undefined): StoreEntry[] {
     const { db, numeric } = this.#namespace(prefix);
     const limit = options.limit ?? Number.POSITIVE_INFINITY;
     const after = options.after === undefined ? undefined : this.#locate(options.after).key;
     const out: StoreEntry[] = [];
     if (limit <= 0) return out;
     const span = Number.isFinite(limit) ? limit + 1 : undefined;
-    for (const { key, value } of db.getRange({ start: after, limit: span })) {
+    for (const { key, value } of db.getRange({
+      start: after,
+      limit: span,
+      ...(transaction && { transaction }),
+    })) {
       if (key === after) continue;
       out.push({ key: prefix + (numeric ? String(key) : key), value });
       if (out.length === limit) break;

@@ -97,18 +97,7 @@ export async function migrateRegistry(opts: MigrateOptions): Promise<MigrationRe
       const value = await source.get(key);
       if (value !== undefined) puts.push({ key, value });
     }
-    const current = await target.get(MIGRATING);
-    const { committed } = await target.transaction({
-      compares: [{ key: MIGRATING, equals: current }],
-      puts,
-      deletes: [MIGRATING],
-    });
-    if (!committed || !sameMigration(current, marker)) {
-      throw kmsError(
-        'REGISTRY_MIGRATING',
-        `another migration took over ${location.prefix} while this one copied`,
-      );
-    }
+    await finishCopy(target, marker, puts, location.prefix);
     const counts = {} as MigrationReport['counts'];
     for (const [i, ns] of NAMESPACES.entries()) {
       const copiedHere = await target.count(ns);
@@ -161,7 +150,12 @@ function sameMigration(value: unknown, marker: MigrationMarker): boolean {
  * Puts the marker into an empty target, or finds one of the same source there (a re-run after an
  * interruption: returns true). Anything else in the target is refused, so nothing is overwritten.
  */
-async function claimTarget(target: RegistryStore, marker: MigrationMarker, prefix: string): Promise<boolean> {
+export async function claimTarget(
+  target: RegistryStore,
+  marker: MigrationMarker,
+  prefix: string,
+  tool = 'migrate',
+): Promise<boolean> {
   const existing = await target.get(MIGRATING);
   if (existing !== undefined) {
     if (sameMigration(existing, marker)) return true;
@@ -180,7 +174,7 @@ async function claimTarget(target: RegistryStore, marker: MigrationMarker, prefi
   if (held.length > 0) {
     throw kmsError(
       'REGISTRY_NOT_EMPTY',
-      `${prefix} already holds ${held.join(', ')}: migrate copies only into an empty cluster prefix (use another --cluster)`,
+      `${prefix} already holds ${held.join(', ')}: ${tool} copies only into an empty cluster prefix (use another --cluster)`,
     );
   }
   const { committed } = await target.transaction({
@@ -194,6 +188,27 @@ async function claimTarget(target: RegistryStore, marker: MigrationMarker, prefi
   return false;
 }
 
+/**
+ * The last transaction of a copy: the keyring's meta records, and the marker deleted, only if the
+ * marker is still this copy's (else REGISTRY_MIGRATING: another copy took over).
+ */
+export async function finishCopy(
+  target: RegistryStore,
+  marker: MigrationMarker,
+  puts: StoreEntry[],
+  prefix: string,
+): Promise<void> {
+  const current = await target.get(MIGRATING);
+  const { committed } = await target.transaction({
+    compares: [{ key: MIGRATING, equals: current }],
+    puts,
+    deletes: [MIGRATING],
+  });
+  if (!committed || !sameMigration(current, marker)) {
+    throw kmsError('REGISTRY_MIGRATING', `another migration took over ${prefix} while this one copied`);
+  }
+}
+
 /** Copies one namespace page by page, a few transactions of PUTS_PER_TXN in flight. */
 async function copyNamespace(
   source: RegistryStore,
@@ -205,16 +220,25 @@ async function copyNamespace(
   for (;;) {
     const page = await source.range(ns, after === undefined ? { limit: PAGE } : { after, limit: PAGE });
     if (page.length === 0) return;
-    const chunks: StoreEntry[][] = [];
-    for (let i = 0; i < page.length; i += PUTS_PER_TXN) chunks.push(page.slice(i, i + PUTS_PER_TXN));
-    for (let i = 0; i < chunks.length; i += TXNS_IN_FLIGHT) {
-      await Promise.all(
-        chunks.slice(i, i + TXNS_IN_FLIGHT).map(async (puts) => {
-          await target.transaction({ puts });
-          onCopied(puts.length);
-        }),
-      );
-    }
+    await copyPage(target, page, onCopied);
     after = (page[page.length - 1] as StoreEntry).key;
+  }
+}
+
+/** Puts `page` into `target`, a few transactions of PUTS_PER_TXN in flight. */
+export async function copyPage(
+  target: RegistryStore,
+  page: StoreEntry[],
+  onCopied: (n: number) => void = () => {},
+): Promise<void> {
+  const chunks: StoreEntry[][] = [];
+  for (let i = 0; i < page.length; i += PUTS_PER_TXN) chunks.push(page.slice(i, i + PUTS_PER_TXN));
+  for (let i = 0; i < chunks.length; i += TXNS_IN_FLIGHT) {
+    await Promise.all(
+      chunks.slice(i, i + TXNS_IN_FLIGHT).map(async (puts) => {
+        await target.transaction({ puts });
+        onCopied(puts.length);
+      }),
+    );
   }
 }

@@ -50,6 +50,19 @@ export interface RangeOptions {
   limit?: number;
 }
 
+/**
+ * A read-only view of a whole registry as of one moment (backup.ts): LMDB reads in one read
+ * transaction, etcd at one revision, so records written meanwhile are never half seen.
+ */
+export interface RegistrySnapshot {
+  /** The etcd revision read at; absent for LMDB. */
+  readonly revision?: string;
+  get(key: string): Promise<unknown>;
+  count(prefix: string): Promise<number>;
+  range(prefix: string, options?: RangeOptions): Promise<StoreEntry[]>;
+  close(): Promise<void>;
+}
+
 /** The state of this process in a cluster store, for health and metrics. */
 export type ClusterStatus = ReplicaStatus;
 
