@@ -138,6 +138,8 @@ test('rotate and audit verify take the data directory from PROGRESSDB_KMS_DATA_D
   const rotated = await runCli(KMS_CLI, ['rotate'], { env });
   t.is(rotated.code, 0, rotated.stderr);
   t.regex(rotated.stdout, /^rotation complete: KEK version 2 active/);
+  // Not a terminal: plain progress lines, the last one at 100%.
+  t.regex(rotated.stderr, /^0\/0 keys \(100\.0%\), 0\/s, in \d+s$/m);
   const verified = await runCli(KMS_CLI, ['audit', 'verify'], { env });
   t.is(verified.code, 0, verified.stdout + verified.stderr);
   t.true(

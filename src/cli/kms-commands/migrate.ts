@@ -3,6 +3,7 @@ import type { RegistryFlags } from '../../config/daemon-registry.js';
 import { kmsError } from '../../errors.js';
 import { migrateRegistry } from '../../kms/registry/migrate.js';
 import { registryOf, report } from './common.js';
+import { Progress } from './progress.js';
 
 export interface MigrateFlags extends RegistryFlags {
   fromDataDir?: string;
@@ -18,20 +19,13 @@ export async function migrateCommand(flags: MigrateFlags): Promise<number> {
       throw kmsError('CONFIG_INVALID', 'give the single-node data directory to copy: --from-data-dir D');
     }
     const registry = registryOf(flags);
-    const tty = process.stderr.isTTY === true;
-    let lastLine = 0;
+    const progress = new Progress({ unit: 'records' });
     const result = await migrateRegistry({
       fromDataDir: flags.fromDataDir,
       registry,
-      onProgress: (copied, total) => {
-        if (tty) process.stderr.write(`\rcopied ${copied}/${total} records`);
-        else if (Date.now() - lastLine >= 5000 || copied === total) {
-          lastLine = Date.now();
-          process.stderr.write(`copied ${copied}/${total} records\n`);
-        }
-      },
+      onProgress: (copied, total) => progress.update(copied, total),
     });
-    if (tty) process.stderr.write('\n');
+    progress.end();
     const { counts } = result;
     process.stdout.write(
       `${result.resumed ? 'finished the interrupted migration' : 'migrated'} ${result.from} into ${result.prefix}: ` +

@@ -1,13 +1,7 @@
 /** `progressdb-kms rotate`. */
 import { createKms } from '../../kms/index.js';
 import { type DataDirCommandOptions, dataDirOf, report } from './common.js';
-
-function progressLine(done: number, total: number): string {
-  const width = 30;
-  const ratio = total === 0 ? 1 : Math.min(1, done / total);
-  const filled = Math.round(ratio * width);
-  return `\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${(ratio * 100).toFixed(1)}% ${done}/${total}`;
-}
+import { Progress } from './progress.js';
 
 /**
  * `rotate [--data-dir D]`: offline KEK rotation (or the completion of an interrupted one) with a
@@ -28,11 +22,11 @@ export async function rotateCommand(opts: DataDirCommandOptions): Promise<number
         ? `resuming the interrupted rotation to KEK version ${before.targetKekVersion}\n`
         : `rotating KEK ${before.kekId} from version ${before.activeKekVersion}\n`,
     );
-    const tty = process.stderr.isTTY === true;
+    const progress = new Progress({ unit: 'keys' });
     const running = kms;
     const timer = setInterval(async () => {
       const status = await running.rotationStatus();
-      if (tty) process.stderr.write(progressLine(status.done, status.total));
+      progress.update(status.done, status.total);
     }, 200);
     let status: Awaited<ReturnType<typeof kms.rotateKek>>;
     try {
@@ -40,7 +34,8 @@ export async function rotateCommand(opts: DataDirCommandOptions): Promise<number
     } finally {
       clearInterval(timer);
     }
-    if (tty) process.stderr.write(`${progressLine(status.done, status.total)}\n`);
+    progress.update(status.done, status.total);
+    progress.end();
     process.stdout.write(
       `rotation complete: KEK version ${status.activeKekVersion} active, ${status.total} keys rewrapped; ` +
         `KEK versions kept: [${status.kekVersions.join(', ')}]\n`,
