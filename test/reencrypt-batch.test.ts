@@ -126,6 +126,7 @@ test('server: rotating a thread DEK against an external KMS sends one reencrypt 
   });
   t.is(rotated.status, 200);
   t.is(rotated.body.reencrypted, 40);
+  t.is(rotated.body.total, 40, 'the job reports the messages it had to do');
   const metrics = await request(`http://${kmsDaemon.endpoint}`, '/metrics');
   t.is(reencryptRequests(metrics.text), 3, '40 messages in pages of 16');
   t.deepEqual((await missingOrWrong(server.api, tid, expected)).problems, []);

@@ -61,6 +61,7 @@ test('encrypt-threads on a plaintext data dir: survives kill -9, writers keep go
   await first.kill9();
   await traffic.stop();
   t.is(midway.state, 'running', 'killed in the middle of encrypt-threads');
+  t.is(midway.total, 3, 'the job reports how many threads it has to do');
 
   const second = await first.restart({ mode: 'embedded', env });
   t.teardown(() => second.stop());
@@ -70,6 +71,7 @@ test('encrypt-threads on a plaintext data dir: survives kill -9, writers keep go
   });
   t.is(done.encrypted, 240, 'each plaintext message encrypted exactly once across the crash');
   t.is(done.threads, 3);
+  t.is(done.total, 3, 'the resumed job kept its total');
 
   for (const [id, body] of traffic.acked) expected.get(threads[1]!)!.set(id, body);
   for (const tid of threads) {

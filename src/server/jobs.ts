@@ -25,6 +25,8 @@ export interface RotationJob {
   targetVersion: number | null;
   /** Last message id handled (messages are scanned oldest first). */
   cursor: string | null;
+  /** Messages in the thread when the job started (absent in jobs stored by earlier versions). */
+  total?: number;
   scanned: number;
   reencrypted: number;
   /** Messages that could not be decrypted (tampered); they are reported, not re-encrypted. */
@@ -41,6 +43,8 @@ export interface EncryptThreadsJob {
   threadCursor: string | null;
   /** Thread in progress and the last message id handled in it. */
   current: { threadId: string; cursor: string | null } | null;
+  /** Threads stored when the job started (absent in jobs stored by earlier versions). */
+  total?: number;
   threads: number;
   encrypted: number;
   undecryptable: string[];
@@ -61,6 +65,7 @@ export function rotationView(job: RotationJob) {
     state: job.state,
     phase: job.phase,
     target_key_version: job.targetVersion,
+    total: job.total ?? null,
     scanned: job.scanned,
     reencrypted: job.reencrypted,
     undecryptable: job.undecryptable,
@@ -74,6 +79,7 @@ export function rotationView(job: RotationJob) {
 export function encryptThreadsView(job: EncryptThreadsJob) {
   return {
     state: job.state,
+    total: job.total ?? null,
     threads: job.threads,
     encrypted: job.encrypted,
     undecryptable: job.undecryptable,
@@ -161,6 +167,7 @@ export class JobRunner {
         phase: 'rotate',
         targetVersion: null,
         cursor: null,
+        total: this.store.messageCount(threadId),
         scanned: 0,
         reencrypted: 0,
         undecryptable: [],
@@ -246,6 +253,7 @@ export class JobRunner {
         state: 'running',
         threadCursor: null,
         current: null,
+        total: this.store.counts().threads,
         threads: 0,
         encrypted: 0,
         undecryptable: [],

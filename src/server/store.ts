@@ -338,6 +338,11 @@ export class Store {
     }));
   }
 
+  /** Messages stored in one thread (counts its keys: once per job, not per request). */
+  messageCount(threadId: string): number {
+    return this.messages.getKeysCount({ start: `${threadId}:`, end: `${threadId}${THREAD_END}` });
+  }
+
   /** Record counts for /admin/health, from LMDB's statistics (constant time, no scan). */
   counts(): { threads: number; messages: number } {
     const entries = (db: Database<unknown, string>) =>
