@@ -167,27 +167,40 @@ test('a wrong master key, a flipped byte or a truncated file is refused and the 
   const target = path.join(restoreDir, 'kms');
   const restore = (input: string, keyFile = fx.keyFile) => restoreCli(input, target, keyFile);
 
+  // Each refusal into a target of its own, all at once (each is a process start).
   const wrongKey = writeMasterKey(restoreDir, undefined, 'other.key');
-  const wrong = await restore(file, wrongKey.file);
-  t.is(wrong.code, 1);
-  t.regex(wrong.stderr, /MASTER_KEY_MISMATCH: the master key cannot unwrap the KEK of backup/);
-  leftEmpty(t, target);
-
   const flipped = Buffer.from(bytes);
   const at = Math.floor(flipped.length / 2);
   flipped[at] = (flipped[at] as number) ^ 0x01;
-  fs.writeFileSync(path.join(restoreDir, 'flipped.backup'), flipped);
-  const damaged = await restore(path.join(restoreDir, 'flipped.backup'));
-  t.is(damaged.code, 1);
-  t.regex(damaged.stderr, /STORE_CORRUPT: backup .* fails its SHA-256 checksum/);
-  leftEmpty(t, target);
-
-  for (const cut of [bytes.length - 1, bytes.length - 30, Math.floor(bytes.length / 2), 0]) {
-    fs.writeFileSync(path.join(restoreDir, 'cut.backup'), bytes.subarray(0, cut));
-    const truncated = await restore(path.join(restoreDir, 'cut.backup'));
-    t.is(truncated.code, 1, `cut at ${cut}`);
-    t.regex(truncated.stderr, /STORE_CORRUPT: backup .* (is truncated|fails its SHA-256 checksum)/);
-    leftEmpty(t, target);
+  const damaged: [string, Buffer, string, RegExp][] = [
+    [
+      'wrong key',
+      bytes,
+      wrongKey.file,
+      /MASTER_KEY_MISMATCH: the master key cannot unwrap the KEK of backup/,
+    ],
+    ['flipped byte', flipped, fx.keyFile, /STORE_CORRUPT: backup .* fails its SHA-256 checksum/],
+    ...[bytes.length - 1, bytes.length - 30, Math.floor(bytes.length / 2), 0].map(
+      (cut): [string, Buffer, string, RegExp] => [
+        `cut at ${cut}`,
+        bytes.subarray(0, cut),
+        fx.keyFile,
+        /STORE_CORRUPT: backup .* (is truncated|fails its SHA-256 checksum)/,
+      ],
+    ),
+  ];
+  const refusals = await Promise.all(
+    damaged.map(async ([what, content, keyFile], i) => {
+      const input = path.join(restoreDir, `case-${i}.backup`);
+      fs.writeFileSync(input, content);
+      const into = path.join(restoreDir, `target-${i}`);
+      return { what, into, res: await restoreCli(input, into, keyFile) };
+    }),
+  );
+  for (const [i, { what, into, res }] of refusals.entries()) {
+    t.is(res.code, 1, what);
+    t.regex(res.stderr, (damaged[i] as [string, Buffer, string, RegExp])[3], what);
+    leftEmpty(t, into);
   }
 
   // A directory that holds a KMS already is refused before the file is even read.
@@ -267,10 +280,9 @@ test('an etcd registry: backed up at one revision, restored into a data director
     'KEY_NOT_FOUND',
   );
 
-  const twice = await intoEtcd('again');
+  const [twice, occupied] = await Promise.all([intoEtcd('again'), intoEtcd('backed')]);
   t.is(twice.code, 1);
   t.regex(twice.stderr, /REGISTRY_NOT_EMPTY: \/progressdb-kms\/again\/ already holds a keyring/);
-  const occupied = await intoEtcd('backed');
   t.is(occupied.code, 1);
   t.regex(occupied.stderr, /REGISTRY_NOT_EMPTY/);
 });

@@ -218,6 +218,9 @@ test.serial(
     const dir = tempDir(t, 'pdb-migrate-early-');
     fs.copyFileSync(source.keyFile, path.join(dir, 'master.key'));
     fs.chmodSync(path.join(dir, 'master.key'), 0o600);
+    // Another source may not take over the half-copied prefix (run beside the replica's start).
+    const other = await singleNode(t, 5, 1);
+    const hijacking = migrate(other, 'killed');
     const refused = await daemonRefuses([
       '--listen',
       '127.0.0.1:0',
@@ -236,15 +239,12 @@ test.serial(
       /REGISTRY_MIGRATING: a migration from .* has not finished: run progressdb-kms migrate again/,
     );
 
-    // Another source may not take over the half-copied prefix.
-    const other = await singleNode(t, 5, 1);
-    const hijack = await migrate(other, 'killed');
+    const hijack = await hijacking;
     t.is(hijack.code, 1);
     t.regex(hijack.stderr, /REGISTRY_NOT_EMPTY: .* is being migrated from/);
 
     const rerun = await migrate(source, 'killed');
     t.is(rerun.code, 0, rerun.stderr);
-    t.log(rerun.stderr.trim().split('\n').at(-1));
     t.regex(rerun.stdout, /finished the interrupted migration .* 10000 DEKs, 10000 threads/);
     const a = await replica(t, source, 'killed', 'killed-a');
     await everyOldCiphertextDecrypts(t, clientOf([a]), source);
