@@ -8,6 +8,7 @@ import { Command, InvalidArgumentError } from 'commander';
 import type { ServeFlags } from '../config/daemon.js';
 import { CodedError } from '../errors.js';
 import { tuneHeapForThroughput } from './heap-tuning.js';
+import { packageVersion, unknownCommand } from './version.js';
 
 // Each sub-command loads only what it needs: keygen should not pay for Koa, LMDB and the pool.
 const keygen = () => import('./kms-commands/keygen.js');
@@ -44,6 +45,7 @@ function exitWith(run: () => Promise<unknown>): () => Promise<void> {
 
 const program = new Command('progressdb-kms')
   .description('ProgressDB key management daemon and tools')
+  .version(packageVersion(), '-V, --version')
   .showHelpAfterError();
 
 /** The flags that say where the registry is and how to reach etcd (serve and migrate). */
@@ -178,4 +180,13 @@ registryFlags(
     exitWith(async () => (await backup()).restoreCommand(opts))(),
   );
 
+// `serve` is the default, so without this a mistyped command would be taken for serve's argument.
+const refusal = unknownCommand('progressdb-kms', process.argv[2], [
+  ...program.commands.map((c) => c.name()),
+  'help',
+]);
+if (refusal !== null) {
+  process.stderr.write(`${refusal}\n`);
+  process.exit(1);
+}
 program.parseAsync(process.argv).catch(fail);

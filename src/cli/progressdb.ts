@@ -17,6 +17,7 @@ import { generateMasterKeyFile } from '../kms/index.js';
 import { createLogger } from '../log.js';
 import { checkStartupConfig, startServer } from '../server/index.js';
 import { tuneHeapForThroughput } from './heap-tuning.js';
+import { packageVersion } from './version.js';
 
 interface CliOptions {
   config?: string;
@@ -118,6 +119,7 @@ async function main(opts: CliOptions): Promise<void> {
 const program = new Command()
   .name('progressdb')
   .description('ProgressDB: chat threads and messages, encrypted at rest with per-thread keys')
+  .version(packageVersion(), '-V, --version')
   .option('-c, --config <file>', 'YAML or JSON config file (environment variables win over it)')
   .option('--addr <host:port>', 'listen address (PROGRESSDB_ADDR, default 127.0.0.1:8080)')
   .option('--data-dir <dir>', 'data directory (PROGRESSDB_DATA_DIR, default ./data)')
