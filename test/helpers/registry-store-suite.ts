@@ -165,5 +165,6 @@ export function registryStoreSuite(name: string, open: OpenStore): void {
 /** Watch events may arrive asynchronously in a cluster store: poll for them, bounded. */
 async function waitFor(done: () => boolean, timeoutMs = 5000): Promise<void> {
   const until = Date.now() + timeoutMs;
-  while (!done() && Date.now() < until) await new Promise((resolve) => setImmediate(resolve));
+  // Every few ms, not every tick: a tight loop would keep a core busy that etcd needs.
+  while (!done() && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 2));
 }
