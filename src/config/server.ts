@@ -59,6 +59,8 @@ export interface ServerConfig {
   /** Pause between job batches, to bound the load a job puts on the KMS and disk. */
   jobPauseMs: number;
   logLevel: string;
+  /** One log line per HTTP request (http/access-log.ts). */
+  accessLog: boolean;
   configFile: string | undefined;
   /** Where each setting came from, by config file key. */
   origin: Record<string, Origin>;
@@ -96,6 +98,7 @@ const FIELDS = {
   job_batch_size: { env: ['PROGRESSDB_JOB_BATCH_SIZE'] },
   job_pause_ms: { env: ['PROGRESSDB_JOB_PAUSE_MS'] },
   log_level: { env: ['PROGRESSDB_LOG_LEVEL'] },
+  access_log: { env: ['PROGRESSDB_ACCESS_LOG'] },
 } as const satisfies FieldTable;
 
 /** Env vars that hold (or name) master key material: checked for presence only, never read. */
@@ -197,6 +200,7 @@ const SCHEMA = z.object({
       error: 'must be one of fatal, error, warn, info, debug, trace, silent',
     })
     .default('info'),
+  access_log: bool.default(true),
 });
 
 export interface LoadConfigOptions {
@@ -354,6 +358,7 @@ function serverConfigOf(
     jobBatchSize: c.job_batch_size,
     jobPauseMs: c.job_pause_ms,
     logLevel: c.log_level,
+    accessLog: c.access_log,
     configFile,
   };
 }

@@ -2,7 +2,9 @@
 import Router from '@koa/router';
 import Koa from 'koa';
 import { UserError } from '../errors.js';
+import { accessLog } from '../http/access-log.js';
 import { errorMiddleware, matchedRoute } from '../http/errors.js';
+import type { Caller } from './auth.js';
 import type { AppParts } from './context.js';
 import { ROUTES } from './routes/index.js';
 
@@ -23,6 +25,9 @@ export function createApp(parts: AppParts): Koa {
   const router = routerOf(parts);
 
   const { metrics, logger } = parts;
+  if (parts.config.accessLog) {
+    app.use(accessLog({ logger, callerOf: (ctx) => (ctx.state.caller as Caller | undefined)?.name }));
+  }
   app.use(async (ctx, next) => {
     const start = performance.now();
     try {
