@@ -70,6 +70,8 @@ export interface DaemonConfig {
   limits: DaemonLimits;
   /** How long shutdown waits for in-flight requests before closing connections. */
   drainTimeoutMs: number;
+  /** One log line per HTTP request (http/access-log.ts). */
+  accessLog: boolean;
   kms: KmsOptions;
   /** Where each setting of FIELDS came from. */
   origin: Record<string, Origin>;
@@ -109,6 +111,7 @@ const FileSchema = z.strictObject({
   insecure: z.boolean().optional(),
   allowed_networks: z.array(z.string()).optional(),
   drain_timeout_ms: int(0, 600_000).optional(),
+  access_log: z.boolean().optional(),
   limits: z
     .strictObject({
       max_body_bytes: int(1024, 1024 ** 3).optional(),
@@ -195,6 +198,7 @@ const FIELDS = {
   tls_key: { env: ['PROGRESSDB_KMS_TLS_KEY_FILE'], flags: ['tls-key'], file: 'tls.key_file' },
   tls_ca: { env: ['PROGRESSDB_KMS_TLS_CA_FILE'], flags: ['tls-ca'], file: 'tls.ca_file' },
   insecure: { env: ['PROGRESSDB_KMS_INSECURE'], flags: ['insecure'], fromEnv: parseBool },
+  access_log: { env: ['PROGRESSDB_KMS_ACCESS_LOG'], fromEnv: parseBool },
   allowed_networks: {
     env: ['PROGRESSDB_KMS_ALLOWED_NETWORKS'],
     fromEnv: (text: string) => text.split(',').filter((n) => n.trim() !== ''),
@@ -290,6 +294,7 @@ export function loadDaemonConfig(flags: ServeFlags): DaemonConfig {
     allowedNetworks,
     limits,
     drainTimeoutMs: file.drain_timeout_ms ?? 10_000,
+    accessLog: s.get<boolean>('access_log') ?? true,
     kms,
     origin: layered.origin,
     deprecations: layered.deprecations,

@@ -8,6 +8,7 @@ import Router from '@koa/router';
 import Koa from 'koa';
 import type { CallContext } from '../api/index.js';
 import { kmsError, toCodedError } from '../errors.js';
+import { accessLog } from '../http/access-log.js';
 import { errorMiddleware, writeError } from '../http/errors.js';
 import { isPlainObject, type JsonBodyLimits, readJsonBody } from '../http/json-body.js';
 import type { Logger } from '../log.js';
@@ -23,6 +24,8 @@ export interface HttpAppDeps {
   services: RouteServices;
   auth: Authenticator;
   logger: Logger;
+  /** One log line per request; off, the middleware is not registered at all. */
+  accessLog?: boolean;
   /** True once shutdown began: answers carry Connection: close so keep-alive sockets drain. */
   draining(): boolean;
 }
@@ -50,6 +53,7 @@ function handlerOf(spec: RouteSpec, deps: HttpAppDeps): Koa.Middleware {
       let caller = PUBLIC_CALLER;
       if (spec.public) auth.requireClientCertificate(ctx.req.socket);
       else caller = auth.authenticate(bearerToken(ctx.req.headers.authorization), ctx.req.socket);
+      ctx.state.caller = caller;
       const input: RouteInput = {
         services,
         caller,
@@ -101,6 +105,14 @@ export function createHttpApp(deps: HttpAppDeps): Koa {
     },
   });
 
+  if (deps.accessLog ?? true) {
+    app.use(
+      accessLog({
+        logger: deps.logger,
+        callerOf: (ctx) => (ctx.state.caller as CallContext | undefined)?.caller,
+      }),
+    );
+  }
   // One app-level middleware (the error answers wrap the router directly) keeps per-request cost low.
   app.use(async (ctx, next) => {
     await answerErrors(ctx, () => routes(ctx as Parameters<typeof routes>[0], next));

@@ -81,7 +81,13 @@ export async function startDaemon(
   const metrics = new DaemonMetrics();
   let draining = false;
   const services: RouteServices = { kms, metrics, limits: config.limits, accepting: () => !draining };
-  const app = createHttpApp({ services, auth, logger, draining: () => draining });
+  const app = createHttpApp({
+    services,
+    auth,
+    logger,
+    accessLog: config.accessLog,
+    draining: () => draining,
+  });
   const tlsOptions = auth.serverTlsOptions();
   const { limits } = config;
   const serverOptions: http.ServerOptions = {
