@@ -1,8 +1,9 @@
 /**
- * The daemon's Koa app: one app-level middleware (errors, 404/405, draining) around one
- * @koa/router layer holding a route per endpoint. Per-request overhead matters here (the /encrypt
- * benchmark is measured against a bare Koa echo), so there are no other middleware; each route
- * handler authenticates, reads its body, runs, and records metrics.
+ * The daemon's Koa app: the access log (http/access-log.ts; off with access_log: false), then one
+ * app-level middleware (errors, 404/405, draining) around one @koa/router layer holding a route
+ * per endpoint. Per-request overhead matters here (the /encrypt benchmark is measured against a
+ * bare Koa echo), so there are no other middleware; each route handler authenticates, reads its
+ * body, runs, and records metrics.
  */
 import Router from '@koa/router';
 import Koa from 'koa';
