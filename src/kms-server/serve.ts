@@ -65,6 +65,28 @@ function limitHttpConnections(server: http.Server, limits: DaemonLimits, metrics
   });
 }
 
+/** The HTTP(S) server of the app, with the listener's timeouts and connection limits. */
+function httpServerOf(
+  handler: http.RequestListener,
+  tlsOptions: ReturnType<Authenticator['serverTlsOptions']>,
+  limits: DaemonLimits,
+  metrics: DaemonMetrics,
+): http.Server {
+  const serverOptions: http.ServerOptions = {
+    keepAliveTimeout: limits.idleTimeoutMs,
+    headersTimeout: limits.headersTimeoutMs,
+    requestTimeout: limits.requestTimeoutMs,
+    // How often Node checks headersTimeout and requestTimeout (default 30 s, coarser than they are).
+    connectionsCheckingInterval: Math.min(1_000, limits.headersTimeoutMs),
+  };
+  const server = tlsOptions
+    ? https.createServer({ ...tlsOptions, ...serverOptions }, handler)
+    : http.createServer(serverOptions, handler);
+  server.maxConnections = limits.maxConnections;
+  limitHttpConnections(server, limits, metrics);
+  return server;
+}
+
 export async function startDaemon(
   config: DaemonConfig,
   logger: Logger,
@@ -90,18 +112,7 @@ export async function startDaemon(
   });
   const tlsOptions = auth.serverTlsOptions();
   const { limits } = config;
-  const serverOptions: http.ServerOptions = {
-    keepAliveTimeout: limits.idleTimeoutMs,
-    headersTimeout: limits.headersTimeoutMs,
-    requestTimeout: limits.requestTimeoutMs,
-    // How often Node checks headersTimeout and requestTimeout (default 30 s, coarser than they are).
-    connectionsCheckingInterval: Math.min(1_000, limits.headersTimeoutMs),
-  };
-  const httpServer = tlsOptions
-    ? https.createServer({ ...tlsOptions, ...serverOptions }, app.callback())
-    : http.createServer(serverOptions, app.callback());
-  httpServer.maxConnections = limits.maxConnections;
-  limitHttpConnections(httpServer, limits, metrics);
+  const httpServer = httpServerOf(app.callback(), tlsOptions, limits, metrics);
   const bridge = config.bridge
     ? new BridgeServer({ kms, auth, metrics, limits, logger, mergeItems: resolveMaxBatch(config.kms) })
     : null;
