@@ -4,7 +4,12 @@
  * src/cli/progressdb-kms.ts.
  */
 import path from 'node:path';
-import type { RegistryFlags } from '../../config/daemon-registry.js';
+import {
+  REGISTRY_FIELDS,
+  type RegistryField,
+  type RegistryFlags,
+  registryOptions,
+} from '../../config/daemon-registry.js';
 import { givenKmsDataDir, resolveRegistry } from '../../config/library.js';
 import { kmsError, toCodedError } from '../../errors.js';
 import type { RegistryOptions } from '../../kms/registry/location.js';
@@ -32,15 +37,11 @@ export function report(err: unknown): number {
 
 /** The registry options of an offline command's registry flags (env fallbacks as for `serve`). */
 export function registryOf(flags: RegistryFlags): RegistryOptions {
-  return resolveRegistry({
-    ...(flags.registry !== undefined && { registry: flags.registry }),
-    ...(flags.cluster !== undefined && { cluster: flags.cluster }),
-    etcdTls: {
-      ...(flags.etcdCaFile !== undefined && { caFile: flags.etcdCaFile }),
-      ...(flags.etcdCertFile !== undefined && { certFile: flags.etcdCertFile }),
-      ...(flags.etcdKeyFile !== undefined && { keyFile: flags.etcdKeyFile }),
-    },
-    ...(flags.etcdUser !== undefined && { etcdUser: flags.etcdUser }),
-    ...(flags.etcdPasswordFile !== undefined && { etcdPasswordFile: flags.etcdPasswordFile }),
-  });
+  // The same flag-to-option mapping as `serve` (daemon-registry.ts), read from commander's
+  // camelCase names of each field's flag.
+  const flag = (key: RegistryField) => {
+    const name = REGISTRY_FIELDS[key].flags[0].replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+    return (flags as Record<string, unknown>)[name] as string | undefined;
+  };
+  return resolveRegistry(registryOptions(flag, flag));
 }
