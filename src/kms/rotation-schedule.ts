@@ -59,12 +59,11 @@ export class RotationSchedule {
 
   /** When the active KEK version falls due (ISO time), or null when the registry has none. */
   nextDueAt(): string | null {
-    const due = this.#dueAtMs();
+    const due = this.#dueAtMs(this.#deps.activeKek());
     return due === null ? null : new Date(due).toISOString();
   }
 
-  #dueAtMs(): number | null {
-    const active = this.#deps.activeKek();
+  #dueAtMs(active: { createdAt: string } | undefined): number | null {
     if (active === undefined) return null;
     const made = Date.parse(active.createdAt);
     return Number.isFinite(made) ? made + this.#deps.periodMs : null;
@@ -86,7 +85,7 @@ export class RotationSchedule {
   check(): void {
     if (this.#busy) return;
     const active = this.#deps.activeKek();
-    const due = this.#dueAtMs();
+    const due = this.#dueAtMs(active);
     if (active === undefined || due === null || this.#deps.clock.now() < due) return;
     this.#busy = true;
     this.#deps.log.info({ kekVersion: active.version }, 'the active KEK is due for rotation: rotating');
