@@ -3,7 +3,7 @@
  * workers, like the policy tests of Vault's keysutil.
  */
 import test from 'ava';
-import { CIPHERTEXT_OVERHEAD } from '../src/format.js';
+import { MIN_CIPHERTEXT_OVERHEAD } from '../src/format.js';
 import {
   addKekRefDeltas,
   addVersion,
@@ -30,7 +30,7 @@ function record(versions: DekVersionRecord[], current = versions.at(-1)?.v ?? 1)
 
 /** A ciphertext header naming DEK version `v` (the rest does not matter here). */
 function ciphertextOf(v: number): Buffer {
-  const out = Buffer.alloc(CIPHERTEXT_OVERHEAD + 4);
+  const out = Buffer.alloc(MIN_CIPHERTEXT_OVERHEAD + 4);
   out[0] = 0x01;
   out.writeUInt32BE(v, 1);
   return out;

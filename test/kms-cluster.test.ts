@@ -14,10 +14,9 @@ import type { Kms } from '../src/api/index.js';
 import { dekIdentity, kekIdentity, WRAP_KIND_DEK, WRAP_KIND_KEK } from '../src/format.js';
 import type { DekRecord } from '../src/kms/dek-versions.js';
 import { createRemoteKms } from '../src/remote/index.js';
-import { unwrapKey } from '../workers/aead.js';
 import { loadRootKeys } from '../workers/master-key.js';
 import { EtcdCluster } from './helpers/etcd.js';
-import { tempDir } from './helpers/kms.js';
+import { tempDir, unwrapKey } from './helpers/kms.js';
 import { type Daemon, keygen, spawnDaemon } from './helpers/kms-daemon.js';
 import { startServer } from './helpers/server.js';
 

@@ -4,9 +4,23 @@
 import { randomBytes } from 'node:crypto';
 import test from 'ava';
 import { UserError } from '../src/errors.js';
-import { CIPHERTEXT_HEADER_BYTES, CIPHERTEXT_OVERHEAD, NONCE_BYTES, TAG_BYTES } from '../src/format.js';
+import {
+  CIPHERS,
+  CIPHERTEXT_HEADER_BYTES,
+  type CipherName,
+  ciphertextLead,
+  ciphertextOverhead,
+  FORMAT_XCHACHA20_POLY1305,
+  MAX_CIPHERTEXT_OVERHEAD,
+  nonceBytes,
+  TAG_BYTES,
+} from '../src/format.js';
 import { MAX_PLAINTEXT_BYTES } from '../src/kms/index.js';
 import { expectCode, openKms } from './helpers/kms.js';
+
+/** The default cipher's figures: what these tests' KMSs write. */
+const CIPHERTEXT_OVERHEAD = ciphertextOverhead(FORMAT_XCHACHA20_POLY1305);
+const NONCE_BYTES = nonceBytes(FORMAT_XCHACHA20_POLY1305);
 
 test('round trips with and without AAD, empty plaintext, fresh nonce, key version', async (t) => {
   const { kms } = await openKms(t);
@@ -60,7 +74,7 @@ test('8 MiB plaintext round trips; MAX_PLAINTEXT_BYTES + 1 is PAYLOAD_TOO_LARGE'
   t.false(item!.ok);
   t.is(!item!.ok && item!.error.code, 'PAYLOAD_TOO_LARGE');
   // A ciphertext longer than any we could have made is refused the same way.
-  const tooLongCiphertext = Buffer.alloc(MAX_PLAINTEXT_BYTES + CIPHERTEXT_OVERHEAD + 1);
+  const tooLongCiphertext = Buffer.alloc(MAX_PLAINTEXT_BYTES + MAX_CIPHERTEXT_OVERHEAD + 1);
   await expectCode(t, kms.decrypt(dek.keyId, tooLongCiphertext), 'PAYLOAD_TOO_LARGE');
   // The KMS still works afterwards.
   t.deepEqual(
@@ -112,75 +126,85 @@ test('batch forms keep request order with per-item results and errors', async (t
   t.like(nullItem, { ok: false, error: { code: 'INVALID_INPUT' } });
 });
 
-test('tampering with any part of a ciphertext, wrong AAD or another key: DECRYPT_FAILED', async (t) => {
-  const { kms } = await openKms(t);
-  const dek = await kms.createDekForThread('thread-tamper');
-  const other = await kms.createDekForThread('thread-other');
-  const aad = Buffer.from('thread-tamper/m1');
-  const plaintext = Buffer.from('a secret that must not be altered');
-  const { ciphertext } = await kms.encrypt(dek.keyId, plaintext, aad);
-  const { ciphertext: plainCt } = await kms.encrypt(dek.keyId, plaintext);
+for (const cipher of Object.keys(CIPHERS) as CipherName[]) {
+  test(`tampering with any part of a ciphertext, wrong AAD or another key: DECRYPT_FAILED (${cipher})`, async (t) => {
+    const { kms } = await openKms(t, { cipher });
+    const format = CIPHERS[cipher];
+    const dek = await kms.createDekForThread('thread-tamper');
+    const other = await kms.createDekForThread('thread-other');
+    const aad = Buffer.from('thread-tamper/m1');
+    const plaintext = Buffer.from('a secret that must not be altered');
+    const { ciphertext } = await kms.encrypt(dek.keyId, plaintext, aad);
+    const { ciphertext: plainCt } = await kms.encrypt(dek.keyId, plaintext);
 
-  const body = CIPHERTEXT_HEADER_BYTES + NONCE_BYTES;
-  const positions: Record<string, number> = {
-    'header format byte': 0,
-    'header version byte': 4,
-    nonce: CIPHERTEXT_HEADER_BYTES + 3,
-    body: body + 5,
-    tag: ciphertext.length - TAG_BYTES + 7,
-    'last tag byte': ciphertext.length - 1,
-  };
-  for (const [what, at] of Object.entries(positions)) {
-    for (const bit of [0, 7]) {
-      const bad = Buffer.from(ciphertext);
-      bad[at]! ^= 1 << bit;
-      const err = await expectCode(
-        t,
-        kms.decrypt(dek.keyId, bad, aad),
-        'DECRYPT_FAILED',
-        `${what} bit ${bit}`,
-      );
-      t.true(err instanceof UserError);
+    t.is(ciphertext[0], format, 'written in the configured format');
+    t.is(ciphertext.length, plaintext.length + ciphertextOverhead(format));
+    const body = ciphertextLead(format);
+    const positions: Record<string, number> = {
+      'header format byte': 0,
+      'header version byte': 4,
+      nonce: CIPHERTEXT_HEADER_BYTES + 3,
+      body: body + 5,
+      tag: ciphertext.length - TAG_BYTES + 7,
+      'last tag byte': ciphertext.length - 1,
+    };
+    for (const [what, at] of Object.entries(positions)) {
+      for (const bit of [0, 7]) {
+        const bad = Buffer.from(ciphertext);
+        bad[at]! ^= 1 << bit;
+        const err = await expectCode(
+          t,
+          kms.decrypt(dek.keyId, bad, aad),
+          'DECRYPT_FAILED',
+          `${what} bit ${bit}`,
+        );
+        t.true(err instanceof UserError);
+      }
     }
-  }
-  // The version field pointing at another (unknown) DEK version.
-  const otherVersion = Buffer.from(ciphertext);
-  otherVersion.writeUInt32BE(2, 1);
-  await expectCode(t, kms.decrypt(dek.keyId, otherVersion, aad), 'DECRYPT_FAILED');
+    // The version field pointing at another (unknown) DEK version.
+    const otherVersion = Buffer.from(ciphertext);
+    otherVersion.writeUInt32BE(2, 1);
+    await expectCode(t, kms.decrypt(dek.keyId, otherVersion, aad), 'DECRYPT_FAILED');
+    // The format byte claiming the other cipher: read as that layout, it fails to authenticate.
+    const otherFormat = Buffer.from(ciphertext);
+    otherFormat[0] = format === FORMAT_XCHACHA20_POLY1305 ? 0x01 : 0x02;
+    await expectCode(t, kms.decrypt(dek.keyId, otherFormat, aad), 'DECRYPT_FAILED', 'other format byte');
 
-  await expectCode(t, kms.decrypt(dek.keyId, ciphertext, Buffer.from('thread-tamper/m2')), 'DECRYPT_FAILED');
-  await expectCode(t, kms.decrypt(dek.keyId, ciphertext), 'DECRYPT_FAILED', 'AAD used but not given');
-  await expectCode(t, kms.decrypt(dek.keyId, ciphertext, Buffer.alloc(0)), 'DECRYPT_FAILED', 'empty AAD');
-  await expectCode(t, kms.decrypt(dek.keyId, plainCt, aad), 'DECRYPT_FAILED', 'AAD given but not used');
-  await expectCode(t, kms.decrypt(other.keyId, ciphertext, aad), 'DECRYPT_FAILED', "another thread's key");
-  await expectCode(t, kms.reencrypt(other.keyId, ciphertext, aad), 'DECRYPT_FAILED');
-
-  // Every truncation of a real ciphertext fails cleanly, single and batched.
-  const short = (await kms.encrypt(dek.keyId, Buffer.from('0123456789'), aad)).ciphertext;
-  t.true(short.length >= 40);
-  for (let len = 0; len <= 40; len++) {
-    if (len === short.length) continue;
     await expectCode(
       t,
-      kms.decrypt(dek.keyId, short.subarray(0, len), aad),
+      kms.decrypt(dek.keyId, ciphertext, Buffer.from('thread-tamper/m2')),
       'DECRYPT_FAILED',
-      `length ${len}`,
     );
-  }
-  const truncated = await kms.decryptBatch(
-    Array.from({ length: 41 }, (_, len) => ({ keyId: dek.keyId, ciphertext: short.subarray(0, len), aad })),
-  );
-  truncated.forEach((r, len) => {
-    if (len === short.length) t.deepEqual(r, { ok: true, value: Buffer.from('0123456789') });
-    else t.like(r, { ok: false, error: { code: 'DECRYPT_FAILED' } }, `length ${len}`);
-  });
+    await expectCode(t, kms.decrypt(dek.keyId, ciphertext), 'DECRYPT_FAILED', 'AAD used but not given');
+    await expectCode(t, kms.decrypt(dek.keyId, ciphertext, Buffer.alloc(0)), 'DECRYPT_FAILED', 'empty AAD');
+    await expectCode(t, kms.decrypt(dek.keyId, plainCt, aad), 'DECRYPT_FAILED', 'AAD given but not used');
+    await expectCode(t, kms.decrypt(other.keyId, ciphertext, aad), 'DECRYPT_FAILED', "another thread's key");
+    await expectCode(t, kms.reencrypt(other.keyId, ciphertext, aad), 'DECRYPT_FAILED');
 
-  // Nothing was disturbed by the failures.
-  t.deepEqual(await kms.decrypt(dek.keyId, ciphertext, aad), plaintext);
-  t.deepEqual(await kms.decrypt(dek.keyId, plainCt), plaintext);
-  t.deepEqual(await kms.decrypt(dek.keyId, short, aad), Buffer.from('0123456789'));
-  t.true((await kms.health()).ok);
-});
+    // Every truncation of a real ciphertext fails cleanly, single and batched.
+    const short = (await kms.encrypt(dek.keyId, Buffer.from('0123456789'), aad)).ciphertext;
+    const longest = short.length + 1;
+    const cut = (len: number) =>
+      len > short.length ? Buffer.concat([short, Buffer.alloc(1)]) : short.subarray(0, len);
+    for (let len = 0; len <= longest; len++) {
+      if (len === short.length) continue;
+      await expectCode(t, kms.decrypt(dek.keyId, cut(len), aad), 'DECRYPT_FAILED', `length ${len}`);
+    }
+    const truncated = await kms.decryptBatch(
+      Array.from({ length: longest + 1 }, (_, len) => ({ keyId: dek.keyId, ciphertext: cut(len), aad })),
+    );
+    truncated.forEach((r, len) => {
+      if (len === short.length) t.deepEqual(r, { ok: true, value: Buffer.from('0123456789') });
+      else t.like(r, { ok: false, error: { code: 'DECRYPT_FAILED' } }, `length ${len}`);
+    });
+
+    // Nothing was disturbed by the failures.
+    t.deepEqual(await kms.decrypt(dek.keyId, ciphertext, aad), plaintext);
+    t.deepEqual(await kms.decrypt(dek.keyId, plainCt), plaintext);
+    t.deepEqual(await kms.decrypt(dek.keyId, short, aad), Buffer.from('0123456789'));
+    t.true((await kms.health()).ok);
+  });
+}
 
 test('unknown keys are KEY_NOT_FOUND and malformed arguments INVALID_INPUT; stored data unchanged', async (t) => {
   const { kms } = await openKms(t);

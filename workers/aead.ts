@@ -1,88 +1,173 @@
 /**
- * AES-256-GCM sealing and opening for ciphertexts and wrapped keys (layouts in src/format.ts).
+ * Sealing and opening of ciphertexts and wrapped keys in both formats (layouts in src/format.ts):
+ * XChaCha20-Poly1305 through libsodium (the default), AES-256-GCM through node:crypto (for
+ * deployments bound to FIPS-approved algorithms, and to read data written before format 2).
  * Worker-only: these functions take raw keys.
+ *
+ * libsodium reads the key straight from its locked slot (KeyArena) and wipes its own state;
+ * node:crypto copies an AES key into an OpenSSL context for each operation, which OpenSSL
+ * cleanses when the context is freed, but that copy is not in locked memory.
  */
-import { createCipheriv, createDecipheriv, randomFillSync } from 'node:crypto';
+import { createCipheriv, createDecipheriv } from 'node:crypto';
+import sodium from 'sodium-native';
 import {
-  CIPHERTEXT_FORMAT,
   CIPHERTEXT_HEADER_BYTES,
-  CIPHERTEXT_OVERHEAD,
+  ciphertextFormat,
+  ciphertextLead,
+  FORMAT_AES_256_GCM,
+  FORMAT_XCHACHA20_POLY1305,
   KEY_BYTES,
-  NONCE_BYTES,
+  nonceBytes,
+  type SealFormat,
   TAG_BYTES,
-  WRAP_FORMAT,
   WRAP_HEADER_BYTES,
-  WRAPPED_KEY_BYTES,
+  wrappedKeyBytes,
 } from '../src/format.js';
 
-const ALGORITHM = 'aes-256-gcm';
+const AES = 'aes-256-gcm';
 
 /**
- * Nonces come from a large random buffer refilled in one call: a randomBytes(12) per message
- * costs about a third of a 1 KiB encrypt. Each nonce is still 96 fresh CSPRNG bits, used once.
+ * Nonces come from a large random buffer refilled in one call: a fresh random draw per message
+ * costs about a third of a 1 KiB encrypt. Each nonce is still fresh CSPRNG output, used once.
  */
-const NONCE_POOL = Buffer.alloc(NONCE_BYTES * 4096);
+const NONCE_POOL = Buffer.alloc(24 * 4096);
 let noncePos = NONCE_POOL.length;
 
-/** Writes a fresh nonce into `out` at `offset`. */
-export function fillNonce(out: Uint8Array, offset: number): void {
-  if (noncePos === NONCE_POOL.length) {
-    randomFillSync(NONCE_POOL);
+/** Writes `length` fresh random nonce bytes into `out` at `offset`. */
+export function fillNonce(out: Uint8Array, offset: number, length: number): void {
+  if (noncePos + length > NONCE_POOL.length) {
+    sodium.randombytes_buf(NONCE_POOL);
     noncePos = 0;
   }
-  out.set(NONCE_POOL.subarray(noncePos, noncePos + NONCE_BYTES), offset);
-  NONCE_POOL.fill(0, noncePos, noncePos + NONCE_BYTES);
-  noncePos += NONCE_BYTES;
+  out.set(NONCE_POOL.subarray(noncePos, noncePos + length), offset);
+  NONCE_POOL.fill(0, noncePos, noncePos + length);
+  noncePos += length;
 }
 
 /** Thrown for any authentication failure: tampered data, wrong key, wrong AAD. */
 export class AuthFailure extends Error {}
 
+/** libsodium takes one AAD buffer: header ‖ caller AAD is assembled here (AAD is not secret). */
+let adScratch = Buffer.allocUnsafeSlow(4096);
+
+function joinAad(header: Uint8Array, extra: Uint8Array | null, extraText: string | null): Buffer {
+  const extraBytes = extra?.length ?? (extraText === null ? 0 : Buffer.byteLength(extraText));
+  const length = header.length + extraBytes;
+  if (adScratch.length < length) adScratch = Buffer.allocUnsafeSlow(Math.max(length, adScratch.length * 2));
+  adScratch.set(header, 0);
+  if (extra !== null) adScratch.set(extra, header.length);
+  else if (extraText !== null) adScratch.write(extraText, header.length, 'utf8');
+  return adScratch.subarray(0, length);
+}
+
+/** XChaCha20-Poly1305 of `m` into `c` (m.length + 16 bytes). `c` and `m` may start at the same byte. */
+export function xchachaSeal(
+  key: Uint8Array,
+  nonce: Uint8Array,
+  ad: Uint8Array,
+  m: Uint8Array,
+  c: Uint8Array,
+): void {
+  sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(c, m, ad, null, nonce, key);
+}
+
+/** Opens `c` into `m` (c.length - 16 bytes); nothing is written unless the tag verifies. */
+export function xchachaOpen(
+  key: Uint8Array,
+  nonce: Uint8Array,
+  ad: Uint8Array,
+  c: Uint8Array,
+  m: Uint8Array,
+): void {
+  try {
+    sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(m, null, c, ad, nonce, key);
+  } catch {
+    throw new AuthFailure();
+  }
+}
+
+/** Whether two views share bytes of one buffer without starting at the same byte. */
+function overlapsShifted(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.buffer !== b.buffer || a.byteOffset === b.byteOffset) return false;
+  return a.byteOffset < b.byteOffset + b.byteLength && b.byteOffset < a.byteOffset + a.byteLength;
+}
+
 /**
- * Encrypts `plaintext` into `out` at `offset` (exactly plaintext.length + CIPHERTEXT_OVERHEAD bytes).
+ * Encrypts `plaintext` into `out` at `offset` in `format`; returns the ciphertext's length
+ * (plaintext.length + ciphertextOverhead(format)). An encrypt's plaintext already sits in `out` at
+ * the format-2 lead, so format 2 encrypts it where it lies.
  */
 export function sealInto(
+  format: SealFormat,
   key: Uint8Array,
   keyVersion: number,
   plaintext: Uint8Array,
   aad: Uint8Array | null,
   out: Buffer,
   offset: number,
-): void {
-  out[offset] = CIPHERTEXT_FORMAT;
+): number {
+  const lead = ciphertextLead(format);
+  const body = offset + lead;
+  const end = body + plaintext.length + TAG_BYTES;
+  out[offset] = format;
   out.writeUInt32BE(keyVersion, offset + 1);
-  fillNonce(out, offset + CIPHERTEXT_HEADER_BYTES);
-  const nonce = out.subarray(
-    offset + CIPHERTEXT_HEADER_BYTES,
-    offset + CIPHERTEXT_HEADER_BYTES + NONCE_BYTES,
-  );
-  const cipher = createCipheriv(ALGORITHM, key, nonce, { authTagLength: TAG_BYTES });
-  cipher.setAAD(out.subarray(offset, offset + CIPHERTEXT_HEADER_BYTES));
-  if (aad !== null && aad.length > 0) cipher.setAAD(aad);
-  const body = offset + CIPHERTEXT_HEADER_BYTES + NONCE_BYTES;
-  const encrypted = cipher.update(plaintext);
-  out.set(encrypted, body);
-  cipher.final();
-  out.set(cipher.getAuthTag(), body + plaintext.length);
+  fillNonce(out, offset + CIPHERTEXT_HEADER_BYTES, lead - CIPHERTEXT_HEADER_BYTES);
+  const header = out.subarray(offset, offset + CIPHERTEXT_HEADER_BYTES);
+  const nonce = out.subarray(offset + CIPHERTEXT_HEADER_BYTES, body);
+  if (format === FORMAT_XCHACHA20_POLY1305) {
+    const c = out.subarray(body, end);
+    // libsodium encrypts in place, but a plaintext shifted against its output would be overwritten
+    // before it is read.
+    const copy = overlapsShifted(plaintext, c) ? Buffer.from(plaintext) : null;
+    xchachaSeal(key, nonce, joinAad(header, aad, null), copy ?? plaintext, c);
+    copy?.fill(0);
+  } else {
+    // node:crypto returns the encrypted bytes in a buffer of its own, so any overlap is harmless.
+    const cipher = createCipheriv(AES, key, nonce, { authTagLength: TAG_BYTES });
+    cipher.setAAD(header);
+    if (aad !== null && aad.length > 0) cipher.setAAD(aad);
+    out.set(cipher.update(plaintext), body);
+    cipher.final();
+    out.set(cipher.getAuthTag(), body + plaintext.length);
+  }
+  return end - offset;
 }
 
-/** Decrypts a ciphertext into `out` at `offset` (ciphertext.length - CIPHERTEXT_OVERHEAD bytes). */
+/** Decrypts a ciphertext of either format into `out` at `offset`; returns the plaintext's length. */
 export function openInto(
   key: Uint8Array,
   ciphertext: Buffer,
   aad: Uint8Array | null,
   out: Buffer,
   offset: number,
-): void {
-  if (ciphertext.length < CIPHERTEXT_OVERHEAD || ciphertext[0] !== CIPHERTEXT_FORMAT) throw new AuthFailure();
-  const nonce = ciphertext.subarray(CIPHERTEXT_HEADER_BYTES, CIPHERTEXT_HEADER_BYTES + NONCE_BYTES);
-  const decipher = createDecipheriv(ALGORITHM, key, nonce, { authTagLength: TAG_BYTES });
-  decipher.setAAD(ciphertext.subarray(0, CIPHERTEXT_HEADER_BYTES));
+): number {
+  const format = ciphertextFormat(ciphertext);
+  if (format === 0) throw new AuthFailure();
+  const lead = ciphertextLead(format);
+  const length = ciphertext.length - lead - TAG_BYTES;
+  const header = ciphertext.subarray(0, CIPHERTEXT_HEADER_BYTES);
+  const nonce = ciphertext.subarray(CIPHERTEXT_HEADER_BYTES, lead);
+  if (format === FORMAT_XCHACHA20_POLY1305) {
+    const c = ciphertext.subarray(lead);
+    const m = out.subarray(offset, offset + length);
+    if (!overlapsShifted(c, m)) {
+      xchachaOpen(key, nonce, joinAad(header, aad, null), c, m);
+      return length;
+    }
+    // A decrypt writes its plaintext over its own ciphertext, from the slot's start: open it in
+    // place (which libsodium supports), then move it down.
+    const from = c.byteOffset - out.byteOffset;
+    xchachaOpen(key, nonce, joinAad(header, aad, null), c, c.subarray(0, length));
+    out.copyWithin(offset, from, from + length);
+    // The move leaves a copy of the plaintext's end behind it: the slot holds only the result.
+    out.fill(0, offset + length, from + length);
+    return length;
+  }
+  const decipher = createDecipheriv(AES, key, nonce, { authTagLength: TAG_BYTES });
+  decipher.setAAD(header);
   if (aad !== null && aad.length > 0) decipher.setAAD(aad);
   decipher.setAuthTag(ciphertext.subarray(ciphertext.length - TAG_BYTES));
-  const plaintext = decipher.update(
-    ciphertext.subarray(CIPHERTEXT_HEADER_BYTES + NONCE_BYTES, ciphertext.length - TAG_BYTES),
-  );
+  const plaintext = decipher.update(ciphertext.subarray(lead, ciphertext.length - TAG_BYTES));
   try {
     decipher.final();
   } catch {
@@ -91,10 +176,15 @@ export function openInto(
   }
   out.set(plaintext, offset);
   plaintext.fill(0);
+  return length;
 }
 
-/** Wraps a 32-byte key under `wrappingKey`, binding the header and the key's identity as AAD. */
+/**
+ * Wraps a 32-byte key under `wrappingKey` in `format`, binding the header and the key's identity as
+ * AAD; returns the wrapped length (wrappedKeyBytes(format)).
+ */
 export function wrapKeyInto(
+  format: SealFormat,
   wrappingKey: Uint8Array,
   kind: number,
   wrappingVersion: number,
@@ -102,63 +192,77 @@ export function wrapKeyInto(
   key: Uint8Array,
   out: Buffer,
   offset: number,
-): void {
-  out[offset] = WRAP_FORMAT;
+): number {
+  const body = offset + WRAP_HEADER_BYTES + nonceBytes(format);
+  out[offset] = format;
   out[offset + 1] = kind;
   out.writeUInt32BE(wrappingVersion, offset + 2);
-  fillNonce(out, offset + WRAP_HEADER_BYTES);
-  const nonce = out.subarray(offset + WRAP_HEADER_BYTES, offset + WRAP_HEADER_BYTES + NONCE_BYTES);
-  const cipher = createCipheriv(ALGORITHM, wrappingKey, nonce, { authTagLength: TAG_BYTES });
-  cipher.setAAD(out.subarray(offset, offset + WRAP_HEADER_BYTES));
-  cipher.setAAD(Buffer.from(identity, 'utf8'));
-  const body = offset + WRAP_HEADER_BYTES + NONCE_BYTES;
-  const encrypted = cipher.update(key);
-  out.set(encrypted, body);
-  encrypted.fill(0);
-  cipher.final();
-  out.set(cipher.getAuthTag(), body + KEY_BYTES);
+  fillNonce(out, offset + WRAP_HEADER_BYTES, nonceBytes(format));
+  const header = out.subarray(offset, offset + WRAP_HEADER_BYTES);
+  const nonce = out.subarray(offset + WRAP_HEADER_BYTES, body);
+  if (format === FORMAT_XCHACHA20_POLY1305) {
+    xchachaSeal(
+      wrappingKey,
+      nonce,
+      joinAad(header, null, identity),
+      key,
+      out.subarray(body, body + KEY_BYTES + TAG_BYTES),
+    );
+  } else {
+    const cipher = createCipheriv(AES, wrappingKey, nonce, { authTagLength: TAG_BYTES });
+    cipher.setAAD(header);
+    cipher.setAAD(Buffer.from(identity, 'utf8'));
+    const encrypted = cipher.update(key);
+    out.set(encrypted, body);
+    encrypted.fill(0);
+    cipher.final();
+    out.set(cipher.getAuthTag(), body + KEY_BYTES);
+  }
+  return wrappedKeyBytes(format);
 }
 
-/** Unwraps a wrapped key; the caller owns (and must zero) the returned buffer. */
-export function unwrapKey(
+/** Unwraps a wrapped key of either format into `into` (a 32-byte slot); zeroes it on failure. */
+export function unwrapKeyInto(
   wrappingKey: Uint8Array,
   kind: number,
   wrappingVersion: number,
   identity: string,
   wrapped: Uint8Array,
-): Buffer {
+  into: Buffer,
+): void {
   const blob = Buffer.from(wrapped.buffer, wrapped.byteOffset, wrapped.byteLength);
+  const format = blob[0] as number;
   if (
-    blob.length !== WRAPPED_KEY_BYTES ||
-    blob[0] !== WRAP_FORMAT ||
+    (format !== FORMAT_AES_256_GCM && format !== FORMAT_XCHACHA20_POLY1305) ||
+    blob.length !== wrappedKeyBytes(format) ||
     blob[1] !== kind ||
     blob.readUInt32BE(2) !== wrappingVersion
   ) {
     throw new AuthFailure();
   }
-  const nonce = blob.subarray(WRAP_HEADER_BYTES, WRAP_HEADER_BYTES + NONCE_BYTES);
-  const decipher = createDecipheriv(ALGORITHM, wrappingKey, nonce, { authTagLength: TAG_BYTES });
-  decipher.setAAD(blob.subarray(0, WRAP_HEADER_BYTES));
+  const body = WRAP_HEADER_BYTES + nonceBytes(format);
+  const header = blob.subarray(0, WRAP_HEADER_BYTES);
+  const nonce = blob.subarray(WRAP_HEADER_BYTES, body);
+  if (format === FORMAT_XCHACHA20_POLY1305) {
+    xchachaOpen(wrappingKey, nonce, joinAad(header, null, identity), blob.subarray(body), into);
+    return;
+  }
+  const decipher = createDecipheriv(AES, wrappingKey, nonce, { authTagLength: TAG_BYTES });
+  decipher.setAAD(header);
   decipher.setAAD(Buffer.from(identity, 'utf8'));
-  decipher.setAuthTag(blob.subarray(WRAPPED_KEY_BYTES - TAG_BYTES));
-  const key = Buffer.alloc(KEY_BYTES);
-  const opened = decipher.update(
-    blob.subarray(WRAP_HEADER_BYTES + NONCE_BYTES, WRAPPED_KEY_BYTES - TAG_BYTES),
-  );
+  decipher.setAuthTag(blob.subarray(body + KEY_BYTES));
+  const opened = decipher.update(blob.subarray(body, body + KEY_BYTES));
   try {
     decipher.final();
   } catch {
     opened.fill(0);
     throw new AuthFailure();
   }
-  key.set(opened);
+  into.set(opened);
   opened.fill(0);
-  return key;
 }
 
-/** A fresh random 32-byte key in its own (unpooled) buffer, so zeroing it touches nothing else. */
-export function newKey(): Buffer {
-  const key = Buffer.alloc(KEY_BYTES);
-  randomFillSync(key);
-  return key;
+/** Fills a slot with a fresh random key. */
+export function randomKeyInto(slot: Uint8Array): void {
+  sodium.randombytes_buf(slot);
 }

@@ -11,13 +11,13 @@ import fs from 'node:fs';
 import { BroadcastChannel, threadId } from 'node:worker_threads';
 import { move, transferableSymbol, valueSymbol, workerData } from 'piscina';
 import {
-  CIPHERTEXT_OVERHEAD,
+  CIPHERS,
   ciphertextKeyVersion,
   dekIdentity,
   kekIdentity,
   WRAP_KIND_DEK,
   WRAP_KIND_KEK,
-  WRAPPED_KEY_BYTES,
+  wrappedKeyBytes,
 } from '../src/format.js';
 import {
   type AuditFields,
@@ -29,7 +29,6 @@ import {
   type CheckKekTask,
   type DekRef,
   type ErrorCode,
-  type KekRef,
   type NewKekResult,
   type NewKekTask,
   OpKind,
@@ -42,33 +41,26 @@ import {
   workerError,
   type ZeroizeResult,
 } from '../src/worker-abi/index.js';
-import { AuthFailure, newKey, openInto, sealInto, unwrapKey, wrapKeyInto } from './aead.js';
+import { AuthFailure, openInto, randomKeyInto, sealInto, wrapKeyInto } from './aead.js';
 import { AuditStream, type SealedBlock } from './audit-stream.js';
 import { verifyAuditFile } from './audit-verify.js';
 import { faultOf, WorkerFault } from './fault.js';
 import { IdleSpin } from './idle-spin.js';
-import { KeyCache } from './key-cache.js';
-import { loadRootKeys, type RootKeys } from './master-key.js';
+import { WorkerKeyring } from './keyring.js';
+import type { RootKeys } from './master-key.js';
 
 const init = workerData as WorkerInit;
-
-let rootKeys: RootKeys | null = null;
+/** The format new ciphertexts and wrapped keys are written in; both formats are read. */
+const sealFormat = CIPHERS[init.cipher];
+/** Every key this worker holds (see keyring.ts). */
+const keyring = new WorkerKeyring(init.masterKey, init.dekCacheSize);
 let auditStream: AuditStream | null = null;
-/**
- * Unwrapped KEK versions with the wrapped bytes they came from. A cached KEK is used only for the
- * same wrapped bytes: a replica that lost a race to make a KEK version (the registry kept the
- * other replica's) must never wrap keys under the one it made.
- */
-const keks = new Map<number, { key: Buffer; wrapped: Uint8Array }>();
-const deks = new KeyCache(init.dekCacheSize);
 
 function roots(): RootKeys {
-  if (rootKeys === null) {
-    rootKeys = loadRootKeys(init.masterKey);
+  return keyring.roots((created) => {
     if (init.auditFile !== null)
-      auditStream = new AuditStream(rootKeys.auditKey, init.auditLink, init.auditReplica);
-  }
-  return rootKeys;
+      auditStream = new AuditStream(created.auditKey, init.auditLink, init.auditReplica);
+  });
 }
 
 let auditFd = -1;
@@ -113,14 +105,7 @@ function flushAudit(): boolean {
 
 /** Zeroes every key this worker holds. */
 function zeroAll(): void {
-  deks.clear();
-  for (const { key } of keks.values()) key.fill(0);
-  keks.clear();
-  if (rootKeys !== null) {
-    rootKeys.kekWrapKey.fill(0);
-    rootKeys.auditKey.fill(0);
-    rootKeys = null;
-  }
+  keyring.zeroAll();
   auditStream = null;
   if (auditFd >= 0) {
     fs.closeSync(auditFd);
@@ -133,74 +118,10 @@ function zeroAll(): void {
 const channel = new BroadcastChannel(init.evictChannel);
 channel.onmessage = (event) => {
   const message = (event as MessageEvent).data as { type: 'evict'; keyId: string } | { type: 'zeroized' };
-  if (message.type === 'evict') deks.deletePrefix(`${message.keyId}#`);
+  if (message.type === 'evict') keyring.evict(message.keyId);
 };
 channel.unref();
-
-function kekFor(version: number, refs: readonly KekRef[]): Buffer {
-  const ref = refs.find((k) => k.version === version);
-  const cached = keks.get(version);
-  if (cached !== undefined && (ref === undefined || Buffer.compare(cached.wrapped, ref.wrapped) === 0)) {
-    return cached.key;
-  }
-  // The main thread supplies every KEK version the registry holds for the task's keys.
-  if (ref === undefined) {
-    throw new WorkerFault('STORE_CORRUPT', `KEK version ${version} is missing from the registry`);
-  }
-  let key: Buffer;
-  try {
-    key = unwrapKey(roots().kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(ref.kekId, ref.version), ref.wrapped);
-  } catch (err) {
-    if (err instanceof AuthFailure) {
-      throw new WorkerFault(
-        'MASTER_KEY_MISMATCH',
-        'the master key cannot unwrap the stored KEK: wrong master key',
-      );
-    }
-    throw err;
-  }
-  cached?.key.fill(0);
-  keks.set(version, { key, wrapped: new Uint8Array(ref.wrapped) });
-  return key;
-}
-
-function dekCacheId(dek: DekRef): string {
-  return `${dek.keyId}#${dek.keyVersion}`;
-}
-
-/** Unwraps (or finds cached) a DEK version. Cached keys belong to the cache: never zero them here. */
-function dekFor(dek: DekRef, task: BatchTask): Buffer {
-  const resolved = taskKeys.get(dek);
-  if (resolved !== undefined) return resolved;
-  const key = lookupDek(dek, task);
-  taskKeys.set(dek, key);
-  return key;
-}
-
-/**
- * Keys resolved during the current task, by DekRef object: a batch of 64 ops on one key does one
- * cache lookup, not 64. Cleared at the end of every task (the cache owns the buffers).
- */
-const taskKeys = new Map<DekRef, Buffer>();
-
-function lookupDek(dek: DekRef, task: BatchTask): Buffer {
-  const id = dekCacheId(dek);
-  const cached = deks.get(id);
-  if (cached !== undefined) return cached;
-  const kek = kekFor(dek.kekVersion, task.keks);
-  let key: Buffer;
-  try {
-    key = unwrapKey(kek, WRAP_KIND_DEK, dek.kekVersion, dekIdentity(dek.keyId, dek.keyVersion), dek.wrapped);
-  } catch (err) {
-    // A stored wrapped DEK that fails authentication is corrupt (or was swapped): never a user error.
-    if (err instanceof AuthFailure) {
-      throw new WorkerFault('STORE_CORRUPT', `wrapped DEK ${dek.keyId} failed to unwrap`);
-    }
-    throw err;
-  }
-  deks.set(id, key);
-  return key;
-}
+channel.postMessage(keyring.memoryReport(threadId));
 
 /** What one op's failure reports: a tag mismatch is the caller's tampered data or wrong key/AAD. */
 function opErrorOf(err: unknown): WorkerError {
@@ -220,66 +141,110 @@ function isoNow(): string {
   return isoText;
 }
 
-/** Runs op `i` of a batch, writing its output over its own slot of `batch.data`. */
-function runOp(batch: BatchTaskReader, i: number, dek: DekRef | null): void {
+/**
+ * Runs op `i` of a batch, writing its output over its own slot of `batch.data`; returns the
+ * output's length.
+ */
+function runOp(batch: BatchTaskReader, i: number, dek: DekRef | null): number {
   const task = batch.task;
   const kind = batch.kind(i);
   const input = batch.input(i);
   const aad = batch.aad(i);
   const out = batch.data;
   const outPos = batch.outputOffset(i);
-  if (kind === OpKind.note) return;
+  if (kind === OpKind.note) return 0;
   // Every op but a note names its key (the pool lays out one per op).
   if (dek === null) throw new WorkerFault('INTERNAL', `op kind ${kind} without a key`);
   switch (kind) {
     case OpKind.encrypt:
-      sealInto(dekFor(dek, task), dek.keyVersion, input, aad, out, outPos);
-      return;
+      return sealInto(sealFormat, keyring.dek(dek, task), dek.keyVersion, input, aad, out, outPos);
     case OpKind.decrypt:
       // The main thread chose `dek` by the version this ciphertext names.
-      openInto(dekFor(dek, task), input, aad, out, outPos);
-      return;
+      return openInto(keyring.dek(dek, task), input, aad, out, outPos);
     case OpKind.reencrypt: {
       // `dek` is the current version; the source the one the ciphertext names.
       const source = batch.sourceDek(i);
       if (source === null) throw new WorkerFault('INTERNAL', 'reencrypt without its source key');
       if (ciphertextKeyVersion(input) !== source.keyVersion) throw new AuthFailure();
-      const plain = Buffer.alloc(input.length - CIPHERTEXT_OVERHEAD);
+      const plain = reencryptScratch(input.length);
       try {
-        openInto(dekFor(source, task), input, aad, plain, 0);
-        sealInto(dekFor(dek, task), dek.keyVersion, plain, aad, out, outPos);
+        const length = openInto(keyring.dek(source, task), input, aad, plain, 0);
+        return sealInto(
+          sealFormat,
+          keyring.dek(dek, task),
+          dek.keyVersion,
+          plain.subarray(0, length),
+          aad,
+          out,
+          outPos,
+        );
       } finally {
         plain.fill(0);
       }
-      return;
     }
     case OpKind.generate: {
-      const key = newKey();
-      const kek = kekFor(task.targetKekVersion, task.keks);
+      const kek = keyring.kek(task.targetKekVersion, task.keks);
       const identity = dekIdentity(dek.keyId, dek.keyVersion);
-      wrapKeyInto(kek, WRAP_KIND_DEK, task.targetKekVersion, identity, key, out, outPos);
-      deks.set(dekCacheId(dek), key);
-      return;
+      const key = keyring.alloc();
+      randomKeyInto(key);
+      let length: number;
+      try {
+        length = wrapKeyInto(
+          sealFormat,
+          kek,
+          WRAP_KIND_DEK,
+          task.targetKekVersion,
+          identity,
+          key,
+          out,
+          outPos,
+        );
+      } catch (err) {
+        keyring.free(key);
+        throw err;
+      }
+      keyring.cacheDek(dek, key);
+      return length;
     }
     case OpKind.rewrap: {
-      const cached = deks.get(dekCacheId(dek));
-      const key = cached ?? unwrapForRewrap(dek, task);
+      const cached = keyring.cachedDek(dek);
+      const key = cached ?? keyring.unwrapDek(dek, task);
       try {
-        const kek = kekFor(task.targetKekVersion, task.keks);
+        const kek = keyring.kek(task.targetKekVersion, task.keks);
         const identity = dekIdentity(dek.keyId, dek.keyVersion);
-        wrapKeyInto(kek, WRAP_KIND_DEK, task.targetKekVersion, identity, key, out, outPos);
+        return wrapKeyInto(sealFormat, kek, WRAP_KIND_DEK, task.targetKekVersion, identity, key, out, outPos);
       } finally {
         // Bulk rotation must not flood the cache: a key unwrapped only to rewrap is dropped.
-        if (cached === undefined) key.fill(0);
+        if (cached === undefined) keyring.free(key);
       }
-      return;
     }
     default:
       throw new WorkerFault('UNSUPPORTED_OPERATION', `unknown op kind ${kind}`);
   }
 }
 
+/**
+ * A reencrypt's plaintext passes through this buffer, reused (and zeroed after each op) rather
+ * than allocated per op.
+ */
+let reencryptPlain = Buffer.alloc(0);
+
+function reencryptScratch(bytes: number): Buffer {
+  if (reencryptPlain.length < bytes)
+    reencryptPlain = Buffer.alloc(Math.max(bytes, 2 * reencryptPlain.length));
+  return reencryptPlain.subarray(0, bytes);
+}
+
 function runBatch(task: BatchTask): BatchResult {
+  keyring.beginTask();
+  try {
+    return runBatchOps(task);
+  } finally {
+    keyring.endTask();
+  }
+}
+
+function runBatchOps(task: BatchTask): BatchResult {
   const batch = new BatchTaskReader(task);
   const results = new BatchResultWriter(batch.count);
   // Notes need no key, but their audit lines need the audit key: a worker whose first task held
@@ -296,15 +261,16 @@ function runBatch(task: BatchTask): BatchResult {
     const dek = batch.dek(i);
     const preError = batch.preError(i);
     let error: WorkerError | null = refused ?? (preError === null ? null : workerError(preError));
+    let outputBytes = 0;
     if (error === null) {
       try {
-        runOp(batch, i, dek);
+        outputBytes = runOp(batch, i, dek);
       } catch (err) {
         error = opErrorOf(err);
         batch.clearOutput(i);
       }
     }
-    if (error === null) results.ok(i, batch.outputOffset(i), batch.outputBytes(i), dek?.keyVersion ?? 0);
+    if (error === null) results.ok(i, batch.outputOffset(i), outputBytes, dek?.keyVersion ?? 0);
     else results.fail(i, error);
     const audit = batch.audit(i);
     if (audit !== null && auditStream !== null) {
@@ -312,7 +278,6 @@ function runBatch(task: BatchTask): BatchResult {
     }
   }
 
-  taskKeys.clear();
   let audited = false;
   if (refused === null) {
     try {
@@ -327,18 +292,6 @@ function runBatch(task: BatchTask): BatchResult {
   return results.finish(batch.data.buffer as ArrayBuffer, audited, auditHead);
 }
 
-function unwrapForRewrap(dek: DekRef, task: BatchTask): Buffer {
-  const kek = kekFor(dek.kekVersion, task.keks);
-  try {
-    return unwrapKey(kek, WRAP_KIND_DEK, dek.kekVersion, dekIdentity(dek.keyId, dek.keyVersion), dek.wrapped);
-  } catch (err) {
-    if (err instanceof AuthFailure) {
-      throw new WorkerFault('STORE_CORRUPT', `wrapped DEK ${dek.keyId} failed to unwrap`);
-    }
-    throw err;
-  }
-}
-
 /** Audits a single non-batch task (start, new KEK) as a block of its own. */
 function auditOne(fields: AuditFields, code: ErrorCode | null): void {
   if (auditStream === null) return;
@@ -348,12 +301,26 @@ function auditOne(fields: AuditFields, code: ErrorCode | null): void {
 
 function newKek(task: NewKekTask): NewKekResult {
   const { kekWrapKey } = roots();
-  const key = newKey();
-  const wrapped = Buffer.alloc(WRAPPED_KEY_BYTES);
-  wrapKeyInto(kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(task.kekId, task.version), key, wrapped, 0);
-  auditOne(task.audit, null);
-  keks.get(task.version)?.key.fill(0);
-  keks.set(task.version, { key, wrapped: new Uint8Array(wrapped) });
+  const key = keyring.alloc();
+  randomKeyInto(key);
+  const wrapped = Buffer.alloc(wrappedKeyBytes(sealFormat));
+  try {
+    wrapKeyInto(
+      sealFormat,
+      kekWrapKey,
+      WRAP_KIND_KEK,
+      0,
+      kekIdentity(task.kekId, task.version),
+      key,
+      wrapped,
+      0,
+    );
+    auditOne(task.audit, null);
+  } catch (err) {
+    keyring.free(key);
+    throw err;
+  }
+  keyring.setKek(task.version, key, wrapped);
   return { wrapped, kcv: keyCheckValue(), auditHead: auditStream?.head() ?? undefined };
 }
 
@@ -383,7 +350,7 @@ function checkKek(task: CheckKekTask): CheckKekResult {
   let proven = task.kcv !== null;
   for (const kek of task.keks) {
     try {
-      kekFor(kek.version, task.keks);
+      keyring.kek(kek.version, task.keks);
       proven = true;
     } catch (err) {
       if (faultOf(err)?.code !== 'MASTER_KEY_MISMATCH') throw err;

@@ -1,67 +1,104 @@
 /**
  * Bounded cache of unwrapped keys with second-chance (CLOCK) eviction: a hit only sets a flag,
  * which keeps the hot path to one Map lookup (a strict LRU reorders the Map on every hit, which
- * profiled at ~4% of an encrypt). Every key that leaves the cache (eviction, delete, clear) is
- * zeroed, so an unwrapped DEK lives in exactly one buffer for as long as it is cached.
+ * profiled at ~4% of an encrypt). The keys are slots of the worker's locked KeyArena; every key that
+ * leaves the cache (eviction, delete, clear) goes back to it zeroed, so an unwrapped DEK lives in
+ * exactly one place for as long as it is cached.
+ *
+ * Keys used by the running task are pinned (beginTask): a batch holds the keys it resolved until
+ * it ends, so eviction must not zero, and the arena must not hand out again, a slot a later op of
+ * the same batch will read. The cache may exceed its capacity during such a task; endTask trims it.
  */
+import type { KeyArena } from './key-arena.js';
+
 interface Entry {
   key: Buffer;
   referenced: boolean;
+  /** The task that last used it: pinned while that task runs. */
+  task: number;
 }
 
 export class KeyCache {
   readonly #capacity: number;
+  readonly #arena: KeyArena;
   // Insertion order is the clock hand's order: the first entry is the next eviction candidate.
   readonly #entries = new Map<string, Entry>();
+  /** The running task's number; 0 between tasks, when nothing is pinned. */
+  #task = 0;
+  #tasks = 0;
 
-  constructor(capacity: number) {
+  constructor(capacity: number, arena: KeyArena) {
     this.#capacity = Math.max(1, capacity);
+    this.#arena = arena;
+  }
+
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  beginTask(): void {
+    this.#task = ++this.#tasks;
+  }
+
+  endTask(): void {
+    this.#task = 0;
+    this.#trim();
   }
 
   get(id: string): Buffer | undefined {
     const entry = this.#entries.get(id);
     if (entry === undefined) return undefined;
     entry.referenced = true;
+    entry.task = this.#task;
     return entry.key;
   }
 
-  /** Takes ownership of `key`. */
+  /** Takes ownership of `key`, an arena slot. */
   set(id: string, key: Buffer): void {
     const previous = this.#entries.get(id);
     if (previous !== undefined) {
-      if (previous.key !== key) previous.key.fill(0);
+      if (previous.key !== key) this.#arena.free(previous.key);
       this.#entries.delete(id);
     }
-    this.#entries.set(id, { key, referenced: false });
-    while (this.#entries.size > this.#capacity) this.#evictOne();
+    this.#entries.set(id, { key, referenced: false, task: this.#task });
+    this.#trim();
   }
 
-  #evictOne(): void {
+  #trim(): void {
+    while (this.#entries.size > this.#capacity) if (!this.#evictOne()) return;
+  }
+
+  /** Evicts one unpinned entry; false when every entry is pinned by the running task. */
+  #evictOne(): boolean {
+    // Each entry is looked at most twice (once to clear its flag): a bounded sweep.
+    let budget = this.#entries.size * 2;
     for (const [id, entry] of this.#entries) {
+      if (budget-- === 0) return false;
       this.#entries.delete(id);
-      if (entry.referenced) {
-        // Second chance: move to the back, unmarked.
+      if (entry.referenced || (this.#task !== 0 && entry.task === this.#task)) {
+        // Second chance (or pinned): move to the back, unmarked.
         entry.referenced = false;
         this.#entries.set(id, entry);
       } else {
-        entry.key.fill(0);
-        return;
+        this.#arena.free(entry.key);
+        return true;
       }
     }
+    return false;
   }
 
   /** Drops and zeroes every entry whose id starts with `prefix`. */
   deletePrefix(prefix: string): void {
     for (const [id, entry] of this.#entries) {
       if (id.startsWith(prefix)) {
-        entry.key.fill(0);
+        this.#arena.free(entry.key);
         this.#entries.delete(id);
       }
     }
   }
 
   clear(): void {
-    for (const entry of this.#entries.values()) entry.key.fill(0);
+    for (const entry of this.#entries.values()) this.#arena.free(entry.key);
     this.#entries.clear();
   }
 }

@@ -1,9 +1,11 @@
 /**
  * Resolves the master key from its reference and derives the two keys the worker uses:
  * the KEK-wrapping key and the audit-signing key (HKDF-SHA256, distinct labels). The master key
- * bytes are zeroed as soon as both are derived.
+ * bytes are zeroed as soon as both are derived. The file's bytes, the decoded master key and the
+ * derived keys all live in locked memory (sodium_malloc, KeyArena); node's HKDF returns its output
+ * in an ordinary buffer, which is copied into a slot and zeroed at once.
  *
- * The key file is read into a Buffer and its hex decoded byte by byte, never through a JS string
+ * The key file is read into locked memory and its hex decoded byte by byte, never through a JS string
  * (a string cannot be zeroed and may be copied by the engine); the raw file bytes are zeroed right
  * after decoding. An environment variable is a string by nature (process.env), so that source
  * leaves the hex in this worker's heap; it is decoded in place, without a further copy. From a
@@ -13,8 +15,10 @@
  */
 import { hkdfSync } from 'node:crypto';
 import fs from 'node:fs';
+import sodium from 'sodium-native';
 import { describeMasterKeyRef, type MasterKeyRef } from '../src/worker-abi/index.js';
 import { WorkerFault } from './fault.js';
+import { KeyArena } from './key-arena.js';
 
 export interface RootKeys {
   kekWrapKey: Buffer;
@@ -41,11 +45,16 @@ function hexValue(c: number): number {
 }
 
 /**
- * Decodes 64 hex characters (either case, surrounded by optional whitespace) into a new 32-byte
- * Buffer. Reads the source character by character, so no string or intermediate copy is made.
- * Throws MASTER_KEY_INVALID (naming `what`, never the value) on anything else.
+ * Decodes 64 hex characters (either case, surrounded by optional whitespace) into `into` (a new
+ * 32-byte Buffer unless given). Reads the source character by character, so no string or
+ * intermediate copy is made. Throws MASTER_KEY_INVALID (naming `what`, never the value) on
+ * anything else, with `into` zeroed.
  */
-export function decodeHexKey(source: Uint8Array | string, what: string): Buffer {
+export function decodeHexKey(
+  source: Uint8Array | string,
+  what: string,
+  into: Buffer = Buffer.alloc(MASTER_KEY_BYTES),
+): Buffer {
   const at =
     typeof source === 'string' ? (i: number) => source.charCodeAt(i) : (i: number) => source[i] as number;
   let start = 0;
@@ -53,7 +62,7 @@ export function decodeHexKey(source: Uint8Array | string, what: string): Buffer 
   while (start < end && isSpace(at(start))) start++;
   while (end > start && isSpace(at(end - 1))) end--;
   if (end - start !== MASTER_KEY_BYTES * 2) throw invalidKey(what);
-  const key = Buffer.alloc(MASTER_KEY_BYTES);
+  const key = into;
   for (let i = 0; i < MASTER_KEY_BYTES; i++) {
     const hi = hexValue(at(start + 2 * i));
     const lo = hexValue(at(start + 2 * i + 1));
@@ -67,12 +76,17 @@ export function decodeHexKey(source: Uint8Array | string, what: string): Buffer 
 }
 
 /** Decodes a key file's raw bytes and zeroes them, whether or not they held a valid key. */
-export function masterKeyFromBytes(raw: Buffer, what: string): Buffer {
+export function masterKeyFromBytes(raw: Buffer, what: string, into?: Buffer): Buffer {
   try {
-    return decodeHexKey(raw, what);
+    return decodeHexKey(raw, what, into);
   } finally {
-    raw.fill(0);
+    sodium.sodium_memzero(raw);
   }
+}
+
+/** Locked memory for a key file's bytes (sodium_free'd by the caller once decoded). */
+function lockedBuffer(bytes: number): Buffer {
+  return sodium.sodium_malloc(bytes);
 }
 
 /**
@@ -99,7 +113,7 @@ function readKeyFile(file: string, what: string, allowOpen: boolean): Buffer {
       );
     }
     // One byte more than allowed shows a file that is too large without reading all of it.
-    const raw = Buffer.alloc(MAX_KEY_FILE_BYTES + 1);
+    const raw = lockedBuffer(MAX_KEY_FILE_BYTES + 1);
     let length = 0;
     try {
       while (length < raw.length) {
@@ -108,12 +122,12 @@ function readKeyFile(file: string, what: string, allowOpen: boolean): Buffer {
         length += n;
       }
     } catch (err) {
-      raw.fill(0);
+      sodium.sodium_memzero(raw);
       const code = (err as NodeJS.ErrnoException).code;
       throw new WorkerFault('MASTER_KEY_MISSING', `cannot read ${what} (${code ?? 'error'})`);
     }
     if (length > MAX_KEY_FILE_BYTES) {
-      raw.fill(0);
+      sodium.sodium_memzero(raw);
       throw invalidKey(what);
     }
     // subarray shares raw's memory, so zeroing through it (masterKeyFromBytes) zeroes raw's key bytes.
@@ -123,26 +137,27 @@ function readKeyFile(file: string, what: string, allowOpen: boolean): Buffer {
   }
 }
 
-function readMasterKey(ref: MasterKeyRef): Buffer {
+/** The master key, decoded into the slot `into`. */
+function readMasterKey(ref: MasterKeyRef, into: Buffer): Buffer {
   const what = describeMasterKeyRef(ref);
   switch (ref.kind) {
     case 'file':
-      return masterKeyFromBytes(readKeyFile(ref.path, what, ref.allowOpen === true), what);
+      return masterKeyFromBytes(readKeyFile(ref.path, what, ref.allowOpen === true), what, into);
     case 'env': {
       const value = process.env[ref.name];
       if (value === undefined || value === '')
         throw new WorkerFault('MASTER_KEY_MISSING', `${what} is not set`);
-      return decodeHexKey(value, what);
+      return decodeHexKey(value, what, into);
     }
     case 'config':
-      return masterKeyFromBytes(readConfigValue(ref, what), what);
+      return masterKeyFromBytes(readConfigValue(ref, what), what, into);
   }
 }
 
 /** The located value's bytes, without the quotes it may be written in. */
 function readConfigValue(ref: Extract<MasterKeyRef, { kind: 'config' }>, what: string): Buffer {
   if (ref.length > MAX_KEY_FILE_BYTES) throw invalidKey(what);
-  const raw = Buffer.alloc(ref.length);
+  const raw = lockedBuffer(ref.length);
   let fd: number;
   try {
     fd = fs.openSync(ref.path, 'r');
@@ -160,7 +175,7 @@ function readConfigValue(ref: Extract<MasterKeyRef, { kind: 'config' }>, what: s
       length += n;
     }
   } catch (err) {
-    raw.fill(0);
+    sodium.sodium_memzero(raw);
     throw new WorkerFault(
       'MASTER_KEY_MISSING',
       `cannot read ${what} (${(err as NodeJS.ErrnoException).code ?? 'error'})`,
@@ -174,13 +189,21 @@ function readConfigValue(ref: Extract<MasterKeyRef, { kind: 'config' }>, what: s
   return quoted ? raw.subarray(1, length - 1) : raw.subarray(0, length);
 }
 
-export function loadRootKeys(ref: MasterKeyRef): RootKeys {
-  const master = readMasterKey(ref);
+/** The root keys, in slots of `arena` (a small one of their own unless given). */
+export function loadRootKeys(ref: MasterKeyRef, arena: KeyArena = new KeyArena(3)): RootKeys {
+  const master = arena.alloc();
   try {
-    const derive = (label: string) =>
-      Buffer.from(hkdfSync('sha256', master, Buffer.alloc(0), `progressdb/${label}/v1`, 32));
+    readMasterKey(ref, master);
+    const derive = (label: string) => {
+      const derived = new Uint8Array(
+        hkdfSync('sha256', master, Buffer.alloc(0), `progressdb/${label}/v1`, 32),
+      );
+      const slot = arena.copyOf(derived);
+      derived.fill(0);
+      return slot;
+    };
     return { kekWrapKey: derive('kek-wrap'), auditKey: derive('audit') };
   } finally {
-    master.fill(0);
+    arena.free(master);
   }
 }

@@ -61,6 +61,15 @@ export interface RotationStatus {
   kekVersions: number[];
 }
 
+/**
+ * The workers' key memory (embedded KMS): bytes of key slots locked in RAM (mlock) and bytes the
+ * system refused to lock (RLIMIT_MEMLOCK), which stay guarded but may be swapped to disk.
+ */
+export interface KeyMemoryStatus {
+  lockedBytes: number;
+  unlockedBytes: number;
+}
+
 /** A replica of a KMS cluster (etcd registry): whether it may serve, and until when. */
 export interface ReplicaStatus {
   replicaId: string;
@@ -89,6 +98,8 @@ export interface KmsHealth {
   nextRotationDueAt?: string | null;
   /** Present for a replica of a cluster. */
   replica?: ReplicaStatus;
+  /** The workers' key memory, summed over the workers that reported it (not over the TCP bridge). */
+  keyMemory?: KeyMemoryStatus;
 }
 
 export interface DestroyResult {

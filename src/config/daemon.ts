@@ -131,6 +131,8 @@ const FileSchema = z.strictObject({
       pool_size: int(1, 256).optional(),
       max_batch: int(1, 4096).optional(),
       dek_cache_size: int(1, 10_000_000).optional(),
+      /** `xchacha20-poly1305` or `aes-256-gcm`: checked by createKms. */
+      cipher: z.string().optional(),
       audit: z.boolean().optional(),
       audit_fsync_ms: int(0, 60_000).optional(),
       rotation_batch_size: int(1, 100_000).optional(),
@@ -316,6 +318,7 @@ function kmsOptions(
     poolSize: file.kms?.pool_size,
     maxBatch: file.kms?.max_batch,
     dekCacheSize: file.kms?.dek_cache_size,
+    cipher: file.kms?.cipher,
     audit: file.kms?.audit,
     auditFsyncMs: file.kms?.audit_fsync_ms,
     rotationBatchSize: file.kms?.rotation_batch_size,

@@ -8,6 +8,7 @@ import { availableParallelism, hostname } from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
 import { kmsError } from '../errors.js';
+import { CIPHERS, type CipherName, DEFAULT_CIPHER } from '../format.js';
 import { DEFAULT_LEASE_TTL_SECONDS, MIN_LEASE_TTL_SECONDS } from '../kms/registry/etcd-membership.js';
 import {
   ETCD_MAX_ROTATION_BATCH,
@@ -51,6 +52,13 @@ export interface KmsOptions {
   idleSpinUs?: number;
   /** Unwrapped DEK versions cached per worker. Env: PROGRESSDB_KMS_DEK_CACHE_SIZE. Default 10000. */
   dekCacheSize?: number;
+  /**
+   * The cipher new ciphertexts and wrapped keys are written in: `xchacha20-poly1305` (libsodium;
+   * 192-bit random nonces) or `aes-256-gcm` (node:crypto; for deployments bound to FIPS-approved
+   * algorithms). Data in either format is always read. Env: PROGRESSDB_KMS_CIPHER. Default
+   * xchacha20-poly1305.
+   */
+  cipher?: string;
   /** Write the signed audit log. Env: PROGRESSDB_KMS_AUDIT (false|0|no disables). Default true. */
   audit?: boolean;
   /** Group fsync interval of the audit log in ms. Env: PROGRESSDB_KMS_AUDIT_FSYNC_MS. Default 50. */
@@ -103,6 +111,7 @@ export interface ResolvedKmsOptions {
   maxBatch: number;
   idleSpinUs: number;
   dekCacheSize: number;
+  cipher: CipherName;
   audit: boolean;
   auditFsyncMs: number;
   rotationBatchSize: number;
@@ -215,6 +224,7 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     maxBatch: resolveMaxBatch(opts),
     idleSpinUs: intOption(opts, 'idleSpinUs', 150),
     dekCacheSize: intOption(opts, 'dekCacheSize', 10_000),
+    cipher: resolveCipher(opts.cipher ?? envString('PROGRESSDB_KMS_CIPHER')),
     audit: opts.audit ?? envBool('PROGRESSDB_KMS_AUDIT') ?? true,
     auditFsyncMs: intOption(opts, 'auditFsyncMs', 50),
     rotationBatchSize: intOption(
@@ -229,6 +239,16 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     clock: opts.clock ?? SYSTEM_CLOCK,
     registry,
   };
+}
+
+function resolveCipher(given: string | undefined): CipherName {
+  if (given === undefined) return DEFAULT_CIPHER;
+  const name = given.trim().toLowerCase();
+  if (Object.hasOwn(CIPHERS, name)) return name as CipherName;
+  throw kmsError(
+    'CONFIG_INVALID',
+    `cipher must be one of ${Object.keys(CIPHERS).join(', ')}, got ${JSON.stringify(given)}`,
+  );
 }
 
 function resolvePeriod(given: string | number | undefined): number | null {

@@ -96,7 +96,9 @@ export class DaemonMetrics {
     | 'rotationRunning'
     | 'rotationDone'
     | 'rotationTotal'
-    | 'rotationNextDue',
+    | 'rotationNextDue'
+    | 'keyMemoryLocked'
+    | 'keyMemoryUnlocked',
     Gauge
   >;
   private readonly bridgeConnections: Gauge;
@@ -154,6 +156,14 @@ export class DaemonMetrics {
       rotationRunning: gauge('rotation_running', '1 while a KEK rotation is running'),
       rotationDone: gauge('rotation_done', 'DEK records examined by the current or last KEK rotation'),
       rotationTotal: gauge('rotation_total', 'DEK records to examine in the current or last KEK rotation'),
+      keyMemoryLocked: gauge(
+        'key_memory_locked_bytes',
+        "Bytes of the crypto workers' key slots locked in RAM",
+      ),
+      keyMemoryUnlocked: gauge(
+        'key_memory_unlocked_bytes',
+        "Bytes of the crypto workers' key slots the system refused to lock (RLIMIT_MEMLOCK): swappable",
+      ),
       rotationNextDue: gauge(
         'kek_rotation_next_due_timestamp_seconds',
         'When the active KEK falls due for its scheduled rotation (Unix time; absent without a period)',
@@ -256,6 +266,10 @@ export class DaemonMetrics {
     const due = h.nextRotationDueAt == null ? Number.NaN : Date.parse(h.nextRotationDueAt);
     if (Number.isFinite(due)) g.rotationNextDue.set(due / 1000);
     else g.rotationNextDue.reset();
+    if (h.keyMemory !== undefined) {
+      g.keyMemoryLocked.set(h.keyMemory.lockedBytes);
+      g.keyMemoryUnlocked.set(h.keyMemory.unlockedBytes);
+    }
   }
 
   render(): Promise<string> {

@@ -6,7 +6,7 @@
  */
 import type { CallContext, DecryptItem, EncryptItem, EncryptResult, ItemResult } from '../api/index.js';
 import { type CodedError, type ErrorCode, kmsError, toCodedError } from '../errors.js';
-import { CIPHERTEXT_OVERHEAD } from '../format.js';
+import { MAX_CIPHERTEXT_OVERHEAD } from '../format.js';
 import { type AuditFields, type DekRef, OpKind, type OpKindValue } from '../worker-abi/index.js';
 import { type DekRecord, dataOpRefs } from './dek-versions.js';
 import { auditFields, type OpOutput, type OpQueue, type QueuedOp } from './op-queue.js';
@@ -151,7 +151,8 @@ export class DataPlane {
     try {
       this.assertOpen();
       const checkedId = checkId('key_id', keyId);
-      const max = kind === OpKind.encrypt ? MAX_PLAINTEXT_BYTES : MAX_PLAINTEXT_BYTES + CIPHERTEXT_OVERHEAD;
+      const max =
+        kind === OpKind.encrypt ? MAX_PLAINTEXT_BYTES : MAX_PLAINTEXT_BYTES + MAX_CIPHERTEXT_OVERHEAD;
       const input = checkBytes(kind === OpKind.encrypt ? 'plaintext' : 'ciphertext', data, max);
       const aadBytes = checkAad(aad);
       const known = this.registry.peekDek(checkedId);

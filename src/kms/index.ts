@@ -23,7 +23,7 @@ import type {
 import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from '../config/library.js';
 import { kmsError, toCodedError } from '../errors.js';
 import { type Logger, silentLogger } from '../log.js';
-import type { KekRef, NewKekResult, NewKekTask } from '../worker-abi/index.js';
+import type { KekRef, KeyMemoryReport, NewKekResult, NewKekTask } from '../worker-abi/index.js';
 import { AUDIT_FILE_NAME, AuditFile } from './audit-file.js';
 import { AuditHeadKeeper } from './audit-head-keeper.js';
 import { DataPlane } from './data-plane.js';
@@ -89,6 +89,7 @@ class EmbeddedKms implements Kms {
       init: {
         masterKey: opts.masterKey,
         dekCacheSize: opts.dekCacheSize,
+        cipher: opts.cipher,
         evictChannel: `progressdb-kms-${process.pid}-${randomBytes(6).toString('hex')}`,
         auditFile: auditFile === null ? null : auditFile.path,
         auditFsyncEachWrite: opts.auditFsyncMs === 0,
@@ -96,6 +97,7 @@ class EmbeddedKms implements Kms {
         auditReplica: registry.cluster?.replicaId ?? null,
       },
       kekRef: (version) => this.#kekRef(version),
+      onKeyMemory: (report) => this.#warnUnlocked(report),
       onAudit: (failed, head) => {
         if (failed) {
           this.#auditFile?.fail('a worker could not append to the audit log');
@@ -307,12 +309,29 @@ class EmbeddedKms implements Kms {
     return this.#rotation.status();
   }
 
+  #warnedUnlocked = false;
+
+  /** One warning per KMS, not per worker, when the system refused to lock key memory. */
+  #warnUnlocked(report: KeyMemoryReport): void {
+    if (report.unlockedBytes === 0 || this.#warnedUnlocked) return;
+    this.#warnedUnlocked = true;
+    const limit =
+      report.memlockLimitBytes === null ? 'unknown' : `${Math.floor(report.memlockLimitBytes / 1024)} KiB`;
+    this.#log.warn(
+      `key memory is NOT locked: the system refused to mlock ${report.unlockedBytes} bytes of a crypto ` +
+        `worker's key slots (RLIMIT_MEMLOCK ${limit}). Keys stay in guarded memory but may be swapped ` +
+        'to disk. Raise the limit (systemd: LimitMEMLOCK=; shell: ulimit -l; docker: --ulimit memlock=) ' +
+        'to at least 32 bytes x (dek_cache_size + 1024) x pool_size, or lower dek_cache_size.',
+    );
+  }
+
   async health(): Promise<KmsHealth> {
     this.#assertOpen();
     const replica = this.#registry.cluster?.status();
     const serving = replica?.serving ?? true;
     // A replica cut off from etcd answers at once with the last count, rather than wait for etcd.
     if (serving) this.#dekCount = await this.#registry.dekCount().catch(() => this.#dekCount);
+    const keyMemory = this.#pool.keyMemory();
     return {
       ok: !this.#closed && !(this.#auditFile?.failed ?? false) && serving,
       mode: 'embedded',
@@ -324,6 +343,7 @@ class EmbeddedKms implements Kms {
       rotation: this.#rotation.status(),
       ...(this.#schedule !== null && { nextRotationDueAt: this.#schedule.nextDueAt() }),
       ...(replica !== undefined && { replica }),
+      ...(keyMemory !== undefined && { keyMemory }),
     };
   }
 

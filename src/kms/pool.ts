@@ -10,6 +10,7 @@
 import { availableParallelism } from 'node:os';
 import { BroadcastChannel } from 'node:worker_threads';
 import { Piscina } from 'piscina';
+import type { KeyMemoryStatus } from '../api/index.js';
 import type { StreamHead } from '../audit-link.js';
 import { type CodedError, type ErrorCode, kmsError, toCodedError } from '../errors.js';
 import {
@@ -22,6 +23,7 @@ import {
   IDLE_SPIN_WORKER_SLOTS,
   IdleSpinSlot,
   type KekRef,
+  type KeyMemoryReport,
   OpKind,
   type OpKindValue,
   type TaskOutcome,
@@ -60,6 +62,8 @@ export interface PoolOptions {
    */
   onAudit: (failed: boolean, head: StreamHead | undefined) => void;
   activeKekVersion: () => number;
+  /** Called with each worker's key-memory report as it starts. */
+  onKeyMemory?: (report: KeyMemoryReport) => void;
 }
 
 /** Smallest share of a burst worth a task of its own when splitting it across idle workers. */
@@ -147,9 +151,22 @@ export class CryptoPool {
   #inFlight = 0;
   #scheduled = false;
   #idleWaiters: (() => void)[] = [];
+  readonly #keyMemory = new Map<number, KeyMemoryReport>();
+  #reportWaiters: (() => void)[] = [];
 
   constructor(opts: PoolOptions) {
     this.#opts = opts;
+    // Open before the workers start, so that no worker's start-up report goes unheard.
+    this.#channel = new BroadcastChannel(opts.init.evictChannel);
+    this.#channel.onmessage = (event) => {
+      const message = (event as MessageEvent).data as { type?: string };
+      if (message?.type !== 'key-memory') return;
+      const report = message as KeyMemoryReport;
+      this.#keyMemory.set(report.threadId, report);
+      opts.onKeyMemory?.(report);
+      if (this.#keyMemory.size >= opts.threads) for (const wake of this.#reportWaiters.splice(0)) wake();
+    };
+    this.#channel.unref();
     const signal = new SharedArrayBuffer(IDLE_SPIN_SIGNAL_BYTES);
     const idleSpin =
       opts.idleSpinUs > 0 ? { signal, budgetUs: opts.idleSpinUs, cores: availableParallelism() } : null;
@@ -171,8 +188,34 @@ export class CryptoPool {
       atomics: 'async',
     });
     this.#maxInFlight = opts.threads * 2;
-    this.#channel = new BroadcastChannel(opts.init.evictChannel);
-    this.#channel.unref();
+  }
+
+  /**
+   * Resolves once every worker has reported its key memory (so start-up warns before it serves),
+   * or after `timeoutMs` if some never does: a missing report is no reason not to start.
+   */
+  workersReported(timeoutMs: number): Promise<void> {
+    if (this.#keyMemory.size >= this.#opts.threads) return Promise.resolve();
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, timeoutMs);
+      timer.unref();
+      this.#reportWaiters.push(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+  }
+
+  /** Key memory summed over the workers that reported, or undefined before any did. */
+  keyMemory(): KeyMemoryStatus | undefined {
+    if (this.#keyMemory.size === 0) return undefined;
+    let lockedBytes = 0;
+    let unlockedBytes = 0;
+    for (const report of this.#keyMemory.values()) {
+      lockedBytes += report.lockedBytes;
+      unlockedBytes += report.unlockedBytes;
+    }
+    return { lockedBytes, unlockedBytes };
   }
 
   get threads(): number {

@@ -19,7 +19,6 @@
 
 import type { CallContext, RotationStatus } from '../api/index.js';
 import { kmsError } from '../errors.js';
-import { WRAPPED_KEY_BYTES } from '../format.js';
 import { type AuditFields, type DekRef, OpKind } from '../worker-abi/index.js';
 import type { CryptoPool } from './pool.js';
 import {
@@ -313,14 +312,17 @@ export class KekRotation {
         const slice = pending.slice(c * perChunk, (c + 1) * perChunk);
         // One buffer holds the chunk's wrapped keys; the DekRefs are views into it, so the task
         // clone copies one backing store rather than one per key.
-        const packed = new Uint8Array(slice.length * WRAPPED_KEY_BYTES);
-        const deks: DekRef[] = slice.map(({ record, version }, i) => {
-          packed.set(version.wrapped, i * WRAPPED_KEY_BYTES);
+        // Wrapped keys of both formats may be mixed, so each view spans its own length.
+        const packed = new Uint8Array(slice.reduce((sum, { version }) => sum + version.wrapped.length, 0));
+        let at = 0;
+        const deks: DekRef[] = slice.map(({ record, version }) => {
+          packed.set(version.wrapped, at);
+          at += version.wrapped.length;
           return {
             keyId: record.keyId,
             keyVersion: version.v,
             kekVersion: version.kek,
-            wrapped: packed.subarray(i * WRAPPED_KEY_BYTES, (i + 1) * WRAPPED_KEY_BYTES),
+            wrapped: packed.subarray(at - version.wrapped.length, at),
           };
         });
         // One audit line per batch, not per key: the rotation is one operation.

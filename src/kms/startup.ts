@@ -34,6 +34,7 @@ export async function startUp(deps: StartUpDeps): Promise<void> {
   if (active === undefined)
     throw kmsError('STORE_CORRUPT', 'the active KEK version is missing from the registry');
   if (existing !== undefined) await proveMasterKey(deps, active);
+  await deps.pool.workersReported(WORKER_REPORT_TIMEOUT_MS);
 }
 
 /**
@@ -72,6 +73,9 @@ async function createFirstKek(deps: StartUpDeps): Promise<boolean> {
     created.kcv,
   );
 }
+
+/** How long start-up waits for every crypto worker to say whether its key memory is locked. */
+const WORKER_REPORT_TIMEOUT_MS = 10_000;
 
 async function proveMasterKey(deps: StartUpDeps, active: KekRef): Promise<void> {
   const { registry } = deps;

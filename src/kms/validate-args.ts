@@ -5,12 +5,12 @@
  * functions: no key material, no registry, no workers.
  */
 import { kmsError } from '../errors.js';
-import { CIPHERTEXT_OVERHEAD } from '../format.js';
+import { MAX_CIPHERTEXT_OVERHEAD } from '../format.js';
 
 /** Largest plaintext one operation takes. */
 export const MAX_PLAINTEXT_BYTES = 64 * 1024 * 1024;
 /** Largest ciphertext one operation takes: that of the largest plaintext. */
-export const MAX_CIPHERTEXT_BYTES = MAX_PLAINTEXT_BYTES + CIPHERTEXT_OVERHEAD;
+export const MAX_CIPHERTEXT_BYTES = MAX_PLAINTEXT_BYTES + MAX_CIPHERTEXT_OVERHEAD;
 export const MAX_AAD_BYTES = 64 * 1024;
 /** Longest key or thread id, in UTF-16 code units. */
 export const MAX_ID_LENGTH = 256;

@@ -1,6 +1,7 @@
 /** Audit log verification in a one-off worker: the audit key is derived there and stays there. */
 import { Piscina } from 'piscina';
 import type { AuditHeadRecord } from '../audit-link.js';
+import { DEFAULT_CIPHER } from '../format.js';
 import type { MasterKeyRef, VerifyAuditResult, WorkerInit } from '../worker-abi/index.js';
 import { runTask, workerFile } from './pool.js';
 
@@ -9,6 +10,7 @@ export function oneOffWorkerInit(masterKey: MasterKeyRef): WorkerInit {
   return {
     masterKey,
     dekCacheSize: 1,
+    cipher: DEFAULT_CIPHER,
     evictChannel: `progressdb-verify-${process.pid}`,
     auditFile: null,
     auditFsyncEachWrite: false,

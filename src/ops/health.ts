@@ -1,5 +1,5 @@
 /** health: the KMS health snapshot (authenticated; the daemon's /healthz is the bare probe). */
-import type { KmsHealth, ReplicaStatus } from '../api/index.js';
+import type { KeyMemoryStatus, KmsHealth, ReplicaStatus } from '../api/index.js';
 import { bool, type Field, nested, nullable, optional, record, text, uint } from './fields.js';
 import { singleOp } from './op.js';
 import { noParamsBinary, noParamsRecord, rotationStatusBinary, rotationStatusRecord } from './shapes.js';
@@ -11,6 +11,11 @@ const mode: Field<KmsHealth['mode']> = {
   write: (v) => v,
   read: () => 'external',
 };
+
+const keyMemoryRecord = record<KeyMemoryStatus>({
+  lockedBytes: uint('locked_bytes'),
+  unlockedBytes: uint('unlocked_bytes'),
+});
 
 const replicaStatusRecord = record<ReplicaStatus>({
   replicaId: text('replica_id'),
@@ -27,7 +32,7 @@ export const health = singleOp({
   http: {
     method: 'GET',
     path: '/health',
-    help: '→ {"ok","kek_id","active_kek_version","dek_count","pool_threads","queue_depth","rotation":{...},"next_rotation_due_at" (with a rotation period),"replica":{...} (a cluster replica)}',
+    help: '→ {"ok","kek_id","active_kek_version","dek_count","pool_threads","queue_depth","rotation":{...},"next_rotation_due_at" (with a rotation period),"replica":{...} (a cluster replica),"key_memory":{"locked_bytes","unlocked_bytes"}}',
   },
   json: {
     request: noParamsRecord,
@@ -42,10 +47,11 @@ export const health = singleOp({
       rotation: nested('rotation', rotationStatusRecord),
       nextRotationDueAt: optional(nullable(text('next_rotation_due_at'))),
       replica: optional(nested('replica', replicaStatusRecord)),
+      keyMemory: optional(nested('key_memory', keyMemoryRecord)),
     }),
   },
-  // The bridge's health carries no replica part (`ok` already says whether a replica serves) and
-  // no rotation due time (the daemon's /health and metrics do).
+  // The bridge's health carries no replica part (`ok` already says whether a replica serves), no
+  // rotation due time and no key memory (the daemon's /health and metrics do).
   binary: {
     request: noParamsBinary('health'),
     result: {

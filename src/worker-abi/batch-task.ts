@@ -15,7 +15,6 @@ import {
   OP_SLOTS,
   OpKind,
   type OpKindValue,
-  opOutputBytes,
   opSlotBytes,
   PLAINTEXT_LEAD,
 } from './slots.js';
@@ -147,11 +146,6 @@ export class BatchTaskReader {
   /** Where the op's output goes in `data`. */
   outputOffset(i: number): number {
     return this.#slot(i, kOpOutputOffset);
-  }
-
-  /** Bytes of output the op produces on success. */
-  outputBytes(i: number): number {
-    return opOutputBytes(this.kind(i), this.#slot(i, kOpInputLength));
   }
 
   /** Zeroes the op's slot (after a failure: nothing half-written goes back). */

@@ -2,7 +2,12 @@
  * The layout of the Int32 arrays shared with the crypto workers, every slot a named constant. Only
  * the writers and readers in this directory index them (batch-task.ts, batch-result.ts).
  */
-import { CIPHERTEXT_HEADER_BYTES, CIPHERTEXT_OVERHEAD, NONCE_BYTES, WRAPPED_KEY_BYTES } from '../format.js';
+import {
+  MAX_CIPHERTEXT_LEAD,
+  MAX_CIPHERTEXT_OVERHEAD,
+  MAX_WRAPPED_KEY_BYTES,
+  MIN_CIPHERTEXT_OVERHEAD,
+} from '../format.js';
 
 /**
  * Int32 slots of the idle-spin signal buffer. Waking a parked worker costs 15-70 µs on a VM (the
@@ -56,40 +61,27 @@ export const OP_SLOTS = 9;
 
 /**
  * Bytes an op occupies in `BatchTask.data` (before its AAD): its input plus room for its output,
- * which the worker writes in place from the slot's start. An encrypt's plaintext sits after
- * PLAINTEXT_LEAD bytes, leaving room for the ciphertext header and nonce.
+ * which the worker writes in place from the slot's start. The main thread lays tasks out without
+ * knowing which format the worker seals in, so the room is the larger format's: an encrypt's
+ * plaintext sits after MAX_CIPHERTEXT_LEAD bytes (room for any header and nonce), and a reencrypt
+ * may move a ciphertext from the smaller format to the larger.
  */
 export function opSlotBytes(kind: number, inputLength: number): number {
   switch (kind) {
     case OpKind.encrypt:
-      return inputLength + CIPHERTEXT_OVERHEAD;
+      return inputLength + MAX_CIPHERTEXT_OVERHEAD;
+    case OpKind.reencrypt:
+      return inputLength + MAX_CIPHERTEXT_OVERHEAD - MIN_CIPHERTEXT_OVERHEAD;
     case OpKind.generate:
     case OpKind.rewrap:
-      return WRAPPED_KEY_BYTES;
+      return MAX_WRAPPED_KEY_BYTES;
     default:
       return inputLength;
   }
 }
 
 /** Where an encrypt's plaintext starts inside its slot. */
-export const PLAINTEXT_LEAD = CIPHERTEXT_HEADER_BYTES + NONCE_BYTES;
-
-/** Bytes of output an op produces from an input of `inputLength` bytes. */
-export function opOutputBytes(kind: number, inputLength: number): number {
-  switch (kind) {
-    case OpKind.encrypt:
-      return inputLength + CIPHERTEXT_OVERHEAD;
-    case OpKind.decrypt:
-      return Math.max(0, inputLength - CIPHERTEXT_OVERHEAD);
-    case OpKind.reencrypt:
-      return inputLength;
-    case OpKind.generate:
-    case OpKind.rewrap:
-      return WRAPPED_KEY_BYTES;
-    default:
-      return 0;
-  }
-}
+export const PLAINTEXT_LEAD = MAX_CIPHERTEXT_LEAD;
 
 // Int32 slots of one op's answer in `BatchResult.results` (op i starts at i * RESULT_SLOTS).
 /** -1 on success; otherwise an index into `BatchResult.errors`. */

@@ -2,7 +2,9 @@
  * The task shapes the main thread hands the crypto workers and what they answer. Only wrapped keys,
  * plaintext and ciphertext cross; never an unwrapped key. Internal: not part of the library API.
  */
+
 import type { AuditHeadRecord, StreamHead } from '../audit-link.js';
+import type { CipherName } from '../format.js';
 import type { ErrorCode, WorkerError } from './errors.js';
 
 // A library result as well (EmbeddedKmsHandle.verifyAudit); a type only, so no runtime dependency.
@@ -35,6 +37,8 @@ export interface WorkerInit {
   masterKey: MasterKeyRef;
   /** Max unwrapped DEK versions cached per worker (LRU, zeroed on eviction). */
   dekCacheSize: number;
+  /** The cipher new ciphertexts and wrapped keys are written in; every format is read. */
+  cipher: CipherName;
   /** Name of the BroadcastChannel on which the main thread announces destroyed keys. */
   evictChannel: string;
   /**
@@ -53,6 +57,18 @@ export interface WorkerInit {
    * briefly for the next one instead of parking. Null disables spinning.
    */
   idleSpin: { signal: SharedArrayBuffer; budgetUs: number; cores: number } | null;
+}
+
+/**
+ * What a worker announces on the evict channel when it starts: how much of its key memory the
+ * system locked, and the process's RLIMIT_MEMLOCK (null when unlimited or unknown).
+ */
+export interface KeyMemoryReport {
+  type: 'key-memory';
+  threadId: number;
+  lockedBytes: number;
+  unlockedBytes: number;
+  memlockLimitBytes: number | null;
 }
 
 /** A KEK version as stored: wrapped under the master key. */

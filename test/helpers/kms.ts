@@ -13,6 +13,7 @@ import type { ExecutionContext } from 'ava';
 import type { Kms } from '../../src/api/index.js';
 import { type ErrorCode, ServiceError, statusOf, UserError } from '../../src/errors.js';
 import { createKms, type EmbeddedKmsHandle, type KmsOptions } from '../../src/kms/index.js';
+import { unwrapKeyInto } from '../../workers/aead.js';
 
 /** Repository root (children run with it as cwd so that `--import=tsx` resolves). */
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
@@ -216,3 +217,16 @@ export async function sealAndOpen(kms: Kms, keyId: string, count: number, prefix
 /** What sealAndOpen returns when every message made the round trip. */
 export const sealedMessages = (count: number, prefix: string) =>
   Array.from({ length: count }, (_, i) => `${prefix}${i}`);
+
+/** Unwraps a stored wrapped key (either format) into a new buffer: tests that inspect what is stored. */
+export function unwrapKey(
+  wrappingKey: Uint8Array,
+  kind: number,
+  wrappingVersion: number,
+  identity: string,
+  wrapped: Uint8Array,
+): Buffer {
+  const key = Buffer.alloc(32);
+  unwrapKeyInto(wrappingKey, kind, wrappingVersion, identity, wrapped, key);
+  return key;
+}
