@@ -6,7 +6,7 @@
  * covered by the tests that run the real daemon.
  */
 import test from 'ava';
-import type { EncryptResult, ItemResult, Kms, KmsHealth, RotationStatus } from '../src/api/index.js';
+import type { EncryptResult, ItemResult, Kms, KmsHealth } from '../src/api/index.js';
 import { loadDaemonConfig } from '../src/config/daemon.js';
 import { kmsError } from '../src/errors.js';
 import { startDaemon } from '../src/kms-server/serve.js';
