@@ -24,15 +24,24 @@ test('--version and -V print the package version on both programs and exit 0', a
 });
 
 test('a mistyped progressdb-kms command is one line with a suggestion and exit 1; nothing starts', async (t) => {
-  const cases: [string, RegExp][] = [
-    ['sevre', /^progressdb-kms: unknown command "sevre" \(did you mean "serve"\?\)\n$/],
-    ['rotat', /^progressdb-kms: unknown command "rotat" \(did you mean "rotate"\?\)\n$/],
-    ['aduit', /^progressdb-kms: unknown command "aduit" \(did you mean "audit"\?\)\n$/],
-    ['bogus', /^progressdb-kms: unknown command "bogus" \(commands: serve, keygen, audit, .*\)\n$/],
+  const cases: [string[], RegExp][] = [
+    [['sevre'], /^progressdb-kms: unknown command "sevre" \(did you mean "serve"\?\)\n$/],
+    [['rotat'], /^progressdb-kms: unknown command "rotat" \(did you mean "rotate"\?\)\n$/],
+    [['aduit'], /^progressdb-kms: unknown command "aduit" \(did you mean "audit"\?\)\n$/],
+    [['bogus'], /^progressdb-kms: unknown command "bogus" \(commands: serve, keygen, audit, .*\)\n$/],
+    // A sub-command's own sub-commands are checked the same way, in the same words.
+    [
+      ['audit', 'verifyy'],
+      /^progressdb-kms: unknown command "audit verifyy" \(did you mean "audit verify"\?\)\n$/,
+    ],
+    [['audit', 'bogus'], /^progressdb-kms: unknown command "audit bogus" \(commands: verify, help\)\n$/],
   ];
-  const runs = await Promise.all(cases.map(([word]) => runCli(KMS_CLI, [word, '--listen', '127.0.0.1:0'])));
+  const runs = await Promise.all(
+    cases.map(([words]) => runCli(KMS_CLI, [...words, '--listen', '127.0.0.1:0'])),
+  );
   for (const [i, res] of runs.entries()) {
-    const [word, expected] = cases[i] as [string, RegExp];
+    const [words, expected] = cases[i] as [string[], RegExp];
+    const word = words.join(' ');
     t.is(res.code, 1, word);
     t.regex(res.stderr, expected);
     t.is(res.stdout, '', `${word}: nothing started`);

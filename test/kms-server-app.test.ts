@@ -6,25 +6,16 @@
  * covered by the tests that run the real daemon.
  */
 import test from 'ava';
-import type { EncryptResult, ItemResult, Kms, KmsHealth, RotationStatus } from '../src/api/index.js';
+import type { EncryptResult, ItemResult, Kms, KmsHealth } from '../src/api/index.js';
 import { loadDaemonConfig } from '../src/config/daemon.js';
 import { kmsError } from '../src/errors.js';
 import { startDaemon } from '../src/kms-server/serve.js';
 import { createLogger } from '../src/log.js';
 import { decodeResult, encodeRequest, FRAME_RESULT } from '../src/wire/bridge-codec.js';
 import { BridgeSocket, postJson, request } from './helpers/kms-daemon.js';
+import { IDLE_ROTATION, stubHealth } from './helpers/stub-kms.js';
 
-const rotation: RotationStatus = {
-  state: 'idle',
-  kekId: 'kek_stub',
-  activeKekVersion: 1,
-  targetKekVersion: null,
-  done: 0,
-  total: 0,
-  startedAt: null,
-  finishedAt: null,
-  kekVersions: [1],
-};
+const rotation = IDLE_ROTATION;
 
 interface StubState {
   ready: boolean;
@@ -36,16 +27,7 @@ interface StubState {
 
 function stubKms(state: StubState): Kms {
   const unexpected = () => Promise.reject(new Error('plaintext "hunter2" leaked into an error message'));
-  const health = async (): Promise<KmsHealth> => ({
-    ok: state.ready,
-    mode: 'embedded',
-    kekId: 'kek_stub',
-    activeKekVersion: 1,
-    dekCount: 0,
-    poolThreads: 1,
-    queueDepth: 7,
-    rotation,
-  });
+  const health = async (): Promise<KmsHealth> => stubHealth(state.ready, 7);
   return {
     createDekForThread: async (threadId) => {
       state.entered();

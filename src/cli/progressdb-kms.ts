@@ -8,7 +8,7 @@ import { Command, InvalidArgumentError } from 'commander';
 import type { ServeFlags } from '../config/daemon.js';
 import { CodedError } from '../errors.js';
 import { tuneHeapForThroughput } from './heap-tuning.js';
-import { packageVersion, unknownCommand } from './version.js';
+import { packageVersion, unknownCommandIn } from './version.js';
 
 // Each sub-command loads only what it needs: keygen should not pay for Koa, LMDB and the pool.
 const keygen = () => import('./kms-commands/keygen.js');
@@ -180,11 +180,9 @@ registryFlags(
     exitWith(async () => (await backup()).restoreCommand(opts))(),
   );
 
-// `serve` is the default, so without this a mistyped command would be taken for serve's argument.
-const refusal = unknownCommand('progressdb-kms', process.argv[2], [
-  ...program.commands.map((c) => c.name()),
-  'help',
-]);
+// `serve` is the default, so without this a mistyped command would be taken for serve's argument;
+// commander's own refusal of a mistyped sub-command (`audit verifyy`) would be a different format.
+const refusal = unknownCommandIn('progressdb-kms', process.argv.slice(2), program);
 if (refusal !== null) {
   process.stderr.write(`${refusal}\n`);
   process.exit(1);

@@ -28,20 +28,49 @@ function distance(a: string, b: string): number {
   return previous[b.length] as number;
 }
 
+/** What a refusal needs of a command: its name and its sub-commands (commander's Command fits). */
+export interface CommandNode {
+  name(): string;
+  readonly commands: readonly CommandNode[];
+}
+
 /**
- * The one-line refusal of a first argument that names no command, or null when it names one (or
- * is an option, which the default command takes).
+ * The one-line refusal of a word that names no sub-command of `parents` (the command words before
+ * it, none at the top level), or null when it names one (or is an option, which the default
+ * command or the parent's help takes).
  */
-export function unknownCommand(
+function unknownCommand(
   program: string,
   given: string | undefined,
   commands: string[],
+  parents: readonly string[] = [],
 ): string | null {
   if (given === undefined || given.startsWith('-') || commands.includes(given)) return null;
   const [best] = commands
     .map((name) => ({ name, d: distance(given, name) }))
     .filter((c) => c.d <= Math.max(1, Math.ceil(c.name.length / 3)))
     .sort((x, y) => x.d - y.d);
-  const hint = best ? ` (did you mean "${best.name}"?)` : ` (commands: ${commands.join(', ')})`;
-  return `${program}: unknown command "${given}"${hint}`;
+  const named = (word: string) => [...parents, word].join(' ');
+  const hint = best ? ` (did you mean "${named(best.name)}"?)` : ` (commands: ${commands.join(', ')})`;
+  return `${program}: unknown command "${named(given)}"${hint}`;
+}
+
+/**
+ * The refusal of the first command word, at any depth (`audit verifyy`), that names none of its
+ * parent's sub-commands, or null. `args` are the words after the program's name.
+ */
+export function unknownCommandIn(program: string, args: readonly string[], root: CommandNode): string | null {
+  let node = root;
+  const parents: string[] = [];
+  for (const word of args) {
+    if (node.commands.length === 0) return null;
+    const names = [...node.commands.map((c) => c.name()), 'help'];
+    const refusal = unknownCommand(program, word, names, parents);
+    if (refusal !== null) return refusal;
+    const next = node.commands.find((c) => c.name() === word);
+    if (next === undefined) return null;
+    parents.push(word);
+    node = next;
+  }
+  return null;
 }

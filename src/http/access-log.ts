@@ -32,6 +32,12 @@ export function accessLog({ logger, callerOf }: AccessLogOptions): Middleware {
       await next();
     } catch (thrown) {
       status = (thrown as { status?: number })?.status ?? 500;
+      // Koa's own error answer drops every header set so far but the error's `headers`: the id
+      // goes there, so even this answer can be matched to its log line.
+      if (thrown instanceof Error) {
+        const withHeaders = thrown as Error & { headers?: Record<string, string> };
+        withHeaders.headers = { ...withHeaders.headers, 'X-Request-Id': reqId };
+      }
       throw thrown;
     } finally {
       const route = matchedRoute(ctx);

@@ -26,8 +26,8 @@ export type Parsed<S extends Schema> = {
 };
 
 /** Identifiers (key ids, thread ids) are short printable strings. */
-const MAX_ID_LENGTH = 256;
-const UINT_STRING = /^\d{1,9}$/;
+export const MAX_ID_LENGTH = 256;
+export const UINT_STRING = /^\d{1,9}$/;
 
 function invalid(field: string, why: string): CodedError {
   return kmsError('INVALID_INPUT', `field "${field}" ${why}`, { field });

@@ -4,12 +4,14 @@
  * `opRoute`, which makes the route of a KMS operation from its declaration in src/ops/ (its
  * fields checked by a precompiled schema, src/http/field-schema.ts).
  */
+import type { z } from 'zod';
 import type { CallContext, ItemResult, Kms } from '../api/index.js';
 import { errorBody, kmsError, toCodedError } from '../errors.js';
 import { compileSchema, type SchemaOptions } from '../http/field-schema.js';
 import { labelOf } from '../ops/index.js';
 import type { AnyOp } from '../ops/op.js';
 import type { DaemonMetrics } from './metrics.js';
+import { opDoc } from './openapi.js';
 
 export interface Limits {
   /** Largest HTTP request body, in bytes. */
@@ -38,6 +40,14 @@ export interface RouteInput {
 
 export type RouteReply = { json: unknown } | { status: number; contentType: string; text: string };
 
+/** What the OpenAPI document says of a route beyond its method, path and help (openapi.ts). */
+export interface RouteDoc {
+  /** The JSON body (POST) or the query parameters (GET); none: the route reads neither. */
+  input?: z.ZodType | undefined;
+  /** The 200 answer: a JSON body's schema, or a text body's content type. */
+  answer: { json: z.ZodType } | { text: string };
+}
+
 export interface RouteSpec {
   method: 'GET' | 'POST';
   path: string;
@@ -49,6 +59,8 @@ export interface RouteSpec {
   public?: boolean;
   /** Reads a JSON object body (415/413/400 checks apply). */
   jsonBody?: boolean;
+  /** Built only when the OpenAPI document is first asked for. */
+  doc?: () => RouteDoc;
   handle(input: RouteInput): Promise<RouteReply>;
 }
 
@@ -145,7 +157,7 @@ export function opRoute(spec: AnyOp): RouteSpec {
   const { method, path, help, strict, unknownFieldHint } = spec.http;
   const options: SchemaOptions = { strict: strict === true };
   if (unknownFieldHint !== undefined) options.unknownFieldHint = unknownFieldHint;
-  const route = { method, path, help, op: labelOf(spec) };
+  const route = { method, path, help, op: labelOf(spec), doc: () => opDoc(spec) };
   if (spec.batch) {
     const parseItem = compileSchema(spec.json.item.schema, options);
     const { toWire, toJson } = spec.json.result;

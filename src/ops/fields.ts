@@ -10,6 +10,21 @@ import { decodeBase64Field, encodeBase64 } from '../wire/base64.js';
 
 export type WireObject = Record<string, unknown>;
 
+/**
+ * What a field's JSON value is, for the OpenAPI document (kms-server/openapi.ts): a string, a
+ * decimal number or a comma-separated list of them as a string, standard base64, "true"/"false",
+ * one of a set of strings, or an object of its own fields.
+ */
+export type WireType =
+  | 'string'
+  | 'decimal'
+  | 'decimals'
+  | 'base64'
+  | 'boolean'
+  | { readonly oneOf: readonly string[] }
+  /** Fields unknown (a codec that lists none): any object. */
+  | { readonly object: readonly Field<unknown>[] | undefined };
+
 export interface Field<V> {
   /** The JSON name. */
   readonly name: string;
@@ -17,6 +32,8 @@ export interface Field<V> {
   readonly optional: boolean;
   /** How the daemon checks the field in a request; result-only fields have none. */
   readonly input?: FieldSpec['kind'];
+  /** Its JSON value, as the daemon writes it. */
+  readonly type: WireType;
   /** The JSON value written for `v`. */
   write(v: V): unknown;
   /** Reads the field from a daemon answer; a missing or malformed value is the daemon's fault. */
@@ -43,12 +60,13 @@ function parseUint(v: string, field: string): number {
 function field<V>(
   name: string,
   input: FieldSpec['kind'] | undefined,
+  type: WireType,
   write: (v: V) => unknown,
   read: (o: WireObject) => V,
 ): Field<V> {
   return input === undefined
-    ? { name, optional: false, write, read }
-    : { name, optional: false, input, write, read };
+    ? { name, optional: false, type, write, read }
+    : { name, optional: false, input, type, write, read };
 }
 
 /** An identifier (key id, thread id): 1 to 256 characters in a request. */
@@ -56,6 +74,7 @@ export function id(name: string): Field<string> {
   return field(
     name,
     'id',
+    'string',
     (v) => v,
     (o) => wireString(o, name),
   );
@@ -66,17 +85,18 @@ export function text(name: string): Field<string> {
   return field(
     name,
     undefined,
+    'string',
     (v) => v,
     (o) => wireString(o, name),
   );
 }
 
 export function uint(name: string): Field<number> {
-  return field(name, 'uint', String, (o) => parseUint(wireString(o, name), name));
+  return field(name, 'uint', 'decimal', String, (o) => parseUint(wireString(o, name), name));
 }
 
 export function base64(name: string): Field<Buffer> {
-  return field(name, 'base64', encodeBase64, (o) => {
+  return field(name, 'base64', 'base64', encodeBase64, (o) => {
     try {
       return decodeBase64Field(wireString(o, name), name);
     } catch {
@@ -90,6 +110,7 @@ export function uintList(name: string): Field<number[]> {
   return field(
     name,
     undefined,
+    'decimals',
     (v) => v.join(','),
     (o) => {
       const v = wireString(o, name);
@@ -100,7 +121,7 @@ export function uintList(name: string): Field<number[]> {
 
 /** "true" / "false" (results only). */
 export function bool(name: string): Field<boolean> {
-  return field(name, undefined, String, (o) => wireString(o, name) === 'true');
+  return field(name, undefined, 'boolean', String, (o) => wireString(o, name) === 'true');
 }
 
 /** One of a fixed set of strings (results only). */
@@ -109,6 +130,7 @@ export function oneOf<V extends string>(name: string, values: readonly V[]): Fie
   return field(
     name,
     undefined,
+    { oneOf: values },
     (v) => v,
     (o) => {
       const v = wireString(o, name);
@@ -120,7 +142,7 @@ export function oneOf<V extends string>(name: string, values: readonly V[]): Fie
 
 /** A JSON object written and read by its own record (results only). */
 export function nested<V>(name: string, record: JsonCodec<V>): Field<V> {
-  return field(name, undefined, record.toWire, (o) => {
+  return field(name, undefined, { object: record.fields }, record.toWire, (o) => {
     const v = o[name];
     if (typeof v !== 'object' || v === null) throw badResponse(name);
     return record.fromWire(v as WireObject);
@@ -142,6 +164,8 @@ export interface JsonCodec<T> {
   toWire(v: T): WireObject;
   /** Reads a daemon's answer (client side). */
   fromWire(o: WireObject): T;
+  /** The fields toWire writes, in order, for the OpenAPI document. */
+  readonly fields?: readonly Field<unknown>[];
 }
 
 /** A JSON object of named fields, mapped to and from `T` (whose property order is the JSON order). */
@@ -160,6 +184,7 @@ export function record<T>(fields: Fields<T>): JsonRecord<T> {
   }
   return {
     schema,
+    fields: entries.map(([, f]) => f),
     toWire: (v) => {
       const out: WireObject = {};
       for (const [prop, f] of entries) {
@@ -193,5 +218,9 @@ export function plainView<T>(fields: Fields<T>): (v: T) => WireObject {
 
 /** A value carried as the one field of a JSON object (decrypt's `{"plaintext"}`). */
 export function single<V>(f: Field<V>): JsonCodec<V> {
-  return { toWire: (v) => ({ [f.name]: f.write(v) }), fromWire: (o) => f.read(o) };
+  return {
+    fields: [f as Field<unknown>],
+    toWire: (v) => ({ [f.name]: f.write(v) }),
+    fromWire: (o) => f.read(o),
+  };
 }

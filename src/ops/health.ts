@@ -8,6 +8,7 @@ import { noParamsBinary, noParamsRecord, rotationStatusBinary, rotationStatusRec
 const mode: Field<KmsHealth['mode']> = {
   name: 'mode',
   optional: false,
+  type: { oneOf: ['embedded', 'external'] },
   write: (v) => v,
   read: () => 'external',
 };

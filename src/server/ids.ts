@@ -8,10 +8,6 @@ import { randomBytes } from 'node:crypto';
 const ALPHABET = '0123456789ABCDEFGHJKMNPQRSTVWXYZ';
 export const ID_PATTERN = /^[0-9A-HJKMNP-TV-Z]{26}$/;
 
-export function isId(value: string): boolean {
-  return ID_PATTERN.test(value);
-}
-
 export class IdGenerator {
   private lastTime = 0;
   /** The 80 random bits as 16 base32 digits (5 bits each), incremented for ids in the same ms. */

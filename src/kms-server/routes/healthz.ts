@@ -11,6 +11,7 @@ export const healthzRoute: RouteSpec = {
   op: 'healthz',
   help: '→ 200 "ok" when ready, 503 otherwise; no authentication',
   public: true,
+  doc: () => ({ answer: { text: 'text/plain' } }),
   handle: async ({ services }) => {
     if (!services.accepting()) throw kmsError('NOT_READY', 'shutting down');
     const health = await services.kms.health().catch(() => null);

@@ -7,6 +7,7 @@ export const metricsRoute: RouteSpec = {
   op: 'metrics',
   help: '→ Prometheus metrics: requests, errors, latency, pool queue depth, rotation progress',
   public: true,
+  doc: () => ({ answer: { text: 'text/plain' } }),
   handle: async ({ services }) => {
     services.metrics.setHealth(await services.kms.health().catch(() => null));
     return { status: 200, contentType: services.metrics.contentType, text: await services.metrics.render() };

@@ -8,6 +8,7 @@ export const adminEncryptThreads = serverRoute({
   path: '/admin/encryption/encrypt-threads',
   scope: 'admin',
   help: '?wait → 202 (200 when waited for) the encrypt-threads job',
+  reply: { statuses: [200, 202] },
   handle: async (ctx, { jobs }) => {
     const { job, done } = jobs.startEncryptThreads();
     await runJob(ctx, done);

@@ -34,6 +34,7 @@ export const adminHealth = serverRoute({
   path: '/admin/health',
   scope: 'admin',
   help: '→ {"status","encryption","kms":{...},"store","jobs_running","uptime_seconds","pid"}',
+  reply: { statuses: [200, 503] },
   handle: async (ctx, parts) => {
     const { service, jobs, config, startedAt } = parts;
     const kms = await kmsHealth(parts);

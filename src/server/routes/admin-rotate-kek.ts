@@ -9,6 +9,7 @@ export const adminRotateKek = serverRoute({
   path: '/admin/encryption/rotate-kek',
   scope: 'admin',
   help: '?wait → 202 (200 when waited for) the KEK rotation status',
+  reply: { statuses: [200, 202] },
   handle: async (ctx, { service }) => {
     const kms = service.requireKms();
     if (wantsWait(ctx)) {

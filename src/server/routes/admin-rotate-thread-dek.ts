@@ -8,6 +8,7 @@ export const adminRotateThreadDek = serverRoute({
   path: '/admin/encryption/rotate-thread-dek',
   scope: 'admin',
   help: '{"thread_id"} ?wait → 202 (200 when waited for) the DEK rotation job',
+  reply: { statuses: [200, 202] },
   body: threadIdInput('send {"thread_id": "<thread id>"}'),
   handle: async (ctx, { service, jobs }, { body }) => {
     service.requireKms();

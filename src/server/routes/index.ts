@@ -13,6 +13,7 @@ import { messagesGet } from './messages-get.js';
 import { messagesList } from './messages-list.js';
 import { messagesUpdate } from './messages-update.js';
 import { metricsRoute } from './metrics.js';
+import { openApiRoute } from './openapi.js';
 import type { ServerRoute } from './route.js';
 import { threadsCreate } from './threads-create.js';
 import { threadsDelete } from './threads-delete.js';
@@ -22,6 +23,7 @@ import { threadsList } from './threads-list.js';
 export const ROUTES: readonly ServerRoute[] = [
   healthz,
   metricsRoute,
+  openApiRoute(() => ROUTES),
   threadsCreate,
   threadsList,
   threadsGet,

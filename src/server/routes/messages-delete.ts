@@ -7,6 +7,7 @@ export const messagesDelete = serverRoute({
   path: '/v1/threads/:id/messages/:mid',
   scope: 'data',
   help: '→ 204',
+  reply: { statuses: [204] },
   params: messageParams,
   handle: async (ctx, { service }, { params }) => {
     await service.deleteMessage(params.id, params.mid);

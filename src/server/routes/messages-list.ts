@@ -3,12 +3,14 @@ import { callContext } from '../context.js';
 import { pagingQuery } from '../http.js';
 import { serverRoute } from './route.js';
 import { threadParams } from './schemas.js';
+import { messagePage } from './views.js';
 
 export const messagesList = serverRoute({
   method: 'GET',
   path: '/v1/threads/:id/messages',
   scope: 'data',
   help: '?limit&cursor → {"messages":[...],"next_cursor"}',
+  reply: { schema: messagePage },
   params: threadParams,
   query: pagingQuery,
   handle: async (ctx, { service }, { params, query }) => {

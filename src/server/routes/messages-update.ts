@@ -2,12 +2,14 @@
 import { callContext } from '../context.js';
 import { serverRoute } from './route.js';
 import { messageBody, messageParams } from './schemas.js';
+import { messageView } from './views.js';
 
 export const messagesUpdate = serverRoute({
   method: 'PUT',
   path: '/v1/threads/:id/messages/:mid',
   scope: 'data',
   help: '{"body": <any JSON>} → the message',
+  reply: { schema: messageView },
   params: messageParams,
   body: messageBody,
   handle: async (ctx, { service }, { params, body }) => {

@@ -6,6 +6,7 @@ export const metricsRoute = serverRoute({
   path: '/metrics',
   scope: 'admin',
   help: '→ Prometheus metrics: requests, errors, latency, KMS reachability',
+  reply: { text: 'text/plain' },
   handle: async (ctx, { metrics }) => {
     ctx.type = metrics.registry.contentType;
     ctx.body = await metrics.registry.metrics();

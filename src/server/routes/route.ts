@@ -1,7 +1,8 @@
 /**
  * What a server endpoint declares, like the daemon's routes: method, path, the key it needs, a
- * one-line help, the zod schemas of its JSON body and query, and a handler given their parsed
- * values. `serverRoute` turns a declaration into the form app.ts registers.
+ * one-line help, the zod schemas of its JSON body and query (and of its answer, for the OpenAPI
+ * document), and a handler given their parsed values. `serverRoute` turns a declaration into the
+ * form app.ts registers.
  */
 import type { Context } from 'koa';
 import type { z } from 'zod';
@@ -12,6 +13,16 @@ import { readJson } from '../http.js';
 
 export type Method = 'GET' | 'POST' | 'PUT' | 'DELETE';
 
+/** A route's success answer, as the OpenAPI document describes it (server/openapi.ts). */
+export interface ReplyDoc {
+  /** Its statuses; default [200]. */
+  statuses?: readonly number[];
+  /** Its JSON body; none: not described (or no body, for 204). */
+  schema?: z.ZodType;
+  /** A text answer's content type, instead of JSON. */
+  text?: string;
+}
+
 interface RouteHead {
   method: Method;
   path: string;
@@ -19,9 +30,17 @@ interface RouteHead {
   scope: Scope | 'public';
   /** One line for the docs. */
   help: string;
+  reply?: ReplyDoc;
 }
 
 export interface ServerRoute extends RouteHead {
+  /** The declaration's input schemas, kept for the OpenAPI document. */
+  readonly input: {
+    params?: z.ZodType | undefined;
+    body?: z.ZodType | undefined;
+    bodyOptional: boolean;
+    query?: z.ZodType | undefined;
+  };
   handle(ctx: Context, parts: AppParts): Promise<void> | void;
 }
 
@@ -61,12 +80,19 @@ function check<T>(schema: z.ZodType<T> | undefined, input: unknown): T {
 export function serverRoute<P = undefined, B = undefined, Q = undefined>(
   decl: RouteDeclaration<P, B, Q>,
 ): ServerRoute {
-  const { method, path, scope, help } = decl;
+  const { method, path, scope, help, reply } = decl;
   return {
     method,
     path,
     scope,
     help,
+    ...(reply && { reply }),
+    input: {
+      params: decl.params,
+      body: decl.body,
+      bodyOptional: decl.bodyOptional === true,
+      query: decl.query,
+    },
     handle: async (ctx, parts) => {
       const params = check(decl.params, (ctx as Context & { params?: unknown }).params ?? {});
       const body = (

@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { callContext } from '../context.js';
 import { threadView } from '../service.js';
 import { serverRoute } from './route.js';
+import { threadView as threadSchema } from './views.js';
 
 const MAX_TITLE_CHARS = 1_000;
 const TITLE = `title must be a string of at most ${MAX_TITLE_CHARS} characters`;
@@ -12,6 +13,7 @@ export const threadsCreate = serverRoute({
   path: '/v1/threads',
   scope: 'data',
   help: '{"title"?} → 201 the thread, with Location',
+  reply: { statuses: [201], schema: threadSchema },
   body: z.strictObject(
     { title: z.string({ error: TITLE }).max(MAX_TITLE_CHARS, { error: TITLE }).nullish() },
     { error: 'body must be a JSON object' },

@@ -8,6 +8,7 @@ export const threadsDelete = serverRoute({
   path: '/v1/threads/:id',
   scope: 'data',
   help: '→ 204; the thread, its messages and its DEK are gone',
+  reply: { statuses: [204] },
   params: threadParams,
   handle: async (ctx, { service }, { params }) => {
     await service.deleteThread(params.id, callContext(ctx));
