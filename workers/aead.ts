@@ -34,7 +34,7 @@ const NONCE_POOL = Buffer.alloc(24 * 4096);
 let noncePos = NONCE_POOL.length;
 
 /** Writes `length` fresh random nonce bytes into `out` at `offset`. */
-export function fillNonce(out: Uint8Array, offset: number, length: number): void {
+function fillNonce(out: Uint8Array, offset: number, length: number): void {
   if (noncePos + length > NONCE_POOL.length) {
     sodium.randombytes_buf(NONCE_POOL);
     noncePos = 0;

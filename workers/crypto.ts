@@ -3,7 +3,7 @@
  *
  * The main thread sends batches of operations with wrapped keys, plaintext and ciphertext; the
  * worker resolves the master key itself (from the reference in workerData), unwraps KEKs and DEKs
- * into bounded caches (zeroed when dropped), runs the batch, signs the batch's audit lines and
+ * into its keyring (locked memory, zeroed when dropped: keyring.ts), runs the batch, signs the batch's audit lines and
  * transfers the packed results back.
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';

@@ -84,11 +84,6 @@ export function masterKeyFromBytes(raw: Buffer, what: string, into?: Buffer): Bu
   }
 }
 
-/** Locked memory for a key file's bytes (sodium_free'd by the caller once decoded). */
-function lockedBuffer(bytes: number): Buffer {
-  return sodium.sodium_malloc(bytes);
-}
-
 /**
  * Reads a whole small file through one descriptor. The permission check runs on that descriptor
  * (fstat), so the file checked is the file read. Unless `allowOpen`, a file that group or others
@@ -113,7 +108,8 @@ function readKeyFile(file: string, what: string, allowOpen: boolean): Buffer {
       );
     }
     // One byte more than allowed shows a file that is too large without reading all of it.
-    const raw = lockedBuffer(MAX_KEY_FILE_BYTES + 1);
+    // Locked memory; zeroed once decoded, and released by sodium-native when collected.
+    const raw = sodium.sodium_malloc(MAX_KEY_FILE_BYTES + 1);
     let length = 0;
     try {
       while (length < raw.length) {
@@ -157,7 +153,7 @@ function readMasterKey(ref: MasterKeyRef, into: Buffer): Buffer {
 /** The located value's bytes, without the quotes it may be written in. */
 function readConfigValue(ref: Extract<MasterKeyRef, { kind: 'config' }>, what: string): Buffer {
   if (ref.length > MAX_KEY_FILE_BYTES) throw invalidKey(what);
-  const raw = lockedBuffer(ref.length);
+  const raw = sodium.sodium_malloc(ref.length);
   let fd: number;
   try {
     fd = fs.openSync(ref.path, 'r');
