@@ -56,7 +56,8 @@ export async function openKms(t: ExecutionContext, options: KmsOptions = {}): Pr
   const dir = tempDir(t);
   const { file, hex } = writeMasterKey(dir);
   const dataDir = path.join(dir, 'kms');
-  const base: KmsOptions = { dataDir, masterKeyFile: file, poolSize: 1, ...options };
+  // destroyDek destroys at once unless a test sets a deletion window.
+  const base: KmsOptions = { dataDir, masterKeyFile: file, poolSize: 1, deletionWindow: 0, ...options };
   const open = async (extra: KmsOptions = {}) => {
     const kms = await createKms({ ...base, ...extra });
     t.teardown(() => kms.close());

@@ -14,7 +14,13 @@
  */
 import type { AuditHeadRecord } from '../../audit-link.js';
 import { kmsError } from '../../errors.js';
-import { addKekRefDeltas, applyVersionRewraps, type DekRecord, type VersionRewrap } from '../dek-versions.js';
+import {
+  addKekRefDeltas,
+  applyVersionRewraps,
+  type DekRecord,
+  deletionDueMs,
+  type VersionRewrap,
+} from '../dek-versions.js';
 import { DekRecordCache } from './dek-cache.js';
 import { LmdbStore } from './lmdb.js';
 import type { RegistryStore, StoreChange, StoreCluster, StoreTxnView } from './store.js';
@@ -65,6 +71,12 @@ const AUDIT_HEAD = 'audit-head';
 const KEK_PREFIX = 'kek/';
 const DEK_PREFIX = 'dek/';
 const THREAD_PREFIX = 'thread/';
+/**
+ * The index of keys pending deletion: `pending/<due time in ms, 16 digits>/<keyId>` → keyId, so
+ * both stores list it soonest due first and the sweep reads only what is due.
+ */
+export const PENDING_PREFIX = 'pending/';
+const DUE_DIGITS = 16;
 const FORMAT_VERSION = 1;
 /** The cluster lock a rotation runs under (StoreCluster): one replica rotates at a time. */
 export const ROTATION_LOCK = 'rotation';
@@ -72,6 +84,14 @@ export const ROTATION_LOCK = 'rotation';
 const kekKey = (version: number) => KEK_PREFIX + version;
 const dekKey = (keyId: string) => DEK_PREFIX + keyId;
 const threadKey = (threadId: string) => THREAD_PREFIX + threadId;
+
+/** The pending-deletion index entry of a record, if it is pending deletion. */
+function pendingKey(record: DekRecord): string | undefined {
+  const due = deletionDueMs(record);
+  return due === null
+    ? undefined
+    : `${PENDING_PREFIX}${String(due).padStart(DUE_DIGITS, '0')}/${record.keyId}`;
+}
 
 const DEK_CACHE_ENTRIES = 50_000;
 
@@ -326,6 +346,19 @@ export class Registry {
     return this.#store.count(THREAD_PREFIX);
   }
 
+  /**
+   * Keys pending deletion whose window has ended by `nowMs`, soonest due first, at most `limit`:
+   * one read of the index's first page, whatever the number of keys.
+   */
+  async dueDeletions(nowMs: number, limit: number): Promise<string[]> {
+    const due: string[] = [];
+    for (const { key, value } of await this.#store.range(PENDING_PREFIX, { limit })) {
+      if (Number(key.slice(PENDING_PREFIX.length, PENDING_PREFIX.length + DUE_DIGITS)) > nowMs) break;
+      due.push(value as string);
+    }
+    return due;
+  }
+
   /** All DEK records including tombstones; used as the rotation's progress total. */
   dekRecordCount(): Promise<number> {
     return this.#store.count(DEK_PREFIX);
@@ -380,7 +413,7 @@ export class Registry {
   /**
    * Read-modify-write of one DEK record in a transaction. `change` gets the current record and
    * returns the new one (or the same object for "no change"); it may throw a CodedError to abort.
-   * Reference counts and the thread index follow automatically.
+   * Reference counts, the thread index and the pending-deletion index follow automatically.
    */
   updateDek(keyId: string, change: (current: DekRecord) => DekRecord): Promise<DekRecord> {
     return this.#transact((tx, stage) => {
@@ -390,6 +423,11 @@ export class Registry {
       if (next === current) return current;
       this.#applyRefs(tx, addKekRefDeltas(new Map(), current, next));
       stage(next);
+      const [wasPending, isPending] = [pendingKey(current), pendingKey(next)];
+      if (wasPending !== isPending) {
+        if (wasPending !== undefined) tx.delete(wasPending);
+        if (isPending !== undefined) tx.put(isPending, keyId);
+      }
       if (next.state === 'destroyed' && tx.get(threadKey(current.threadId)) === keyId) {
         tx.delete(threadKey(current.threadId));
       }
