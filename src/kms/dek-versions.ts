@@ -160,10 +160,11 @@ export function scheduleDestruction(record: DekRecord, dueAt: string): DekRecord
 }
 
 /**
- * Makes a key pending deletion active again, every version as it was. A destroyed key is
- * KEY_NOT_FOUND (too late), any other KEY_NOT_PENDING_DELETION.
+ * Makes a key pending deletion active again, every version as it was, while its window lasts at
+ * `nowMs`. A destroyed key, or one whose window has ended, is KEY_NOT_FOUND (too late); any other
+ * KEY_NOT_PENDING_DELETION.
  */
-export function cancelDestruction(record: DekRecord): DekRecord {
+export function cancelDestruction(record: DekRecord, nowMs: number): DekRecord {
   if (record.state === 'destroyed') {
     throw kmsError(
       'KEY_NOT_FOUND',
@@ -172,6 +173,13 @@ export function cancelDestruction(record: DekRecord): DekRecord {
   }
   if (record.state !== 'pending-deletion') {
     throw kmsError('KEY_NOT_PENDING_DELETION', `key ${record.keyId} is not pending deletion`);
+  }
+  const due = deletionDueMs(record);
+  if (due !== null && due <= nowMs) {
+    throw kmsError(
+      'KEY_NOT_FOUND',
+      `the deletion window of key ${record.keyId} ended at ${record.deletionDueAt}: it is being destroyed`,
+    );
   }
   const { deletionDueAt: _, ...rest } = record;
   return { ...rest, state: 'active' };

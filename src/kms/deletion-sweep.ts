@@ -17,11 +17,17 @@ import type { KmsClock } from './rotation-schedule.js';
 export const DELETION_LOCK = 'deletion-sweep';
 /** Keys destroyed per read of the index. */
 const PAGE = 100;
-/** How often a sweep looks, unless the clock says otherwise. */
+/** How often a sweep looks, unless the clock says otherwise (more often for short windows). */
 const DEFAULT_CHECK_MS = 60_000;
+
+export function sweepEveryMs(windowMs: number): number {
+  return windowMs > 0 ? Math.min(DEFAULT_CHECK_MS, Math.max(1000, windowMs / 10)) : DEFAULT_CHECK_MS;
+}
 
 export interface SweepDeps {
   clock: KmsClock;
+  /** The configured deletion window (keys made pending under another one are swept all the same). */
+  windowMs: number;
   registry: Pick<Registry, 'dueDeletions' | 'cluster'>;
   /** Destroys the key if its window has ended; returns the versions destroyed (none: no change). */
   destroyIfDue(keyId: string): Promise<number[]>;
@@ -38,7 +44,8 @@ export class DeletionSweep {
   }
 
   start(): void {
-    this.#timer = setInterval(() => void this.check(), this.#deps.clock.checkEveryMs ?? DEFAULT_CHECK_MS);
+    const every = this.#deps.clock.checkEveryMs ?? sweepEveryMs(this.#deps.windowMs);
+    this.#timer = setInterval(() => void this.check(), every);
     this.#timer.unref();
     void this.check();
   }

@@ -166,6 +166,7 @@ class EmbeddedKms implements Kms {
     if (!this.#opts.resumeRotation) return;
     this.#sweep = new DeletionSweep({
       clock: this.#opts.clock,
+      windowMs: this.#opts.deletionWindowMs,
       registry: this.#registry,
       destroyIfDue: (keyId) => this.#keys.destroyIfDue(keyId),
       log: this.#log,

@@ -299,7 +299,7 @@ export class KeyOps {
     if (record === undefined) await this.#rejectMissingKey('cancel_deletion', keyId, ctx);
     let updated: DekRecord;
     try {
-      updated = await this.registry.updateDek(keyId, cancelDestruction);
+      updated = await this.registry.updateDek(keyId, (current) => cancelDestruction(current, this.now()));
     } catch (err) {
       return this.#auditedFailure('cancel_deletion', ctx, toCodedError(err), keyId);
     }

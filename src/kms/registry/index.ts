@@ -14,15 +14,10 @@
  */
 import type { AuditHeadRecord } from '../../audit-link.js';
 import { kmsError } from '../../errors.js';
-import {
-  addKekRefDeltas,
-  applyVersionRewraps,
-  type DekRecord,
-  deletionDueMs,
-  type VersionRewrap,
-} from '../dek-versions.js';
+import { addKekRefDeltas, applyVersionRewraps, type DekRecord, type VersionRewrap } from '../dek-versions.js';
 import { DekRecordCache } from './dek-cache.js';
 import { LmdbStore } from './lmdb.js';
+import { dueKeyIds, followPendingIndex, PENDING_PREFIX } from './pending-index.js';
 import type { RegistryStore, StoreChange, StoreCluster, StoreTxnView } from './store.js';
 
 export type { DekRecord, DekVersionRecord } from '../dek-versions.js';
@@ -71,12 +66,6 @@ const AUDIT_HEAD = 'audit-head';
 const KEK_PREFIX = 'kek/';
 const DEK_PREFIX = 'dek/';
 const THREAD_PREFIX = 'thread/';
-/**
- * The index of keys pending deletion: `pending/<due time in ms, 16 digits>/<keyId>` → keyId, so
- * both stores list it soonest due first and the sweep reads only what is due.
- */
-export const PENDING_PREFIX = 'pending/';
-const DUE_DIGITS = 16;
 const FORMAT_VERSION = 1;
 /** The cluster lock a rotation runs under (StoreCluster): one replica rotates at a time. */
 export const ROTATION_LOCK = 'rotation';
@@ -84,14 +73,6 @@ export const ROTATION_LOCK = 'rotation';
 const kekKey = (version: number) => KEK_PREFIX + version;
 const dekKey = (keyId: string) => DEK_PREFIX + keyId;
 const threadKey = (threadId: string) => THREAD_PREFIX + threadId;
-
-/** The pending-deletion index entry of a record, if it is pending deletion. */
-function pendingKey(record: DekRecord): string | undefined {
-  const due = deletionDueMs(record);
-  return due === null
-    ? undefined
-    : `${PENDING_PREFIX}${String(due).padStart(DUE_DIGITS, '0')}/${record.keyId}`;
-}
 
 const DEK_CACHE_ENTRIES = 50_000;
 
@@ -351,12 +332,7 @@ export class Registry {
    * one read of the index's first page, whatever the number of keys.
    */
   async dueDeletions(nowMs: number, limit: number): Promise<string[]> {
-    const due: string[] = [];
-    for (const { key, value } of await this.#store.range(PENDING_PREFIX, { limit })) {
-      if (Number(key.slice(PENDING_PREFIX.length, PENDING_PREFIX.length + DUE_DIGITS)) > nowMs) break;
-      due.push(value as string);
-    }
-    return due;
+    return dueKeyIds(await this.#store.range(PENDING_PREFIX, { limit }), nowMs);
   }
 
   /** All DEK records including tombstones; used as the rotation's progress total. */
@@ -423,11 +399,7 @@ export class Registry {
       if (next === current) return current;
       this.#applyRefs(tx, addKekRefDeltas(new Map(), current, next));
       stage(next);
-      const [wasPending, isPending] = [pendingKey(current), pendingKey(next)];
-      if (wasPending !== isPending) {
-        if (wasPending !== undefined) tx.delete(wasPending);
-        if (isPending !== undefined) tx.put(isPending, keyId);
-      }
+      followPendingIndex(tx, current, next);
       if (next.state === 'destroyed' && tx.get(threadKey(current.threadId)) === keyId) {
         tx.delete(threadKey(current.threadId));
       }
