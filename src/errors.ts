@@ -22,6 +22,12 @@ export const ERROR_CATALOGUE = {
   METHOD_NOT_ALLOWED: { status: 405, message: 'method not allowed' },
   CONFLICT: { status: 409, message: 'conflict' },
   ROTATION_IN_PROGRESS: { status: 409, message: 'a rotation is already running' },
+  /** destroyDek with a deletion window: the key is disabled until cancelDeletion or its destruction. */
+  KEY_PENDING_DELETION: {
+    status: 409,
+    message: 'the key is pending deletion: every use is refused until its deletion is cancelled',
+  },
+  KEY_NOT_PENDING_DELETION: { status: 409, message: 'the key is not pending deletion' },
   // 413/415/422
   PAYLOAD_TOO_LARGE: { status: 413, message: 'payload too large' },
   UNSUPPORTED_MEDIA_TYPE: { status: 415, message: 'expected application/json' },

@@ -8,14 +8,18 @@ import {
   addKekRefDeltas,
   addVersion,
   applyVersionRewraps,
+  cancelDestruction,
   currentVersion,
   type DekRecord,
   type DekVersionRecord,
   dataOpRefs,
   destroyAll,
+  destroyIfDue,
   destroyVersionsBefore,
   dropsKeyMaterial,
   nextVersion,
+  requireActive,
+  scheduleDestruction,
 } from '../src/kms/dek-versions.js';
 
 const T0 = '2026-01-01T00:00:00.000Z';
@@ -196,4 +200,38 @@ test('dropsKeyMaterial: a deleted or destroyed key, or one with earlier versions
   t.false(dropsKeyMaterial(record([version(1)])));
   t.false(dropsKeyMaterial(record([version(1), version(2), version(3)])), 'rotated: every version kept');
   t.false(dropsKeyMaterial(record([version(1, 2), version(2, 2)])), 'rewrapped under a new KEK');
+});
+
+test('a deletion window: scheduled once, refused for use, cancelled back as it was, destroyed only once due', (t) => {
+  const r = record([version(1), version(2)]);
+  const due = '2026-01-08T00:00:00.000Z';
+  const pending = scheduleDestruction(r, due);
+  t.like(pending, { state: 'pending-deletion', deletionDueAt: due, current: 2 });
+  t.is(pending.versions, r.versions, 'every version kept until the window ends');
+  t.true(dropsKeyMaterial(pending), 'workers drop the key at once');
+  t.is(
+    scheduleDestruction(pending, '2026-02-01T00:00:00.000Z'),
+    pending,
+    'a second destroy keeps the due time',
+  );
+  t.throws(() => requireActive(pending), { code: 'KEY_PENDING_DELETION', message: new RegExp(due) });
+  t.throws(() => addVersion(pending, version(3)), { code: 'KEY_PENDING_DELETION' });
+  t.throws(() => destroyVersionsBefore(pending, 2), { code: 'KEY_PENDING_DELETION' });
+
+  const dueMs = Date.parse(due);
+  t.deepEqual(cancelDestruction(pending, dueMs - 1), r);
+  t.throws(() => cancelDestruction(r, dueMs - 1), { code: 'KEY_NOT_PENDING_DELETION' });
+  t.throws(() => cancelDestruction(pending, dueMs), { code: 'KEY_NOT_FOUND', message: /window .* ended/ });
+
+  t.is(destroyIfDue(pending, dueMs - 1).record, pending, 'not yet');
+  t.is(destroyIfDue(r, dueMs + 1).record, r, 'an active key is never destroyed by the sweep');
+  const gone = destroyIfDue(pending, dueMs);
+  t.deepEqual(gone.destroyed, [1, 2]);
+  t.like(gone.record, { state: 'destroyed', versions: [], destroyedAt: due });
+  t.false('deletionDueAt' in gone.record);
+  t.is(scheduleDestruction(gone.record, due), gone.record);
+  t.throws(() => cancelDestruction(gone.record, dueMs), {
+    code: 'KEY_NOT_FOUND',
+    message: /was destroyed at/,
+  });
 });

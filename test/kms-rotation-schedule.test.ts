@@ -9,23 +9,11 @@ import test from 'ava';
 import { loadDaemonConfig } from '../src/config/daemon.js';
 import { parseDuration, RotationSchedule } from '../src/kms/rotation-schedule.js';
 import { createLogger } from '../src/log.js';
-import { auditLines, openKms, tempDir } from './helpers/kms.js';
+import { auditLines, manualClock, openKms, tempDir } from './helpers/kms.js';
 import { request, spawnDaemon } from './helpers/kms-daemon.js';
 import { until } from './helpers/processes.js';
 
 const DAY = 86_400_000;
-
-/** A clock that moves only when told to. */
-function manualClock(start = Date.now()) {
-  let now = start;
-  return {
-    now: () => now,
-    checkEveryMs: 10,
-    advance(ms: number) {
-      now += ms;
-    },
-  };
-}
 
 test('durations: 90d, 12h, 30m, 45s, 500ms and 2w; anything else is CONFIG_INVALID naming the setting', (t) => {
   t.is(parseDuration('90d', 'p'), 90 * DAY);

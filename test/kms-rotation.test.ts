@@ -154,12 +154,20 @@ test('rotateDek, reencrypt and destroyDekVersionsBefore: old-version ciphertexts
   t.deepEqual(await kms.decrypt(dek.keyId, re.ciphertext, aad), Buffer.from('old message'));
   await expectCode(t, kms.reencrypt(dek.keyId, old.ciphertext, Buffer.from('wrong')), 'DECRYPT_FAILED');
 
-  t.deepEqual(await kms.destroyDekVersionsBefore(dek.keyId, 2), { keyId: dek.keyId, destroyedVersions: [1] });
+  t.deepEqual(await kms.destroyDekVersionsBefore(dek.keyId, 2), {
+    keyId: dek.keyId,
+    destroyedVersions: [1],
+    deletionDueAt: null,
+  });
   await expectCode(t, kms.decrypt(dek.keyId, old.ciphertext, aad), 'DECRYPT_FAILED');
   await expectCode(t, kms.reencrypt(dek.keyId, old.ciphertext, aad), 'DECRYPT_FAILED');
   t.deepEqual(await kms.decrypt(dek.keyId, re.ciphertext, aad), Buffer.from('old message'));
   t.deepEqual(await kms.decrypt(dek.keyId, fresh.ciphertext, aad), Buffer.from('new message'));
-  t.deepEqual(await kms.destroyDekVersionsBefore(dek.keyId, 2), { keyId: dek.keyId, destroyedVersions: [] });
+  t.deepEqual(await kms.destroyDekVersionsBefore(dek.keyId, 2), {
+    keyId: dek.keyId,
+    destroyedVersions: [],
+    deletionDueAt: null,
+  });
 
   // Version numbers keep growing after a destruction; and all of it survives a restart.
   t.is((await kms.rotateDek(dek.keyId)).keyVersion, 3);
@@ -179,14 +187,22 @@ test('destroyDek crypto-shreds a key: every use is KEY_NOT_FOUND and the thread 
   const kept = await kms.encrypt(keep.keyId, Buffer.from('keep me'));
   await kms.rotateDek(dek.keyId);
 
-  t.deepEqual(await kms.destroyDek(dek.keyId), { keyId: dek.keyId, destroyedVersions: [1, 2] });
+  t.deepEqual(await kms.destroyDek(dek.keyId), {
+    keyId: dek.keyId,
+    destroyedVersions: [1, 2],
+    deletionDueAt: null,
+  });
   await expectCode(t, kms.decrypt(dek.keyId, ciphertext), 'KEY_NOT_FOUND');
   await expectCode(t, kms.encrypt(dek.keyId, Buffer.from('x')), 'KEY_NOT_FOUND');
   await expectCode(t, kms.getWrappedDek(dek.keyId), 'KEY_NOT_FOUND');
   await expectCode(t, kms.reencrypt(dek.keyId, ciphertext), 'KEY_NOT_FOUND');
   await expectCode(t, kms.rewrapDek(dek.keyId), 'KEY_NOT_FOUND');
   await expectCode(t, kms.rotateDek(dek.keyId), 'KEY_NOT_FOUND');
-  t.deepEqual(await kms.destroyDek(dek.keyId), { keyId: dek.keyId, destroyedVersions: [] }, 'idempotent');
+  t.deepEqual(
+    await kms.destroyDek(dek.keyId),
+    { keyId: dek.keyId, destroyedVersions: [], deletionDueAt: null },
+    'idempotent',
+  );
   t.is((await kms.health()).dekCount, 1);
 
   const replacement = await kms.createDekForThread('thread-shred');

@@ -53,6 +53,7 @@ function stubKms(state: StubState): Kms {
     rotateDek: unexpected,
     destroyDekVersionsBefore: unexpected,
     destroyDek: unexpected,
+    cancelDeletion: unexpected,
     rotateKek: async () => rotation,
     startKekRotation: async () => rotation,
     rotationStatus: async () => rotation,

@@ -22,6 +22,7 @@ test('bridge op codes never change', (t) => {
       rotation_status: 0x0b,
       health: 0x0c,
       reencrypt_batch: 0x0d,
+      cancel_deletion: 0x0e,
     },
   );
   for (const op of OPS) {

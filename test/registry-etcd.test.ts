@@ -4,11 +4,14 @@
  * answers from the cache while etcd is away, a watch that fell behind a compaction drops the
  * cache instead of serving stale values, and KEK versions range in number order.
  */
+import path from 'node:path';
 import test from 'ava';
 import { Etcd3 } from 'etcd3';
+import { createKms } from '../src/kms/index.js';
 import { EtcdStore } from '../src/kms/registry/etcd.js';
 import { Registry } from '../src/kms/registry/index.js';
 import { EtcdCluster } from './helpers/etcd.js';
+import { auditLines, manualClock, tempDir, writeMasterKey } from './helpers/kms.js';
 import { until } from './helpers/processes.js';
 import { registryStoreSuite } from './helpers/registry-store-suite.js';
 
@@ -263,4 +266,49 @@ test.serial('a watch that fell behind a compaction drops the cache and watches a
   t.pass();
   await a.close();
   await b.close();
+});
+
+test('a deletion window in a cluster: pending on every replica at once, destroyed once when it ends', async (t) => {
+  const dir = tempDir(t, 'pdb-etcd-window-');
+  const { file } = writeMasterKey(dir);
+  const clock = manualClock();
+  const replica = async (name: string) => {
+    const kms = await createKms({
+      dataDir: path.join(dir, name),
+      masterKeyFile: file,
+      poolSize: 1,
+      registry: cluster.registryUrl,
+      cluster: 'deletion-window',
+      replicaId: name,
+      deletionWindow: '1d',
+      clock,
+    });
+    t.teardown(() => kms.close());
+    return kms;
+  };
+  const a = await replica('a');
+  const b = await replica('b');
+  const dek = await a.createDekForThread('clustered');
+  const sealed = await a.encrypt(dek.keyId, Buffer.from('clustered'));
+  t.is((await b.decrypt(dek.keyId, sealed.ciphertext)).toString(), 'clustered');
+  await a.destroyDek(dek.keyId);
+  // destroyDek answers once every live replica has applied it.
+  await t.throwsAsync(b.decrypt(dek.keyId, sealed.ciphertext), { code: 'KEY_PENDING_DELETION' });
+  t.like(await b.cancelDeletion(dek.keyId), { keyId: dek.keyId });
+  t.is((await a.decrypt(dek.keyId, sealed.ciphertext)).toString(), 'clustered');
+  await b.destroyDek(dek.keyId);
+  clock.advance(2 * 86_400_000);
+  for (const kms of [a, b]) {
+    await until(
+      'the destruction',
+      async () => ((await kms.health()).dekCount === 0 ? true : undefined),
+      15_000,
+    );
+  }
+  await t.throwsAsync(a.decrypt(dek.keyId, sealed.ciphertext), { code: 'KEY_NOT_FOUND' });
+  const destructions = ['a', 'b'].flatMap((name) =>
+    auditLines(path.join(dir, name)).filter((l) => l.caller === 'kms-deletion-window'),
+  );
+  t.is(destructions.length, 1, 'one replica destroyed it; the other found nothing to do');
+  t.like(destructions[0], { op: 'destroy_dek', key_id: dek.keyId, detail: 'destroyed [1]' });
 });

@@ -104,8 +104,13 @@ export interface KmsHealth {
 
 export interface DestroyResult {
   keyId: string;
-  /** DEK versions destroyed by this call. */
+  /** DEK versions destroyed by this call (none when it only starts a deletion window). */
   destroyedVersions: number[];
+  /**
+   * destroyDek with a deletion window: when the key will be destroyed unless cancelDeletion is
+   * called before (ISO time); null when nothing is pending (destroyed at once, or already gone).
+   */
+  deletionDueAt: string | null;
 }
 
 export interface Kms {
@@ -134,8 +139,17 @@ export interface Kms {
   rotateDek(keyId: string, ctx?: CallContext): Promise<DekInfo>;
   /** Destroys every DEK version older than `keepFromVersion` (after re-encryption finished). */
   destroyDekVersionsBefore(keyId: string, keepFromVersion: number, ctx?: CallContext): Promise<DestroyResult>;
-  /** Destroys the DEK and all its versions (crypto-shredding). Idempotent. */
+  /**
+   * Destroys the DEK and all its versions (crypto-shredding). Idempotent. With a deletion window
+   * the key is disabled at once (every use refused with KEY_PENDING_DELETION) and destroyed when
+   * the window ends (`deletionDueAt`), unless cancelDeletion is called first.
+   */
   destroyDek(keyId: string, ctx?: CallContext): Promise<DestroyResult>;
+  /**
+   * Restores a key pending deletion, every version as it was. KEY_NOT_PENDING_DELETION for a key
+   * that is not; KEY_NOT_FOUND once it has been destroyed.
+   */
+  cancelDeletion(keyId: string, ctx?: CallContext): Promise<DekInfo>;
   /** Starts (or joins, or resumes) a KEK rotation and resolves when it has finished. */
   rotateKek(ctx?: CallContext): Promise<RotationStatus>;
   /** Starts (or resumes) a KEK rotation in the background and returns its status at once. */

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 /**
  * progressdb-kms: the external-mode KMS daemon (`serve`, the default) and its offline tools
- * (`keygen`, `audit verify`, `rotate`, `migrate`, `backup`, `restore`). Errors are reported as one line on stderr with exit code
+ * (`keygen`, `audit verify`, `rotate`, `cancel-deletion`, `migrate`, `backup`, `restore`). Errors are reported as one line on stderr with exit code
  * 1, never a stack trace.
  */
 import { Command, InvalidArgumentError } from 'commander';
@@ -16,6 +16,7 @@ const auditVerify = () => import('./kms-commands/audit-verify.js');
 const rotate = () => import('./kms-commands/rotate.js');
 const migrate = () => import('./kms-commands/migrate.js');
 const backup = () => import('./kms-commands/backup.js');
+const cancelDeletion = () => import('./kms-commands/cancel-deletion.js');
 
 function wholeNumber(value: string): number {
   if (!/^\d+$/.test(value)) throw new InvalidArgumentError('expected a whole number');
@@ -148,6 +149,18 @@ program
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
   .action((opts: { dataDir?: string; masterKeyFile?: string }) =>
     exitWith(async () => (await rotate()).rotateCommand(opts))(),
+  );
+
+program
+  .command('cancel-deletion')
+  .description(
+    'restore a key pending deletion, offline (the daemon must be stopped; live: POST /cancel_deletion)',
+  )
+  .option('--key-id <id>', 'the key whose deletion to cancel')
+  .option('--data-dir <dir>', 'the KMS data directory (env PROGRESSDB_KMS_DATA_DIR)')
+  .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
+  .action((opts: import('./kms-commands/cancel-deletion.js').CancelDeletionFlags) =>
+    exitWith(async () => (await cancelDeletion()).cancelDeletionCommand(opts))(),
   );
 
 registryFlags(program.command('migrate'), 'the etcd registry to copy into: etcd://h:p,... or etcds://h:p,...')

@@ -138,6 +138,8 @@ const FileSchema = z.strictObject({
       rotation_batch_size: int(1, 100_000).optional(),
       /** `90d`, `12h`, ... or `off`: checked by createKms. */
       kek_rotation_period: z.string().optional(),
+      /** `7d`, `12h`, ... or `0` (destroy at once): checked by createKms. */
+      deletion_window: z.union([z.string(), z.literal(0)]).optional(),
     })
     .optional(),
 });
@@ -323,6 +325,7 @@ function kmsOptions(
     auditFsyncMs: file.kms?.audit_fsync_ms,
     rotationBatchSize: file.kms?.rotation_batch_size,
     kekRotationPeriod: file.kms?.kek_rotation_period,
+    deletionWindow: file.kms?.deletion_window,
     ...registryOptions(s.get, s.filePath),
   };
   const masterKeyFile = s.filePath('master_key_file');

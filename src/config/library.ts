@@ -75,7 +75,13 @@ export interface KmsOptions {
    * (or milliseconds). Off by default. Env: PROGRESSDB_KMS_KEK_ROTATION_PERIOD.
    */
   kekRotationPeriod?: string | number;
-  /** The clock of scheduled work; tests inject one. Default: the system clock. */
+  /**
+   * How long destroyDek waits before it destroys a key: `7d`, `12h`, `30m` (or milliseconds);
+   * meanwhile the key is refused for every use (KEY_PENDING_DELETION) and cancelDeletion restores
+   * it. `0` destroys at once. Env: PROGRESSDB_KMS_DELETION_WINDOW. Default 7d.
+   */
+  deletionWindow?: string | number;
+  /** The clock of scheduled work (KEK rotation, deletion windows); tests inject one. Default: the system clock. */
   clock?: KmsClock;
   /**
    * Where the registry lives: `lmdb` (in dataDir; the default) or the etcd cluster several KMS
@@ -118,6 +124,8 @@ export interface ResolvedKmsOptions {
   resumeRotation: boolean;
   /** null: no scheduled rotation. */
   kekRotationPeriodMs: number | null;
+  /** 0: destroyDek destroys at once. */
+  deletionWindowMs: number;
   clock: KmsClock;
   registry: RegistryOptions;
 }
@@ -236,6 +244,9 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     kekRotationPeriodMs: resolvePeriod(
       opts.kekRotationPeriod ?? envString('PROGRESSDB_KMS_KEK_ROTATION_PERIOD'),
     ),
+    deletionWindowMs: resolveDeletionWindow(
+      opts.deletionWindow ?? envString('PROGRESSDB_KMS_DELETION_WINDOW'),
+    ),
     clock: opts.clock ?? SYSTEM_CLOCK,
     registry,
   };
@@ -249,6 +260,23 @@ function resolveCipher(given: string | undefined): CipherName {
     'CONFIG_INVALID',
     `cipher must be one of ${Object.keys(CIPHERS).join(', ')}, got ${JSON.stringify(given)}`,
   );
+}
+
+/** The default deletion window: a week, long enough to notice a mistaken delete after a weekend. */
+export const DEFAULT_DELETION_WINDOW_MS = 7 * 86_400_000;
+
+function resolveDeletionWindow(given: string | number | undefined): number {
+  if (given === undefined) return DEFAULT_DELETION_WINDOW_MS;
+  if (typeof given === 'number') {
+    if (!Number.isSafeInteger(given) || given < 0) {
+      throw kmsError(
+        'CONFIG_INVALID',
+        `deletionWindow must be 0 or a positive number of milliseconds, got ${given}`,
+      );
+    }
+    return given;
+  }
+  return given.trim() === '0' ? 0 : parseDuration(given, 'deletionWindow');
 }
 
 function resolvePeriod(given: string | number | undefined): number | null {

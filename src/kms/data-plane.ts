@@ -8,7 +8,7 @@ import type { CallContext, DecryptItem, EncryptItem, EncryptResult, ItemResult }
 import { type CodedError, type ErrorCode, kmsError, toCodedError } from '../errors.js';
 import { MAX_CIPHERTEXT_OVERHEAD } from '../format.js';
 import { type AuditFields, type DekRef, OpKind, type OpKindValue } from '../worker-abi/index.js';
-import { type DekRecord, dataOpRefs } from './dek-versions.js';
+import { type DekRecord, dataOpRefs, pendingDeletionError } from './dek-versions.js';
 import { auditFields, type OpOutput, type OpQueue, type QueuedOp } from './op-queue.js';
 import type { Registry } from './registry/index.js';
 import { checkAad, checkBytes, checkId, isValidId, MAX_PLAINTEXT_BYTES } from './validate-args.js';
@@ -156,6 +156,10 @@ export class DataPlane {
       const input = checkBytes(kind === OpKind.encrypt ? 'plaintext' : 'ciphertext', data, max);
       const aadBytes = checkAad(aad);
       const known = this.registry.peekDek(checkedId);
+      if (known?.state === 'pending-deletion') {
+        record = known;
+        throw pendingDeletionError(known);
+      }
       record = known?.state === 'active' ? known : undefined;
       if (record === undefined) {
         if (known === undefined) unknownKey = checkedId;

@@ -4,7 +4,7 @@
  * and throws a CodedError when the change is not allowed; the caller applies it inside a registry
  * transaction, so a function sees the record as committed and a race shows up as a failed check.
  */
-import { kmsError } from '../errors.js';
+import { type CodedError, kmsError } from '../errors.js';
 import { ciphertextKeyVersion } from '../format.js';
 import type { DekRef } from '../worker-abi/index.js';
 
@@ -20,10 +20,13 @@ export interface DekRecord {
   keyId: string;
   threadId: string;
   createdAt: string;
-  state: 'active' | 'destroyed';
+  /** `pending-deletion`: destroyDek with a deletion window; refused for every use until then. */
+  state: 'active' | 'pending-deletion' | 'destroyed';
   current: number;
   versions: DekVersionRecord[];
   destroyedAt?: string;
+  /** While pending deletion: when the key is destroyed unless its deletion is cancelled (ISO). */
+  deletionDueAt?: string;
 }
 
 /**
@@ -49,10 +52,22 @@ export interface Destroyed {
   destroyed: number[];
 }
 
-/** The record itself if it is active; a destroyed key is KEY_NOT_FOUND like an unknown one. */
+/**
+ * The record itself if it is active; a destroyed key is KEY_NOT_FOUND like an unknown one, a key
+ * pending deletion KEY_PENDING_DELETION.
+ */
 export function requireActive(record: DekRecord): DekRecord {
+  if (record.state === 'pending-deletion') throw pendingDeletionError(record);
   if (record.state !== 'active') throw kmsError('KEY_NOT_FOUND', `no key ${record.keyId}`);
   return record;
+}
+
+/** The refusal of any use of a key pending deletion; names when it goes, so a caller can still act. */
+export function pendingDeletionError(record: DekRecord): CodedError {
+  return kmsError(
+    'KEY_PENDING_DELETION',
+    `key ${record.keyId} is pending deletion: it is destroyed at ${record.deletionDueAt} unless its deletion is cancelled`,
+  );
 }
 
 export function findVersion(record: DekRecord, v: number): DekVersionRecord | undefined {
@@ -128,10 +143,60 @@ export function destroyVersionsBefore(record: DekRecord, keepFromVersion: number
 /** Crypto-shreds the key: a tombstone without versions. Destroying a tombstone is no change. */
 export function destroyAll(record: DekRecord, now: string): Destroyed {
   if (record.state === 'destroyed') return { record, destroyed: [] };
+  const { deletionDueAt: _, ...rest } = record;
   return {
-    record: { ...record, state: 'destroyed', versions: [], destroyedAt: now },
+    record: { ...rest, state: 'destroyed', versions: [], destroyedAt: now },
     destroyed: record.versions.map((x) => x.v),
   };
+}
+
+/**
+ * destroyDek with a deletion window: disables the key at once, destroyed at `dueAt` (ISO). A key
+ * already pending keeps its due time, a destroyed one stays so: both are no change.
+ */
+export function scheduleDestruction(record: DekRecord, dueAt: string): DekRecord {
+  if (record.state !== 'active') return record;
+  return { ...record, state: 'pending-deletion', deletionDueAt: dueAt };
+}
+
+/**
+ * Makes a key pending deletion active again, every version as it was, while its window lasts at
+ * `nowMs`. A destroyed key, or one whose window has ended, is KEY_NOT_FOUND (too late); any other
+ * KEY_NOT_PENDING_DELETION.
+ */
+export function cancelDestruction(record: DekRecord, nowMs: number): DekRecord {
+  if (record.state === 'destroyed') {
+    throw kmsError(
+      'KEY_NOT_FOUND',
+      `key ${record.keyId} was destroyed at ${record.destroyedAt}: its deletion can no longer be cancelled`,
+    );
+  }
+  if (record.state !== 'pending-deletion') {
+    throw kmsError('KEY_NOT_PENDING_DELETION', `key ${record.keyId} is not pending deletion`);
+  }
+  const due = deletionDueMs(record);
+  if (due !== null && due <= nowMs) {
+    throw kmsError(
+      'KEY_NOT_FOUND',
+      `the deletion window of key ${record.keyId} ended at ${record.deletionDueAt}: it is being destroyed`,
+    );
+  }
+  const { deletionDueAt: _, ...rest } = record;
+  return { ...rest, state: 'active' };
+}
+
+/** When a key pending deletion falls due (ms since the epoch); null for any other key. */
+export function deletionDueMs(record: DekRecord): number | null {
+  if (record.state !== 'pending-deletion' || record.deletionDueAt === undefined) return null;
+  const due = Date.parse(record.deletionDueAt);
+  return Number.isFinite(due) ? due : null;
+}
+
+/** Destroys a key pending deletion once its window has ended at `nowMs`; else no change. */
+export function destroyIfDue(record: DekRecord, nowMs: number): Destroyed {
+  const due = deletionDueMs(record);
+  if (due === null || due > nowMs) return { record, destroyed: [] };
+  return destroyAll(record, new Date(nowMs).toISOString());
 }
 
 /**

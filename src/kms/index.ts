@@ -28,6 +28,7 @@ import { AUDIT_FILE_NAME, AuditFile } from './audit-file.js';
 import { AuditHeadKeeper } from './audit-head-keeper.js';
 import { DataPlane } from './data-plane.js';
 import { dropsKeyMaterial } from './dek-versions.js';
+import { DeletionSweep } from './deletion-sweep.js';
 import { type DirLock, lockDataDir } from './dir-lock.js';
 import { KeyOps } from './key-ops.js';
 import { OpQueue } from './op-queue.js';
@@ -63,6 +64,8 @@ class EmbeddedKms implements Kms {
   readonly #stopWatching: (() => void)[] = [];
   /** Scheduled KEK rotation (kekRotationPeriod), when configured. */
   #schedule: RotationSchedule | null = null;
+  /** Destroys the keys whose deletion window has ended (with background work on). */
+  #sweep: DeletionSweep | null = null;
   /** The last DEK count health() read (a replica cut off from etcd reports it). */
   #dekCount = 0;
   #closing: Promise<void> | null = null;
@@ -124,6 +127,8 @@ class EmbeddedKms implements Kms {
         registry.assertServing();
       },
       isClosed: () => this.#closed,
+      deletionWindowMs: opts.deletionWindowMs,
+      now: () => opts.clock.now(),
     });
   }
 
@@ -161,6 +166,14 @@ class EmbeddedKms implements Kms {
       now: () => this.#opts.clock.now(),
     });
     if (!this.#opts.resumeRotation) return;
+    this.#sweep = new DeletionSweep({
+      clock: this.#opts.clock,
+      windowMs: this.#opts.deletionWindowMs,
+      registry: this.#registry,
+      destroyIfDue: (keyId) => this.#keys.destroyIfDue(keyId),
+      log: this.#log,
+    });
+    this.#sweep.start();
     const periodMs = this.#opts.kekRotationPeriodMs;
     if (periodMs !== null) {
       const schedule = new RotationSchedule({
@@ -249,6 +262,10 @@ class EmbeddedKms implements Kms {
 
   destroyDek(keyId: string, ctx?: CallContext): Promise<DestroyResult> {
     return this.#keys.destroyDek(keyId, ctx);
+  }
+
+  cancelDeletion(keyId: string, ctx?: CallContext): Promise<DekInfo> {
+    return this.#keys.cancelDeletion(keyId, ctx);
   }
 
   // --- encrypt / decrypt: the data plane ------------------------------------------------------
@@ -364,6 +381,7 @@ class EmbeddedKms implements Kms {
 
   async #close(): Promise<void> {
     for (const unwatch of this.#stopWatching.splice(0)) unwatch();
+    await this.#sweep?.stop();
     await this.#rotation?.stop();
     await this.#pool.idle();
     let stopped = false;

@@ -6,19 +6,23 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { CallContext, DekInfo, DestroyResult } from '../api/index.js';
-import { type CodedError, type ErrorCode, kmsError } from '../errors.js';
+import { type CodedError, type ErrorCode, kmsError, toCodedError } from '../errors.js';
 import { type AuditFields, type DekRef, OpKind } from '../worker-abi/index.js';
 import {
   addVersion,
   applyVersionRewraps,
+  cancelDestruction,
   checkKeepFromVersion,
   currentVersion,
   type DekRecord,
   dekRef,
   destroyAll,
+  destroyIfDue,
   destroyVersionsBefore,
   nextVersion,
+  pendingDeletionError,
   requireActive,
+  scheduleDestruction,
 } from './dek-versions.js';
 import { auditFields, noteOp, type OpQueue, type QueuedOp } from './op-queue.js';
 import type { KekMeta, Registry } from './registry/index.js';
@@ -36,7 +40,14 @@ export interface KeyOpsDeps {
   kek(): KekMeta;
   assertOpen(): void;
   isClosed(): boolean;
+  /** destroyDek's waiting period; 0 destroys at once. */
+  deletionWindowMs: number;
+  /** The clock of the deletion window (KmsClock.now). */
+  now(): number;
 }
+
+/** Who the audit log names for a destruction at the end of a deletion window. */
+export const DELETION_WINDOW_CALLER = 'kms-deletion-window';
 
 export class KeyOps {
   readonly #creating = new Map<string, Promise<DekInfo>>();
@@ -45,8 +56,12 @@ export class KeyOps {
   private readonly kek: () => KekMeta;
   private readonly assertOpen: () => void;
   private readonly isClosed: () => boolean;
+  private readonly deletionWindowMs: number;
+  private readonly now: () => number;
 
   constructor(deps: KeyOpsDeps) {
+    this.deletionWindowMs = deps.deletionWindowMs;
+    this.now = deps.now;
     this.queue = deps.queue;
     this.registry = deps.registry;
     this.kek = deps.kek;
@@ -94,6 +109,10 @@ export class KeyOps {
     ctx: CallContext | undefined,
   ): Promise<DekInfo> {
     const record = existingId === undefined ? undefined : await this.#fetchRecord(existingId);
+    // The thread keeps a key pending deletion until it is destroyed: no second key meanwhile.
+    if (record?.state === 'pending-deletion') {
+      return this.#auditedFailure('create_dek_for_thread', ctx, pendingDeletionError(record), record.keyId);
+    }
     const existing = record?.state === 'active' ? record : undefined;
     if (existing !== undefined) {
       const audit = auditFields(
@@ -136,6 +155,7 @@ export class KeyOps {
   async getWrappedDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
     this.assertOpen();
     const found = isValidId(keyId) ? await this.#fetchRecord(keyId) : undefined;
+    if (found?.state === 'pending-deletion') return this.#refusePending('get_wrapped', ctx, found);
     const record = found?.state === 'active' ? found : undefined;
     const preError = this.#idError(keyId) ?? (record === undefined ? 'KEY_NOT_FOUND' : null);
     const audit = auditFields('get_wrapped', ctx, isValidId(keyId) ? keyId : undefined, record?.threadId);
@@ -154,6 +174,12 @@ export class KeyOps {
 
   #auditedFailure<T>(op: string, ctx: CallContext | undefined, err: CodedError, keyId?: string): Promise<T> {
     return this.queue.auditedFailure(auditFields(op, ctx, keyId), err);
+  }
+
+  /** Audits the refused use of a key pending deletion, then fails it with KEY_PENDING_DELETION. */
+  #refusePending<T>(op: string, ctx: CallContext | undefined, record: DekRecord): Promise<T> {
+    const audit = auditFields(op, ctx, record.keyId, record.threadId);
+    return this.queue.auditedFailure(audit, pendingDeletionError(record));
   }
 
   async rewrapDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
@@ -223,18 +249,80 @@ export class KeyOps {
     return this.#destroyed('destroy_dek_versions', ctx, updated, destroyed);
   }
 
+  /**
+   * Crypto-shreds the key: at once with no deletion window, else disables it now (every use
+   * refused with KEY_PENDING_DELETION) and leaves its destruction to the deletion sweep.
+   */
   async destroyDek(keyId: string, ctx?: CallContext): Promise<DestroyResult> {
     this.assertOpen();
     // Destroyed keys count as found here: destroying one again is a no-op, not an error.
     const record = this.#idError(keyId) === null ? await this.#fetchRecord(keyId) : undefined;
     if (record === undefined) await this.#rejectMissingKey('destroy_dek', keyId, ctx);
+    if (this.deletionWindowMs > 0) return this.#scheduleDestruction(keyId, ctx);
     let destroyed: number[] = [];
     const updated = await this.registry.updateDek(keyId, (current) => {
-      const result = destroyAll(current, new Date().toISOString());
+      const result = destroyAll(current, new Date(this.now()).toISOString());
       destroyed = result.destroyed;
       return result.record;
     });
     return this.#destroyed('destroy_dek', ctx, updated, destroyed);
+  }
+
+  /** destroyDek within a deletion window; a key already pending keeps its due time. */
+  async #scheduleDestruction(keyId: string, ctx: CallContext | undefined): Promise<DestroyResult> {
+    const dueAt = new Date(this.now() + this.deletionWindowMs).toISOString();
+    let scheduled = false;
+    const updated = await this.registry.updateDek(keyId, (current) => {
+      const next = scheduleDestruction(current, dueAt);
+      scheduled = next !== current;
+      return next;
+    });
+    const deletionDueAt = updated.deletionDueAt ?? null;
+    const detail =
+      updated.state === 'destroyed'
+        ? 'destroyed []'
+        : `${scheduled ? 'deletion scheduled' : 'already pending deletion'}: destroyed at ${deletionDueAt}`;
+    await this.queue.note({ ...auditFields('destroy_dek', ctx, keyId, updated.threadId), detail });
+    // The workers dropped the key with the commit (dropsKeyMaterial); in a cluster, answer once
+    // no live replica still uses it either.
+    await this.registry.confirmApplied();
+    return { keyId, destroyedVersions: [], deletionDueAt };
+  }
+
+  /**
+   * Makes a key pending deletion usable again; KEY_NOT_PENDING_DELETION for any other key, and
+   * KEY_NOT_FOUND once it was destroyed (too late).
+   */
+  async cancelDeletion(keyId: string, ctx?: CallContext): Promise<DekInfo> {
+    this.assertOpen();
+    const record = this.#idError(keyId) === null ? await this.#fetchRecord(keyId) : undefined;
+    if (record === undefined) await this.#rejectMissingKey('cancel_deletion', keyId, ctx);
+    let updated: DekRecord;
+    try {
+      updated = await this.registry.updateDek(keyId, (current) => cancelDestruction(current, this.now()));
+    } catch (err) {
+      return this.#auditedFailure('cancel_deletion', ctx, toCodedError(err), keyId);
+    }
+    const audit = auditFields('cancel_deletion', ctx, keyId, updated.threadId, updated.versions.at(-1)?.kek);
+    await this.queue.note({ ...audit, detail: `key version ${updated.current} usable again` });
+    return this.#info(updated);
+  }
+
+  /**
+   * The deletion sweep's destruction of one key whose window has ended (no change for a key
+   * cancelled or destroyed meanwhile, by this process or another replica).
+   */
+  async destroyIfDue(keyId: string): Promise<number[]> {
+    this.assertOpen();
+    let destroyed: number[] = [];
+    const updated = await this.registry.updateDek(keyId, (current) => {
+      const result = destroyIfDue(current, this.now());
+      destroyed = result.destroyed;
+      return result.record;
+    });
+    if (destroyed.length > 0)
+      await this.#destroyed('destroy_dek', { caller: DELETION_WINDOW_CALLER }, updated, destroyed);
+    return destroyed;
   }
 
   /**
@@ -256,12 +344,16 @@ export class KeyOps {
     await this.queue.note(audit);
     // In a cluster, answer only once no live replica can still use what was destroyed.
     await this.registry.confirmApplied();
-    return { keyId: record.keyId, destroyedVersions: destroyed };
+    return { keyId: record.keyId, destroyedVersions: destroyed, deletionDueAt: null };
   }
 
-  /** Resolves an active key or fails with an audited KEY_NOT_FOUND / INVALID_INPUT. */
+  /**
+   * Resolves an active key or fails with an audited KEY_NOT_FOUND / INVALID_INPUT, or
+   * KEY_PENDING_DELETION.
+   */
   async #requireKey(op: string, keyId: unknown, ctx: CallContext | undefined): Promise<DekRecord> {
     const found = this.#idError(keyId) === null ? await this.#fetchRecord(keyId as string) : undefined;
+    if (found?.state === 'pending-deletion') return this.#refusePending(op, ctx, found);
     return found?.state === 'active' ? found : this.#rejectMissingKey(op, keyId, ctx);
   }
 

@@ -3,6 +3,7 @@
  * server's dispatch, the daemon's HTTP routes, the remote client's HTTP calls and retry rule and
  * the metrics labels are all derived from this list. Adding an operation = a new file + one line.
  */
+import { cancelDeletion } from './cancel-deletion.js';
 import { createDekForThread } from './create-dek-for-thread.js';
 import { decrypt } from './decrypt.js';
 import { destroyDek } from './destroy-dek.js';
@@ -30,6 +31,7 @@ export const OPS = [
   rewrap,
   rotateDek,
   destroyDek,
+  cancelDeletion,
   destroyDekVersionsBefore,
   rotateKek,
   rotationStatus,

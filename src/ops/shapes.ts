@@ -137,22 +137,25 @@ export const encryptResultBinary: BinaryCodec<EncryptResult> = {
   sizeHint: (v) => 12 + v.ciphertext.length,
 };
 
+/** `deletion_due_at` only while a deletion window runs (null is left out). */
 export const destroyResultRecord: JsonCodec<DestroyResult> = record<DestroyResult>({
   keyId: KEY_ID,
   destroyedVersions: uintList('destroyed_versions'),
+  deletionDueAt: nullable(text('deletion_due_at')),
 });
 
 export const destroyResultBinary: BinaryCodec<DestroyResult> = {
   write: (w, v) => {
     w.str(v.keyId).u32(v.destroyedVersions.length);
     for (const n of v.destroyedVersions) w.u32(n);
+    w.optStr(v.deletionDueAt);
   },
   read: (r) => {
     const keyId = r.str();
     const n = r.count(4);
     const destroyedVersions: number[] = [];
     for (let i = 0; i < n; i++) destroyedVersions.push(r.u32());
-    return { keyId, destroyedVersions };
+    return { keyId, destroyedVersions, deletionDueAt: r.optStr() };
   },
 };
 

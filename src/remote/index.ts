@@ -370,6 +370,10 @@ class RemoteKms implements Kms {
     return this.keyCall(keyId, { op: 'destroy_dek', keyId });
   }
 
+  cancelDeletion(keyId: string, _ctx?: CallContext): Promise<DekInfo> {
+    return this.keyCall(keyId, { op: 'cancel_deletion', keyId });
+  }
+
   startKekRotation(_ctx?: CallContext): Promise<RotationStatus> {
     return this.call({ op: 'rotate_kek' });
   }

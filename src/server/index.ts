@@ -197,6 +197,7 @@ async function listen(
       }, DRAIN_MS);
       await drained;
       clearTimeout(timer);
+      service.stopDeletionChecks();
       await jobs.stop();
       await kms?.close();
       await store.close();

@@ -55,7 +55,21 @@ function messageView(threadId: string, r: MessageRecord, body: ItemResult<unknow
   return view;
 }
 
+/** Who the KMS audit log names for the server's own later checks of a deletion. */
+const SERVER_CONTEXT: CallContext = { caller: 'progressdb-server' };
+/** setTimeout's longest delay; a longer deletion window is looked at again then. */
+const MAX_TIMER_MS = 2_147_483_647;
+
+export interface PendingDeletionView extends ThreadView {
+  deletion_due_at: string | null;
+  /** Messages kept until the key is destroyed. */
+  messages: number;
+}
+
 export class ChatService {
+  /** Timers that look again at threads whose key waits out the KMS's deletion window. */
+  readonly #deletionChecks = new Map<string, NodeJS.Timeout>();
+
   constructor(
     readonly store: Store,
     /** null when encryption is off. */
@@ -101,7 +115,9 @@ export class ChatService {
   /**
    * Marks the thread deleted (gone for the API at once), destroys its DEK in the KMS
    * (crypto-shredding: no copy of the data dir can be read after this), then removes its records.
-   * A crash or KMS outage in between leaves a `delete:` job that is finished later.
+   * A crash or KMS outage in between leaves a `delete:` job that is finished later. With the KMS's
+   * deletion window the records stay (hidden) until the key is destroyed, so restoreThread loses
+   * nothing.
    */
   async deleteThread(id: string, ctx: CallContext): Promise<void> {
     const t = this.store.getThread(id);
@@ -111,20 +127,107 @@ export class ChatService {
   }
 
   async finishDelete(threadId: string, keyId: string | null, ctx: CallContext): Promise<void> {
+    this.#clearDeletionCheck(threadId);
     if (keyId !== null) {
       const kms = this.requireKms();
+      let dueAt: string | null = null;
       try {
         const result = await kms.destroyDek(keyId, ctx);
+        dueAt = result.deletionDueAt;
         this.logger.info(
-          { threadId, keyId, destroyedVersions: result.destroyedVersions },
-          'thread deleted: its DEK was destroyed (crypto-shredded)',
+          { threadId, keyId, destroyedVersions: result.destroyedVersions, deletionDueAt: dueAt },
+          dueAt === null
+            ? 'thread deleted: its DEK was destroyed (crypto-shredded)'
+            : 'thread deleted: its DEK is destroyed when the KMS deletion window ends',
         );
       } catch (err) {
         // Already gone (a retry after a crash between destroy and purge): nothing left to shred.
         if ((err as CodedError).code !== 'KEY_NOT_FOUND') throw err;
       }
+      if (dueAt !== null && !(await this.#keyGone(threadId, keyId, dueAt))) return;
     }
     await this.store.purgeThread(threadId, this.purgeBatchSize);
+  }
+
+  /**
+   * Whether the key of a thread deleted within the KMS's deletion window is destroyed yet; if not,
+   * the thread is looked at again later (its due time, then every second while the KMS's sweep
+   * catches up). A key usable again had its deletion cancelled in the KMS: the thread comes back.
+   */
+  async #keyGone(threadId: string, keyId: string, dueAt: string): Promise<boolean> {
+    await this.store.markPendingDeletion(threadId, dueAt);
+    const wait = Date.parse(dueAt) - Date.now();
+    if (wait > 0) {
+      this.#checkDeletionLater(threadId, keyId, wait);
+      return false;
+    }
+    try {
+      await this.requireKms().getWrappedDek(keyId, SERVER_CONTEXT);
+    } catch (err) {
+      const code = (err as CodedError).code;
+      if (code === 'KEY_NOT_FOUND') return true;
+      if (code !== 'KEY_PENDING_DELETION') throw err;
+      this.#checkDeletionLater(threadId, keyId, 1000);
+      return false;
+    }
+    await this.store.restoreThread(threadId);
+    return false;
+  }
+
+  #checkDeletionLater(threadId: string, keyId: string, ms: number): void {
+    this.#clearDeletionCheck(threadId);
+    const timer = setTimeout(
+      () => {
+        this.#deletionChecks.delete(threadId);
+        this.finishDelete(threadId, keyId, SERVER_CONTEXT).catch((err: CodedError) => {
+          this.logger.warn(
+            { threadId, code: err.code },
+            'deleting a thread: checked again at the next start',
+          );
+        });
+      },
+      Math.min(ms, MAX_TIMER_MS),
+    );
+    timer.unref();
+    this.#deletionChecks.set(threadId, timer);
+  }
+
+  #clearDeletionCheck(threadId: string): void {
+    clearTimeout(this.#deletionChecks.get(threadId));
+    this.#deletionChecks.delete(threadId);
+  }
+
+  /** Stops looking at threads pending deletion (at shutdown; the next start looks again). */
+  stopDeletionChecks(): void {
+    for (const threadId of [...this.#deletionChecks.keys()]) this.#clearDeletionCheck(threadId);
+  }
+
+  /** Threads deleted within the KMS's deletion window, not yet purged. */
+  pendingDeletions(): PendingDeletionView[] {
+    return this.store.pendingDeletions().map(({ thread, job }) => ({
+      ...threadView(thread),
+      deletion_due_at: job.deletionDueAt ?? null,
+      messages: this.store.messageCount(thread.id),
+    }));
+  }
+
+  /** Restores a thread deleted within the KMS's deletion window: its key first, then the thread. */
+  async restoreThread(threadId: string, ctx: CallContext): Promise<ThreadRecord> {
+    const pending = this.store.pendingDeletions().find((p) => p.thread.id === threadId);
+    if (pending === undefined || pending.job.keyId === null) {
+      throw new UserError('NOT_FOUND', 'no thread pending deletion has this id');
+    }
+    try {
+      await this.requireKms().cancelDeletion(pending.job.keyId, ctx);
+    } catch (err) {
+      // Cancelled in the KMS already: the thread only has to follow.
+      if ((err as CodedError).code !== 'KEY_NOT_PENDING_DELETION') throw err;
+    }
+    this.#clearDeletionCheck(threadId);
+    const restored = await this.store.restoreThread(threadId);
+    if (restored === undefined) throw new UserError('NOT_FOUND', 'no thread pending deletion has this id');
+    this.logger.info({ threadId }, 'thread restored: its deletion was cancelled');
+    return restored;
   }
 
   /** The thread's DEK, creating it for a thread written while encryption was off. */

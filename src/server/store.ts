@@ -33,6 +33,14 @@ export interface ThreadRecord {
   deleting: boolean;
 }
 
+/** The `delete:<threadId>` job: a thread being deleted, until its records are removed. */
+export interface DeleteJob {
+  threadId: string;
+  keyId: string | null;
+  /** Set while the thread's key waits out the KMS's deletion window: its records are kept. */
+  deletionDueAt?: string;
+}
+
 /** One stored message. Exactly one of `plain` and `ct` is set. */
 export interface MessageRecord {
   id: string;
@@ -186,6 +194,38 @@ export class Store {
       if (!t.deleting) this.threads.put(threadId, { ...t, deleting: true });
       this.jobs.put(`delete:${threadId}`, { threadId, keyId: t.keyId });
       return t;
+    });
+  }
+
+  /** Records that the thread's key waits out the KMS's deletion window, due at `dueAt`. */
+  async markPendingDeletion(threadId: string, dueAt: string): Promise<void> {
+    await this.root.transaction(() => {
+      const job = this.jobs.get(`delete:${threadId}`) as DeleteJob | undefined;
+      if (job !== undefined && job.deletionDueAt !== dueAt) {
+        this.jobs.put(`delete:${threadId}`, { ...job, deletionDueAt: dueAt });
+      }
+    });
+  }
+
+  /** Threads whose key waits out the KMS's deletion window, oldest thread first. */
+  pendingDeletions(): { thread: ThreadRecord; job: DeleteJob }[] {
+    const out: { thread: ThreadRecord; job: DeleteJob }[] = [];
+    for (const { value } of this.jobsWithPrefix<DeleteJob>('delete:')) {
+      const thread = this.threads.get(value.threadId);
+      if (thread !== undefined && value.deletionDueAt !== undefined) out.push({ thread, job: value });
+    }
+    return out;
+  }
+
+  /** A thread being deleted made live again, its delete job dropped; undefined if it is not being deleted. */
+  async restoreThread(threadId: string): Promise<ThreadRecord | undefined> {
+    return this.root.transaction(() => {
+      const t = this.threads.get(threadId);
+      if (!t?.deleting) return undefined;
+      const restored = { ...t, deleting: false };
+      this.threads.put(threadId, restored);
+      this.jobs.remove(`delete:${threadId}`);
+      return restored;
     });
   }
 

@@ -131,7 +131,8 @@ export async function spawnDaemon(opts: DaemonOptions = {}): Promise<Daemon> {
     ...(opts.args ?? []),
   ];
   const child = spawn(process.execPath, args, {
-    env: cleanEnv({ PROGRESSDB_KMS_POOL_SIZE: '1', ...opts.env }),
+    // destroy_dek destroys at once unless a test sets a deletion window.
+    env: cleanEnv({ PROGRESSDB_KMS_POOL_SIZE: '1', PROGRESSDB_KMS_DELETION_WINDOW: '0', ...opts.env }),
     cwd: dir,
   });
   running.add(child);

@@ -52,12 +52,25 @@ export interface KmsFixture {
   reopen(extra?: KmsOptions): Promise<EmbeddedKmsHandle>;
 }
 
+/** A clock for the KMS's scheduled work that moves only when told to; checks every 10 ms. */
+export function manualClock(start = Date.now()) {
+  let now = start;
+  return {
+    now: () => now,
+    checkEveryMs: 10,
+    advance(ms: number) {
+      now += ms;
+    },
+  };
+}
+
 /** A KMS on its own temp dir with a random master key file; closed at teardown. */
 export async function openKms(t: ExecutionContext, options: KmsOptions = {}): Promise<KmsFixture> {
   const dir = tempDir(t);
   const { file, hex } = writeMasterKey(dir);
   const dataDir = path.join(dir, 'kms');
-  const base: KmsOptions = { dataDir, masterKeyFile: file, poolSize: 1, ...options };
+  // destroyDek destroys at once unless a test sets a deletion window.
+  const base: KmsOptions = { dataDir, masterKeyFile: file, poolSize: 1, deletionWindow: 0, ...options };
   const open = async (extra: KmsOptions = {}) => {
     const kms = await createKms({ ...base, ...extra });
     t.teardown(() => kms.close());

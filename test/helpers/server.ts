@@ -196,6 +196,9 @@ function serverEnv(dataDir: string, opts: ServerOptions, keys: { api: string; ad
     PROGRESSDB_KMS_MODE: mode === 'external' ? 'external' : 'embedded',
     // One crypto worker per server: several servers share this 2-core machine during tests.
     PROGRESSDB_KMS_POOL_SIZE: '1',
+    // Deleting a thread crypto-shreds its key at once, as the tests of that expect; the deletion
+    // window has its own tests.
+    PROGRESSDB_KMS_DELETION_WINDOW: '0',
     ...(mode === 'embedded' && { PROGRESSDB_KMS_MASTER_KEY_FILE: path.join(dataDir, 'master.key') }),
     ...(mode === 'external' && opts.kmsEndpoint && { PROGRESSDB_KMS_ENDPOINT: opts.kmsEndpoint }),
     ...opts.env,

@@ -25,7 +25,7 @@ export const BACKUP_FORMAT = 'progressdb-kms-backup';
 const BACKUP_VERSION = 1;
 /** Single records, backed up first; then the namespaces, in this order. */
 export const META = ['meta/format', 'meta/kcv', 'meta/kek', 'rotation'] as const;
-export const NAMESPACES = ['kek/', 'dek/', 'thread/'] as const;
+export const NAMESPACES = ['kek/', 'dek/', 'thread/', 'pending/'] as const;
 type Namespace = (typeof NAMESPACES)[number];
 const PAGE = 2000;
 
@@ -46,7 +46,8 @@ export interface BackupHeader {
   activeKekVersion: number;
   /** The rotation record's state, if any: a backup taken mid-rotation resumes it once restored. */
   rotation: RotationRecord['state'] | null;
-  counts: { keks: number; deks: number; threads: number };
+  /** `pending`: keys pending deletion (absent from backups made before the deletion window). */
+  counts: { keks: number; deks: number; threads: number; pending: number };
   /** Record lines between the header and the trailer. */
   records: number;
 }
@@ -55,6 +56,7 @@ const COUNT_FIELD: Record<Namespace, keyof BackupHeader['counts']> = {
   'kek/': 'keks',
   'dek/': 'deks',
   'thread/': 'threads',
+  'pending/': 'pending',
 };
 
 /** The header of a backup of `snapshot`, with the records it holds besides the DEKs and threads. */
@@ -78,6 +80,7 @@ async function headOf(
     keks: keks.length,
     deks: await snapshot.count('dek/'),
     threads: await snapshot.count('thread/'),
+    pending: await snapshot.count('pending/'),
   };
   const rotation = (await snapshot.get('rotation')) as RotationRecord | undefined;
   const header: BackupHeader = {
@@ -90,7 +93,7 @@ async function headOf(
     activeKekVersion: kekMeta.activeVersion,
     rotation: rotation?.state ?? null,
     counts,
-    records: meta.length + counts.keks + counts.deks + counts.threads,
+    records: meta.length + counts.keks + counts.deks + counts.threads + counts.pending,
   };
   return { header, meta, keks };
 }
@@ -129,7 +132,7 @@ export async function writeBackup(
     write(`${JSON.stringify(header)}\n`);
     writeEntries(meta);
     writeEntries(keks);
-    for (const ns of ['dek/', 'thread/'] as const) {
+    for (const ns of ['dek/', 'thread/', 'pending/'] as const) {
       let written = 0;
       let after: string | undefined;
       for (;;) {
@@ -226,7 +229,8 @@ export function readBackup(file: string): ParsedBackup {
     const record = JSON.parse(line) as { k: string; v: string };
     entries.push({ key: record.k, value: packr.unpack(Buffer.from(record.v, 'base64')) });
   }
-  const counted = { keks: 0, deks: 0, threads: 0 };
+  header.counts = { ...header.counts, pending: header.counts.pending ?? 0 };
+  const counted = { keks: 0, deks: 0, threads: 0, pending: 0 };
   for (const { key } of entries) {
     const ns = NAMESPACES.find((n) => key.startsWith(n));
     if (ns !== undefined) counted[COUNT_FIELD[ns]]++;
@@ -236,7 +240,8 @@ export function readBackup(file: string): ParsedBackup {
     entries.length !== header.records ||
     counted.keks !== header.counts.keks ||
     counted.deks !== header.counts.deks ||
-    counted.threads !== header.counts.threads
+    counted.threads !== header.counts.threads ||
+    counted.pending !== header.counts.pending
   ) {
     throw corrupt(
       file,

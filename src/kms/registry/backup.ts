@@ -163,6 +163,7 @@ async function countsOf(store: Pick<RegistrySnapshot, 'count'>): Promise<BackupH
     keks: await store.count('kek/'),
     deks: await store.count('dek/'),
     threads: await store.count('thread/'),
+    pending: await store.count('pending/'),
   };
 }
 

@@ -17,6 +17,7 @@ import { kmsError } from '../../errors.js';
 import { addKekRefDeltas, applyVersionRewraps, type DekRecord, type VersionRewrap } from '../dek-versions.js';
 import { DekRecordCache } from './dek-cache.js';
 import { LmdbStore } from './lmdb.js';
+import { dueKeyIds, followPendingIndex, PENDING_PREFIX } from './pending-index.js';
 import type { RegistryStore, StoreChange, StoreCluster, StoreTxnView } from './store.js';
 
 export type { DekRecord, DekVersionRecord } from '../dek-versions.js';
@@ -326,6 +327,14 @@ export class Registry {
     return this.#store.count(THREAD_PREFIX);
   }
 
+  /**
+   * Keys pending deletion whose window has ended by `nowMs`, soonest due first, at most `limit`:
+   * one read of the index's first page, whatever the number of keys.
+   */
+  async dueDeletions(nowMs: number, limit: number): Promise<string[]> {
+    return dueKeyIds(await this.#store.range(PENDING_PREFIX, { limit }), nowMs);
+  }
+
   /** All DEK records including tombstones; used as the rotation's progress total. */
   dekRecordCount(): Promise<number> {
     return this.#store.count(DEK_PREFIX);
@@ -380,7 +389,7 @@ export class Registry {
   /**
    * Read-modify-write of one DEK record in a transaction. `change` gets the current record and
    * returns the new one (or the same object for "no change"); it may throw a CodedError to abort.
-   * Reference counts and the thread index follow automatically.
+   * Reference counts, the thread index and the pending-deletion index follow automatically.
    */
   updateDek(keyId: string, change: (current: DekRecord) => DekRecord): Promise<DekRecord> {
     return this.#transact((tx, stage) => {
@@ -390,6 +399,7 @@ export class Registry {
       if (next === current) return current;
       this.#applyRefs(tx, addKekRefDeltas(new Map(), current, next));
       stage(next);
+      followPendingIndex(tx, current, next);
       if (next.state === 'destroyed' && tx.get(threadKey(current.threadId)) === keyId) {
         tx.delete(threadKey(current.threadId));
       }

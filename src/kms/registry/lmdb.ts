@@ -1,6 +1,7 @@
 /**
  * The registry store of one node: `registry.mdb` in the data directory, in the layout it has
- * always had (sub-databases `meta`, `keks` keyed by version number, `deks`, `threads`, values in
+ * always had (sub-databases `meta`, `keks` keyed by version number, `deks`, `threads`, and since
+ * the deletion window `pending`, values in
  * lmdb-js msgpack), so every existing directory opens as it is. Store keys map onto it (see
  * `locate`). Only this process writes it (the data directory is locked), so change events for
  * its own commits are every change there is.
@@ -29,6 +30,7 @@ const NAMESPACES = {
   'kek/': { db: 'keks', numeric: true },
   'dek/': { db: 'deks', numeric: false },
   'thread/': { db: 'threads', numeric: false },
+  'pending/': { db: 'pending', numeric: false },
 } as const;
 type Namespace = keyof typeof NAMESPACES;
 
@@ -50,6 +52,14 @@ function openRoot(file: string, readOnly: boolean): RootDatabase {
   return open({ path: file, compression: false, maxDbs: 8, readOnly });
 }
 
+/** A sub-database absent from a registry opened read-only: the reads the store makes, all empty. */
+const EMPTY_DB = {
+  get: () => undefined,
+  getRange: () => [],
+  getCount: () => 0,
+  getStats: () => ({ entryCount: 0 }),
+} as unknown as Database<unknown, LmdbKey>;
+
 function namespaceOf(key: string): Namespace | undefined {
   const slash = key.indexOf('/');
   const prefix = key.slice(0, slash + 1);
@@ -66,7 +76,11 @@ export class LmdbStore implements RegistryStore {
   private constructor(root: RootDatabase) {
     this.#root = root;
     this.#dbs = {};
-    for (const name of ['meta', 'keks', 'deks', 'threads']) this.#dbs[name] = root.openDB({ name });
+    for (const name of ['meta', 'keks', 'deks', 'threads', 'pending']) {
+      // lmdb-js gives no database for a name a read-only open does not find: a registry written
+      // before the sub-database existed (`pending`) reads as if it were empty.
+      this.#dbs[name] = (root.openDB({ name }) as Database<unknown, LmdbKey> | undefined) ?? EMPTY_DB;
+    }
   }
 
   /** Opens (or creates, 0600) the registry of a data directory. */

@@ -21,7 +21,7 @@ import { etcdClientOptions } from './open.js';
 import type { RegistryStore, StoreEntry } from './store.js';
 
 /** Copied as records, in this order; the meta records go last, in the commit. */
-const NAMESPACES = ['kek/', 'dek/', 'thread/'] as const;
+const NAMESPACES = ['kek/', 'dek/', 'thread/', 'pending/'] as const;
 const META = ['meta/format', 'meta/kcv', 'meta/kek', 'rotation'] as const;
 /** Entries per etcd transaction: within etcd's 128 operations (the group commit merges up to that). */
 const PUTS_PER_TXN = 100;

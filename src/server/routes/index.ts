@@ -2,6 +2,8 @@
 import { adminEncryptThreads } from './admin-encrypt-threads.js';
 import { adminEncryptThreadsStatus } from './admin-encrypt-threads-status.js';
 import { adminHealth } from './admin-health.js';
+import { adminPendingDeletions } from './admin-pending-deletions.js';
+import { adminRestoreThread } from './admin-restore-thread.js';
 import { adminRotateKek } from './admin-rotate-kek.js';
 import { adminRotateThreadDek } from './admin-rotate-thread-dek.js';
 import { adminRotationStatus } from './admin-rotation-status.js';
@@ -39,5 +41,7 @@ export const ROUTES: readonly ServerRoute[] = [
   adminThreadDekStatus,
   adminEncryptThreads,
   adminEncryptThreadsStatus,
+  adminPendingDeletions,
+  adminRestoreThread,
   adminHealth,
 ];
