@@ -9,7 +9,7 @@ import path from 'node:path';
 import test, { type ExecutionContext } from 'ava';
 import { auditVerifyCommand } from '../src/cli/kms-commands/audit-verify.js';
 import { tornTailStart } from '../src/kms/audit-file.js';
-import { verifyAuditFile } from '../workers/audit-verify.js';
+import { verifyAuditFile } from '../workers/audit-verify-files.js';
 import { loadRootKeys } from '../workers/master-key.js';
 import {
   type AuditLine,
@@ -207,7 +207,13 @@ test('every operation writes one signed line, failures too; no plaintext or key 
     ['encrypt', 'ok'],
   ]);
   t.not(after.at(-1)!.s, lines[0]!.s, 'a new stream per worker');
-  t.deepEqual(result, { ok: true, linesVerified: after.length, firstBadLine: null, reason: null });
+  t.deepEqual(result, {
+    ok: true,
+    linesVerified: after.length,
+    firstBadLine: null,
+    file: null,
+    reason: null,
+  });
 });
 
 /** The 1-based number of the first line of the signed block that holds line index `k`. */

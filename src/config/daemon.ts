@@ -133,6 +133,8 @@ const FileSchema = z.strictObject({
       dek_cache_size: int(1, 10_000_000).optional(),
       audit: z.boolean().optional(),
       audit_fsync_ms: int(0, 60_000).optional(),
+      /** 0: no rollover by size; else 4096 to 256 MiB (createKms checks the lower bound). */
+      audit_max_bytes: int(0, 256 * 1024 ** 2).optional(),
       rotation_batch_size: int(1, 100_000).optional(),
       /** `90d`, `12h`, ... or `off`: checked by createKms. */
       kek_rotation_period: z.string().optional(),
@@ -318,6 +320,7 @@ function kmsOptions(
     dekCacheSize: file.kms?.dek_cache_size,
     audit: file.kms?.audit,
     auditFsyncMs: file.kms?.audit_fsync_ms,
+    auditMaxBytes: file.kms?.audit_max_bytes,
     rotationBatchSize: file.kms?.rotation_batch_size,
     kekRotationPeriod: file.kms?.kek_rotation_period,
     ...registryOptions(s.get, s.filePath),

@@ -55,6 +55,12 @@ export interface KmsOptions {
   audit?: boolean;
   /** Group fsync interval of the audit log in ms. Env: PROGRESSDB_KMS_AUDIT_FSYNC_MS. Default 50. */
   auditFsyncMs?: number;
+  /**
+   * Roll `kms-audit.log` over to `kms-audit.log.NNNNNN` once it holds this many bytes (at least
+   * 4096, at most 256 MiB); 0 never rolls (for logrotate). Env: PROGRESSDB_KMS_AUDIT_MAX_BYTES.
+   * Default 128 MiB.
+   */
+  auditMaxBytes?: number;
   /** DEK records rewrapped per worker task and transaction during KEK rotation. Default 2000 (40 on etcd). Env: PROGRESSDB_KMS_ROTATION_BATCH_SIZE. */
   rotationBatchSize?: number;
   /**
@@ -105,6 +111,8 @@ export interface ResolvedKmsOptions {
   dekCacheSize: number;
   audit: boolean;
   auditFsyncMs: number;
+  /** null: no rollover by size. */
+  auditMaxBytes: number | null;
   rotationBatchSize: number;
   resumeRotation: boolean;
   /** null: no scheduled rotation. */
@@ -113,6 +121,12 @@ export interface ResolvedKmsOptions {
   registry: RegistryOptions;
 }
 
+/**
+ * Largest rollover size: the verifier reads a file whole, and a JavaScript string holds at most
+ * about 512 MiB.
+ */
+const MAX_AUDIT_MAX_BYTES = 256 * 1024 ** 2;
+
 /** The integer options: their environment variable (first the option, then it) and range. */
 const INT_FIELDS = {
   poolSize: { env: 'PROGRESSDB_KMS_POOL_SIZE', min: 1, max: 256 },
@@ -120,6 +134,7 @@ const INT_FIELDS = {
   idleSpinUs: { env: 'PROGRESSDB_KMS_WORKER_SPIN_US', min: 0, max: 10_000 },
   dekCacheSize: { env: 'PROGRESSDB_KMS_DEK_CACHE_SIZE', min: 1, max: 10_000_000 },
   auditFsyncMs: { env: 'PROGRESSDB_KMS_AUDIT_FSYNC_MS', min: 0, max: 60_000 },
+  auditMaxBytes: { env: 'PROGRESSDB_KMS_AUDIT_MAX_BYTES', min: 0, max: MAX_AUDIT_MAX_BYTES },
   rotationBatchSize: { env: 'PROGRESSDB_KMS_ROTATION_BATCH_SIZE', min: 1, max: 100_000 },
   leaseTtlSeconds: { env: 'PROGRESSDB_KMS_LEASE_TTL_SECONDS', min: MIN_LEASE_TTL_SECONDS, max: 300 },
 } as const satisfies Record<string, { env: string | undefined; min: number; max: number }>;
@@ -217,6 +232,7 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     dekCacheSize: intOption(opts, 'dekCacheSize', 10_000),
     audit: opts.audit ?? envBool('PROGRESSDB_KMS_AUDIT') ?? true,
     auditFsyncMs: intOption(opts, 'auditFsyncMs', 50),
+    auditMaxBytes: resolveAuditMaxBytes(opts),
     rotationBatchSize: intOption(
       opts,
       'rotationBatchSize',
@@ -229,6 +245,22 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     clock: opts.clock ?? SYSTEM_CLOCK,
     registry,
   };
+}
+
+/** Smallest rollover size: a file per few blocks would only make the chain hard to read. */
+const MIN_AUDIT_MAX_BYTES = 4096;
+const DEFAULT_AUDIT_MAX_BYTES = 128 * 1024 ** 2;
+
+function resolveAuditMaxBytes(opts: KmsOptions): number | null {
+  const bytes = intOption(opts, 'auditMaxBytes', DEFAULT_AUDIT_MAX_BYTES);
+  if (bytes === 0) return null;
+  if (bytes < MIN_AUDIT_MAX_BYTES) {
+    throw kmsError(
+      'CONFIG_INVALID',
+      `auditMaxBytes must be 0 (no rollover) or at least ${MIN_AUDIT_MAX_BYTES}, got ${bytes}`,
+    );
+  }
+  return bytes;
 }
 
 function resolvePeriod(given: string | number | undefined): number | null {

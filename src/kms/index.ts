@@ -24,7 +24,7 @@ import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from '../
 import { kmsError, toCodedError } from '../errors.js';
 import { type Logger, silentLogger } from '../log.js';
 import type { KekRef, NewKekResult, NewKekTask } from '../worker-abi/index.js';
-import { AUDIT_FILE_NAME, AuditFile } from './audit-file.js';
+import { AUDIT_FILE_NAME, AuditFile, auditChainFiles } from './audit-file.js';
 import { AuditHeadKeeper } from './audit-head-keeper.js';
 import { DataPlane } from './data-plane.js';
 import { dropsKeyMaterial } from './dek-versions.js';
@@ -91,6 +91,7 @@ class EmbeddedKms implements Kms {
         dekCacheSize: opts.dekCacheSize,
         evictChannel: `progressdb-kms-${process.pid}-${randomBytes(6).toString('hex')}`,
         auditFile: auditFile === null ? null : auditFile.path,
+        auditGeneration: auditFile === null ? null : auditFile.generation,
         auditFsyncEachWrite: opts.auditFsyncMs === 0,
         auditLink: auditHeads?.linkFields ?? null,
         auditReplica: registry.cluster?.replicaId ?? null,
@@ -108,6 +109,7 @@ class EmbeddedKms implements Kms {
     });
     // Every destroy leaves the workers here: this process's own (the store reports a commit before
     // it resolves) and, in a cluster, other replicas'.
+    auditFile?.waitForTasksWith(() => this.#pool.settled());
     registry.onDekChange((keyId, record) => {
       if (dropsKeyMaterial(record)) this.#pool.evict(keyId);
     });
@@ -327,14 +329,35 @@ class EmbeddedKms implements Kms {
     };
   }
 
-  /** Verifies this data directory's audit log inside a worker. */
-  verifyAudit(): Promise<VerifyAuditResult> {
+  /**
+   * Verifies this data directory's audit log inside a worker: the rolled files and the live one,
+   * as one chain. `from` (a file of the chain) starts it there, the older files having expired.
+   */
+  verifyAudit(options: VerifyAuditOptions = {}): Promise<VerifyAuditResult> {
     if (this.#closed) return Promise.reject(kmsError('NOT_READY', 'the KMS is closed'));
+    let paths: string[];
+    try {
+      paths = auditChainFiles(this.#opts.dataDir, options.from);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     return this.#pool.run<VerifyAuditResult>({
       type: 'verify-audit',
-      path: path.join(this.#opts.dataDir, AUDIT_FILE_NAME),
+      paths,
+      trimmed: options.from !== undefined,
       head: this.#registry.auditHead() ?? null,
     });
+  }
+
+  /**
+   * Opens `kms-audit.log` anew (SIGHUP, after logrotate renamed it): new lines go to the new
+   * file, each stream's chain continuing there. False with audit off or if it cannot be opened.
+   */
+  reopenAuditLog(): boolean {
+    if (this.#closed || this.#auditFile === null) return false;
+    const reopened = this.#auditFile.reopen();
+    if (reopened) this.#log.info(`audit log reopened: ${this.#auditFile.path}`);
+    return reopened;
   }
 
   close(): Promise<void> {
@@ -379,7 +402,20 @@ class EmbeddedKms implements Kms {
   }
 }
 
-export type EmbeddedKmsHandle = Kms & { verifyAudit(): Promise<VerifyAuditResult> };
+/** Options of verifyAudit(). */
+export interface VerifyAuditOptions {
+  /**
+   * Start the chain at this file (a name or path of `kms-audit.log.NNNNNN` or the live file),
+   * for when older rolled files were removed on purpose (expiry). Default: the oldest present,
+   * which must begin the log's first session.
+   */
+  from?: string;
+}
+
+export type EmbeddedKmsHandle = Kms & {
+  verifyAudit(options?: VerifyAuditOptions): Promise<VerifyAuditResult>;
+  reopenAuditLog(): boolean;
+};
 
 /**
  * Opens the KMS on a data directory. Fails (and releases everything) with a clear CodedError when
@@ -395,7 +431,11 @@ export async function createKms(options: KmsOptions = {}): Promise<EmbeddedKmsHa
   let registry: Registry | null = null;
   try {
     auditFile = opts.audit
-      ? AuditFile.open(path.join(opts.dataDir, AUDIT_FILE_NAME), opts.auditFsyncMs)
+      ? AuditFile.open(path.join(opts.dataDir, AUDIT_FILE_NAME), {
+          fsyncMs: opts.auditFsyncMs,
+          maxBytes: opts.auditMaxBytes,
+          warn: (message) => log.warn(message),
+        })
       : null;
     registry = await openRegistry(opts.dataDir, opts.registry, {
       onServingChange: (serving, why) => {
