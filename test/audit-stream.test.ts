@@ -11,7 +11,7 @@ import test from 'ava';
 import { linkFields } from '../src/audit-link.js';
 import type { AuditFields } from '../src/worker-abi/index.js';
 import { AuditStream } from '../workers/audit-stream.js';
-import { verifyAuditFile } from '../workers/audit-verify.js';
+import { verifyAuditFile } from '../workers/audit-verify-files.js';
 import { tempDir } from './helpers/kms.js';
 
 const FIELDS: AuditFields[] = [
@@ -69,6 +69,7 @@ test('lines are the JSON of their fields, in sequence, and every block verifies'
     ok: true,
     linesVerified: expected.length,
     firstBadLine: null,
+    file: null,
     reason: null,
   });
   // And the signature is over exactly those bytes: any other key rejects the first block.

@@ -9,6 +9,9 @@
  *  - a deleted, inserted, duplicated or reordered line breaks the `n` sequence of its stream
  *    (found at that exact line) and the MAC chain;
  *  - unsigned lines at the end of a stream are reported too.
+ * When the log rolls over to a new file, a stream's first line there carries `prev_mac`, the MAC
+ * its chain goes on from, and its session link again: a verifier told that older files expired
+ * starts the chain there.
  * Signing per block instead of per line keeps the cost near 0.2 µs per line instead of ~3 µs,
  * and streams per worker let workers sign in parallel without sharing a chain head.
  */
@@ -93,6 +96,8 @@ export class AuditStream {
   readonly #link: Buffer;
   #macHex = '';
   #macN = -1;
+  /** The next line is the stream's first in a new file: it names the MAC the chain goes on from. */
+  #anchorNext = false;
 
   /** `"replica":"<id>",` when the KMS is a replica of a cluster, so a line says who wrote it. */
   readonly #replicaPart: string;
@@ -108,6 +113,11 @@ export class AuditStream {
     return this.#macHex === '' ? null : { s: this.id, n: this.#macN, mac: this.#macHex };
   }
 
+  /** The next line opens a new file (rollover, reopen): it will carry `prev_mac`. */
+  anchorNext(): void {
+    this.#anchorNext = true;
+  }
+
   /** The line `{"v":1,"ts":…,["replica":…,]"s":…,"n":…,"outcome":…<fields>}` plus a newline. */
   add(fields: AuditFields, ts: string, outcome: Outcome, code: string | null): void {
     if (ts !== this.#prefixTs) {
@@ -117,7 +127,16 @@ export class AuditStream {
     const prefix = this.#prefix;
     const result = outcomePart(outcome, code);
     const rest = fieldsPart(fields);
-    const link = this.#next === 0 ? this.#link : NO_LINK;
+    let link = this.#next === 0 ? this.#link : NO_LINK;
+    if (this.#anchorNext) {
+      this.#anchorNext = false;
+      // A first line has nothing to go on from: its session link (or nothing) is its anchor.
+      // Later ones repeat the link, so that a chain starting in this file knows their session.
+      if (this.#next > 0) {
+        const prevMac = Buffer.from(`,"prev_mac":"${this.#prevMac.toString('hex')}"`, 'latin1');
+        link = Buffer.concat([this.#link, prevMac]);
+      }
+    }
     this.#ensure(
       prefix.length + MAX_SEQUENCE_DIGITS + result.length + rest.length + link.length + CLOSE_LINE,
     );

@@ -4,11 +4,15 @@
  * chain, and per session that the streams link to the session before and that a stop line seals
  * every stream at its end; with the registry's audit head it also checks that the log reaches
  * the head, so lines cut from the end are found too.
+ *
+ * A rolled log is one chain over several files (oldest first, the live file last): each stream
+ * simply goes on in the next file. When the oldest files were removed on purpose (expiry), the
+ * chain may start at a later file (`trimmed`): each stream found there already running is taken
+ * up from the `prev_mac` its first line in that file carries, and the session running there is
+ * taken up with it; everything from there on is checked as usual.
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { type AuditHeadRecord, parseHeads, type SessionClaim, type StreamHead } from '../src/audit-link.js';
-import type { VerifyAuditResult } from '../src/worker-abi/index.js';
 import { MAC_BYTES, MAC_SUFFIX_LENGTH } from './audit-stream.js';
 
 interface StreamState {
@@ -16,6 +20,8 @@ interface StreamState {
   prevMac: Buffer;
   hmacInput: string[];
   firstLine: number;
+  /** Its first line's `n`: 0, or where a trimmed chain took it up. */
+  firstN: number;
   /** Its session; null for a stream written before streams were linked (an older version). */
   session: SessionState | null;
   /** `n` and MAC (hex) of its last signed line; -1 and '' before the first. */
@@ -36,13 +42,15 @@ interface StopState {
 
 interface SessionState {
   number: number;
+  /** Taken up by a trimmed chain: streams and points in the removed files are not in the log. */
+  partial: boolean;
   /** Its link fields as text: every stream of the session must carry the same. */
   link: string;
   streams: Map<string, StreamState>;
   stop: StopState | null;
 }
 
-class Failure {
+export class Failure {
   constructor(
     readonly line: number | null,
     readonly reason: string,
@@ -60,7 +68,7 @@ function decimal(value: unknown): number | null {
  * (after an unclean stop the saved head lags the log), and keeping every block's MAC of a large log
  * to check them would cost memory: this first pass finds the few that are needed.
  */
-function namedPoints(lines: readonly string[], head: AuditHeadRecord | null): Set<string> {
+export function namedPoints(lines: readonly string[], head: AuditHeadRecord | null): Set<string> {
   const points = new Set<string>();
   const add = (heads: readonly StreamHead[] | null | undefined) => {
     for (const h of heads ?? []) points.add(`${h.s}:${h.n}`);
@@ -86,13 +94,15 @@ function checkClaim(claim: SessionClaim, sessions: Map<number, SessionState>): s
   for (const head of claim.heads) {
     const stream = target.streams.get(head.s);
     const where = `stream ${head.s} of session ${claim.session}`;
+    // A taken-up session's stream may have ended in a removed file, or the point be in one.
+    if (target.partial && (stream === undefined || head.n < stream.firstN - 1)) continue;
     if (stream === undefined) return `${where} is not in the log (stream removed)`;
     const mac = head.n === stream.lastN ? stream.lastMac : stream.points.get(head.n);
     if (mac !== head.mac) return `${where} does not reach its recorded line ${head.n} (lines removed)`;
     if (claim.sealed && head.n !== stream.lastN) return `${where} goes on after its sealed end`;
   }
   if (claim.sealed) {
-    if (claim.heads.length !== target.streams.size) {
+    if (!target.partial && claim.heads.length !== target.streams.size) {
       return `session ${claim.session} was sealed with ${claim.heads.length} streams, the log has ${target.streams.size}`;
     }
     if (target.stop === null)
@@ -117,7 +127,7 @@ function checkStop(session: SessionState): void {
     }
   }
   for (const id of stop.heads.keys()) {
-    if (!session.streams.has(id)) {
+    if (!session.streams.has(id) && !session.partial) {
       throw new Failure(
         stop.line,
         `the stop line names stream ${id}, which is not in the log (stream removed)`,
@@ -137,46 +147,17 @@ interface LinkRecord {
   prev_heads?: unknown;
 }
 
-/**
- * Verifies a whole audit log; stops at the first bad line. `head` is the registry's audit head:
- * the sessions must form one chain of links, and the log's end must reach that head.
- */
-export function verifyAuditFile(
-  auditKey: Buffer,
-  path: string,
-  head: AuditHeadRecord | null = null,
-): VerifyAuditResult {
-  const claim = head === null ? null : head.heads.length > 0 ? { ...head } : head.links;
-  let text: string;
-  try {
-    text = readFileSync(path, 'utf8');
-  } catch (err) {
-    const recorded = claim === null ? '' : `, but the registry records lines up to session ${claim.session}`;
-    return {
-      ok: false,
-      linesVerified: 0,
-      firstBadLine: null,
-      reason: `cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? 'error'}${recorded}`,
-    };
-  }
-  const lines = text.split('\n');
-  if (lines[lines.length - 1] === '') lines.pop();
-  try {
-    verifyLines(auditKey, lines, head, claim);
-  } catch (err) {
-    if (!(err instanceof Failure)) throw err;
-    return {
-      ok: false,
-      linesVerified: err.line === null ? lines.length : err.line - 1,
-      firstBadLine: err.line,
-      reason: err.reason,
-    };
-  }
-  return { ok: true, linesVerified: lines.length, firstBadLine: null, reason: null };
-}
-
 /** One audit line as parsed: the fields the verifier reads. */
-type AuditLine = LinkRecord & { s?: unknown; n?: unknown; mac?: unknown; op?: unknown; heads?: unknown };
+type AuditLine = LinkRecord & {
+  s?: unknown;
+  n?: unknown;
+  mac?: unknown;
+  op?: unknown;
+  heads?: unknown;
+  prev_mac?: unknown;
+};
+
+const MAC_HEX = /^[0-9a-f]{64}$/;
 
 function newStream(lineNo: number): StreamState {
   return {
@@ -184,6 +165,7 @@ function newStream(lineNo: number): StreamState {
     prevMac: Buffer.alloc(MAC_BYTES),
     hmacInput: [],
     firstLine: lineNo,
+    firstN: 0,
     session: null,
     lastN: -1,
     lastMac: '',
@@ -205,8 +187,26 @@ function parseLine(lineNo: number, line: string): AuditLine & { s: string; n: nu
   return record as AuditLine & { s: string; n: number };
 }
 
+/** A stream's session link (`session`, `prev_session`, `prev_sealed`, `prev_heads`), checked. */
+function parseLink(lineNo: number, record: LinkRecord) {
+  const number = decimal(record.session);
+  const prev = decimal(record.prev_session);
+  const heads = parseHeads(record.prev_heads);
+  const sealed = record.prev_sealed;
+  if (number === null || prev === null || heads === null || (sealed !== 'true' && sealed !== 'false')) {
+    throw new Failure(lineNo, 'malformed session link');
+  }
+  return {
+    number,
+    prev,
+    sealed: sealed === 'true',
+    heads,
+    link: `${prev}|${sealed}|${record.prev_heads as string}`,
+  };
+}
+
 /** One pass over a log's lines, in order; throws a Failure at the first bad one. */
-class LogVerifier {
+export class LogVerifier {
   readonly #streams = new Map<string, StreamState>();
   readonly #sessions = new Map<number, SessionState>();
   #current: SessionState | null = null;
@@ -215,6 +215,8 @@ class LogVerifier {
     private readonly auditKey: Buffer,
     /** `s:n` of the points that links or the registry name (namedPoints). */
     private readonly named: Set<string>,
+    /** The chain starts after removed files: running streams are taken up (#takeUp). */
+    private readonly trimmed = false,
   ) {}
 
   line(lineNo: number, line: string): void {
@@ -226,13 +228,16 @@ class LogVerifier {
       stream = newStream(lineNo);
       this.#streams.set(s, stream);
     }
-    if (n !== stream.next) {
+    const takenUp = isNew && n !== 0 && this.trimmed;
+    if (takenUp) this.#takeUp(lineNo, stream, record);
+    else if (n !== stream.next) {
+      const hint = isNew ? '; or the oldest files were removed: see --from' : '';
       throw new Failure(
         lineNo,
-        `stream ${s}: expected line ${stream.next}, found ${n} (line deleted, inserted or moved)`,
+        `stream ${s}: expected line ${stream.next}, found ${n} (line deleted, inserted or moved${hint})`,
       );
     }
-    if (isNew) this.#join(lineNo, s, stream, record);
+    if (isNew && !takenUp) this.#join(lineNo, s, stream, record);
     else if (stream.session !== this.#current) {
       throw new Failure(lineNo, `stream ${s} goes on after a later session began (lines moved)`);
     }
@@ -246,6 +251,41 @@ class LogVerifier {
   }
 
   /**
+   * A trimmed chain's first line of a stream already running: its `prev_mac` (signed with the
+   * line) is where its chain goes on from, and its session link (repeated there) names its
+   * session, which the chain takes up as partial: some of its lines are in the removed files.
+   */
+  #takeUp(lineNo: number, stream: StreamState, record: AuditLine & { s: string; n: number }): void {
+    const { s, n, prev_mac: prevMac } = record;
+    if (typeof prevMac !== 'string' || !MAC_HEX.test(prevMac)) {
+      throw new Failure(
+        lineNo,
+        `stream ${s} begins at line ${n} without the prev_mac a new file starts with`,
+      );
+    }
+    const { number, link } = parseLink(lineNo, record);
+    let session = this.#current;
+    if (session === null) {
+      session = { number, partial: true, link, streams: new Map(), stop: null };
+      this.#sessions.set(number, session);
+      this.#current = session;
+    } else if (session.number !== number) {
+      throw new Failure(lineNo, `stream ${s} goes on after a later session began (lines moved)`);
+    } else if (session.link !== link) {
+      throw new Failure(lineNo, `stream ${s} links session ${number} unlike its other streams`);
+    }
+    session.partial = true;
+    stream.next = n;
+    stream.firstN = n;
+    stream.prevMac = Buffer.from(prevMac, 'hex');
+    stream.lastN = n - 1;
+    stream.lastMac = prevMac;
+    stream.points.set(n - 1, prevMac);
+    stream.session = session;
+    session.streams.set(s, stream);
+  }
+
+  /**
    * A new stream's first line: it joins the current session, or begins the next one (checking
    * its link to the session before).
    */
@@ -255,22 +295,15 @@ class LogVerifier {
       if (current !== null) throw new Failure(lineNo, `stream ${s} does not begin with a session link`);
       return;
     }
-    const number = decimal(record.session);
-    const prev = decimal(record.prev_session);
-    const heads = parseHeads(record.prev_heads);
-    const sealed = record.prev_sealed;
-    if (number === null || prev === null || heads === null || (sealed !== 'true' && sealed !== 'false')) {
-      throw new Failure(lineNo, 'malformed session link');
-    }
-    const link = `${prev}|${sealed}|${record.prev_heads as string}`;
+    const { number, prev, sealed, heads, link } = parseLink(lineNo, record);
     let session = current;
     if (current !== null && number === current.number) {
       if (link !== current.link) {
         throw new Failure(lineNo, `stream ${s} links session ${number} unlike its other streams`);
       }
     } else {
-      this.#checkLink(lineNo, number, prev, { session: prev, sealed: sealed === 'true', heads });
-      session = { number, link, streams: new Map(), stop: null };
+      this.#checkLink(lineNo, number, prev, { session: prev, sealed, heads });
+      session = { number, partial: false, link, streams: new Map(), stop: null };
       this.#sessions.set(number, session);
       this.#current = session;
     }
@@ -299,6 +332,8 @@ class LogVerifier {
       }
       return;
     }
+    // A trimmed chain that starts with this session: what it links to is in the removed files.
+    if (this.trimmed && current === null && !this.#sessions.has(prev)) return;
     const reason = prev < number ? checkClaim(claim, this.#sessions) : 'malformed';
     if (reason !== null) throw new Failure(lineNo, `the link of session ${number}: ${reason}`);
   }
@@ -378,15 +413,4 @@ class LogVerifier {
     if (reason !== null)
       throw new Failure(null, `the end of the log does not reach the registry's head: ${reason}`);
   }
-}
-
-function verifyLines(
-  auditKey: Buffer,
-  lines: readonly string[],
-  head: AuditHeadRecord | null,
-  claim: SessionClaim | null,
-): void {
-  const verifier = new LogVerifier(auditKey, namedPoints(lines, head));
-  for (let i = 0; i < lines.length; i++) verifier.line(i + 1, lines[i] as string);
-  verifier.end(lines.length, head, claim);
 }

@@ -43,7 +43,7 @@ import {
 } from '../src/worker-abi/index.js';
 import { AuthFailure, openInto, randomKeyInto, sealInto, wrapKeyInto } from './aead.js';
 import { AuditStream, type SealedBlock } from './audit-stream.js';
-import { verifyAuditFile } from './audit-verify.js';
+import { verifyAuditFiles } from './audit-verify-files.js';
 import { faultOf, WorkerFault } from './fault.js';
 import { IdleSpin } from './idle-spin.js';
 import { WorkerKeyring } from './keyring.js';
@@ -64,6 +64,9 @@ function roots(): RootKeys {
 }
 
 let auditFd = -1;
+const auditGeneration = init.auditGeneration === null ? null : new Int32Array(init.auditGeneration);
+/** The generation of the live file `auditFd` was opened on. */
+let auditFdGeneration = 0;
 /** Set once an audit write failed: from then on this worker refuses every op (fail closed). */
 let auditFailure: string | null = null;
 
@@ -92,6 +95,29 @@ function appendAudit(block: SealedBlock): void {
       'AUDIT_WRITE_FAILED',
       `audit log write failed (${auditFailure}); operation refused`,
     );
+  }
+}
+
+/**
+ * Before a task adds lines: (re)opens the log if the main thread started a new live file since
+ * `auditFd` was opened (rollover, SIGHUP), so this task's block goes there and the stream's first
+ * line in it names the MAC its chain goes on from. A block never spans files: a task still
+ * writing to the old file was counted by the main thread, which fsyncs that file until it ends.
+ */
+function followAuditFile(): void {
+  if (auditGeneration === null || init.auditFile === null || auditFailure !== null) return;
+  const generation = Atomics.load(auditGeneration, 0);
+  if (auditFd >= 0 && generation === auditFdGeneration) return;
+  try {
+    const fd = fs.openSync(init.auditFile, 'a', 0o600);
+    if (auditFd >= 0) {
+      fs.closeSync(auditFd);
+      auditStream?.anchorNext();
+    }
+    auditFd = fd;
+    auditFdGeneration = generation;
+  } catch (err) {
+    auditFailure = (err as NodeJS.ErrnoException).code ?? 'open error';
   }
 }
 
@@ -250,6 +276,7 @@ function runBatchOps(task: BatchTask): BatchResult {
   // Notes need no key, but their audit lines need the audit key: a worker whose first task held
   // only notes (get_wrapped, say) would otherwise have had no stream to write them to.
   roots();
+  followAuditFile();
   const ts = isoNow();
   // After a failed audit write nothing more is computed: no key use without its audit line.
   const refused =
@@ -295,6 +322,7 @@ function runBatchOps(task: BatchTask): BatchResult {
 /** Audits a single non-batch task (start, new KEK) as a block of its own. */
 function auditOne(fields: AuditFields, code: ErrorCode | null): void {
   if (auditStream === null) return;
+  followAuditFile();
   auditStream.add(fields, isoNow(), code === null ? 'ok' : 'error', code);
   flushAudit();
 }
@@ -373,7 +401,7 @@ function zeroize(): ZeroizeResult {
 }
 
 function verifyAudit(task: VerifyAuditTask): VerifyAuditResult {
-  return verifyAuditFile(roots().auditKey, task.path, task.head);
+  return verifyAuditFiles(roots().auditKey, task.paths, task.head, task.trimmed);
 }
 
 const idleSpin = init.idleSpin === null ? null : new IdleSpin(init.idleSpin);

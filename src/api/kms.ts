@@ -157,13 +157,20 @@ export interface Kms {
   rotationStatus(): Promise<RotationStatus>;
   health(): Promise<KmsHealth>;
   close(): Promise<void>;
+  /**
+   * The embedded KMS only: opens its audit log anew (on SIGHUP, once logrotate renamed it).
+   * Returns whether a new file was opened.
+   */
+  reopenAuditLog?(): boolean;
 }
 
 /** The outcome of verifying an audit log (`verifyAudit`, `progressdb-kms verify-audit`). */
 export interface VerifyAuditResult {
   ok: boolean;
   linesVerified: number;
-  /** 1-based line number of the first bad line, when !ok. */
+  /** 1-based line number of the first bad line in `file`, when !ok. */
   firstBadLine: number | null;
+  /** The file holding the first bad line (a rolled file or the live one); null if none. */
+  file: string | null;
   reason: string | null;
 }

@@ -135,10 +135,11 @@ program
   .command('audit')
   .description('audit log tools')
   .command('verify')
-  .description('verify the signatures and chain of kms-audit.log')
+  .description('verify the signatures and chain of kms-audit.log and its rolled files')
   .option('--data-dir <dir>', 'the KMS data directory (env PROGRESSDB_KMS_DATA_DIR)')
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
-  .action((opts: { dataDir?: string; masterKeyFile?: string }) =>
+  .option('--from <file>', 'start the chain at this rolled file (the older ones were removed on purpose)')
+  .action((opts: { dataDir?: string; masterKeyFile?: string; from?: string }) =>
     exitWith(async () => (await auditVerify()).auditVerifyCommand(opts))(),
   );
 

@@ -114,6 +114,11 @@ async function main(opts: CliOptions): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  // logrotate renames the embedded KMS's audit log, then sends SIGHUP: new lines go to a new file.
+  process.on('SIGHUP', () => {
+    logger.info({ signal: 'SIGHUP' }, 'reopening the audit log');
+    server.reopenAuditLog();
+  });
 }
 
 const program = new Command()

@@ -135,6 +135,8 @@ const FileSchema = z.strictObject({
       cipher: z.string().optional(),
       audit: z.boolean().optional(),
       audit_fsync_ms: int(0, 60_000).optional(),
+      /** 0: no rollover by size; else 4096 to 256 MiB (createKms checks the lower bound). */
+      audit_max_bytes: int(0, 256 * 1024 ** 2).optional(),
       rotation_batch_size: int(1, 100_000).optional(),
       /** `90d`, `12h`, ... or `off`: checked by createKms. */
       kek_rotation_period: z.string().optional(),
@@ -323,6 +325,7 @@ function kmsOptions(
     cipher: file.kms?.cipher,
     audit: file.kms?.audit,
     auditFsyncMs: file.kms?.audit_fsync_ms,
+    auditMaxBytes: file.kms?.audit_max_bytes,
     rotationBatchSize: file.kms?.rotation_batch_size,
     kekRotationPeriod: file.kms?.kek_rotation_period,
     deletionWindow: file.kms?.deletion_window,

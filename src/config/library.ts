@@ -63,6 +63,12 @@ export interface KmsOptions {
   audit?: boolean;
   /** Group fsync interval of the audit log in ms. Env: PROGRESSDB_KMS_AUDIT_FSYNC_MS. Default 50. */
   auditFsyncMs?: number;
+  /**
+   * Roll `kms-audit.log` over to `kms-audit.log.NNNNNN` once it holds this many bytes (at least
+   * 4096, at most 256 MiB); 0 never rolls (for logrotate). Env: PROGRESSDB_KMS_AUDIT_MAX_BYTES.
+   * Default 128 MiB.
+   */
+  auditMaxBytes?: number;
   /** DEK records rewrapped per worker task and transaction during KEK rotation. Default 2000 (40 on etcd). Env: PROGRESSDB_KMS_ROTATION_BATCH_SIZE. */
   rotationBatchSize?: number;
   /**
@@ -120,6 +126,8 @@ export interface ResolvedKmsOptions {
   cipher: CipherName;
   audit: boolean;
   auditFsyncMs: number;
+  /** null: no rollover by size. */
+  auditMaxBytes: number | null;
   rotationBatchSize: number;
   resumeRotation: boolean;
   /** null: no scheduled rotation. */
@@ -130,6 +138,12 @@ export interface ResolvedKmsOptions {
   registry: RegistryOptions;
 }
 
+/**
+ * Largest rollover size: the verifier reads a file whole, and a JavaScript string holds at most
+ * about 512 MiB.
+ */
+const MAX_AUDIT_MAX_BYTES = 256 * 1024 ** 2;
+
 /** The integer options: their environment variable (first the option, then it) and range. */
 const INT_FIELDS = {
   poolSize: { env: 'PROGRESSDB_KMS_POOL_SIZE', min: 1, max: 256 },
@@ -137,6 +151,7 @@ const INT_FIELDS = {
   idleSpinUs: { env: 'PROGRESSDB_KMS_WORKER_SPIN_US', min: 0, max: 10_000 },
   dekCacheSize: { env: 'PROGRESSDB_KMS_DEK_CACHE_SIZE', min: 1, max: 10_000_000 },
   auditFsyncMs: { env: 'PROGRESSDB_KMS_AUDIT_FSYNC_MS', min: 0, max: 60_000 },
+  auditMaxBytes: { env: 'PROGRESSDB_KMS_AUDIT_MAX_BYTES', min: 0, max: MAX_AUDIT_MAX_BYTES },
   rotationBatchSize: { env: 'PROGRESSDB_KMS_ROTATION_BATCH_SIZE', min: 1, max: 100_000 },
   leaseTtlSeconds: { env: 'PROGRESSDB_KMS_LEASE_TTL_SECONDS', min: MIN_LEASE_TTL_SECONDS, max: 300 },
 } as const satisfies Record<string, { env: string | undefined; min: number; max: number }>;
@@ -235,6 +250,7 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     cipher: resolveCipher(opts.cipher ?? envString('PROGRESSDB_KMS_CIPHER')),
     audit: opts.audit ?? envBool('PROGRESSDB_KMS_AUDIT') ?? true,
     auditFsyncMs: intOption(opts, 'auditFsyncMs', 50),
+    auditMaxBytes: resolveAuditMaxBytes(opts),
     rotationBatchSize: intOption(
       opts,
       'rotationBatchSize',
@@ -277,6 +293,22 @@ function resolveDeletionWindow(given: string | number | undefined): number {
     return given;
   }
   return given.trim() === '0' ? 0 : parseDuration(given, 'deletionWindow');
+}
+
+/** Smallest rollover size: a file per few blocks would only make the chain hard to read. */
+const MIN_AUDIT_MAX_BYTES = 4096;
+const DEFAULT_AUDIT_MAX_BYTES = 128 * 1024 ** 2;
+
+function resolveAuditMaxBytes(opts: KmsOptions): number | null {
+  const bytes = intOption(opts, 'auditMaxBytes', DEFAULT_AUDIT_MAX_BYTES);
+  if (bytes === 0) return null;
+  if (bytes < MIN_AUDIT_MAX_BYTES) {
+    throw kmsError(
+      'CONFIG_INVALID',
+      `auditMaxBytes must be 0 (no rollover) or at least ${MIN_AUDIT_MAX_BYTES}, got ${bytes}`,
+    );
+  }
+  return bytes;
 }
 
 function resolvePeriod(given: string | number | undefined): number | null {

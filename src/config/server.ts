@@ -48,6 +48,8 @@ export interface ServerConfig {
   kmsTls: { ca?: string; cert?: string; key?: string };
   kmsToken: string | undefined;
   kmsTimeoutMs: number;
+  /** Embedded mode: the audit log's rollover size (0: none); unset, the KMS default applies. */
+  kmsAuditMaxBytes: number | undefined;
   apiKeys: ApiKey[];
   /** The admin key itself, or the file holding it; null when none is configured. */
   adminKey: { kind: 'value'; value: string } | { kind: 'file'; path: string } | null;
@@ -90,6 +92,7 @@ const FIELDS = {
   kms_tls_key: { env: ['PROGRESSDB_KMS_TLS_KEY_FILE', 'PROGRESSDB_KMS_TLS_KEY'] },
   kms_token: { env: ['PROGRESSDB_KMS_TOKEN'] },
   kms_timeout_ms: { env: ['PROGRESSDB_KMS_TIMEOUT_MS'] },
+  kms_audit_max_bytes: { env: ['PROGRESSDB_KMS_AUDIT_MAX_BYTES'] },
   api_keys: { env: ['PROGRESSDB_API_KEYS'] },
   admin_key: { env: ['PROGRESSDB_ADMIN_KEY'] },
   admin_key_file: { env: ['PROGRESSDB_ADMIN_KEY_FILE'] },
@@ -181,6 +184,8 @@ const SCHEMA = z.object({
   kms_tls_key: nonEmpty.optional(),
   kms_token: nonEmpty.optional(),
   kms_timeout_ms: int(100, 600_000).default(10_000),
+  /** 0, or 4096 to 256 MiB (createKms checks the lower bound). */
+  kms_audit_max_bytes: int(0, 256 * 1024 ** 2).optional(),
   api_keys: list(apiKeyEntry).default([]),
   admin_key: z.string().min(MIN_KEY_CHARS, `must have at least ${MIN_KEY_CHARS} characters`).optional(),
   admin_key_file: nonEmpty.optional(),
@@ -346,6 +351,7 @@ function serverConfigOf(
     },
     kmsToken: c.kms_token,
     kmsTimeoutMs: c.kms_timeout_ms,
+    kmsAuditMaxBytes: c.kms_audit_max_bytes,
     apiKeys,
     adminKey:
       c.admin_key !== undefined

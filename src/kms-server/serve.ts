@@ -31,6 +31,8 @@ export interface RunningDaemon {
   bridge: AddressInfo | null;
   /** Graceful stop: resolves once listeners are closed and the KMS is closed. */
   close(): Promise<void>;
+  /** SIGHUP: opens the audit log anew (after logrotate renamed it). */
+  reopenAuditLog(): boolean;
 }
 
 export type KmsFactory = (opts: KmsOptions) => Promise<Kms>;
@@ -159,19 +161,28 @@ export async function startDaemon(
     })();
     return closing;
   };
-  return { http: httpAddress, bridge: bridgeAddress, close };
+  const reopenAuditLog = () => kms.reopenAuditLog?.() ?? false;
+  return { http: httpAddress, bridge: bridgeAddress, close, reopenAuditLog };
 }
 
-/** CLI entry: runs until SIGTERM/SIGINT, then drains and resolves. Config errors reject. */
+/**
+ * CLI entry: runs until SIGTERM/SIGINT, then drains and resolves; SIGHUP reopens the audit log.
+ * Config errors reject.
+ */
 export async function serve(flags: ServeFlags, makeKms: KmsFactory = createKms): Promise<void> {
   const config = loadDaemonConfig(flags);
   const logger = createLogger('progressdb-kms');
   for (const line of config.deprecations) logger.warn(line);
   const daemon = await startDaemon(config, logger, makeKms);
   await new Promise<void>((resolve, reject) => {
+    const reopen = () => {
+      logger.info({ signal: 'SIGHUP' }, 'reopening the audit log');
+      daemon.reopenAuditLog();
+    };
     const stop = (signal: NodeJS.Signals) => {
       process.off('SIGTERM', stop);
       process.off('SIGINT', stop);
+      process.off('SIGHUP', reopen);
       logger.info({ signal }, 'shutting down: draining in-flight requests');
       daemon.close().then(() => {
         logger.info('stopped');
@@ -180,5 +191,6 @@ export async function serve(flags: ServeFlags, makeKms: KmsFactory = createKms):
     };
     process.on('SIGTERM', stop);
     process.on('SIGINT', stop);
+    process.on('SIGHUP', reopen);
   });
 }

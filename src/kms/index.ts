@@ -23,13 +23,14 @@ import type {
 import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from '../config/library.js';
 import { kmsError, toCodedError } from '../errors.js';
 import { type Logger, silentLogger } from '../log.js';
-import type { KekRef, KeyMemoryReport, NewKekResult, NewKekTask } from '../worker-abi/index.js';
-import { AUDIT_FILE_NAME, AuditFile } from './audit-file.js';
+import type { KekRef, NewKekResult, NewKekTask } from '../worker-abi/index.js';
+import { AUDIT_FILE_NAME, AuditFile, auditChainFiles } from './audit-file.js';
 import { AuditHeadKeeper } from './audit-head-keeper.js';
 import { DataPlane } from './data-plane.js';
 import { dropsKeyMaterial } from './dek-versions.js';
 import { DeletionSweep } from './deletion-sweep.js';
 import { type DirLock, lockDataDir } from './dir-lock.js';
+import { keyMemoryWarner } from './key-memory-warning.js';
 import { KeyOps } from './key-ops.js';
 import { OpQueue } from './op-queue.js';
 import { CryptoPool } from './pool.js';
@@ -95,12 +96,13 @@ class EmbeddedKms implements Kms {
         cipher: opts.cipher,
         evictChannel: `progressdb-kms-${process.pid}-${randomBytes(6).toString('hex')}`,
         auditFile: auditFile === null ? null : auditFile.path,
+        auditGeneration: auditFile === null ? null : auditFile.generation,
         auditFsyncEachWrite: opts.auditFsyncMs === 0,
         auditLink: auditHeads?.linkFields ?? null,
         auditReplica: registry.cluster?.replicaId ?? null,
       },
       kekRef: (version) => this.#kekRef(version),
-      onKeyMemory: (report) => this.#warnUnlocked(report),
+      onKeyMemory: keyMemoryWarner(this.#log),
       onAudit: (failed, head) => {
         if (failed) {
           this.#auditFile?.fail('a worker could not append to the audit log');
@@ -113,6 +115,7 @@ class EmbeddedKms implements Kms {
     });
     // Every destroy leaves the workers here: this process's own (the store reports a commit before
     // it resolves) and, in a cluster, other replicas'.
+    auditFile?.waitForTasksWith(() => this.#pool.settled());
     registry.onDekChange((keyId, record) => {
       if (dropsKeyMaterial(record)) this.#pool.evict(keyId);
     });
@@ -326,22 +329,6 @@ class EmbeddedKms implements Kms {
     return this.#rotation.status();
   }
 
-  #warnedUnlocked = false;
-
-  /** One warning per KMS, not per worker, when the system refused to lock key memory. */
-  #warnUnlocked(report: KeyMemoryReport): void {
-    if (report.unlockedBytes === 0 || this.#warnedUnlocked) return;
-    this.#warnedUnlocked = true;
-    const limit =
-      report.memlockLimitBytes === null ? 'unknown' : `${Math.floor(report.memlockLimitBytes / 1024)} KiB`;
-    this.#log.warn(
-      `key memory is NOT locked: the system refused to mlock ${report.unlockedBytes} bytes of a crypto ` +
-        `worker's key slots (RLIMIT_MEMLOCK ${limit}). Keys stay in guarded memory but may be swapped ` +
-        'to disk. Raise the limit (systemd: LimitMEMLOCK=; shell: ulimit -l; docker: --ulimit memlock=) ' +
-        'to at least 32 bytes x (dek_cache_size + 1024) x pool_size, or lower dek_cache_size.',
-    );
-  }
-
   async health(): Promise<KmsHealth> {
     this.#assertOpen();
     const replica = this.#registry.cluster?.status();
@@ -364,14 +351,35 @@ class EmbeddedKms implements Kms {
     };
   }
 
-  /** Verifies this data directory's audit log inside a worker. */
-  verifyAudit(): Promise<VerifyAuditResult> {
+  /**
+   * Verifies this data directory's audit log inside a worker: the rolled files and the live one,
+   * as one chain. `from` (a file of the chain) starts it there, the older files having expired.
+   */
+  verifyAudit(options: VerifyAuditOptions = {}): Promise<VerifyAuditResult> {
     if (this.#closed) return Promise.reject(kmsError('NOT_READY', 'the KMS is closed'));
+    let paths: string[];
+    try {
+      paths = auditChainFiles(this.#opts.dataDir, options.from);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     return this.#pool.run<VerifyAuditResult>({
       type: 'verify-audit',
-      path: path.join(this.#opts.dataDir, AUDIT_FILE_NAME),
+      paths,
+      trimmed: options.from !== undefined,
       head: this.#registry.auditHead() ?? null,
     });
+  }
+
+  /**
+   * Opens `kms-audit.log` anew (SIGHUP, after logrotate renamed it): new lines go to the new
+   * file, each stream's chain continuing there. False with audit off or if it cannot be opened.
+   */
+  reopenAuditLog(): boolean {
+    if (this.#closed || this.#auditFile === null) return false;
+    const reopened = this.#auditFile.reopen();
+    if (reopened) this.#log.info(`audit log reopened: ${this.#auditFile.path}`);
+    return reopened;
   }
 
   close(): Promise<void> {
@@ -417,7 +425,20 @@ class EmbeddedKms implements Kms {
   }
 }
 
-export type EmbeddedKmsHandle = Kms & { verifyAudit(): Promise<VerifyAuditResult> };
+/** Options of verifyAudit(). */
+export interface VerifyAuditOptions {
+  /**
+   * Start the chain at this file (a name or path of `kms-audit.log.NNNNNN` or the live file),
+   * for when older rolled files were removed on purpose (expiry). Default: the oldest present,
+   * which must begin the log's first session.
+   */
+  from?: string;
+}
+
+export type EmbeddedKmsHandle = Kms & {
+  verifyAudit(options?: VerifyAuditOptions): Promise<VerifyAuditResult>;
+  reopenAuditLog(): boolean;
+};
 
 /**
  * Opens the KMS on a data directory. Fails (and releases everything) with a clear CodedError when
@@ -433,7 +454,11 @@ export async function createKms(options: KmsOptions = {}): Promise<EmbeddedKmsHa
   let registry: Registry | null = null;
   try {
     auditFile = opts.audit
-      ? AuditFile.open(path.join(opts.dataDir, AUDIT_FILE_NAME), opts.auditFsyncMs)
+      ? AuditFile.open(path.join(opts.dataDir, AUDIT_FILE_NAME), {
+          fsyncMs: opts.auditFsyncMs,
+          maxBytes: opts.auditMaxBytes,
+          warn: (message) => log.warn(message),
+        })
       : null;
     registry = await openRegistry(opts.dataDir, opts.registry, {
       onServingChange: (serving, why) => {

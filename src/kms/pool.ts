@@ -153,6 +153,8 @@ export class CryptoPool {
   #idleWaiters: (() => void)[] = [];
   readonly #keyMemory = new Map<number, KeyMemoryReport>();
   #reportWaiters: (() => void)[] = [];
+  /** Every task posted to a worker and not yet settled (see settled()). */
+  readonly #running = new Set<Promise<unknown>>();
 
   constructor(opts: PoolOptions) {
     this.#opts = opts;
@@ -229,7 +231,22 @@ export class CryptoPool {
 
   /** Runs a non-batch task (KEK creation, start-up check, audit verification). */
   run<T>(task: WorkerTask): Promise<T> {
-    return runTask<T>(this.#piscina, task);
+    return this.#track(runTask<T>(this.#piscina, task));
+  }
+
+  #track<T>(task: Promise<T>): Promise<T> {
+    this.#running.add(task);
+    const forget = () => this.#running.delete(task);
+    task.then(forget, forget);
+    return task;
+  }
+
+  /**
+   * Resolves once every task posted to a worker before this call has finished, however it ended.
+   * An audit file the workers were moved off is closed after this: no task can write to it then.
+   */
+  settled(): Promise<void> {
+    return Promise.allSettled([...this.#running]).then(() => undefined);
   }
 
   enqueue(op: PendingOp): void {
@@ -297,7 +314,7 @@ export class CryptoPool {
     this.#inFlight++;
     try {
       const result = new BatchResultReader(
-        await runTask<BatchResult>(this.#piscina, task, BatchTaskWriter.transferList(task)),
+        await this.#track(runTask<BatchResult>(this.#piscina, task, BatchTaskWriter.transferList(task))),
       );
       this.#reportAudit(result);
       return result;
@@ -378,7 +395,7 @@ export class CryptoPool {
     });
     this.#inFlight++;
     // The bytes move, never copied: measured cheaper at every size from one op up.
-    this.#piscina.run(task, { transferList: BatchTaskWriter.transferList(task) }).then(
+    this.#track(this.#piscina.run(task, { transferList: BatchTaskWriter.transferList(task) })).then(
       (outcome: TaskOutcome<BatchResult>) => {
         if (outcome.ok) this.#settle(batch, new BatchResultReader(outcome.value));
         else this.#fail(batch, outcome.error.code);

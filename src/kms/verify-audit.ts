@@ -13,6 +13,7 @@ export function oneOffWorkerInit(masterKey: MasterKeyRef): WorkerInit {
     cipher: DEFAULT_CIPHER,
     evictChannel: `progressdb-verify-${process.pid}`,
     auditFile: null,
+    auditGeneration: null,
     auditFsyncEachWrite: false,
     auditLink: null,
     auditReplica: null,
@@ -20,11 +21,15 @@ export function oneOffWorkerInit(masterKey: MasterKeyRef): WorkerInit {
   };
 }
 
-/** `head` is the data directory registry's audit head, which the log must reach (null: none). */
+/**
+ * `files`: the audit chain in order (auditChainFiles). `head` is the data directory registry's
+ * audit head, which the log must reach (null: none). `trimmed`: the chain starts at files[0].
+ */
 export async function runVerifyAudit(
   masterKey: MasterKeyRef,
-  file: string,
+  files: string[],
   head: AuditHeadRecord | null,
+  trimmed = false,
 ): Promise<VerifyAuditResult> {
   const pool = new Piscina({
     filename: workerFile('crypto'),
@@ -33,7 +38,7 @@ export async function runVerifyAudit(
     workerData: oneOffWorkerInit(masterKey),
   });
   try {
-    return await runTask<VerifyAuditResult>(pool, { type: 'verify-audit', path: file, head });
+    return await runTask<VerifyAuditResult>(pool, { type: 'verify-audit', paths: files, head, trimmed });
   } finally {
     await pool.destroy();
   }

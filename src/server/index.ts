@@ -29,6 +29,8 @@ const DRAIN_MS = 10_000;
 export interface RunningServer {
   url: string;
   close(): Promise<void>;
+  /** SIGHUP: the embedded KMS opens its audit log anew (after logrotate renamed it). */
+  reopenAuditLog(): boolean;
 }
 
 /** Reads the admin key (a bearer secret for this server, not key material of the KMS). */
@@ -88,6 +90,7 @@ function embeddedKmsOptions(config: ServerConfig): KmsOptions {
   }
   return {
     dataDir: config.kmsDataDir,
+    ...(config.kmsAuditMaxBytes !== undefined && { auditMaxBytes: config.kmsAuditMaxBytes }),
     ...(key.kind === 'file' && { masterKeyFile: key.path }),
     ...(key.kind === 'env' && { masterKeyEnv: key.name }),
     ...(key.kind === 'config' && { masterKeyConfigFile: key.path }),
@@ -205,5 +208,5 @@ async function listen(
     })();
     return closing;
   };
-  return { url, close };
+  return { url, close, reopenAuditLog: () => kms?.reopenAuditLog?.() ?? false };
 }

@@ -46,6 +46,12 @@ export interface WorkerInit {
    * the task's results are released), or null when auditing is off.
    */
   auditFile: string | null;
+  /**
+   * Bumped by the main thread (Atomics) whenever it opens a new live audit file (rollover,
+   * SIGHUP): a worker that sees it change reopens `auditFile` before its next block. Null with
+   * auditing off.
+   */
+  auditGeneration: SharedArrayBuffer | null;
   /** fdatasync after every block (auditFsyncMs = 0); otherwise the main thread fsyncs in groups. */
   auditFsyncEachWrite: boolean;
   /** Session link fields for the first line of this worker's stream (src/audit-link.ts), or null. */
@@ -168,7 +174,13 @@ export interface CheckKekResult {
 /** Verifies an audit log file inside a worker (the audit key never leaves it). */
 export interface VerifyAuditTask {
   type: 'verify-audit';
-  path: string;
+  /** The chain's files in order: rolled files, then the live one. */
+  paths: string[];
+  /**
+   * The chain starts at `paths[0]`, older files having been removed (audit verify --from): the
+   * streams and session already running there are taken up from their anchors (`prev_mac`).
+   */
+  trimmed: boolean;
   /** The registry's audit head, which the log's end must match (null: the registry records none). */
   head: AuditHeadRecord | null;
 }

@@ -1,25 +1,30 @@
 /** `progressdb-kms audit verify`. */
 import path from 'node:path';
 import { resolveMasterKeyRef } from '../../config/library.js';
-import { AUDIT_FILE_NAME } from '../../kms/audit-file.js';
+import { AUDIT_FILE_NAME, auditChainFiles } from '../../kms/audit-file.js';
 import { Registry } from '../../kms/registry/index.js';
 import { runVerifyAudit } from '../../kms/verify-audit.js';
 import { type DataDirCommandOptions, dataDirOf, report } from './common.js';
 
 /**
- * `audit verify [--data-dir D]`: checks every line's signature, sequence and chain. Prints the
- * first bad line number and exits 1, or the count verified and exits 0. Read-only, so it may run
- * beside a live KMS.
+ * `audit verify [--data-dir D] [--from FILE]`: checks every line's signature, sequence and chain
+ * over the rolled files and the live one, in order. Prints the first bad line's file and number
+ * and exits 1, or the count verified and exits 0. Read-only, so it may run beside a live KMS.
  */
-export async function auditVerifyCommand(opts: DataDirCommandOptions): Promise<number> {
+export async function auditVerifyCommand(opts: DataDirCommandOptions & { from?: string }): Promise<number> {
   try {
     const dataDir = dataDirOf(opts);
-    const file = path.join(dataDir, AUDIT_FILE_NAME);
+    const files = auditChainFiles(dataDir, opts.from);
     const masterKey = resolveMasterKeyRef({ masterKeyFile: opts.masterKeyFile });
     const head = Registry.readAuditHead(dataDir) ?? null;
-    const result = await runVerifyAudit(masterKey, file, head);
+    const result = await runVerifyAudit(masterKey, files, head, opts.from !== undefined);
     if (result.ok) {
-      process.stdout.write(`ok: ${result.linesVerified} lines verified in ${file}\n`);
+      const first = path.basename(files[0] as string);
+      const where =
+        files.length === 1
+          ? files[0]
+          : `${files.length} files (${first} to ${AUDIT_FILE_NAME}) in ${dataDir}`;
+      process.stdout.write(`ok: ${result.linesVerified} lines verified in ${where}\n`);
       if (head === null) {
         process.stdout.write(
           `note: ${dataDir} has no registry audit head; the log's end was not checked against it\n`,
@@ -27,9 +32,12 @@ export async function auditVerifyCommand(opts: DataDirCommandOptions): Promise<n
       }
       return 0;
     }
-    const where = result.firstBadLine === null ? '' : ` at line ${result.firstBadLine}`;
+    const line = result.firstBadLine;
+    const where =
+      line === null ? '' : result.file === null ? ` at line ${line}` : ` at ${result.file}:${line}`;
     process.stdout.write(`FAILED${where}: ${result.reason}\n`);
-    if (result.firstBadLine !== null) process.stdout.write(`first bad line: ${result.firstBadLine}\n`);
+    if (line !== null) process.stdout.write(`first bad line: ${line}\n`);
+    if (result.file !== null) process.stdout.write(`in file: ${result.file}\n`);
     return 1;
   } catch (err) {
     return report(err);
