@@ -246,3 +246,24 @@ test('rotation status reads running from the moment a rotation starts, never the
   t.is(finished.activeKekVersion, 3);
   t.is((await kms.rotationStatus()).state, 'completed');
 });
+
+test('creates racing KEK rotations that retire the version they began under still succeed', async (t) => {
+  // With nothing to rewrap, a rotation retires the old KEK version at once. A create that read the
+  // old active version before the rotation must not store a key under the retired version (that
+  // used to be a 500 STORE_CORRUPT "KEK version 1 is missing"): it is made again under the new one.
+  const { kms } = await openKms(t, { poolSize: 2 });
+  for (let round = 0; round < 8; round++) {
+    const [created] = await Promise.all([
+      Promise.all(Array.from({ length: 8 }, (_, i) => kms.createDekForThread(`race-${round}-${i}`))),
+      kms.rotateKek(),
+    ]);
+    const { kekVersions } = await kms.rotationStatus();
+    for (const dek of created) {
+      // A key made mid-rotation under the old version was rewrapped by it: ask for its current.
+      const { kekVersion } = await kms.getWrappedDek(dek.keyId);
+      t.true(kekVersions.includes(kekVersion), `key ${dek.keyId} is under a live KEK version`);
+      const { ciphertext } = await kms.encrypt(dek.keyId, Buffer.from('after the race'));
+      t.deepEqual(await kms.decrypt(dek.keyId, ciphertext), Buffer.from('after the race'));
+    }
+  }
+});

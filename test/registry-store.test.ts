@@ -110,3 +110,20 @@ test('lmdb: putNow commits at once when idle and after the writes in flight othe
   await store.transaction({});
   t.deepEqual(store.peek('audit-head'), { session: 'last' });
 });
+
+test('createDek refuses a key wrapped under a KEK version the registry no longer has', async (t) => {
+  const registry = await Registry.openDataDir(tempDir(t));
+  t.teardown(() => registry.close());
+  const now = new Date().toISOString();
+  const stored = await registry.createDek({
+    keyId: 'dek_retired',
+    threadId: 'thread-retired',
+    createdAt: now,
+    state: 'active',
+    current: 1,
+    versions: [{ v: 1, kek: 7, wrapped: Buffer.alloc(60), createdAt: now }],
+  });
+  t.is(stored, null);
+  t.is(await registry.keyIdForThread('thread-retired'), undefined);
+  t.is(await registry.dek('dek_retired'), undefined);
+});

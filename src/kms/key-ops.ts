@@ -33,6 +33,9 @@ function generateOp(template: DekRef, audit: AuditFields): QueuedOp {
   return { ...noteOp(audit), kind: OpKind.generate, deks: [template] };
 }
 
+/** Tries at making a new thread's key while rotations retire KEK versions under it. */
+const CREATE_ATTEMPTS = 5;
+
 export interface KeyOpsDeps {
   queue: OpQueue;
   registry: Registry;
@@ -134,14 +137,29 @@ export class KeyOps {
     return pending;
   }
 
+  /**
+   * Generates and stores the thread's key. A KEK rotation can finish and retire the version a new
+   * key was wrapped under before it is stored; then it is made again under the new active version
+   * (with a fresh id, so no worker holds two keys under one identity).
+   */
   async #createDek(threadId: string, ctx: CallContext | undefined): Promise<DekInfo> {
+    for (let attempt = 1; ; attempt++) {
+      const stored = await this.#createDekOnce(threadId, ctx);
+      if (stored !== null) return this.#info(stored);
+      if (attempt === CREATE_ATTEMPTS) {
+        throw kmsError('CONFLICT', 'KEK rotations kept retiring the KEK version of the new key; try again');
+      }
+    }
+  }
+
+  async #createDekOnce(threadId: string, ctx: CallContext | undefined): Promise<DekRecord | null> {
     const keyId = `dek_${randomBytes(16).toString('hex')}`;
     const kekVersion = this.kek().activeVersion;
     const template: DekRef = { keyId, keyVersion: 1, kekVersion, wrapped: new Uint8Array(0) };
     const audit = auditFields('create_dek_for_thread', ctx, keyId, threadId, kekVersion);
     const { output } = await this.queue.run(generateOp(template, audit));
     const now = new Date().toISOString();
-    const stored = await this.registry.createDek({
+    return this.registry.createDek({
       keyId,
       threadId,
       createdAt: now,
@@ -149,7 +167,6 @@ export class KeyOps {
       current: 1,
       versions: [{ v: 1, kek: kekVersion, wrapped: Buffer.from(output), createdAt: now }],
     });
-    return this.#info(stored);
   }
 
   async getWrappedDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {

@@ -373,12 +373,17 @@ export class Registry {
     }
   }
 
-  /** Stores a new thread DEK unless the thread already has one; returns the record that won. */
-  createDek(record: DekRecord): Promise<DekRecord> {
-    return this.#transact((tx, stage) => {
+  /**
+   * Stores a new thread DEK unless the thread already has one; returns the record that won, or
+   * null when the KEK version it was wrapped under is gone (a rotation finished and retired it
+   * meanwhile): the caller wraps a new key under the active version and tries again.
+   */
+  createDek(record: DekRecord): Promise<DekRecord | null> {
+    return this.#transact<DekRecord | null>((tx, stage) => {
       const existingId = tx.get(threadKey(record.threadId)) as string | undefined;
       const existing = existingId === undefined ? undefined : (tx.get(dekKey(existingId)) as DekRecord);
       if (existing !== undefined && existing.state === 'active') return existing;
+      if (record.versions.some((x) => tx.get(kekKey(x.kek)) === undefined)) return null;
       this.#applyRefs(tx, addKekRefDeltas(new Map(), undefined, record));
       stage(record);
       tx.put(threadKey(record.threadId), record.keyId);
