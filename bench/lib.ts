@@ -63,7 +63,7 @@ export function inlineEncrypt(ms: number, payload: Buffer, key = randomBytes(32)
   return count / ((performance.now() - start) / 1000);
 }
 
-export async function tempKms(options: { poolSize?: number; audit?: boolean } = {}) {
+export async function tempKms(options: { poolSize?: number; audit?: boolean; dekCacheSize?: number } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'progressdb-bench-'));
   await generateMasterKeyFile(path.join(dir, 'master.key'));
   const kms = await createKms({

@@ -375,8 +375,7 @@ export class Registry {
 
   /**
    * Stores a new thread DEK unless the thread already has one; returns the record that won, or
-   * null when the KEK version it was wrapped under is gone (a rotation finished and retired it
-   * meanwhile): the caller wraps a new key under the active version and tries again.
+   * null when a rotation retired the KEK version it was wrapped under (the caller makes another).
    */
   createDek(record: DekRecord): Promise<DekRecord | null> {
     return this.#transact<DekRecord | null>((tx, stage) => {

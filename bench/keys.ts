@@ -1,0 +1,206 @@
+/**
+ * Realistic traffic: one DEK per thread, thousands of threads, the key of each op drawn
+ * Zipf(s) over them (a few busy threads, a long tail). Embedded encrypt and decrypt at 256
+ * callers through the public API, against the user's alternatives doing the same work with the
+ * same key sequence in the main thread: node:crypto AES-256-GCM (the baseline every ratio is
+ * held to) and sodium-native XChaCha20-Poly1305 (what isolation in workers costs). Rounds
+ * alternate so that a noisy machine hits every side alike.
+ *
+ * Run: npm run bench:keys -- [--keys 10000] [--zipf 1.1] [--rounds 3] [--ms 1000] [--callers 256]
+ */
+import { createCipheriv, createDecipheriv, randomBytes, randomFillSync } from 'node:crypto';
+import { parseArgs } from 'node:util';
+import sodium from 'sodium-native';
+import { closedLoop, fmt, median, tempKms } from './lib.js';
+
+const { values } = parseArgs({
+  options: {
+    keys: { type: 'string', default: '10000' },
+    zipf: { type: 'string', default: '1.1' },
+    rounds: { type: 'string', default: '3' },
+    ms: { type: 'string', default: '1000' },
+    payload: { type: 'string', default: '1024' },
+    callers: { type: 'string', default: '256' },
+    'dek-cache-size': { type: 'string' },
+  },
+});
+const keyCount = Number(values.keys);
+const rounds = Number(values.rounds);
+const ms = Number(values.ms);
+const callers = Number(values.callers);
+const payload = Buffer.from(randomFillSync(new Uint8Array(Number(values.payload))).buffer);
+
+/** A sequence of key indexes drawn Zipf(s) over `n` keys, ranks shuffled over the indexes. */
+function zipfSequence(n: number, s: number, length: number): Uint32Array {
+  const cdf = new Float64Array(n);
+  let total = 0;
+  for (let r = 0; r < n; r++) {
+    total += 1 / (r + 1) ** s;
+    cdf[r] = total;
+  }
+  const rankToKey = Uint32Array.from({ length: n }, (_, i) => i);
+  for (let i = n - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [rankToKey[i], rankToKey[j]] = [rankToKey[j] as number, rankToKey[i] as number];
+  }
+  const seq = new Uint32Array(length);
+  for (let i = 0; i < length; i++) {
+    const u = Math.random() * total;
+    let lo = 0;
+    let hi = n - 1;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if ((cdf[mid] as number) < u) lo = mid + 1;
+      else hi = mid;
+    }
+    seq[i] = rankToKey[lo] as number;
+  }
+  return seq;
+}
+
+const SEQ_LENGTH = 1 << 18;
+const seq = zipfSequence(keyCount, Number(values.zipf), SEQ_LENGTH);
+const distinct = new Set(seq).size;
+let cursor = 0;
+const nextKey = (): number => seq[cursor++ & (SEQ_LENGTH - 1)] as number;
+
+// The user's alternative keeps raw keys in its heap; the same number of them, the same sequence.
+const rawKeys = Array.from({ length: keyCount }, () => randomBytes(32));
+const inlineCiphertexts = rawKeys.map((key) => {
+  const iv = randomBytes(12);
+  const cipher = createCipheriv('aes-256-gcm', key, iv);
+  const body = Buffer.concat([cipher.update(payload), cipher.final()]);
+  return { iv, body, tag: cipher.getAuthTag() };
+});
+const sodiumOut = Buffer.alloc(payload.length + 16);
+const sodiumNonce = Buffer.alloc(24);
+const sodiumCiphertexts = rawKeys.map((key) => {
+  const nonce = randomBytes(sodiumNonce.length);
+  const out = Buffer.alloc(sodiumOut.length);
+  sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(out, payload, null, null, nonce, key);
+  return { nonce, out };
+});
+const sodiumPlain = Buffer.alloc(payload.length);
+
+/** Runs `op` in a synchronous loop for `ms`: ops per second. */
+function inlineLoop(op: () => void): number {
+  let count = 0;
+  const start = performance.now();
+  const end = start + ms;
+  while (performance.now() < end) {
+    for (let i = 0; i < 64; i++) op();
+    count += 64;
+  }
+  return count / ((performance.now() - start) / 1000);
+}
+
+const inline = {
+  nodeEncrypt: () =>
+    inlineLoop(() => {
+      const cipher = createCipheriv('aes-256-gcm', rawKeys[nextKey()] as Buffer, randomBytes(12));
+      cipher.update(payload);
+      cipher.final();
+      cipher.getAuthTag();
+    }),
+  nodeDecrypt: () =>
+    inlineLoop(() => {
+      const i = nextKey();
+      const c = inlineCiphertexts[i] as (typeof inlineCiphertexts)[number];
+      const decipher = createDecipheriv('aes-256-gcm', rawKeys[i] as Buffer, c.iv);
+      decipher.setAuthTag(c.tag);
+      decipher.update(c.body);
+      decipher.final();
+    }),
+  sodiumEncrypt: () =>
+    inlineLoop(() => {
+      sodium.randombytes_buf(sodiumNonce);
+      const key = rawKeys[nextKey()] as Buffer;
+      sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(sodiumOut, payload, null, null, sodiumNonce, key);
+    }),
+  sodiumDecrypt: () =>
+    inlineLoop(() => {
+      const i = nextKey();
+      const c = sodiumCiphertexts[i] as (typeof sodiumCiphertexts)[number];
+      const key = rawKeys[i] as Buffer;
+      sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(sodiumPlain, null, c.out, null, c.nonce, key);
+    }),
+};
+
+const cacheSize = values['dek-cache-size'];
+const { kms, dispose } = await tempKms(cacheSize === undefined ? {} : { dekCacheSize: Number(cacheSize) });
+process.stderr.write(`creating ${fmt(keyCount)} thread keys…\n`);
+const created = performance.now();
+const keyIds: string[] = new Array(keyCount);
+let made = 0;
+await Promise.all(
+  Array.from({ length: 256 }, async () => {
+    for (let i = made++; i < keyCount; i = made++) {
+      keyIds[i] = (await kms.createDekForThread(`bench-thread-${i}`)).keyId;
+    }
+  }),
+);
+const createRate = keyCount / ((performance.now() - created) / 1000);
+const kmsCiphertexts: Buffer[] = new Array(keyCount);
+for (let i = 0; i < keyCount; i += 1000) {
+  const items = keyIds.slice(i, i + 1000).map((keyId) => ({ keyId, plaintext: payload }));
+  const results = await kms.encryptBatch(items);
+  for (const [j, r] of results.entries()) {
+    if (!r.ok) throw r.error;
+    kmsCiphertexts[i + j] = r.value.ciphertext;
+  }
+}
+const embedded = {
+  encrypt: async () =>
+    (await closedLoop(callers, ms, () => kms.encrypt(keyIds[nextKey()] as string, payload))).opsPerSec,
+  decrypt: async () =>
+    (
+      await closedLoop(callers, ms, () => {
+        const i = nextKey();
+        return kms.decrypt(keyIds[i] as string, kmsCiphertexts[i] as Buffer);
+      })
+    ).opsPerSec,
+};
+
+// Warm-up: JIT on both sides, workers' key caches, LMDB pages.
+await embedded.encrypt();
+await embedded.decrypt();
+inline.nodeEncrypt();
+
+const samples: Record<string, number[]> = {};
+const record = (name: string, v: number) => {
+  samples[name] ??= [];
+  samples[name].push(v);
+};
+for (let r = 0; r < rounds; r++) {
+  record('inline node:crypto encrypt', inline.nodeEncrypt());
+  record('embedded encrypt', await embedded.encrypt());
+  record('inline sodium encrypt', inline.sodiumEncrypt());
+  record('inline node:crypto decrypt', inline.nodeDecrypt());
+  record('embedded decrypt', await embedded.decrypt());
+  record('inline sodium decrypt', inline.sodiumDecrypt());
+  process.stderr.write(`round ${r + 1}/${rounds} done\n`);
+}
+await dispose();
+
+const med = (name: string) => median(samples[name] as number[]);
+const row = (name: string, base: string) =>
+  `| ${name} | ${fmt(med(name))} | ${(med(name) / med(base)).toFixed(2)}× |`;
+const header = [
+  `## ${fmt(keyCount)} thread keys, Zipf(${values.zipf}), ${callers} callers, ${payload.length} B`,
+  '',
+  `${fmt(distinct)} distinct keys in the ${fmt(SEQ_LENGTH)}-op sequence; median of ${rounds} alternating rounds of ${ms} ms; ` +
+    `key creation (256 callers, audit on) ${fmt(createRate)}/s.`,
+  '',
+  '| side | ops/s | vs inline node:crypto |',
+  '|---|---|---|',
+];
+const lines = [
+  ...header,
+  row('inline node:crypto encrypt', 'inline node:crypto encrypt'),
+  row('embedded encrypt', 'inline node:crypto encrypt'),
+  row('inline sodium encrypt', 'inline node:crypto encrypt'),
+  row('inline node:crypto decrypt', 'inline node:crypto decrypt'),
+  row('embedded decrypt', 'inline node:crypto decrypt'),
+  row('inline sodium decrypt', 'inline node:crypto decrypt'),
+];
+process.stdout.write(`${lines.join('\n')}\n`);
