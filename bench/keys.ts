@@ -22,6 +22,8 @@ const { values } = parseArgs({
     payload: { type: 'string', default: '1024' },
     callers: { type: 'string', default: '256' },
     'dek-cache-size': { type: 'string' },
+    /** `embedded`: only the embedded rows, for profiling the KMS side alone (no ratios). */
+    only: { type: 'string' },
   },
 });
 const keyCount = Number(values.keys);
@@ -172,6 +174,12 @@ const record = (name: string, v: number) => {
   samples[name].push(v);
 };
 for (let r = 0; r < rounds; r++) {
+  if (values.only === 'embedded') {
+    process.stderr.write(
+      `encrypt ${fmt(await embedded.encrypt())}/s, decrypt ${fmt(await embedded.decrypt())}/s\n`,
+    );
+    continue;
+  }
   record('inline node:crypto encrypt', inline.nodeEncrypt());
   record('embedded encrypt', await embedded.encrypt());
   record('inline sodium encrypt', inline.sodiumEncrypt());
@@ -181,6 +189,7 @@ for (let r = 0; r < rounds; r++) {
   process.stderr.write(`round ${r + 1}/${rounds} done\n`);
 }
 await dispose();
+if (values.only === 'embedded') process.exit(0);
 
 const med = (name: string) => median(samples[name] as number[]);
 const row = (name: string, base: string) =>
