@@ -42,9 +42,11 @@ test('npm pack ships the built program only: both executables, no tests, helpers
       !f.startsWith('dist/src/') &&
       !f.startsWith('dist/workers/') &&
       f !== 'package.json' &&
-      f !== 'README.md',
+      f !== 'README.md' &&
+      f !== 'LICENSE',
   );
   t.deepEqual(outside, []);
+  t.true(shipped.has('LICENSE'), 'the licence package.json names');
   t.deepEqual(
     files.filter((f) => /(^|\/)(test|bench|helpers|\.ci)\//.test(f) || /\.test\.[jt]s/.test(f)),
     [],
