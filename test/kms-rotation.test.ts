@@ -2,6 +2,8 @@
  * Embedded KMS key rotation: KEK rotation (offline and under load), rewrapDek, DEK versions with
  * reencrypt and destruction, and crypto-shredding with destroyDek.
  */
+import fs from 'node:fs';
+import path from 'node:path';
 import test from 'ava';
 import { expectCode, openKms } from './helpers/kms.js';
 
@@ -251,7 +253,7 @@ test('creates racing KEK rotations that retire the version they began under stil
   // With nothing to rewrap, a rotation retires the old KEK version at once. A create that read the
   // old active version before the rotation must not store a key under the retired version (that
   // used to be a 500 STORE_CORRUPT "KEK version 1 is missing"): it is made again under the new one.
-  const { kms } = await openKms(t, { poolSize: 2 });
+  const { kms, dataDir } = await openKms(t, { poolSize: 2 });
   for (let round = 0; round < 8; round++) {
     const [created] = await Promise.all([
       Promise.all(Array.from({ length: 8 }, (_, i) => kms.createDekForThread(`race-${round}-${i}`))),
@@ -266,4 +268,16 @@ test('creates racing KEK rotations that retire the version they began under stil
       t.deepEqual(await kms.decrypt(dek.keyId, ciphertext), Buffer.from('after the race'));
     }
   }
+  // The audit log stays exact: a key made and then discarded (never stored) says so.
+  const creates = fs
+    .readFileSync(path.join(dataDir, 'kms-audit.log'), 'utf8')
+    .split('\n')
+    .filter((line) => line.includes('"op":"create_dek_for_thread"'))
+    .map((line) => JSON.parse(line) as { key_id: string; detail?: string });
+  const discarded = new Set(creates.filter((c) => c.detail?.startsWith('discarded')).map((c) => c.key_id));
+  for (const keyId of new Set(creates.map((c) => c.key_id))) {
+    if (discarded.has(keyId)) await expectCode(t, kms.getWrappedDek(keyId), 'KEY_NOT_FOUND');
+    else t.is((await kms.getWrappedDek(keyId)).keyId, keyId);
+  }
+  t.log(`${discarded.size} keys made again after a rotation retired their KEK version`);
 });

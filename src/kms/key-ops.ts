@@ -144,22 +144,28 @@ export class KeyOps {
    */
   async #createDek(threadId: string, ctx: CallContext | undefined): Promise<DekInfo> {
     for (let attempt = 1; ; attempt++) {
-      const stored = await this.#createDekOnce(threadId, ctx);
+      const { keyId, stored } = await this.#createDekOnce(threadId, ctx);
       if (stored !== null) return this.#info(stored);
+      // Its creation was audited: say that the key was never stored, so the log stays exact.
+      const audit = auditFields('create_dek_for_thread', ctx, keyId, threadId);
+      await this.queue.note({ ...audit, detail: 'discarded: a KEK rotation retired its KEK version' });
       if (attempt === CREATE_ATTEMPTS) {
         throw kmsError('CONFLICT', 'KEK rotations kept retiring the KEK version of the new key; try again');
       }
     }
   }
 
-  async #createDekOnce(threadId: string, ctx: CallContext | undefined): Promise<DekRecord | null> {
+  async #createDekOnce(
+    threadId: string,
+    ctx: CallContext | undefined,
+  ): Promise<{ keyId: string; stored: DekRecord | null }> {
     const keyId = `dek_${randomBytes(16).toString('hex')}`;
     const kekVersion = this.kek().activeVersion;
     const template: DekRef = { keyId, keyVersion: 1, kekVersion, wrapped: new Uint8Array(0) };
     const audit = auditFields('create_dek_for_thread', ctx, keyId, threadId, kekVersion);
     const { output } = await this.queue.run(generateOp(template, audit));
     const now = new Date().toISOString();
-    return this.registry.createDek({
+    const stored = await this.registry.createDek({
       keyId,
       threadId,
       createdAt: now,
@@ -167,6 +173,7 @@ export class KeyOps {
       current: 1,
       versions: [{ v: 1, kek: kekVersion, wrapped: Buffer.from(output), createdAt: now }],
     });
+    return { keyId, stored };
   }
 
   async getWrappedDek(keyId: string, ctx?: CallContext): Promise<DekInfo> {
