@@ -102,6 +102,8 @@ export class EtcdStore implements RegistryStore {
     (key) => this.#guess(key),
   );
   #watcher: Watcher | null = null;
+  /** The revision the running watch starts after: every later change reaches the cache. */
+  #cacheFrom = 0n;
   #closed = false;
   /**
    * Our own commits, already reported to listeners when they committed: key → revision. Their
@@ -178,6 +180,7 @@ export class EtcdStore implements RegistryStore {
   }
 
   async #watch(fromRevision: bigint): Promise<void> {
+    this.#cacheFrom = fromRevision - 1n;
     const watcher = await this.#client
       .watch()
       .prefix(this.#prefix)
@@ -202,6 +205,10 @@ export class EtcdStore implements RegistryStore {
         // Nothing older than this is held any more (the cache is empty): this replica has applied it.
         if (revision > this.#watchedRevision) this.#watchedRevision = revision;
         await this.#watch(revision + 1n);
+        // Reads made while no watch ran may have been cached above us (the registry's record
+        // cache) at a revision before `revision`, and a change between the two is never heard:
+        // those go now that the watch covers every change after `revision`.
+        for (const onDropped of this.#cacheDroppedListeners) onDropped();
         this.#membership?.cacheDropped();
         return;
       } catch {
@@ -216,7 +223,7 @@ export class EtcdStore implements RegistryStore {
     const modRevision = BigInt(kv.mod_revision);
     if (modRevision > this.#watchedRevision) this.#watchedRevision = modRevision;
     const value = deleted ? undefined : decode(kv.value);
-    this.#remember(key, value, modRevision);
+    this.#remember(key, value, modRevision, modRevision);
     if (this.#reported.get(key) === modRevision) {
       this.#reported.delete(key);
       return;
@@ -224,8 +231,13 @@ export class EtcdStore implements RegistryStore {
     this.#listeners.emit([{ key, value }]);
   }
 
-  /** Caches what a read, a commit or the watch saw, unless something newer is cached already. */
-  #remember(key: string, value: unknown, modRevision: bigint): void {
+  /**
+   * Caches what a read, a commit or the watch saw (at revision `seenAt`), unless something newer
+   * is cached already. Only while the watch runs, and only what was seen at or after the revision
+   * it starts after: a value seen earlier may have changed meanwhile, unheard.
+   */
+  #remember(key: string, value: unknown, modRevision: bigint, seenAt: bigint): void {
+    if (this.#watcher === null || seenAt < this.#cacheFrom) return;
     const cached = this.#cache.get(key);
     if (cached !== undefined && cached.modRevision >= modRevision) return;
     this.#cache.delete(key);
@@ -272,7 +284,7 @@ export class EtcdStore implements RegistryStore {
     const kv = res.kvs[0];
     if (kv === undefined) return { value: undefined, modRevision: 0n };
     const read = { value: decode(kv.value), modRevision: BigInt(kv.mod_revision) };
-    this.#remember(key, read.value, read.modRevision);
+    this.#remember(key, read.value, read.modRevision, BigInt(res.header.revision));
     return read;
   }
 
@@ -323,11 +335,12 @@ export class EtcdStore implements RegistryStore {
       if (options.limit !== undefined) builder = builder.limit(options.limit);
       if (revision !== undefined) builder = builder.revision(revision);
       const res = await builder.exec();
+      const seenAt = BigInt(res.header.revision);
       return res.kvs.map((kv) => {
         const key = fromEtcdKey(kv.key.toString().slice(this.#prefix.length));
         const value = decode(kv.value);
         // So that a batch over what was just listed (a rotation's page) guesses right.
-        if (revision === undefined) this.#remember(key, value, BigInt(kv.mod_revision));
+        if (revision === undefined) this.#remember(key, value, BigInt(kv.mod_revision), seenAt);
         return { key, value };
       });
     } catch (err) {
@@ -393,7 +406,7 @@ export class EtcdStore implements RegistryStore {
     if (writes.size === 0) return true;
     const revision = BigInt(res.header.revision);
     if (revision > this.#committedRevision) this.#committedRevision = revision;
-    for (const [key, value] of writes) this.#remember(key, value, revision);
+    for (const [key, value] of writes) this.#remember(key, value, revision, revision);
     // Listeners hear of our own commits at once, as LMDB's do, unless the watch was quicker than
     // the commit's answer; the watch's copy of a change already reported is then skipped.
     if (revision <= this.#watchedRevision) return true;
@@ -415,7 +428,10 @@ export class EtcdStore implements RegistryStore {
       .value(encode(value))
       .exec()
       .then(
-        (res) => this.#remember(key, value, BigInt(res.header.revision)),
+        (res) => {
+          const revision = BigInt(res.header.revision);
+          this.#remember(key, value, revision, revision);
+        },
         () => undefined,
       );
   }
