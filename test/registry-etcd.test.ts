@@ -10,6 +10,7 @@ import { Etcd3 } from 'etcd3';
 import { createKms } from '../src/kms/index.js';
 import { EtcdStore } from '../src/kms/registry/etcd.js';
 import { Registry } from '../src/kms/registry/index.js';
+import { etcdFaultHandling } from '../src/kms/registry/open.js';
 import { EtcdCluster } from './helpers/etcd.js';
 import { auditLines, manualClock, tempDir, writeMasterKey } from './helpers/kms.js';
 import { until } from './helpers/processes.js';
@@ -30,7 +31,10 @@ test.after.always(async () => {
 
 /** A client of the given members (default all), closed at the end. */
 function client(members: number[] = [0, 1, 2]): Etcd3 {
-  const c = new Etcd3({ hosts: members.map((i) => cluster.clientUrls[i] as string) });
+  const c = new Etcd3({
+    hosts: members.map((i) => cluster.clientUrls[i] as string),
+    faultHandling: etcdFaultHandling(),
+  });
   clients.push(c);
   return c;
 }
