@@ -9,8 +9,11 @@
  * Run: npm run bench:keys -- [--keys 10000] [--zipf 1.1] [--rounds 3] [--ms 1000] [--callers 256]
  */
 import { createCipheriv, createDecipheriv, randomBytes, randomFillSync } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
 import { parseArgs } from 'node:util';
 import sodium from 'sodium-native';
+import type { AuditDataOps } from '../src/worker-abi/index.js';
 import { closedLoop, fmt, median, tempKms } from './lib.js';
 
 const { values } = parseArgs({
@@ -22,6 +25,8 @@ const { values } = parseArgs({
     payload: { type: 'string', default: '1024' },
     callers: { type: 'string', default: '256' },
     'dek-cache-size': { type: 'string' },
+    /** The audit modes to run the embedded side in, each its own KMS: `aggregate,each` by default. */
+    'audit-data-ops': { type: 'string' },
     /** `embedded`: only the embedded rows, for profiling the KMS side alone (no ratios). */
     only: { type: 'string' },
   },
@@ -129,43 +134,80 @@ const inline = {
 };
 
 const cacheSize = values['dek-cache-size'];
-const { kms, dispose } = await tempKms(cacheSize === undefined ? {} : { dekCacheSize: Number(cacheSize) });
-process.stderr.write(`creating ${fmt(keyCount)} thread keys…\n`);
-const created = performance.now();
-const keyIds: string[] = new Array(keyCount);
-let made = 0;
-await Promise.all(
-  Array.from({ length: 256 }, async () => {
-    for (let i = made++; i < keyCount; i = made++) {
-      keyIds[i] = (await kms.createDekForThread(`bench-thread-${i}`)).keyId;
+const auditModes = (values['audit-data-ops'] ?? 'aggregate,each').split(',') as AuditDataOps[];
+
+/**
+ * One embedded KMS writing its audit log in `mode`, with `keyCount` thread keys and a ciphertext
+ * under each; its loops count ops, so the log's growth over them gives bytes per operation.
+ */
+async function embeddedSide(mode: AuditDataOps) {
+  const side = await tempKms({
+    auditDataOps: mode,
+    ...(cacheSize !== undefined && { dekCacheSize: Number(cacheSize) }),
+  });
+  const { kms } = side;
+  process.stderr.write(`creating ${fmt(keyCount)} thread keys (audit ${mode})…\n`);
+  const created = performance.now();
+  const keyIds: string[] = new Array(keyCount);
+  let made = 0;
+  await Promise.all(
+    Array.from({ length: 256 }, async () => {
+      for (let i = made++; i < keyCount; i = made++) {
+        keyIds[i] = (await kms.createDekForThread(`bench-thread-${i}`)).keyId;
+      }
+    }),
+  );
+  const createRate = keyCount / ((performance.now() - created) / 1000);
+  const ciphertexts: Buffer[] = new Array(keyCount);
+  for (let i = 0; i < keyCount; i += 1000) {
+    const items = keyIds.slice(i, i + 1000).map((keyId) => ({ keyId, plaintext: payload }));
+    const results = await kms.encryptBatch(items);
+    for (const [j, r] of results.entries()) {
+      if (!r.ok) throw r.error;
+      ciphertexts[i + j] = r.value.ciphertext;
     }
-  }),
-);
-const createRate = keyCount / ((performance.now() - created) / 1000);
-const kmsCiphertexts: Buffer[] = new Array(keyCount);
-for (let i = 0; i < keyCount; i += 1000) {
-  const items = keyIds.slice(i, i + 1000).map((keyId) => ({ keyId, plaintext: payload }));
-  const results = await kms.encryptBatch(items);
-  for (const [j, r] of results.entries()) {
-    if (!r.ok) throw r.error;
-    kmsCiphertexts[i + j] = r.value.ciphertext;
   }
-}
-const embedded = {
-  encrypt: async () =>
-    (await closedLoop(callers, ms, () => kms.encrypt(keyIds[nextKey()] as string, payload))).opsPerSec,
-  decrypt: async () =>
-    (
-      await closedLoop(callers, ms, () => {
+  const dataDir = path.join(side.dir, 'kms');
+  // The live file and the ones it rolled over to (128 MiB each by default).
+  const auditBytes = () =>
+    fs
+      .readdirSync(dataDir)
+      .filter((name) => name.startsWith('kms-audit.log'))
+      .reduce((sum, name) => sum + fs.statSync(path.join(dataDir, name)).size, 0);
+  const audit = { ops: 0, bytes: 0 };
+  /** A closed loop whose ops and audit log growth are added to `audit`. */
+  const measured = async (op: () => Promise<unknown>) => {
+    const before = auditBytes();
+    const r = await closedLoop(callers, ms, op);
+    audit.ops += r.ops;
+    audit.bytes += auditBytes() - before;
+    return r.opsPerSec;
+  };
+  return {
+    mode,
+    createRate,
+    audit,
+    dispose: side.dispose,
+    encrypt: () => measured(() => kms.encrypt(keyIds[nextKey()] as string, payload)),
+    decrypt: () =>
+      measured(() => {
         const i = nextKey();
-        return kms.decrypt(keyIds[i] as string, kmsCiphertexts[i] as Buffer);
-      })
-    ).opsPerSec,
-};
+        return kms.decrypt(keyIds[i] as string, ciphertexts[i] as Buffer);
+      }),
+  };
+}
+
+const sides = [];
+for (const mode of auditModes) sides.push(await embeddedSide(mode));
+const embeddedName = (op: string, mode: AuditDataOps) => `embedded ${op} (audit ${mode})`;
 
 // Warm-up: JIT on both sides, workers' key caches, LMDB pages.
-await embedded.encrypt();
-await embedded.decrypt();
+for (const side of sides) {
+  await side.encrypt();
+  await side.decrypt();
+  side.audit.ops = 0;
+  side.audit.bytes = 0;
+}
 inline.nodeEncrypt();
 
 const samples: Record<string, number[]> = {};
@@ -175,20 +217,22 @@ const record = (name: string, v: number) => {
 };
 for (let r = 0; r < rounds; r++) {
   if (values.only === 'embedded') {
-    process.stderr.write(
-      `encrypt ${fmt(await embedded.encrypt())}/s, decrypt ${fmt(await embedded.decrypt())}/s\n`,
-    );
+    for (const side of sides) {
+      process.stderr.write(
+        `audit ${side.mode}: encrypt ${fmt(await side.encrypt())}/s, decrypt ${fmt(await side.decrypt())}/s\n`,
+      );
+    }
     continue;
   }
   record('inline node:crypto encrypt', inline.nodeEncrypt());
-  record('embedded encrypt', await embedded.encrypt());
+  for (const side of sides) record(embeddedName('encrypt', side.mode), await side.encrypt());
   record('inline sodium encrypt', inline.sodiumEncrypt());
   record('inline node:crypto decrypt', inline.nodeDecrypt());
-  record('embedded decrypt', await embedded.decrypt());
+  for (const side of sides) record(embeddedName('decrypt', side.mode), await side.decrypt());
   record('inline sodium decrypt', inline.sodiumDecrypt());
   process.stderr.write(`round ${r + 1}/${rounds} done\n`);
 }
-await dispose();
+for (const side of sides) await side.dispose();
 if (values.only === 'embedded') process.exit(0);
 
 const med = (name: string) => median(samples[name] as number[]);
@@ -198,7 +242,13 @@ const header = [
   `## ${fmt(keyCount)} thread keys, Zipf(${values.zipf}), ${callers} callers, ${payload.length} B`,
   '',
   `${fmt(distinct)} distinct keys in the ${fmt(SEQ_LENGTH)}-op sequence; median of ${rounds} alternating rounds of ${ms} ms; ` +
-    `key creation (256 callers, audit on) ${fmt(createRate)}/s.`,
+    `key creation (256 callers, audit on) ${sides.map((side) => `${fmt(side.createRate)}/s`).join(', ')}.`,
+  '',
+  ...sides.map(
+    (side) =>
+      `Audit log with audit_data_ops ${side.mode}: ${fmt(side.audit.bytes / side.audit.ops, 1)} bytes per ` +
+      `operation over the measured rounds (${fmt(side.audit.ops)} ops).`,
+  ),
   '',
   '| side | ops/s | vs inline node:crypto |',
   '|---|---|---|',
@@ -206,10 +256,10 @@ const header = [
 const lines = [
   ...header,
   row('inline node:crypto encrypt', 'inline node:crypto encrypt'),
-  row('embedded encrypt', 'inline node:crypto encrypt'),
+  ...sides.map((side) => row(embeddedName('encrypt', side.mode), 'inline node:crypto encrypt')),
   row('inline sodium encrypt', 'inline node:crypto encrypt'),
   row('inline node:crypto decrypt', 'inline node:crypto decrypt'),
-  row('embedded decrypt', 'inline node:crypto decrypt'),
+  ...sides.map((side) => row(embeddedName('decrypt', side.mode), 'inline node:crypto decrypt')),
   row('inline sodium decrypt', 'inline node:crypto decrypt'),
 ];
 process.stdout.write(`${lines.join('\n')}\n`);

@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import autocannon, { type AutocannonRequest } from 'autocannon';
+import type { AuditDataOps } from '../src/worker-abi/index.js';
 import { cleanEnv, freePort, until } from './processes.js';
 import { createKms, generateMasterKeyFile } from './product.js';
 
@@ -29,7 +30,7 @@ export async function closedLoop(
   ms: number,
   op: () => Promise<unknown>,
   sampleLatency = false,
-): Promise<{ opsPerSec: number; latenciesUs: number[] }> {
+): Promise<{ opsPerSec: number; ops: number; latenciesUs: number[] }> {
   let count = 0;
   const latencies: number[] = [];
   const start = performance.now();
@@ -43,7 +44,7 @@ export async function closedLoop(
     }
   };
   await Promise.all(Array.from({ length: callers }, loop));
-  return { opsPerSec: count / ((performance.now() - start) / 1000), latenciesUs: latencies };
+  return { opsPerSec: count / ((performance.now() - start) / 1000), ops: count, latenciesUs: latencies };
 }
 
 /** Raw node:crypto AES-256-GCM in the main thread: the baseline every KMS figure is held to. */
@@ -63,7 +64,9 @@ export function inlineEncrypt(ms: number, payload: Buffer, key = randomBytes(32)
   return count / ((performance.now() - start) / 1000);
 }
 
-export async function tempKms(options: { poolSize?: number; audit?: boolean; dekCacheSize?: number } = {}) {
+export async function tempKms(
+  options: { poolSize?: number; audit?: boolean; dekCacheSize?: number; auditDataOps?: AuditDataOps } = {},
+) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'progressdb-bench-'));
   await generateMasterKeyFile(path.join(dir, 'master.key'));
   const kms = await createKms({

@@ -231,3 +231,24 @@ test('daemon CLI: a bad registry URL, replica id, lease TTL or etcd TLS file set
     t.notRegex(res.stderr, /\n\s+at /, 'no stack trace');
   }
 });
+
+test('audit_data_ops: daemon kms.audit_data_ops and server kms_audit_data_ops reach the KMS; other values are refused', (t) => {
+  const dir = tempDir();
+  const daemonFile = path.join(dir, 'kms.yaml');
+  writeFileSync(daemonFile, 'data_dir: kms\nkms:\n  audit_data_ops: each\n');
+  t.is(loadDaemonConfig({ config: daemonFile }).kms.auditDataOps, 'each');
+  writeFileSync(daemonFile, 'data_dir: kms\nkms:\n  audit_data_ops: sometimes\n');
+  t.throws(() => loadDaemonConfig({ config: daemonFile }), { message: /audit_data_ops/ });
+
+  const serverFile = path.join(dir, 'server.json');
+  writeFileSync(serverFile, JSON.stringify({ kms_audit_data_ops: 'each' }));
+  t.is(loadConfig({ configFile: serverFile, env: {} }).kmsAuditDataOps, 'each');
+  t.is(
+    loadConfig({ configFile: serverFile, env: { PROGRESSDB_KMS_AUDIT_DATA_OPS: 'aggregate' } })
+      .kmsAuditDataOps,
+    'aggregate',
+  );
+  t.throws(() => loadConfig({ env: { PROGRESSDB_KMS_AUDIT_DATA_OPS: 'sometimes' } }), {
+    message: /PROGRESSDB_KMS_AUDIT_DATA_OPS: .*"each"\|"aggregate"/,
+  });
+});

@@ -1,5 +1,5 @@
 /**
- * The embedded KMS audit log: one line per operation (failures too), no secrets in it, signature
+ * The embedded KMS audit log: one line per operation with auditDataOps: each (failures too), no secrets in it, signature
  * and chain verification (library and CLI) catching edits, deletions, insertions and reordering,
  * and failing closed when the log cannot be written at run time.
  */
@@ -25,9 +25,12 @@ import {
   writeScript,
 } from './helpers/kms.js';
 
-/** Opens a KMS (one worker, so one audit stream in call order) and runs a known sequence. */
+/**
+ * Opens a KMS (one worker, so one audit stream in call order, and a line per data op) and runs a
+ * known sequence. kms-audit-aggregate.test.ts covers the default, aggregated data-op lines.
+ */
 async function knownSequence(t: ExecutionContext) {
-  const fixture = await openKms(t, { poolSize: 1 });
+  const fixture = await openKms(t, { poolSize: 1, auditDataOps: 'each' });
   const { kms } = fixture;
   const marker = `PLAINTEXT-MARKER-${randomBytes(8).toString('hex')}`;
   const aadMarker = `AAD-MARKER-${randomBytes(8).toString('hex')}`;
@@ -70,7 +73,7 @@ function summary(lines: AuditLine[]): [string, string, string?][] {
 }
 
 test('each line names its own caller and remote address, whatever context objects callers pass', async (t) => {
-  const { kms, dataDir } = await openKms(t, { poolSize: 1 });
+  const { kms, dataDir } = await openKms(t, { poolSize: 1, auditDataOps: 'each' });
   const dek = await kms.createDekForThread('thread-callers');
   const plaintext = Buffer.from('x');
   // Fresh context objects with equal values (as the server makes per request), then other values:

@@ -33,7 +33,7 @@ export type Outcome = 'ok' | 'error';
  */
 const fieldsBytes = new WeakMap<AuditFields, Buffer>();
 
-function fieldsPart(fields: AuditFields): Buffer {
+export function fieldsPart(fields: AuditFields): Buffer {
   let bytes = fieldsBytes.get(fields);
   if (bytes === undefined) {
     let text = `,"op":${JSON.stringify(fields.op)}`;
@@ -69,6 +69,7 @@ function outcomePart(outcome: Outcome, code: string | null): Buffer {
 /** Most bytes a line's sequence number takes in decimal (n < 2^53). */
 const MAX_SEQUENCE_DIGITS = 16;
 const NO_LINK = Buffer.alloc(0);
+const COUNT_FIELD = Buffer.from(',"count":', 'latin1');
 const CLOSE_LINE = 2; // `}\n`
 
 /** A sealed block: the first `length` bytes of `buffer`, valid until the stream's next add(). */
@@ -118,8 +119,11 @@ export class AuditStream {
     this.#anchorNext = true;
   }
 
-  /** The line `{"v":1,"ts":…,["replica":…,]"s":…,"n":…,"outcome":…<fields>}` plus a newline. */
-  add(fields: AuditFields, ts: string, outcome: Outcome, code: string | null): void {
+  /**
+   * The line `{"v":1,"ts":…,["replica":…,]"s":…,"n":…,"outcome":…,["count":…,]<fields>}` plus a
+   * newline. `count`: the line stands for that many operations (audit_data_ops: aggregate).
+   */
+  add(fields: AuditFields, ts: string, outcome: Outcome, code: string | null, count?: number): void {
     if (ts !== this.#prefixTs) {
       this.#prefixTs = ts;
       this.#prefix = Buffer.from(`{"v":1,"ts":"${ts}",${this.#replicaPart}"s":"${this.id}","n":`, 'utf8');
@@ -137,8 +141,15 @@ export class AuditStream {
         link = Buffer.concat([this.#link, prevMac]);
       }
     }
+    const countBytes = count === undefined ? 0 : COUNT_FIELD.length + MAX_SEQUENCE_DIGITS;
     this.#ensure(
-      prefix.length + MAX_SEQUENCE_DIGITS + result.length + rest.length + link.length + CLOSE_LINE,
+      prefix.length +
+        MAX_SEQUENCE_DIGITS +
+        result.length +
+        countBytes +
+        rest.length +
+        link.length +
+        CLOSE_LINE,
     );
     const block = this.#block;
     let at = this.#length;
@@ -146,6 +157,10 @@ export class AuditStream {
     at = writeDecimal(block, at + prefix.length, this.#next++);
     block.set(result, at);
     at += result.length;
+    if (count !== undefined) {
+      block.set(COUNT_FIELD, at);
+      at = writeDecimal(block, at + COUNT_FIELD.length, count);
+    }
     block.set(rest, at);
     at += rest.length;
     if (link.length > 0) {

@@ -43,6 +43,7 @@ import {
 } from '../src/worker-abi/index.js';
 import { AuthFailure, openInto, randomKeyInto, sealInto, wrapKeyInto } from './aead.js';
 import { AuditStream, type SealedBlock } from './audit-stream.js';
+import { AuditTally, isDataOp } from './audit-tally.js';
 import { verifyAuditFiles } from './audit-verify-files.js';
 import { faultOf, WorkerFault } from './fault.js';
 import { IdleSpin } from './idle-spin.js';
@@ -55,6 +56,8 @@ const sealFormat = CIPHERS[init.cipher];
 /** Every key this worker holds (see keyring.ts). */
 const keyring = new WorkerKeyring(init.masterKey, init.dekCacheSize);
 let auditStream: AuditStream | null = null;
+/** Data-op counts of the running task, with audit_data_ops: aggregate; null with `each`. */
+const auditTally = init.auditDataOps === 'aggregate' ? new AuditTally() : null;
 
 function roots(): RootKeys {
   return keyring.roots((created) => {
@@ -301,9 +304,11 @@ function runBatchOps(task: BatchTask): BatchResult {
     else results.fail(i, error);
     const audit = batch.audit(i);
     if (audit !== null && auditStream !== null) {
-      auditStream.add(audit, ts, error === null ? 'ok' : 'error', error?.code ?? null);
+      if (auditTally !== null && isDataOp(audit)) auditTally.add(audit, error?.code ?? null);
+      else auditStream.add(audit, ts, error === null ? 'ok' : 'error', error?.code ?? null);
     }
   }
+  if (auditStream !== null) auditTally?.writeTo(auditStream, ts);
 
   let audited = false;
   if (refused === null) {

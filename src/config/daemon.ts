@@ -5,6 +5,7 @@ import type { Limits } from '../kms-server/route.js';
 import { DEFAULT_MAX_FRAME_BYTES } from '../wire/bridge-codec.js';
 import { type Endpoint, isLoopbackHost, parseEndpoint } from '../wire/endpoint.js';
 import { MAX_OP_BODY_BYTES } from '../wire/http-json.js';
+import { AUDIT_DATA_OPS } from '../worker-abi/index.js';
 import { collect, invalid, loadTls, loadTokens, parseNetworks, TokenSchema } from './daemon-auth.js';
 import {
   REGISTRY_FIELDS,
@@ -137,6 +138,7 @@ const FileSchema = z.strictObject({
       audit_fsync_ms: int(0, 60_000).optional(),
       /** 0: no rollover by size; else 4096 to 256 MiB (createKms checks the lower bound). */
       audit_max_bytes: int(0, 256 * 1024 ** 2).optional(),
+      audit_data_ops: z.enum(AUDIT_DATA_OPS).optional(),
       rotation_batch_size: int(1, 100_000).optional(),
       /** `90d`, `12h`, ... or `off`: checked by createKms. */
       kek_rotation_period: z.string().optional(),
@@ -326,6 +328,7 @@ function kmsOptions(
     audit: file.kms?.audit,
     auditFsyncMs: file.kms?.audit_fsync_ms,
     auditMaxBytes: file.kms?.audit_max_bytes,
+    auditDataOps: file.kms?.audit_data_ops,
     rotationBatchSize: file.kms?.rotation_batch_size,
     kekRotationPeriod: file.kms?.kek_rotation_period,
     deletionWindow: file.kms?.deletion_window,

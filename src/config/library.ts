@@ -19,7 +19,7 @@ import {
 } from '../kms/registry/location.js';
 import { type KmsClock, parseDuration, SYSTEM_CLOCK } from '../kms/rotation-schedule.js';
 import type { Logger } from '../log.js';
-import type { MasterKeyRef } from '../worker-abi/index.js';
+import { AUDIT_DATA_OPS, type AuditDataOps, type MasterKeyRef } from '../worker-abi/index.js';
 import { envBool, envInt, envValue, readConfigFile } from './layers.js';
 
 export interface KmsOptions {
@@ -63,6 +63,13 @@ export interface KmsOptions {
   audit?: boolean;
   /** Group fsync interval of the audit log in ms. Env: PROGRESSDB_KMS_AUDIT_FSYNC_MS. Default 50. */
   auditFsyncMs?: number;
+  /**
+   * How encrypt, decrypt and reencrypt are audited: `aggregate` writes one signed line per (key,
+   * op, KEK version, caller, outcome) in each worker block, with the exact `count`; `each` writes
+   * a line per operation. Control-plane operations always get a line each.
+   * Env: PROGRESSDB_KMS_AUDIT_DATA_OPS. Default aggregate.
+   */
+  auditDataOps?: AuditDataOps;
   /**
    * Roll `kms-audit.log` over to `kms-audit.log.NNNNNN` once it holds this many bytes (at least
    * 4096, at most 256 MiB); 0 never rolls (for logrotate). Env: PROGRESSDB_KMS_AUDIT_MAX_BYTES.
@@ -126,6 +133,7 @@ export interface ResolvedKmsOptions {
   cipher: CipherName;
   audit: boolean;
   auditFsyncMs: number;
+  auditDataOps: AuditDataOps;
   /** null: no rollover by size. */
   auditMaxBytes: number | null;
   rotationBatchSize: number;
@@ -250,6 +258,7 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     cipher: resolveCipher(opts.cipher ?? envString('PROGRESSDB_KMS_CIPHER')),
     audit: opts.audit ?? envBool('PROGRESSDB_KMS_AUDIT') ?? true,
     auditFsyncMs: intOption(opts, 'auditFsyncMs', 50),
+    auditDataOps: resolveAuditDataOps(opts.auditDataOps ?? envString('PROGRESSDB_KMS_AUDIT_DATA_OPS')),
     auditMaxBytes: resolveAuditMaxBytes(opts),
     rotationBatchSize: intOption(
       opts,
@@ -266,6 +275,24 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     clock: opts.clock ?? SYSTEM_CLOCK,
     registry,
   };
+}
+
+/**
+ * The default: `aggregate`. A worker stamps every line of a block with one timestamp, so the lines
+ * `each` writes for the same key, op, KEK version, caller and outcome in a block differ only in
+ * their sequence number: aggregating them loses nothing an auditor can use and, measured by
+ * `npm run bench:keys`, cuts the log's bytes per operation (bench/results/keys.md).
+ */
+export const DEFAULT_AUDIT_DATA_OPS: AuditDataOps = 'aggregate';
+
+function resolveAuditDataOps(given: string | undefined): AuditDataOps {
+  if (given === undefined) return DEFAULT_AUDIT_DATA_OPS;
+  const mode = given.trim().toLowerCase();
+  if ((AUDIT_DATA_OPS as readonly string[]).includes(mode)) return mode as AuditDataOps;
+  throw kmsError(
+    'CONFIG_INVALID',
+    `auditDataOps must be one of ${AUDIT_DATA_OPS.join(', ')}, got ${JSON.stringify(given)}`,
+  );
 }
 
 function resolveCipher(given: string | undefined): CipherName {

@@ -11,7 +11,12 @@ import path from 'node:path';
 import { z } from 'zod';
 import { CodedError, kmsError } from '../errors.js';
 import { type EndpointProblem, isLoopbackHost, parseEndpoint } from '../wire/endpoint.js';
-import { describeMasterKeyRef, type MasterKeyRef } from '../worker-abi/index.js';
+import {
+  AUDIT_DATA_OPS,
+  type AuditDataOps,
+  describeMasterKeyRef,
+  type MasterKeyRef,
+} from '../worker-abi/index.js';
 import {
   configError,
   FALSE_WORDS,
@@ -50,6 +55,8 @@ export interface ServerConfig {
   kmsTimeoutMs: number;
   /** Embedded mode: the audit log's rollover size (0: none); unset, the KMS default applies. */
   kmsAuditMaxBytes: number | undefined;
+  /** Embedded mode: how data-plane ops are audited; unset, the KMS default (aggregate) applies. */
+  kmsAuditDataOps: AuditDataOps | undefined;
   apiKeys: ApiKey[];
   /** The admin key itself, or the file holding it; null when none is configured. */
   adminKey: { kind: 'value'; value: string } | { kind: 'file'; path: string } | null;
@@ -93,6 +100,7 @@ const FIELDS = {
   kms_token: { env: ['PROGRESSDB_KMS_TOKEN'] },
   kms_timeout_ms: { env: ['PROGRESSDB_KMS_TIMEOUT_MS'] },
   kms_audit_max_bytes: { env: ['PROGRESSDB_KMS_AUDIT_MAX_BYTES'] },
+  kms_audit_data_ops: { env: ['PROGRESSDB_KMS_AUDIT_DATA_OPS'] },
   api_keys: { env: ['PROGRESSDB_API_KEYS'] },
   admin_key: { env: ['PROGRESSDB_ADMIN_KEY'] },
   admin_key_file: { env: ['PROGRESSDB_ADMIN_KEY_FILE'] },
@@ -186,6 +194,7 @@ const SCHEMA = z.object({
   kms_timeout_ms: int(100, 600_000).default(10_000),
   /** 0, or 4096 to 256 MiB (createKms checks the lower bound). */
   kms_audit_max_bytes: int(0, 256 * 1024 ** 2).optional(),
+  kms_audit_data_ops: z.enum(AUDIT_DATA_OPS).optional(),
   api_keys: list(apiKeyEntry).default([]),
   admin_key: z.string().min(MIN_KEY_CHARS, `must have at least ${MIN_KEY_CHARS} characters`).optional(),
   admin_key_file: nonEmpty.optional(),
@@ -352,6 +361,7 @@ function serverConfigOf(
     kmsToken: c.kms_token,
     kmsTimeoutMs: c.kms_timeout_ms,
     kmsAuditMaxBytes: c.kms_audit_max_bytes,
+    kmsAuditDataOps: c.kms_audit_data_ops,
     apiKeys,
     adminKey:
       c.admin_key !== undefined

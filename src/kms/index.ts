@@ -98,6 +98,7 @@ class EmbeddedKms implements Kms {
         auditFile: auditFile === null ? null : auditFile.path,
         auditGeneration: auditFile === null ? null : auditFile.generation,
         auditFsyncEachWrite: opts.auditFsyncMs === 0,
+        auditDataOps: opts.auditDataOps,
         auditLink: auditHeads?.linkFields ?? null,
         auditReplica: registry.cluster?.replicaId ?? null,
       },

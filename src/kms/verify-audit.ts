@@ -15,6 +15,7 @@ export function oneOffWorkerInit(masterKey: MasterKeyRef): WorkerInit {
     auditFile: null,
     auditGeneration: null,
     auditFsyncEachWrite: false,
+    auditDataOps: 'each',
     auditLink: null,
     auditReplica: null,
     idleSpin: null,

@@ -91,6 +91,7 @@ function embeddedKmsOptions(config: ServerConfig): KmsOptions {
   return {
     dataDir: config.kmsDataDir,
     ...(config.kmsAuditMaxBytes !== undefined && { auditMaxBytes: config.kmsAuditMaxBytes }),
+    ...(config.kmsAuditDataOps !== undefined && { auditDataOps: config.kmsAuditDataOps }),
     ...(key.kind === 'file' && { masterKeyFile: key.path }),
     ...(key.kind === 'env' && { masterKeyEnv: key.name }),
     ...(key.kind === 'config' && { masterKeyConfigFile: key.path }),

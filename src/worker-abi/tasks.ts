@@ -33,6 +33,10 @@ export function describeMasterKeyRef(ref: MasterKeyRef): string {
   }
 }
 
+/** How data-plane operations are audited (see WorkerInit.auditDataOps). */
+export const AUDIT_DATA_OPS = ['each', 'aggregate'] as const;
+export type AuditDataOps = (typeof AUDIT_DATA_OPS)[number];
+
 export interface WorkerInit {
   masterKey: MasterKeyRef;
   /** Max unwrapped DEK versions cached per worker (LRU, zeroed on eviction). */
@@ -54,6 +58,11 @@ export interface WorkerInit {
   auditGeneration: SharedArrayBuffer | null;
   /** fdatasync after every block (auditFsyncMs = 0); otherwise the main thread fsyncs in groups. */
   auditFsyncEachWrite: boolean;
+  /**
+   * `each`: one line per encrypt, decrypt or reencrypt. `aggregate`: one line per (key, op, KEK
+   * version, caller, outcome) in each block, with the exact `count`.
+   */
+  auditDataOps: AuditDataOps;
   /** Session link fields for the first line of this worker's stream (src/audit-link.ts), or null. */
   auditLink: string | null;
   /** The replica id each audit line names, when the KMS is a replica of a cluster; else null. */

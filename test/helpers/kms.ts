@@ -106,6 +106,8 @@ export interface AuditLine {
   op: string;
   outcome: 'ok' | 'error';
   code?: string;
+  /** How many operations the line stands for (audit_data_ops: aggregate). */
+  count?: number;
   key_id?: string;
   thread_id?: string;
   kek_version?: string;
