@@ -42,6 +42,8 @@ export const KEY_BYTES = 32;
 export const WRAP_HEADER_BYTES = 6;
 export const WRAP_KIND_DEK = 1;
 export const WRAP_KIND_KEK = 2;
+/** An earlier master key's audit key, kept after a master re-key (WrappedAuditKey). */
+export const WRAP_KIND_AUDIT_KEY = 3;
 
 /** Nonce bytes of a format, or 0 when the byte names no format of ours. */
 export function nonceBytes(format: number): number {
@@ -98,4 +100,8 @@ export function dekIdentity(keyId: string, keyVersion: number): string {
 /** Identity bound into a wrapped KEK's AAD. */
 export function kekIdentity(kekId: string, version: number): string {
   return `kek\u0000${kekId}\u0000${version}`;
+}
+
+export function auditKeyIdentity(id: string): string {
+  return `audit\u0000${id}`;
 }

@@ -105,7 +105,9 @@ export class AuditStream {
 
   constructor(auditKey: Buffer, link: string | null = null, replica: string | null = null) {
     this.#key = auditKey;
-    this.#link = Buffer.from(link ?? '', 'latin1');
+    // `ak` names the audit key, so that a verifier holding several (a re-keyed master key) knows
+    // which one signed this stream, and a wrong one is told apart from tampering.
+    this.#link = Buffer.from(`${link ?? ''},"ak":"${auditKeyId(auditKey)}"`, 'latin1');
     this.#replicaPart = replica === null ? '' : `"replica":${JSON.stringify(replica)},`;
   }
 
@@ -205,6 +207,13 @@ export class AuditStream {
     at += block.write('"}\n', at, 'latin1');
     return { buffer: block, length: at };
   }
+}
+
+const AUDIT_KEY_ID_LABEL = 'progressdb/audit-key-id/v1';
+
+/** An audit key's fingerprint (16 hex digits): not secret, it names the key, revealing nothing. */
+export function auditKeyId(auditKey: Buffer): string {
+  return createHmac('sha256', auditKey).update(AUDIT_KEY_ID_LABEL).digest('hex').slice(0, 16);
 }
 
 /** Writes `n` (a non-negative safe integer) in decimal at `at`; returns the position after it. */

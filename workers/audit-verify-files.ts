@@ -7,11 +7,19 @@ import { readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import type { AuditHeadRecord } from '../src/audit-link.js';
 import type { VerifyAuditResult } from '../src/worker-abi/index.js';
+import { auditKeyId } from './audit-stream.js';
 import { Failure, LogVerifier, namedPoints } from './audit-verify.js';
+
+/** The audit key, or every audit key a re-keyed log may be signed with, by id (auditKeyId). */
+export type AuditKeys = Buffer | ReadonlyMap<string, Buffer>;
+
+function keysById(keys: AuditKeys): ReadonlyMap<string, Buffer> {
+  return Buffer.isBuffer(keys) ? new Map([[auditKeyId(keys), keys]]) : keys;
+}
 
 /** Verifies one audit log file on its own (a log that never rolled over, or a copy). */
 export function verifyAuditFile(
-  auditKey: Buffer,
+  auditKey: AuditKeys,
   path: string,
   head: AuditHeadRecord | null = null,
 ): VerifyAuditResult {
@@ -45,7 +53,7 @@ function readLines(path: string): string[] {
  * time, twice (the first pass finds the points links name), so memory stays one file's worth.
  */
 export function verifyAuditFiles(
-  auditKey: Buffer,
+  auditKey: AuditKeys,
   paths: readonly string[],
   head: AuditHeadRecord | null = null,
   trimmed = false,
@@ -61,7 +69,7 @@ export function verifyAuditFiles(
       last = readLines(path);
       for (const point of namedPoints(last, null)) named.add(point);
     }
-    const verifier = new LogVerifier(auditKey, named, trimmed);
+    const verifier = new LogVerifier(keysById(auditKey), named, trimmed);
     for (let f = 0; f < paths.length; f++) {
       const lines = f === paths.length - 1 ? last : readLines(paths[f] as string);
       firstLines.push(total + 1);

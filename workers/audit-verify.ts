@@ -16,6 +16,8 @@ import { type AuditHeadRecord, parseHeads, type SessionClaim, type StreamHead } 
 import { MAC_BYTES, MAC_SUFFIX_LENGTH } from './audit-stream.js';
 
 interface StreamState {
+  /** The audit key that signs it: named by its first line's `ak`, or found at its first block. */
+  key: Buffer | null;
   next: number;
   prevMac: Buffer;
   hmacInput: string[];
@@ -161,6 +163,7 @@ const MAC_HEX = /^[0-9a-f]{64}$/;
 
 function newStream(lineNo: number): StreamState {
   return {
+    key: null,
     next: 0,
     prevMac: Buffer.alloc(MAC_BYTES),
     hmacInput: [],
@@ -212,7 +215,8 @@ export class LogVerifier {
   #current: SessionState | null = null;
 
   constructor(
-    private readonly auditKey: Buffer,
+    /** Every audit key the log may be signed with, by id (one per master key it was re-keyed from). */
+    private readonly auditKeys: ReadonlyMap<string, Buffer>,
     /** `s:n` of the points that links or the registry name (namedPoints). */
     private readonly named: Set<string>,
     /** The chain starts after removed files: running streams are taken up (#takeUp). */
@@ -237,6 +241,7 @@ export class LogVerifier {
         `stream ${s}: expected line ${stream.next}, found ${n} (line deleted, inserted or moved${hint})`,
       );
     }
+    if (isNew) this.#keyOf(lineNo, stream, record);
     if (isNew && !takenUp) this.#join(lineNo, s, stream, record);
     else if (stream.session !== this.#current) {
       throw new Failure(lineNo, `stream ${s} goes on after a later session began (lines moved)`);
@@ -248,6 +253,21 @@ export class LogVerifier {
     if (stream.hmacInput.length === 0) stream.firstLine = lineNo;
     if (record.mac === undefined) stream.hmacInput.push(line);
     else this.#signedLine(lineNo, line, stream, record);
+  }
+
+  /** The key a stream's first line names (`ak`); streams written before `ak` existed name none. */
+  #keyOf(lineNo: number, stream: StreamState, record: AuditLine & { s: string; n: number }): void {
+    const id = (record as { ak?: unknown }).ak;
+    if (id === undefined) return;
+    const key = typeof id === 'string' ? this.auditKeys.get(id) : undefined;
+    if (key === undefined) {
+      throw new Failure(
+        lineNo,
+        `stream ${record.s} is signed with audit key ${String(id)}, which this master key does not know ` +
+          '(wrong master key, or a registry without the audit keys of a re-key)',
+      );
+    }
+    stream.key = key;
   }
 
   /**
@@ -365,11 +385,25 @@ export class LogVerifier {
     }
     const signedLast = `${line.slice(0, line.length - MAC_SUFFIX_LENGTH)}}`;
     const expected = Buffer.from(mac, 'hex');
-    const hmac = createHmac('sha256', this.auditKey).update(stream.prevMac);
-    for (const part of stream.hmacInput) hmac.update(`${part}\n`);
-    hmac.update(signedLast);
-    const actual = hmac.digest();
-    if (expected.length !== MAC_BYTES || !timingSafeEqual(actual, expected)) {
+    const macUnder = (key: Buffer) => {
+      const hmac = createHmac('sha256', key).update(stream.prevMac);
+      for (const part of stream.hmacInput) hmac.update(`${part}\n`);
+      return hmac.update(signedLast).digest();
+    };
+    const matches = (actual: Buffer) => expected.length === MAC_BYTES && timingSafeEqual(actual, expected);
+    let actual: Buffer | undefined;
+    if (stream.key !== null) actual = macUnder(stream.key);
+    else {
+      // A stream that names no key (written before `ak`): whichever known key signs its first block.
+      for (const key of this.auditKeys.values()) {
+        actual = macUnder(key);
+        if (matches(actual)) {
+          stream.key = key;
+          break;
+        }
+      }
+    }
+    if (actual === undefined || !matches(actual)) {
       throw new Failure(stream.firstLine, `signature mismatch for lines ${stream.firstLine}-${lineNo}`);
     }
     stream.prevMac = actual;

@@ -6,7 +6,7 @@
  * into its keyring (locked memory, zeroed when dropped: keyring.ts), runs the batch, signs the batch's audit lines and
  * transfers the packed results back.
  */
-import { createHmac, timingSafeEqual } from 'node:crypto';
+import { timingSafeEqual } from 'node:crypto';
 import fs from 'node:fs';
 import { BroadcastChannel, threadId } from 'node:worker_threads';
 import { move, transferableSymbol, valueSymbol, workerData } from 'piscina';
@@ -32,6 +32,8 @@ import {
   type NewKekResult,
   type NewKekTask,
   OpKind,
+  type RekeyMasterResult,
+  type RekeyMasterTask,
   type TaskOutcome,
   type VerifyAuditResult,
   type VerifyAuditTask,
@@ -47,14 +49,16 @@ import { AuditTally, isDataOp } from './audit-tally.js';
 import { verifyAuditFiles } from './audit-verify-files.js';
 import { faultOf, WorkerFault } from './fault.js';
 import { IdleSpin } from './idle-spin.js';
+import { KeyArena } from './key-arena.js';
 import { WorkerKeyring } from './keyring.js';
 import type { RootKeys } from './master-key.js';
+import { auditKeysById, keyCheckValueOf, rekeyMaster } from './rekey.js';
 
 const init = workerData as WorkerInit;
 /** The format new ciphertexts and wrapped keys are written in; both formats are read. */
 const sealFormat = CIPHERS[init.cipher];
 /** Every key this worker holds (see keyring.ts). */
-const keyring = new WorkerKeyring(init.masterKey, init.dekCacheSize);
+const keyring = new WorkerKeyring(init.masterKey, init.dekCacheSize, init.masterKeySwitch);
 let auditStream: AuditStream | null = null;
 /** Data-op counts of the running task, with audit_data_ops: aggregate; null with `each`. */
 const auditTally = init.auditDataOps === 'aggregate' ? new AuditTally() : null;
@@ -357,17 +361,15 @@ function newKek(task: NewKekTask): NewKekResult {
   return { wrapped, kcv: keyCheckValue(), auditHead: auditStream?.head() ?? undefined };
 }
 
-const KCV_LABEL = 'progressdb/kek-wrap-check/v1';
-const KCV_BYTES = 16;
-
-/**
- * Not secret: a truncated HMAC under the KEK-wrapping key proves which key it is, revealing nothing.
- * A copy of its own: a view would take its whole backing buffer along when cloned to the main thread.
- */
 function keyCheckValue(): Uint8Array {
-  return new Uint8Array(
-    createHmac('sha256', roots().kekWrapKey).update(KCV_LABEL).digest().subarray(0, KCV_BYTES),
-  );
+  return keyCheckValueOf(roots().kekWrapKey);
+}
+
+function rekey(task: RekeyMasterTask): RekeyMasterResult {
+  const result = rekeyMaster(task, keyring, sealFormat);
+  // Signed under this stream's audit key, before the new wrapped keys leave the worker.
+  auditOne(task.audit, null);
+  return { ...result, auditHead: auditStream?.head() ?? undefined };
 }
 
 // Nothing is written on a mismatch: a line signed with an audit key derived from the wrong master
@@ -406,7 +408,13 @@ function zeroize(): ZeroizeResult {
 }
 
 function verifyAudit(task: VerifyAuditTask): VerifyAuditResult {
-  return verifyAuditFiles(roots().auditKey, task.paths, task.head, task.trimmed);
+  const arena = new KeyArena(task.auditKeys.length + 1);
+  try {
+    const keys = auditKeysById(keyring, task.auditKeys, arena);
+    return verifyAuditFiles(keys, task.paths, task.head, task.trimmed);
+  } finally {
+    arena.zeroAll();
+  }
 }
 
 const idleSpin = init.idleSpin === null ? null : new IdleSpin(init.idleSpin);
@@ -447,6 +455,8 @@ function runTask(task: Exclude<WorkerTask, BatchTask>): unknown {
       return checkKek(task);
     case 'verify-audit':
       return verifyAudit(task);
+    case 'rekey-master':
+      return rekey(task);
     case 'zeroize':
       return zeroize();
   }

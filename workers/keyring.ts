@@ -4,7 +4,14 @@
  */
 import fs from 'node:fs';
 import { dekIdentity, kekIdentity, WRAP_KIND_DEK, WRAP_KIND_KEK } from '../src/format.js';
-import type { BatchTask, DekRef, KekRef, KeyMemoryReport, MasterKeyRef } from '../src/worker-abi/index.js';
+import {
+  type BatchTask,
+  type DekRef,
+  type KekRef,
+  type KeyMemoryReport,
+  type MasterKeyRef,
+  readMasterKeySwitch,
+} from '../src/worker-abi/index.js';
 import { AuthFailure, unwrapKeyInto } from './aead.js';
 import { WorkerFault } from './fault.js';
 import { KeyArena, RESERVE_SLOTS } from './key-arena.js';
@@ -12,10 +19,15 @@ import { KeyCache } from './key-cache.js';
 import { loadRootKeys, type RootKeys } from './master-key.js';
 
 export class WorkerKeyring {
-  readonly #masterKey: MasterKeyRef;
+  #masterKey: MasterKeyRef;
+  /** Where a master re-key names the new master key (master-key-switch.ts), and the generation seen. */
+  readonly #switch: SharedArrayBuffer | null;
+  #switchSeen = 0;
   readonly #arena: KeyArena;
   readonly #deks: KeyCache;
   #roots: RootKeys | null = null;
+  /** The previous master key's KEK-wrapping key while a re-key has not committed; else null. */
+  #previousWrapKey: Buffer | null = null;
   /**
    * Unwrapped KEK versions with the wrapped bytes they came from. A cached KEK is used only for the
    * same wrapped bytes: a replica that lost a race to make a KEK version (the registry kept the
@@ -28,19 +40,64 @@ export class WorkerKeyring {
    */
   readonly #taskKeys = new Map<DekRef, Buffer>();
 
-  constructor(masterKey: MasterKeyRef, dekCacheSize: number) {
+  constructor(
+    masterKey: MasterKeyRef,
+    dekCacheSize: number,
+    masterKeySwitch: SharedArrayBuffer | null = null,
+  ) {
     this.#masterKey = masterKey;
+    this.#switch = masterKeySwitch;
     this.#arena = new KeyArena(dekCacheSize + RESERVE_SLOTS);
     this.#deks = new KeyCache(dekCacheSize, this.#arena);
   }
 
   /** The root keys, derived on first use; `created` is told when that happens. */
   roots(created?: (roots: RootKeys) => void): RootKeys {
+    this.#followSwitch();
     if (this.#roots === null) {
       this.#roots = loadRootKeys(this.#masterKey, this.#arena);
       created?.(this.#roots);
     }
     return this.#roots;
+  }
+
+  /**
+   * Takes up a master key switched by a re-key: from now on KEKs are wrapped and unwrapped under
+   * the new master key (the previous one still unwraps until the re-key commits). The audit key
+   * stays the one this worker's stream began with, since a stream's chain is signed by one key; a
+   * worker started later derives its audit key from the new master key.
+   */
+  #followSwitch(): void {
+    if (this.#switch === null) return;
+    const choice = readMasterKeySwitch(this.#switch, this.#switchSeen);
+    if (choice === null) return;
+    this.#switchSeen = choice.generation;
+    const changed = JSON.stringify(choice.ref) !== JSON.stringify(this.#masterKey);
+    this.#masterKey = choice.ref;
+    const roots = this.#roots;
+    if (changed && roots !== null) {
+      const next = loadRootKeys(choice.ref, this.#arena);
+      this.#arena.free(next.auditKey);
+      if (this.#previousWrapKey !== null) this.#arena.free(this.#previousWrapKey);
+      this.#previousWrapKey = roots.kekWrapKey;
+      this.#roots = { kekWrapKey: next.kekWrapKey, auditKey: roots.auditKey };
+    }
+    if (!choice.acceptPrevious && this.#previousWrapKey !== null) {
+      this.#arena.free(this.#previousWrapKey);
+      this.#previousWrapKey = null;
+    }
+  }
+
+  /** Unwraps a stored KEK version into `into`: under the master key, or the previous one mid-re-key. */
+  #unwrapKek(ref: KekRef, into: Buffer): void {
+    const identity = kekIdentity(ref.kekId, ref.version);
+    try {
+      unwrapKeyInto(this.roots().kekWrapKey, WRAP_KIND_KEK, 0, identity, ref.wrapped, into);
+    } catch (err) {
+      const previous = this.#previousWrapKey;
+      if (!(err instanceof AuthFailure) || previous === null) throw err;
+      unwrapKeyInto(previous, WRAP_KIND_KEK, 0, identity, ref.wrapped, into);
+    }
   }
 
   /** Pins the keys a task resolves until endTask (see KeyCache). */
@@ -72,10 +129,9 @@ export class WorkerKeyring {
     if (ref === undefined) {
       throw new WorkerFault('STORE_CORRUPT', `KEK version ${version} is missing from the registry`);
     }
-    const { kekWrapKey } = this.roots();
     const key = this.#arena.alloc();
     try {
-      unwrapKeyInto(kekWrapKey, WRAP_KIND_KEK, 0, kekIdentity(ref.kekId, ref.version), ref.wrapped, key);
+      this.#unwrapKek(ref, key);
     } catch (err) {
       this.#arena.free(key);
       if (err instanceof AuthFailure) {
@@ -160,6 +216,10 @@ export class WorkerKeyring {
       this.#arena.free(this.#roots.kekWrapKey);
       this.#arena.free(this.#roots.auditKey);
       this.#roots = null;
+    }
+    if (this.#previousWrapKey !== null) {
+      this.#arena.free(this.#previousWrapKey);
+      this.#previousWrapKey = null;
     }
     // Every slot was given back above; this also wipes any a bug might have leaked.
     this.#arena.zeroAll();

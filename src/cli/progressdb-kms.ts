@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 /**
  * progressdb-kms: the external-mode KMS daemon (`serve`, the default) and its offline tools
- * (`keygen`, `audit verify`, `rotate`, `cancel-deletion`, `migrate`, `backup`, `restore`). Errors are reported as one line on stderr with exit code
+ * (`keygen`, `audit verify`, `rotate`, `rekey`, `cancel-deletion`, `migrate`, `backup`, `restore`). Errors are reported as one line on stderr with exit code
  * 1, never a stack trace.
  */
 import { Command, InvalidArgumentError } from 'commander';
@@ -17,6 +17,7 @@ const rotate = () => import('./kms-commands/rotate.js');
 const migrate = () => import('./kms-commands/migrate.js');
 const backup = () => import('./kms-commands/backup.js');
 const cancelDeletion = () => import('./kms-commands/cancel-deletion.js');
+const rekey = () => import('./kms-commands/rekey.js');
 
 function wholeNumber(value: string): number {
   if (!/^\d+$/.test(value)) throw new InvalidArgumentError('expected a whole number');
@@ -162,6 +163,21 @@ program
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
   .action((opts: import('./kms-commands/cancel-deletion.js').CancelDeletionFlags) =>
     exitWith(async () => (await cancelDeletion()).cancelDeletionCommand(opts))(),
+  );
+
+registryFlags(
+  program.command('rekey'),
+  "lmdb (default: the data dir's) or a stopped cluster's etcd registry: etcd://h:p,... / etcds://h:p,...",
+)
+  .description(
+    're-key the master key offline (the KMS must be stopped): every KEK version rewrapped under the new key',
+  )
+  .option('--new-master-key-file <file>', 'the new master key (progressdb-kms keygen --out FILE makes one)')
+  .option('--data-dir <dir>', 'the KMS data directory (env PROGRESSDB_KMS_DATA_DIR)')
+  .option('--master-key-file <file>', 'the current master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
+  .option('--allow-open-key-file', 'accept a new key file that group or others can read')
+  .action((opts: import('./kms-commands/rekey.js').RekeyFlags) =>
+    exitWith(async () => (await rekey()).rekeyCommand(opts))(),
   );
 
 registryFlags(program.command('migrate'), 'the etcd registry to copy into: etcd://h:p,... or etcds://h:p,...')

@@ -23,21 +23,31 @@ import type {
 import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from '../config/library.js';
 import { kmsError, toCodedError } from '../errors.js';
 import { type Logger, silentLogger } from '../log.js';
-import type { KekRef, NewKekResult, NewKekTask } from '../worker-abi/index.js';
+import type {
+  KekRef,
+  MasterKeyRef,
+  NewKekResult,
+  NewKekTask,
+  RekeyMasterResult,
+  WorkerTask,
+} from '../worker-abi/index.js';
+import { newMasterKeySwitch } from '../worker-abi/index.js';
 import { AUDIT_FILE_NAME, AuditFile, auditChainFiles } from './audit-file.js';
 import { AuditHeadKeeper } from './audit-head-keeper.js';
 import { DataPlane } from './data-plane.js';
 import { dropsKeyMaterial } from './dek-versions.js';
 import { DeletionSweep } from './deletion-sweep.js';
 import { type DirLock, lockDataDir } from './dir-lock.js';
+import type { EmbeddedKmsHandle, RekeyMasterOptions, VerifyAuditOptions } from './handle.js';
 import { keyMemoryWarner } from './key-memory-warning.js';
 import { KeyOps } from './key-ops.js';
 import { OpQueue } from './op-queue.js';
 import { CryptoPool } from './pool.js';
-import { type KekMeta, type Registry, ROTATION_LOCK } from './registry/index.js';
+import { type KekMeta, type KekRecord, type Registry, ROTATION_LOCK } from './registry/index.js';
 import { openRegistry } from './registry/open.js';
+import { type RekeyDeps, type RekeyResult, rekeyMaster, rekeyTarget } from './rekey.js';
 import { KekRotation } from './rotation.js';
-import { RotationSchedule } from './rotation-schedule.js';
+import { activeKekOf, RotationSchedule } from './rotation-schedule.js';
 import { startUp } from './startup.js';
 
 export type { KmsOptions } from '../config/library.js';
@@ -56,7 +66,10 @@ class EmbeddedKms implements Kms {
   /** Links this session's audit streams to the last one (null with audit off). */
   readonly #auditHeads: AuditHeadKeeper | null;
   readonly #lock: DirLock;
-  readonly #kekRefs = new Map<number, KekRef>();
+  readonly #kekRefs = new Map<number, { record: KekRecord; ref: KekRef }>();
+  /** The master key the workers use now (a re-key switches it: master-key-switch.ts). */
+  #masterKey: MasterKeyRef;
+  readonly #masterKeySwitch = newMasterKeySwitch();
   readonly #queue: OpQueue;
   readonly #data: DataPlane;
   readonly #keys: KeyOps;
@@ -79,6 +92,7 @@ class EmbeddedKms implements Kms {
     lock: DirLock,
   ) {
     this.#opts = opts;
+    this.#masterKey = opts.masterKey;
     this.#log = log;
     this.#registry = registry;
     this.#auditFile = auditFile;
@@ -92,6 +106,7 @@ class EmbeddedKms implements Kms {
       idleSpinUs: opts.idleSpinUs,
       init: {
         masterKey: opts.masterKey,
+        masterKeySwitch: this.#masterKeySwitch,
         dekCacheSize: opts.dekCacheSize,
         cipher: opts.cipher,
         evictChannel: `progressdb-kms-${process.pid}-${randomBytes(6).toString('hex')}`,
@@ -136,10 +151,7 @@ class EmbeddedKms implements Kms {
     });
   }
 
-  /**
-   * The KEK metadata as the registry holds it now: in a cluster another replica's rotation
-   * changes the active version, and new keys follow it at once.
-   */
+  /** The KEK metadata as the registry holds it now: new keys follow another replica's rotation at once. */
   get #kek(): KekMeta {
     return this.#registry.kekMeta() ?? NO_KEK;
   }
@@ -153,7 +165,7 @@ class EmbeddedKms implements Kms {
       pool: this.#pool,
       auditFile: this.#auditFile,
       auditHeads: this.#auditHeads,
-      newKek: (task) => this.#newKek(task),
+      newKek: (task) => this.#runAudited<NewKekResult>(task),
       note: (audit) => this.#queue.note(audit),
       kekRef: (version) => this.#kekRef(version),
     });
@@ -163,7 +175,8 @@ class EmbeddedKms implements Kms {
       batchSize: this.#opts.rotationBatchSize,
       kekId: () => this.#kek.kekId,
       newKek: async (version, audit) => {
-        const result = await this.#newKek({ type: 'new-kek', kekId: this.#kek.kekId, version, audit });
+        const task: NewKekTask = { type: 'new-kek', kekId: this.#kek.kekId, version, audit };
+        const result = await this.#runAudited<NewKekResult>(task);
         return result.wrapped;
       },
       note: (audit) => this.#queue.note(audit),
@@ -183,11 +196,7 @@ class EmbeddedKms implements Kms {
       const schedule = new RotationSchedule({
         periodMs,
         clock: this.#opts.clock,
-        activeKek: () => {
-          const meta = this.#registry.kekMeta();
-          const record = meta === undefined ? undefined : this.#registry.kek(meta.activeVersion);
-          return record === undefined ? undefined : { version: record.version, createdAt: record.createdAt };
-        },
+        activeKek: activeKekOf(this.#registry),
         rotate: (version) => this.#rotation.run({ caller: 'kms-schedule' }, { onlyIfActive: version }),
         log: this.#log,
       });
@@ -214,23 +223,25 @@ class EmbeddedKms implements Kms {
     });
   }
 
-  /** Creates a KEK version in a worker; its audit line counts like a batch's. */
-  async #newKek(task: NewKekTask): Promise<NewKekResult> {
-    const result = await this.#pool.run<NewKekResult>(task);
+  /** Runs a single task that writes its own audit line: that line counts like a batch's. */
+  async #runAudited<T extends Pick<NewKekResult, 'auditHead'>>(task: WorkerTask): Promise<T> {
+    const result = await this.#pool.run<T>(task);
     this.#auditHeads?.report(result.auditHead);
     this.#auditFile?.markDirty();
     return result;
   }
 
   #kekRef(version: number): KekRef | undefined {
-    let ref = this.#kekRefs.get(version);
-    if (ref === undefined) {
-      const record = this.#registry.kek(version);
-      if (record === undefined) return undefined;
-      ref = { kekId: record.kekId, version: record.version, wrapped: new Uint8Array(record.wrapped) };
-      this.#kekRefs.set(version, ref);
+    const record = this.#registry.kek(version);
+    if (record === undefined) return undefined;
+    let cached = this.#kekRefs.get(version);
+    // Made again for a new record: a re-key changes a version's wrapped bytes.
+    if (cached?.record !== record) {
+      const ref = { kekId: record.kekId, version: record.version, wrapped: new Uint8Array(record.wrapped) };
+      cached = { record, ref };
+      this.#kekRefs.set(version, cached);
     }
-    return ref;
+    return cached.ref;
   }
 
   // --- create / get / key versions: the control plane (key-ops.ts) -------------------------
@@ -356,20 +367,32 @@ class EmbeddedKms implements Kms {
    * Verifies this data directory's audit log inside a worker: the rolled files and the live one,
    * as one chain. `from` (a file of the chain) starts it there, the older files having expired.
    */
-  verifyAudit(options: VerifyAuditOptions = {}): Promise<VerifyAuditResult> {
-    if (this.#closed) return Promise.reject(kmsError('NOT_READY', 'the KMS is closed'));
-    let paths: string[];
-    try {
-      paths = auditChainFiles(this.#opts.dataDir, options.from);
-    } catch (err) {
-      return Promise.reject(err);
-    }
+  async verifyAudit(options: VerifyAuditOptions = {}): Promise<VerifyAuditResult> {
+    this.#assertOpen();
+    const paths = auditChainFiles(this.#opts.dataDir, options.from);
     return this.#pool.run<VerifyAuditResult>({
       type: 'verify-audit',
       paths,
       trimmed: options.from !== undefined,
       head: this.#registry.auditHead() ?? null,
+      auditKeys: await this.#registry.auditKeys(),
     });
+  }
+
+  async rekeyMaster(options: RekeyMasterOptions, ctx?: CallContext): Promise<RekeyResult> {
+    this.#assertOpen();
+    const next = rekeyTarget(options);
+    const deps: RekeyDeps = {
+      registry: this.#registry,
+      log: this.#log,
+      queue: this.#queue,
+      masterKeySwitch: this.#masterKeySwitch,
+      kekRef: (version) => this.#kekRef(version),
+      runInWorker: (task) => this.#runAudited<RekeyMasterResult>(task),
+    };
+    const result = await rekeyMaster(deps, this.#masterKey, next, ctx, options.offline === true);
+    this.#masterKey = next;
+    return result;
   }
 
   /**
@@ -426,20 +449,7 @@ class EmbeddedKms implements Kms {
   }
 }
 
-/** Options of verifyAudit(). */
-export interface VerifyAuditOptions {
-  /**
-   * Start the chain at this file (a name or path of `kms-audit.log.NNNNNN` or the live file),
-   * for when older rolled files were removed on purpose (expiry). Default: the oldest present,
-   * which must begin the log's first session.
-   */
-  from?: string;
-}
-
-export type EmbeddedKmsHandle = Kms & {
-  verifyAudit(options?: VerifyAuditOptions): Promise<VerifyAuditResult>;
-  reopenAuditLog(): boolean;
-};
+export type { EmbeddedKmsHandle, RekeyMasterOptions, VerifyAuditOptions } from './handle.js';
 
 /**
  * Opens the KMS on a data directory. Fails (and releases everything) with a clear CodedError when

@@ -6,6 +6,7 @@
  */
 import { kmsError } from '../errors.js';
 import type { Logger } from '../log.js';
+import type { Registry } from './registry/index.js';
 
 const UNITS: Record<string, number> = {
   ms: 1,
@@ -46,6 +47,15 @@ export interface ScheduleDeps {
   /** Starts a rotation unless the active version is no longer `version`; resolves when done. */
   rotate(version: number): Promise<unknown>;
   log: Logger;
+}
+
+/** ScheduleDeps.activeKek over a registry. */
+export function activeKekOf(registry: Registry): ScheduleDeps['activeKek'] {
+  return () => {
+    const meta = registry.kekMeta();
+    const record = meta === undefined ? undefined : registry.kek(meta.activeVersion);
+    return record === undefined ? undefined : { version: record.version, createdAt: record.createdAt };
+  };
 }
 
 export class RotationSchedule {

@@ -2,7 +2,13 @@
 import { Piscina } from 'piscina';
 import type { AuditHeadRecord } from '../audit-link.js';
 import { DEFAULT_CIPHER } from '../format.js';
-import type { MasterKeyRef, VerifyAuditResult, WorkerInit } from '../worker-abi/index.js';
+import {
+  type MasterKeyRef,
+  newMasterKeySwitch,
+  type VerifyAuditResult,
+  type WorkerInit,
+  type WrappedAuditKey,
+} from '../worker-abi/index.js';
 import { runTask, workerFile } from './pool.js';
 
 /** Init of a worker that runs one-off tasks: no DEKs to cache, no audit to write, no spinning. */
@@ -15,6 +21,7 @@ export function oneOffWorkerInit(masterKey: MasterKeyRef): WorkerInit {
     auditFile: null,
     auditGeneration: null,
     auditFsyncEachWrite: false,
+    masterKeySwitch: newMasterKeySwitch(),
     auditDataOps: 'each',
     auditLink: null,
     auditReplica: null,
@@ -31,6 +38,7 @@ export async function runVerifyAudit(
   files: string[],
   head: AuditHeadRecord | null,
   trimmed = false,
+  auditKeys: WrappedAuditKey[] = [],
 ): Promise<VerifyAuditResult> {
   const pool = new Piscina({
     filename: workerFile('crypto'),
@@ -39,7 +47,13 @@ export async function runVerifyAudit(
     workerData: oneOffWorkerInit(masterKey),
   });
   try {
-    return await runTask<VerifyAuditResult>(pool, { type: 'verify-audit', paths: files, head, trimmed });
+    return await runTask<VerifyAuditResult>(pool, {
+      type: 'verify-audit',
+      paths: files,
+      head,
+      trimmed,
+      auditKeys,
+    });
   } finally {
     await pool.destroy();
   }

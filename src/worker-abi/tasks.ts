@@ -63,6 +63,11 @@ export interface WorkerInit {
    * version, caller, outcome) in each block, with the exact `count`.
    */
   auditDataOps: AuditDataOps;
+  /**
+   * Where a master re-key tells the workers of the new master key (master-key-switch.ts); a worker
+   * started later reads its master key from here once it has been switched.
+   */
+  masterKeySwitch: SharedArrayBuffer;
   /** Session link fields for the first line of this worker's stream (src/audit-link.ts), or null. */
   auditLink: string | null;
   /** The replica id each audit line names, when the KMS is a replica of a cluster; else null. */
@@ -192,6 +197,8 @@ export interface VerifyAuditTask {
   trimmed: boolean;
   /** The registry's audit head, which the log's end must match (null: the registry records none). */
   head: AuditHeadRecord | null;
+  /** Audit keys of earlier master keys (a re-keyed registry), for the streams they signed. */
+  auditKeys: WrappedAuditKey[];
 }
 
 /**
@@ -206,4 +213,40 @@ export interface ZeroizeResult {
   threadId: number;
 }
 
-export type WorkerTask = BatchTask | NewKekTask | CheckKekTask | VerifyAuditTask | ZeroizeTask;
+/**
+ * An audit key of an earlier master key, wrapped under the current one's KEK-wrapping key, so that
+ * the log's older streams still verify after a master re-key. `id`: the key's fingerprint, which
+ * the first line of each stream it signed carries (`ak`).
+ */
+export interface WrappedAuditKey {
+  id: string;
+  wrapped: Uint8Array;
+}
+
+/**
+ * Master re-key, step one (src/kms/rekey.ts): every stored KEK version and every earlier audit key
+ * rewrapped under the KEK-wrapping key of `newMasterKey`, plus this worker's own audit key, and
+ * the new key check value. Nothing is stored here: the caller commits it in one transaction.
+ */
+export interface RekeyMasterTask {
+  type: 'rekey-master';
+  newMasterKey: MasterKeyRef;
+  keks: KekRef[];
+  auditKeys: WrappedAuditKey[];
+  audit: AuditFields;
+}
+
+export interface RekeyMasterResult {
+  keks: { version: number; wrapped: Uint8Array }[];
+  kcv: Uint8Array;
+  auditKeys: WrappedAuditKey[];
+  auditHead?: StreamHead | undefined;
+}
+
+export type WorkerTask =
+  | BatchTask
+  | NewKekTask
+  | CheckKekTask
+  | VerifyAuditTask
+  | RekeyMasterTask
+  | ZeroizeTask;

@@ -3,7 +3,10 @@ import path from 'node:path';
 import { resolveMasterKeyRef } from '../../config/library.js';
 import { AUDIT_FILE_NAME, auditChainFiles } from '../../kms/audit-file.js';
 import { Registry } from '../../kms/registry/index.js';
+import { LmdbStore } from '../../kms/registry/lmdb.js';
+import { AUDIT_KEYS } from '../../kms/registry/records.js';
 import { runVerifyAudit } from '../../kms/verify-audit.js';
+import type { WrappedAuditKey } from '../../worker-abi/index.js';
 import { type DataDirCommandOptions, dataDirOf, report } from './common.js';
 
 /**
@@ -17,7 +20,9 @@ export async function auditVerifyCommand(opts: DataDirCommandOptions & { from?: 
     const files = auditChainFiles(dataDir, opts.from);
     const masterKey = resolveMasterKeyRef({ masterKeyFile: opts.masterKeyFile });
     const head = Registry.readAuditHead(dataDir) ?? null;
-    const result = await runVerifyAudit(masterKey, files, head, opts.from !== undefined);
+    // The audit keys of the master keys this directory was re-keyed from, for its older streams.
+    const auditKeys = (LmdbStore.readOnce(dataDir, AUDIT_KEYS) as WrappedAuditKey[] | undefined) ?? [];
+    const result = await runVerifyAudit(masterKey, files, head, opts.from !== undefined, auditKeys);
     if (result.ok) {
       const first = path.basename(files[0] as string);
       const where =

@@ -24,7 +24,7 @@ import type { RegistrySnapshot, StoreEntry } from './store.js';
 export const BACKUP_FORMAT = 'progressdb-kms-backup';
 const BACKUP_VERSION = 1;
 /** Single records, backed up first; then the namespaces, in this order. */
-export const META = ['meta/format', 'meta/kcv', 'meta/kek', 'rotation'] as const;
+export const META = ['meta/format', 'meta/kcv', 'meta/kek', 'rotation', 'meta/audit-keys'] as const;
 export const NAMESPACES = ['kek/', 'dek/', 'thread/', 'pending/'] as const;
 type Namespace = (typeof NAMESPACES)[number];
 const PAGE = 2000;

@@ -14,45 +14,18 @@
  */
 import type { AuditHeadRecord } from '../../audit-link.js';
 import { kmsError } from '../../errors.js';
-import { addKekRefDeltas, applyVersionRewraps, type DekRecord, type VersionRewrap } from '../dek-versions.js';
+import type { WrappedAuditKey } from '../../worker-abi/index.js';
+import { addKekRefDeltas, applyVersionRewraps, type DekRecord } from '../dek-versions.js';
 import { DekRecordCache } from './dek-cache.js';
 import { LmdbStore } from './lmdb.js';
 import { dueKeyIds, followPendingIndex, PENDING_PREFIX } from './pending-index.js';
+import * as R from './records.js';
 import type { RegistryStore, StoreChange, StoreCluster, StoreTxnView } from './store.js';
+import { sameValue } from './store.js';
 
 export type { DekRecord, DekVersionRecord } from '../dek-versions.js';
+export type { KekMeta, KekRecord, MasterRekey, Rewrap, RotationRecord } from './records.js';
 export type { ClusterStatus, RegistryStore, StoreCluster } from './store.js';
-
-export interface KekRecord {
-  kekId: string;
-  version: number;
-  wrapped: Uint8Array;
-  createdAt: string;
-  /** DEK versions wrapped under this KEK version. */
-  refs: number;
-}
-
-export interface KekMeta {
-  kekId: string;
-  activeVersion: number;
-  createdAt: string;
-}
-
-export interface RotationRecord {
-  state: 'running' | 'completed';
-  target: number;
-  /** Last DEK key id processed in the current pass, or null at the start of a pass. */
-  cursor: string | null;
-  done: number;
-  total: number;
-  startedAt: string;
-  finishedAt: string | null;
-}
-
-/** One DEK version rewrapped by the rotation: applied only if the record still holds `from`. */
-export interface Rewrap extends VersionRewrap {
-  keyId: string;
-}
 
 const KEK_META = 'meta/kek';
 const FORMAT = 'meta/format';
@@ -81,9 +54,9 @@ type Stage = (record: DekRecord, bulk?: boolean) => void;
 export class Registry {
   readonly #store: RegistryStore;
   readonly #cache = new DekRecordCache(DEK_CACHE_ENTRIES);
-  readonly #keks = new Map<number, KekRecord>();
-  #kekMeta: KekMeta | undefined;
-  #rotation: RotationRecord | undefined;
+  readonly #keks = new Map<number, R.KekRecord>();
+  #kekMeta: R.KekMeta | undefined;
+  #rotation: R.RotationRecord | undefined;
   #auditHead: AuditHeadRecord | undefined;
   readonly #unwatch: (() => void)[] = [];
   /** Where this process's audit head lives: the store itself, or the data directory's LMDB. */
@@ -141,10 +114,10 @@ export class Registry {
     this.#unwatch.push(
       store.watch(KEK_PREFIX, (c) => this.#kekChanged(c)),
       store.watch(KEK_META, (c) => {
-        this.#kekMeta = c.value as KekMeta | undefined;
+        this.#kekMeta = c.value as R.KekMeta | undefined;
       }),
       store.watch(ROTATION, (c) => {
-        this.#rotation = c.value as RotationRecord | undefined;
+        this.#rotation = c.value as R.RotationRecord | undefined;
       }),
       this.#local.watch(AUDIT_HEAD, (c) => {
         this.#auditHead = c.value as AuditHeadRecord | undefined;
@@ -171,14 +144,14 @@ export class Registry {
   async refresh(): Promise<void> {
     const store = this.#store;
     for (const { key, value } of await store.range(KEK_PREFIX)) this.#kekChanged({ key, value });
-    this.#kekMeta = (await store.get(KEK_META)) as KekMeta | undefined;
-    this.#rotation = (await store.get(ROTATION)) as RotationRecord | undefined;
+    this.#kekMeta = (await store.get(KEK_META)) as R.KekMeta | undefined;
+    this.#rotation = (await store.get(ROTATION)) as R.RotationRecord | undefined;
   }
 
   #kekChanged({ key, value }: StoreChange): void {
     const version = Number(key.slice(KEK_PREFIX.length));
     if (value === undefined) this.#keks.delete(version);
-    else this.#keks.set(version, value as KekRecord);
+    else this.#keks.set(version, value as R.KekRecord);
   }
 
   /**
@@ -277,20 +250,45 @@ export class Registry {
     this.#store.putNow(KCV, kcv);
   }
 
-  kekMeta(): KekMeta | undefined {
+  kekMeta(): R.KekMeta | undefined {
     return this.#kekMeta;
   }
 
-  kek(version: number): KekRecord | undefined {
+  async auditKeys(): Promise<WrappedAuditKey[]> {
+    return ((await this.#store.get(R.AUDIT_KEYS)) as WrappedAuditKey[] | undefined) ?? [];
+  }
+
+  /**
+   * Commits a master re-key (src/kms/rekey.ts) in one transaction: at every instant one master key
+   * opens the registry. CONFLICT if a KEK version or the KCV changed since the re-key read them.
+   */
+  async rekeyMaster(rekey: R.MasterRekey): Promise<void> {
+    await this.#store.atomically((tx) => {
+      if ((tx.get(ROTATION) as R.RotationRecord | undefined)?.state === 'running') {
+        throw kmsError('ROTATION_IN_PROGRESS', 'a KEK rotation is running: re-key once it has finished');
+      }
+      const conflict = () => kmsError('CONFLICT', 'the keyring changed during the re-key: run it again');
+      if (!sameValue(tx.get(KCV), rekey.fromKcv)) throw conflict();
+      for (const { version, from, wrapped } of rekey.keks) {
+        const kek = tx.get(kekKey(version)) as R.KekRecord | undefined;
+        if (kek === undefined || !sameValue(kek.wrapped, from)) throw conflict();
+        tx.put(kekKey(version), { ...kek, wrapped });
+      }
+      tx.put(KCV, rekey.kcv);
+      tx.put(R.AUDIT_KEYS, rekey.auditKeys);
+    });
+  }
+
+  kek(version: number): R.KekRecord | undefined {
     return this.#keks.get(version);
   }
 
   /** Every stored KEK version, oldest first. */
-  keks(): KekRecord[] {
+  keks(): R.KekRecord[] {
     return [...this.#keks.values()].sort((a, b) => a.version - b.version);
   }
 
-  rotation(): RotationRecord | undefined {
+  rotation(): R.RotationRecord | undefined {
     return this.#rotation;
   }
 
@@ -350,7 +348,7 @@ export class Registry {
   }
 
   /** First start: records KEK version 1. Returns false if another process initialised first. */
-  async initKek(meta: KekMeta, kek: KekRecord, kcv: Uint8Array): Promise<boolean> {
+  async initKek(meta: R.KekMeta, kek: R.KekRecord, kcv: Uint8Array): Promise<boolean> {
     const { committed } = await this.#store.transaction({
       compares: [{ key: KEK_META, absent: true }],
       puts: [
@@ -367,7 +365,7 @@ export class Registry {
   #applyRefs(tx: StoreTxnView, deltas: Map<number, number>): void {
     for (const [version, delta] of deltas) {
       if (delta === 0) continue;
-      const kek = tx.get(kekKey(version)) as KekRecord | undefined;
+      const kek = tx.get(kekKey(version)) as R.KekRecord | undefined;
       if (kek === undefined) throw kmsError('STORE_CORRUPT', `KEK version ${version} is missing`);
       tx.put(kekKey(version), { ...kek, refs: kek.refs + delta });
     }
@@ -417,10 +415,10 @@ export class Registry {
    * cluster started a rotation first, and overwriting its new KEK would strand every DEK it had
    * already rewrapped.
    */
-  async beginRotation(kek: KekRecord, rotation: RotationRecord): Promise<void> {
+  async beginRotation(kek: R.KekRecord, rotation: R.RotationRecord): Promise<void> {
     await this.#store.atomically((tx) => {
       this.#fenceRotation(tx);
-      const meta = tx.get(KEK_META) as KekMeta;
+      const meta = tx.get(KEK_META) as R.KekMeta;
       if (tx.get(kekKey(kek.version)) !== undefined || meta.activeVersion + 1 !== kek.version) {
         throw kmsError('ROTATION_IN_PROGRESS', `KEK version ${kek.version} was started by another process`);
       }
@@ -435,7 +433,7 @@ export class Registry {
    * since it was read (destroyed, rewrapped, version removed) is skipped: compare-and-set, so a
    * concurrent change is never overwritten and every version stays wrapped under a live KEK.
    */
-  applyRewraps(rewraps: readonly Rewrap[], progress: RotationRecord): Promise<number> {
+  applyRewraps(rewraps: readonly R.Rewrap[], progress: R.RotationRecord): Promise<number> {
     return this.#transact((tx, stage) => {
       this.#fenceRotation(tx);
       const deltas = new Map<number, number>();
@@ -462,7 +460,7 @@ export class Registry {
   }
 
   /** Saves rotation progress alone (a batch with nothing to rewrap, or a new pass). */
-  async saveRotation(progress: RotationRecord): Promise<void> {
+  async saveRotation(progress: R.RotationRecord): Promise<void> {
     await this.#store.atomically((tx) => {
       this.#fenceRotation(tx);
       tx.put(ROTATION, progress);
@@ -473,14 +471,14 @@ export class Registry {
    * Ends a rotation: destroys every non-active KEK version that no DEK version references any more,
    * and records completion. Returns the versions destroyed.
    */
-  finishRotation(progress: RotationRecord): Promise<number[]> {
+  finishRotation(progress: R.RotationRecord): Promise<number[]> {
     const versions = [...this.#keks.keys()].sort((a, b) => a - b);
     return this.#store.atomically((tx) => {
       this.#fenceRotation(tx);
-      const meta = tx.get(KEK_META) as KekMeta;
+      const meta = tx.get(KEK_META) as R.KekMeta;
       const destroyed: number[] = [];
       for (const version of versions) {
-        const kek = tx.get(kekKey(version)) as KekRecord | undefined;
+        const kek = tx.get(kekKey(version)) as R.KekRecord | undefined;
         if (kek !== undefined && version !== meta.activeVersion && kek.refs === 0) {
           tx.delete(kekKey(version));
           destroyed.push(version);

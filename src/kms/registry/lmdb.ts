@@ -39,6 +39,7 @@ const META_KEYS: Record<string, string> = {
   'meta/kek': 'kek',
   'meta/format': 'format',
   'meta/kcv': 'kcv',
+  'meta/audit-keys': 'audit_keys',
   rotation: 'rotation',
   'audit-head': 'audit_head',
   // Only a cluster store ever holds it (migrate.ts); asked for by Registry.open on any store.

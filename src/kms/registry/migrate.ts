@@ -22,7 +22,7 @@ import type { RegistryStore, StoreEntry } from './store.js';
 
 /** Copied as records, in this order; the meta records go last, in the commit. */
 const NAMESPACES = ['kek/', 'dek/', 'thread/', 'pending/'] as const;
-const META = ['meta/format', 'meta/kcv', 'meta/kek', 'rotation'] as const;
+const META = ['meta/format', 'meta/kcv', 'meta/kek', 'rotation', 'meta/audit-keys'] as const;
 /** Entries per etcd transaction: within etcd's 128 operations (the group commit merges up to that). */
 const PUTS_PER_TXN = 100;
 const TXNS_IN_FLIGHT = 4;

@@ -1,0 +1,33 @@
+/** What the embedded KMS offers beyond the Kms interface: operations on its own data directory. */
+import type { CallContext, Kms, VerifyAuditResult } from '../api/index.js';
+import type { RekeyResult } from './rekey.js';
+
+/** Options of verifyAudit(). */
+export interface VerifyAuditOptions {
+  /**
+   * Start the chain at this file (a name or path of `kms-audit.log.NNNNNN` or the live file),
+   * for when older rolled files were removed on purpose (expiry). Default: the oldest present,
+   * which must begin the log's first session.
+   */
+  from?: string;
+}
+
+/** Options of rekeyMaster(). */
+export interface RekeyMasterOptions {
+  /** The new master key's file (64 hex characters, mode 0600, as `progressdb-kms keygen` makes). */
+  newMasterKeyFile: string;
+  /** Accept a new key file that group or others can read (refused by default). */
+  allowOpenKeyFile?: boolean;
+  /** The offline command against a cluster's registry, every replica stopped (see rekey.ts). */
+  offline?: boolean;
+}
+
+export type EmbeddedKmsHandle = Kms & {
+  verifyAudit(options?: VerifyAuditOptions): Promise<VerifyAuditResult>;
+  reopenAuditLog(): boolean;
+  /**
+   * Master re-key (rekey.ts): every KEK version rewrapped under the new master key in one
+   * transaction; from then on only the new key opens this registry.
+   */
+  rekeyMaster(options: RekeyMasterOptions, ctx?: CallContext): Promise<RekeyResult>;
+};
