@@ -19,7 +19,7 @@ import {
   tempDir,
   writeMasterKey,
 } from './helpers/kms.js';
-import { KMS_CLI, runCli } from './helpers/server.js';
+import { KMS_CLI, runCli, startServer } from './helpers/server.js';
 
 /** A second key file beside the first. */
 function newKeyFile(dir: string, name = 'new.key'): string {
@@ -209,4 +209,26 @@ test('kill -9 at any point of an offline re-key: exactly one key opens the direc
     outcomes[opened[0]?.key === oldKey ? 'old' : 'new']++;
   }
   t.log(`killed before the commit ${outcomes.old} times, after it ${outcomes.new} times`);
+});
+
+test('the server re-keys its embedded KMS online: messages stay readable, and it starts again only with the new key', async (t) => {
+  const server = await startServer();
+  t.teardown(() => server.stop());
+  const tid = await server.api.createThread();
+  const posted = await server.api.postMessage(tid, { text: 'before the re-key' });
+  t.is(posted.status, 201);
+  const newKey = newKeyFile(server.dataDir);
+  const bad = await server.admin.post('/admin/encryption/rekey-master', { new_master_key_file: 42 });
+  t.is(bad.status, 400);
+  t.is(bad.body.error.code, 'INVALID_INPUT');
+  const res = await server.admin.post('/admin/encryption/rekey-master', { new_master_key_file: newKey });
+  t.is(res.status, 200, JSON.stringify(res.body));
+  t.deepEqual(res.body, { kek_versions: 1, audit_keys: 1 });
+  const read = async (s: typeof server) => (await s.api.allMessages(tid)).map((m) => m.body);
+  t.deepEqual(await read(server), [{ text: 'before the re-key' }]);
+  await server.stop();
+
+  const again = await server.restart({ env: { PROGRESSDB_KMS_MASTER_KEY_FILE: newKey } });
+  t.teardown(() => again.stop());
+  t.deepEqual(await read(again), [{ text: 'before the re-key' }]);
 });

@@ -3,6 +3,7 @@ import { adminEncryptThreads } from './admin-encrypt-threads.js';
 import { adminEncryptThreadsStatus } from './admin-encrypt-threads-status.js';
 import { adminHealth } from './admin-health.js';
 import { adminPendingDeletions } from './admin-pending-deletions.js';
+import { adminRekeyMaster } from './admin-rekey-master.js';
 import { adminRestoreThread } from './admin-restore-thread.js';
 import { adminRotateKek } from './admin-rotate-kek.js';
 import { adminRotateThreadDek } from './admin-rotate-thread-dek.js';
@@ -36,6 +37,7 @@ export const ROUTES: readonly ServerRoute[] = [
   messagesUpdate,
   messagesDelete,
   adminRotateKek,
+  adminRekeyMaster,
   adminRotationStatus,
   adminRotateThreadDek,
   adminThreadDekStatus,
