@@ -194,7 +194,7 @@ test.serial(
 test.serial(
   'kill -9 mid-way: replicas refuse the half-copied prefix with REGISTRY_MIGRATING; a re-run finishes it',
   async (t) => {
-    const source = await singleNode(t, 10_000, 250);
+    const source = await singleNode(t, 5000, 125);
     const prefix = '/progressdb-kms/killed/';
     const child = spawn(process.execPath, [KMS_CLI, ...migrateArgs(source, 'killed')], {
       env: cleanEnv(),
@@ -245,7 +245,7 @@ test.serial(
 
     const rerun = await migrate(source, 'killed');
     t.is(rerun.code, 0, rerun.stderr);
-    t.regex(rerun.stdout, /finished the interrupted migration .* 10000 DEKs, 10000 threads/);
+    t.regex(rerun.stdout, /finished the interrupted migration .* 5000 DEKs, 5000 threads/);
     const a = await replica(t, source, 'killed', 'killed-a');
     await everyOldCiphertextDecrypts(t, clientOf([a]), source);
   },

@@ -28,6 +28,9 @@ function newKeyFile(dir: string, name = 'new.key'): string {
   return file;
 }
 
+/** Kills of the offline command, spread evenly over the time a whole run takes. */
+const KILL_POINTS = 4;
+
 function rekeyArgs(dataDir: string, oldKey: string, newKey: string): string[] {
   return ['rekey', '--data-dir', dataDir, '--master-key-file', oldKey, '--new-master-key-file', newKey];
 }
@@ -183,11 +186,11 @@ test('kill -9 at any point of an offline re-key: exactly one key opens the direc
   t.is(full.code, 0, full.stderr);
 
   const outcomes = { old: 0, new: 0 };
-  for (let i = 1; i <= 6; i++) {
+  for (let i = 1; i <= KILL_POINTS; i++) {
     const dataDir = path.join(dir, `run-${i}`);
     fs.cpSync(template, dataDir, { recursive: true });
     const child = startProcess(t, process.execPath, args(dataDir));
-    await new Promise((resolve) => setTimeout(resolve, (runMs * i) / 7));
+    await new Promise((resolve) => setTimeout(resolve, (runMs * i) / (KILL_POINTS + 1)));
     child.kill('SIGKILL');
     await child.exited;
     const opened: { key: string; kms: Awaited<ReturnType<typeof createKms>> }[] = [];

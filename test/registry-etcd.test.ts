@@ -194,8 +194,8 @@ test.serial(
       finishedAt: null,
     };
     const results = await Promise.allSettled([
-      ra.beginRotation(kek(2, 2), rotation),
-      rb.beginRotation(kek(2, 3), rotation),
+      ra.beginRotation(kek(2, 2), rotation, Buffer.alloc(16)),
+      rb.beginRotation(kek(2, 3), rotation, Buffer.alloc(16)),
     ]);
     const refused = results.filter((r) => r.status === 'rejected') as PromiseRejectedResult[];
     t.is(refused.length, 1);

@@ -127,3 +127,34 @@ test('createDek refuses a key wrapped under a KEK version the registry no longer
   t.is(await registry.keyIdForThread('thread-retired'), undefined);
   t.is(await registry.dek('dek_retired'), undefined);
 });
+
+test('beginRotation refuses a KEK made under another master key than the registry names (a re-key happened)', async (t) => {
+  const registry = await Registry.openDataDir(tempDir(t));
+  t.teardown(() => registry.close());
+  const now = new Date().toISOString();
+  const kek = (version: number) => ({
+    kekId: 'kek_1',
+    version,
+    wrapped: Buffer.alloc(72, version),
+    createdAt: now,
+    refs: 0,
+  });
+  t.true(
+    await registry.initKek({ kekId: 'kek_1', activeVersion: 1, createdAt: now }, kek(1), Buffer.alloc(16, 1)),
+  );
+  const rotation = {
+    state: 'running' as const,
+    target: 2,
+    cursor: null,
+    done: 0,
+    total: 0,
+    startedAt: now,
+    finishedAt: null,
+  };
+  await t.throwsAsync(registry.beginRotation(kek(2), rotation, Buffer.alloc(16, 2)), {
+    code: 'MASTER_KEY_MISMATCH',
+  });
+  t.is(registry.kekMeta()?.activeVersion, 1, 'nothing was written');
+  await registry.beginRotation(kek(2), rotation, Buffer.alloc(16, 1));
+  t.is(registry.kekMeta()?.activeVersion, 2);
+});

@@ -176,8 +176,7 @@ class EmbeddedKms implements Kms {
       kekId: () => this.#kek.kekId,
       newKek: async (version, audit) => {
         const task: NewKekTask = { type: 'new-kek', kekId: this.#kek.kekId, version, audit };
-        const result = await this.#runAudited<NewKekResult>(task);
-        return result.wrapped;
+        return this.#runAudited<NewKekResult>(task);
       },
       note: (audit) => this.#queue.note(audit),
       now: () => this.#opts.clock.now(),

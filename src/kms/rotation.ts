@@ -36,8 +36,8 @@ export interface RotationDeps {
   pool: CryptoPool;
   batchSize: number;
   kekId: () => string;
-  /** Creates KEK `version` in a worker; returns it wrapped under the master key. */
-  newKek: (version: number, audit: AuditFields) => Promise<Uint8Array>;
+  /** Creates KEK `version` in a worker: wrapped under the master key, and that key's check value. */
+  newKek: (version: number, audit: AuditFields) => Promise<{ wrapped: Uint8Array; kcv: Uint8Array }>;
   /** Writes an audit-only line. */
   note: (audit: AuditFields) => Promise<void>;
   /** The time new KEK versions and rotation records are stamped with (the schedule's clock). */
@@ -209,7 +209,7 @@ export class KekRotation {
     const active = meta.activeVersion;
     if (opts.onlyIfActive !== undefined && opts.onlyIfActive !== active) return null;
     const version = active + 1;
-    const wrapped = await this.#deps.newKek(version, {
+    const { wrapped, kcv } = await this.#deps.newKek(version, {
       op: 'rotate_kek',
       kekVersion: version,
       detail: `start: KEK version ${active} -> ${version}`,
@@ -228,6 +228,7 @@ export class KekRotation {
     await registry.beginRotation(
       { kekId: this.#deps.kekId(), version, wrapped, createdAt: now, refs: 0 },
       progress,
+      kcv,
     );
     return progress;
   }

@@ -411,13 +411,15 @@ export class Registry {
 
   /**
    * Adds a new active KEK version and records a running rotation to it, atomically. Refused with
-   * ROTATION_IN_PROGRESS when that version exists or is not the next one: another process of a
-   * cluster started a rotation first, and overwriting its new KEK would strand every DEK it had
-   * already rewrapped.
+   * ROTATION_IN_PROGRESS when that version exists or is not the next one (another replica began
+   * first: overwriting its KEK would strand the DEKs it rewrapped), and with MASTER_KEY_MISMATCH
+   * when `kcv` is not the registry's (a process left on the master key of before a re-key).
    */
-  async beginRotation(kek: R.KekRecord, rotation: R.RotationRecord): Promise<void> {
+  async beginRotation(kek: R.KekRecord, rotation: R.RotationRecord, kcv: Uint8Array): Promise<void> {
     await this.#store.atomically((tx) => {
       this.#fenceRotation(tx);
+      if (!sameValue(tx.get(KCV), kcv))
+        throw kmsError('MASTER_KEY_MISMATCH', 'the registry was re-keyed: restart with its new master key');
       const meta = tx.get(KEK_META) as R.KekMeta;
       if (tx.get(kekKey(kek.version)) !== undefined || meta.activeVersion + 1 !== kek.version) {
         throw kmsError('ROTATION_IN_PROGRESS', `KEK version ${kek.version} was started by another process`);
