@@ -14,7 +14,7 @@ import { etcdFaultHandling } from '../src/kms/registry/open.js';
 import { EtcdCluster } from './helpers/etcd.js';
 import { auditLines, manualClock, tempDir, writeMasterKey } from './helpers/kms.js';
 import { until } from './helpers/processes.js';
-import { registryStoreSuite } from './helpers/registry-store-suite.js';
+import { registryStoreSuite, runningRotation } from './helpers/registry-store-suite.js';
 
 let cluster: EtcdCluster;
 let prefixes = 0;
@@ -184,15 +184,7 @@ test.serial(
       await rb.initKek({ kekId: 'kek_1', activeVersion: 1, createdAt: 'now' }, kek(1, 9), Buffer.alloc(16)),
     );
     await until('b sees KEK version 1', () => rb.kekMeta(), 5000);
-    const rotation = {
-      state: 'running' as const,
-      target: 2,
-      cursor: null,
-      done: 0,
-      total: 0,
-      startedAt: 'now',
-      finishedAt: null,
-    };
+    const rotation = runningRotation(2);
     const results = await Promise.allSettled([
       ra.beginRotation(kek(2, 2), rotation, Buffer.alloc(16)),
       rb.beginRotation(kek(2, 3), rotation, Buffer.alloc(16)),

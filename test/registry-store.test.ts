@@ -9,7 +9,7 @@ import { open } from 'lmdb';
 import { Registry } from '../src/kms/registry/index.js';
 import { LmdbStore } from '../src/kms/registry/lmdb.js';
 import { tempDir } from './helpers/kms.js';
-import { registryStoreSuite } from './helpers/registry-store-suite.js';
+import { registryStoreSuite, runningRotation } from './helpers/registry-store-suite.js';
 
 registryStoreSuite('lmdb', async (t) => LmdbStore.open(tempDir(t, 'pdb-store-')));
 
@@ -142,15 +142,7 @@ test('beginRotation refuses a KEK made under another master key than the registr
   t.true(
     await registry.initKek({ kekId: 'kek_1', activeVersion: 1, createdAt: now }, kek(1), Buffer.alloc(16, 1)),
   );
-  const rotation = {
-    state: 'running' as const,
-    target: 2,
-    cursor: null,
-    done: 0,
-    total: 0,
-    startedAt: now,
-    finishedAt: null,
-  };
+  const rotation = runningRotation(2, now);
   await t.throwsAsync(registry.beginRotation(kek(2), rotation, Buffer.alloc(16, 2)), {
     code: 'MASTER_KEY_MISMATCH',
   });

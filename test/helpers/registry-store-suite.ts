@@ -29,6 +29,11 @@ async function withStore(t: ExecutionContext, open: OpenStore): Promise<Registry
   return store;
 }
 
+/** A rotation record to `target` that has just begun. */
+export function runningRotation(target: number, startedAt = 'now') {
+  return { state: 'running' as const, target, cursor: null, done: 0, total: 0, startedAt, finishedAt: null };
+}
+
 export function registryStoreSuite(name: string, open: OpenStore): void {
   test(`${name}: create-if-absent raced by two transactions commits exactly one`, async (t) => {
     const store = await withStore(t, open);
