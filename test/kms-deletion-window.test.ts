@@ -199,3 +199,14 @@ test('daemon: 409 KEY_PENDING_DELETION over HTTP and the bridge, deletion_due_at
   t.is(unknown.status, 404);
   t.is(unknown.json.error.code, 'KEY_NOT_FOUND');
 });
+
+test('new keys and key versions are stamped by the KMS clock', async (t) => {
+  const clock = manualClock(Date.parse('2031-05-06T07:08:09.000Z'));
+  const { kms } = await openKms(t, { clock });
+  const created = await kms.createDekForThread('thread-stamped');
+  t.is(created.createdAt, '2031-05-06T07:08:09.000Z');
+  clock.advance(60_000);
+  const rotated = await kms.rotateDek(created.keyId);
+  t.is(rotated.keyVersion, 2);
+  t.is(rotated.createdAt, '2031-05-06T07:08:09.000Z', 'the key keeps its creation time');
+});

@@ -164,7 +164,7 @@ export class KeyOps {
     const template: DekRef = { keyId, keyVersion: 1, kekVersion, wrapped: new Uint8Array(0) };
     const audit = auditFields('create_dek_for_thread', ctx, keyId, threadId, kekVersion);
     const { output } = await this.queue.run(generateOp(template, audit));
-    const now = new Date().toISOString();
+    const now = new Date(this.now()).toISOString();
     const stored = await this.registry.createDek({
       keyId,
       threadId,
@@ -240,7 +240,7 @@ export class KeyOps {
       detail: `new key version ${version}`,
     };
     const { output } = await this.queue.run(generateOp(template, audit));
-    const now = new Date().toISOString();
+    const now = new Date(this.now()).toISOString();
     const updated = await this.registry.updateDek(keyId, (current) =>
       addVersion(current, { v: version, kek: kekVersion, wrapped: Buffer.from(output), createdAt: now }),
     );
