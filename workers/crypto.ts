@@ -20,6 +20,7 @@ import {
   wrappedKeyBytes,
 } from '../src/format.js';
 import {
+  type AuditCheckpointResult,
   type AuditFields,
   type BatchResult,
   BatchResultWriter,
@@ -42,6 +43,7 @@ import {
   type ZeroizeResult,
 } from '../src/worker-abi/index.js';
 import { AuthFailure, openInto, randomKeyInto, sealInto, wrapKeyInto } from './aead.js';
+import { type AuditSigner, loadAuditSigner } from './audit-signer.js';
 import { AuditStream, type SealedBlock } from './audit-stream.js';
 import { AuditTally, isDataOp } from './audit-tally.js';
 import { verifyAuditFiles } from './audit-verify-files.js';
@@ -59,10 +61,20 @@ let auditStream: AuditStream | null = null;
 /** Data-op counts of the running task, with audit_data_ops: aggregate; null with `each`. */
 const auditTally = init.auditDataOps === 'aggregate' ? new AuditTally() : null;
 
+/** The audit signing key, loaded with the root keys when checkpoints are on. */
+let auditSigner: AuditSigner | null = null;
+
 function roots(): RootKeys {
   return keyring.roots((created) => {
-    if (init.auditFile !== null)
-      auditStream = new AuditStream(created.auditKey, init.auditLink, init.auditReplica);
+    if (init.auditFile === null) return;
+    const policy = init.auditCheckpoints;
+    // A bad signing key fails the start-up check (check-kek), like a bad master key.
+    auditSigner = policy === null ? null : loadAuditSigner(policy.signingKey);
+    const checkpoints =
+      policy === null || auditSigner === null
+        ? null
+        : { signer: auditSigner, lines: policy.lines, ms: policy.ms };
+    auditStream = new AuditStream(created.auditKey, init.auditLink, init.auditReplica, checkpoints);
   });
 }
 
@@ -124,9 +136,12 @@ function followAuditFile(): void {
   }
 }
 
-/** Seals and appends the open audit block, if any. Returns whether anything was written. */
-function flushAudit(): boolean {
-  const block = auditStream?.seal() ?? null;
+/**
+ * Seals and appends the open audit block, if any, with a checkpoint after it when one is due or
+ * `checkpoint` asks for one. Returns whether anything was written.
+ */
+function flushAudit(checkpoint = false): boolean {
+  const block = auditStream?.seal(checkpoint) ?? null;
   if (block === null) return false;
   appendAudit(block);
   return true;
@@ -135,6 +150,8 @@ function flushAudit(): boolean {
 /** Zeroes every key this worker holds. */
 function zeroAll(): void {
   keyring.zeroAll();
+  auditSigner?.zero();
+  auditSigner = null;
   auditStream = null;
   if (auditFd >= 0) {
     fs.closeSync(auditFd);
@@ -286,6 +303,7 @@ function runBatchOps(task: BatchTask): BatchResult {
     auditFailure === null
       ? null
       : workerError('AUDIT_WRITE_FAILED', `audit log unavailable (${auditFailure})`);
+  let stopping = false;
 
   for (let i = 0; i < batch.count; i++) {
     const dek = batch.dek(i);
@@ -303,6 +321,7 @@ function runBatchOps(task: BatchTask): BatchResult {
     if (error === null) results.ok(i, batch.outputOffset(i), outputBytes, dek?.keyVersion ?? 0);
     else results.fail(i, error);
     const audit = batch.audit(i);
+    if (audit?.op === 'stop') stopping = true;
     if (audit !== null && auditStream !== null) {
       if (auditTally !== null && isDataOp(audit)) auditTally.add(audit, error?.code ?? null);
       else auditStream.add(audit, ts, error === null ? 'ok' : 'error', error?.code ?? null);
@@ -313,7 +332,8 @@ function runBatchOps(task: BatchTask): BatchResult {
   let audited = false;
   if (refused === null) {
     try {
-      audited = flushAudit();
+      // The stop line is checkpointed at once, so that a cut after it is seen without the MAC key.
+      audited = flushAudit(stopping);
     } catch (err) {
       // The lines were not written, so none of this task's results may be released.
       batch.data.fill(0);
@@ -321,7 +341,21 @@ function runBatchOps(task: BatchTask): BatchResult {
     }
   }
   const auditHead = audited ? (auditStream?.head() ?? undefined) : undefined;
-  return results.finish(batch.data.buffer as ArrayBuffer, audited, auditHead);
+  const auditCheckpoint = audited ? (auditStream?.checkpoint() ?? undefined) : undefined;
+  return results.finish(batch.data.buffer as ArrayBuffer, audited, auditHead, auditCheckpoint);
+}
+
+/** Checkpoints this worker's stream if some line is not yet covered (AuditCheckpointTask). */
+function checkpointAudit(): AuditCheckpointResult {
+  if (init.auditCheckpoints === null || init.auditFile === null) return { audited: false };
+  roots();
+  followAuditFile();
+  if (auditFailure !== null || !flushAudit(true)) return { audited: false };
+  return {
+    audited: true,
+    auditHead: auditStream?.head() ?? undefined,
+    auditCheckpoint: auditStream?.checkpoint() ?? undefined,
+  };
 }
 
 /** Audits a single non-batch task (start, new KEK) as a block of its own. */
@@ -354,7 +388,12 @@ function newKek(task: NewKekTask): NewKekResult {
     throw err;
   }
   keyring.setKek(task.version, key, wrapped);
-  return { wrapped, kcv: keyCheckValue(), auditHead: auditStream?.head() ?? undefined };
+  return {
+    wrapped,
+    kcv: keyCheckValue(),
+    auditHead: auditStream?.head() ?? undefined,
+    auditCheckpoint: auditStream?.checkpoint() ?? undefined,
+  };
 }
 
 const KCV_LABEL = 'progressdb/kek-wrap-check/v1';
@@ -447,6 +486,8 @@ function runTask(task: Exclude<WorkerTask, BatchTask>): unknown {
       return checkKek(task);
     case 'verify-audit':
       return verifyAudit(task);
+    case 'audit-checkpoint':
+      return checkpointAudit();
     case 'zeroize':
       return zeroize();
   }

@@ -129,7 +129,13 @@ program
   .command('keygen')
   .description('write a new random master key (64 hex characters)')
   .option('--out <file>', 'file to create (mode 0600); stdout when omitted')
-  .action((opts: { out?: string }) => exitWith(async () => (await keygen()).keygenCommand(opts))());
+  .option(
+    '--audit-signing-key <file>',
+    'instead, write an audit signing key pair: <file> (private, mode 0600) and <file>.pub (public)',
+  )
+  .action((opts: { out?: string; auditSigningKey?: string }) =>
+    exitWith(async () => (await keygen()).keygenCommand(opts))(),
+  );
 
 program
   .command('audit')

@@ -24,6 +24,7 @@ import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from '../
 import { kmsError, toCodedError } from '../errors.js';
 import { type Logger, silentLogger } from '../log.js';
 import type { KekRef, NewKekResult, NewKekTask } from '../worker-abi/index.js';
+import { AuditCheckpointRounds } from './audit-checkpoint-rounds.js';
 import { AUDIT_FILE_NAME, AuditFile, auditChainFiles } from './audit-file.js';
 import { AuditHeadKeeper } from './audit-head-keeper.js';
 import { DataPlane } from './data-plane.js';
@@ -39,6 +40,7 @@ import { openRegistry } from './registry/open.js';
 import { KekRotation } from './rotation.js';
 import { RotationSchedule } from './rotation-schedule.js';
 import { startUp } from './startup.js';
+import type { VerifyAuditOptions } from './verify-audit.js';
 
 export type { KmsOptions } from '../config/library.js';
 export { AUDIT_FILE_NAME } from './audit-file.js';
@@ -55,6 +57,8 @@ class EmbeddedKms implements Kms {
   readonly #auditFile: AuditFile | null;
   /** Links this session's audit streams to the last one (null with audit off). */
   readonly #auditHeads: AuditHeadKeeper | null;
+  /** Checkpoints idle workers' streams (with an audit signing key only). */
+  readonly #checkpointRounds: AuditCheckpointRounds | null;
   readonly #lock: DirLock;
   readonly #kekRefs = new Map<number, KekRef>();
   readonly #queue: OpQueue;
@@ -101,19 +105,29 @@ class EmbeddedKms implements Kms {
         auditDataOps: opts.auditDataOps,
         auditLink: auditHeads?.linkFields ?? null,
         auditReplica: registry.cluster?.replicaId ?? null,
+        auditCheckpoints: auditFile === null ? null : opts.auditCheckpoints,
       },
       kekRef: (version) => this.#kekRef(version),
       onKeyMemory: keyMemoryWarner(this.#log),
-      onAudit: (failed, head) => {
+      onAudit: (failed, head, checkpoint) => {
         if (failed) {
           this.#auditFile?.fail('a worker could not append to the audit log');
           return;
         }
-        this.#auditHeads?.report(head);
+        this.#auditHeads?.report(head, checkpoint);
         this.#auditFile?.markDirty();
       },
       activeKekVersion: () => this.#kek.activeVersion,
     });
+    const checkpoints = auditFile === null ? null : opts.auditCheckpoints;
+    this.#checkpointRounds =
+      auditHeads === null || checkpoints === null
+        ? null
+        : new AuditCheckpointRounds({
+            checkpointAll: () => this.#pool.checkpointAll(),
+            ...checkpoints,
+            heads: auditHeads,
+          });
     // Every destroy leaves the workers here: this process's own (the store reports a commit before
     // it resolves) and, in a cluster, other replicas'.
     auditFile?.waitForTasksWith(() => this.#pool.settled());
@@ -157,6 +171,7 @@ class EmbeddedKms implements Kms {
       note: (audit) => this.#queue.note(audit),
       kekRef: (version) => this.#kekRef(version),
     });
+    this.#checkpointRounds?.start();
     this.#rotation = new KekRotation({
       registry: this.#registry,
       pool: this.#pool,
@@ -217,7 +232,7 @@ class EmbeddedKms implements Kms {
   /** Creates a KEK version in a worker; its audit line counts like a batch's. */
   async #newKek(task: NewKekTask): Promise<NewKekResult> {
     const result = await this.#pool.run<NewKekResult>(task);
-    this.#auditHeads?.report(result.auditHead);
+    this.#auditHeads?.report(result.auditHead, result.auditCheckpoint);
     this.#auditFile?.markDirty();
     return result;
   }
@@ -394,7 +409,10 @@ class EmbeddedKms implements Kms {
     await this.#rotation?.stop();
     await this.#pool.idle();
     let stopped = false;
-    if (this.#opts.audit && !(this.#auditFile?.failed ?? true)) {
+    const stopLine = this.#opts.audit && !(this.#auditFile?.failed ?? true);
+    // Every stream checkpointed first, so that the stop line names their checkpoints' ends.
+    await this.#checkpointRounds?.stop(stopLine).catch(() => {});
+    if (stopLine) {
       // The stop line names every stream's end, so no stream of this session can be cut unseen.
       const heads = this.#auditHeads?.stopHeads();
       stopped = await this.#queue.note({ op: 'stop', detail: `pid ${process.pid}`, heads }).then(
@@ -419,6 +437,7 @@ class EmbeddedKms implements Kms {
   /** Used when start-up fails half-way: release everything without writing more. */
   async abort(): Promise<void> {
     this.#closed = true;
+    await this.#checkpointRounds?.stop(false);
     await this.#pool.close().catch(() => {});
     this.#auditFile?.close();
     await this.#registry.close().catch(() => {});
@@ -426,15 +445,7 @@ class EmbeddedKms implements Kms {
   }
 }
 
-/** Options of verifyAudit(). */
-export interface VerifyAuditOptions {
-  /**
-   * Start the chain at this file (a name or path of `kms-audit.log.NNNNNN` or the live file),
-   * for when older rolled files were removed on purpose (expiry). Default: the oldest present,
-   * which must begin the log's first session.
-   */
-  from?: string;
-}
+export type { VerifyAuditOptions } from './verify-audit.js';
 
 export type EmbeddedKmsHandle = Kms & {
   verifyAudit(options?: VerifyAuditOptions): Promise<VerifyAuditResult>;
