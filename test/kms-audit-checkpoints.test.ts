@@ -208,3 +208,56 @@ test('a signing key file that is not one keygen made fails the start', async (t)
     'AUDIT_SIGNING_KEY_INVALID',
   );
 });
+
+test('an idle worker checkpoints its last lines once auditCheckpointMs has passed', async (t) => {
+  const key = await signingKey(t);
+  const { kms, dataDir } = await openKms(t, {
+    poolSize: 2,
+    auditSigningKeyFile: key.file,
+    auditCheckpointLines: 1_000_000,
+    auditCheckpointMs: 200,
+    auditDataOps: 'each',
+  });
+  const dek = await kms.createDekForThread('thread-idle');
+  await kms.encrypt(dek.keyId, Buffer.from('x'));
+  // Nothing more is asked of the KMS: only its checkpoint rounds can cover these lines.
+  // Polled until every stream's lines are covered, or 10 s (50 rounds) have passed.
+  const publicKey = parsePublicKey(fs.readFileSync(key.publicKeyFile, 'utf8')) as Buffer;
+  const deadline = Date.now() + 10_000;
+  let result = verifyAuditPublic([auditPath(dataDir)], [publicKey], null);
+  while ((!result.ok || result.linesUncovered > 0) && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    result = verifyAuditPublic([auditPath(dataDir)], [publicKey], null);
+  }
+  const lines = auditLines(dataDir);
+  t.true(result.ok, result.reason ?? '');
+  t.is(lines.at(-1)?.op, 'checkpoint');
+  t.is(result.linesUncovered, 0, 'every line is covered');
+  t.is(result.linesCovered, lines.length);
+});
+
+test('the hash chain goes on across rolled files, and from a later file when older ones expired', async (t) => {
+  const key = await signingKey(t);
+  const { kms, dataDir } = await openKms(t, {
+    auditSigningKeyFile: key.file,
+    auditCheckpointLines: 5,
+    auditMaxBytes: 4096,
+    auditDataOps: 'each',
+  });
+  const dek = await kms.createDekForThread('thread-roll');
+  for (let i = 0; i < 80; i++) await kms.encrypt(dek.keyId, Buffer.from('x'));
+  await kms.close();
+  const rolled = fs
+    .readdirSync(dataDir)
+    .filter((f) => /^kms-audit\.log\.\d+$/.test(f))
+    .sort();
+  t.true(rolled.length >= 2, `${rolled.length} rolled files`);
+  const all = await verifyCli(dataDir, [key.publicKeyFile]);
+  t.is(all.code, 0, all.out);
+  t.regex(all.out, new RegExp(`in ${rolled.length + 1} files`));
+  fs.rmSync(path.join(dataDir, rolled[0] as string));
+  const from = await captureStdout(() =>
+    auditVerifyPublicCommand({ dataDir, publicKey: [key.publicKeyFile], from: rolled[1] as string }),
+  );
+  t.is(from.result, 0, from.out);
+});
