@@ -19,7 +19,10 @@ import {
   captureStdout,
   expectCode,
   openKms,
+  ROOT,
+  startChild,
   tempDir,
+  writeScript,
 } from './helpers/kms.js';
 
 type CheckpointLine = AuditLine & { covers: number; hash: string; signing_key: string; sig: string };
@@ -260,4 +263,33 @@ test('the hash chain goes on across rolled files, and from a later file when old
     auditVerifyPublicCommand({ dataDir, publicKey: [key.publicKeyFile], from: rolled[1] as string }),
   );
   t.is(from.result, 0, from.out);
+});
+
+test('through the command line: keygen --audit-signing-key, then audit verify --public-key exits 0, 1 with another key', async (t) => {
+  const dir = tempDir(t);
+  const cli = path.join(ROOT, 'src/cli/progressdb-kms.ts');
+  const script = writeScript(dir, 'cli', `await import(${JSON.stringify(cli)});\n`);
+  const keyFile = path.join(dir, 'signing.key');
+  const made = await startChild(t, script, ['keygen', '--audit-signing-key', keyFile]).exited;
+  t.is(made.code, 0, made.stderr);
+  t.regex(made.stderr, /key id [0-9a-f]{32}/);
+  const again = await startChild(t, script, ['keygen', '--audit-signing-key', keyFile]).exited;
+  t.is(again.code, 1, 'never overwrites');
+  const { kms, dataDir } = await openKms(t, { auditSigningKeyFile: keyFile, auditCheckpointLines: 3 });
+  const dek = await kms.createDekForThread('thread-cli');
+  for (let i = 0; i < 4; i++) await kms.encrypt(dek.keyId, Buffer.from('x'));
+  await kms.close();
+  const verifyArgs = ['audit', 'verify', '--data-dir', dataDir, '--public-key'];
+  const ok = await startChild(t, script, [...verifyArgs, `${keyFile}.pub`]).exited;
+  t.is(ok.code, 0, ok.stderr);
+  t.regex(ok.stdout, /^ok: \d+ checkpoints verified/);
+  const other = path.join(dir, 'other.key');
+  await generateAuditSigningKey(other);
+  const wrong = await startChild(t, script, [...verifyArgs, `${other}.pub`, '--no-registry']).exited;
+  t.is(wrong.code, 1);
+  t.regex(wrong.stdout, /^FAILED \(wrong key\)/);
+  // Both keys given (a replaced signing key): the log's own is among them.
+  const both = await startChild(t, script, [...verifyArgs, `${other}.pub`, '--public-key', `${keyFile}.pub`])
+    .exited;
+  t.is(both.code, 0, both.stdout);
 });
