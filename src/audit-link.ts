@@ -8,6 +8,8 @@
  * at that moment. MACs are not secret (they are in the log): no key material is stored here.
  */
 
+import type { StreamCheckpoint } from './audit-checkpoint.js';
+
 /** The last signed block of a stream: its id, the `n` of its last line and its MAC (hex). */
 export interface StreamHead {
   s: string;
@@ -32,6 +34,13 @@ export interface AuditHeadRecord {
   sealed: boolean;
   /** What this session's first lines name: the last earlier session that recorded heads. */
   links: SessionClaim | null;
+  /**
+   * Each stream's last signed checkpoint (audit signing on), saved like `heads`: the log must
+   * hold them, which `audit verify --public-key` checks without the master key.
+   */
+  checkpoints?: StreamCheckpoint[];
+  /** The last earlier session's checkpoints, until this one has its own. */
+  prevCheckpoints?: StreamCheckpoint[];
 }
 
 /** `s:n:mac` items separated by spaces, sorted by stream id: one string, like every line field. */
@@ -69,10 +78,19 @@ export function linkFields(session: number, links: SessionClaim | null): string 
 /** The session a new start begins after the registry's head `previous` (undefined: none yet). */
 export function nextSession(previous: AuditHeadRecord | undefined): AuditHeadRecord {
   if (previous === undefined) return { session: 1, heads: [], sealed: false, links: null };
+  const prevCheckpoints =
+    (previous.checkpoints?.length ?? 0) > 0 ? previous.checkpoints : previous.prevCheckpoints;
   // A session that recorded no head (killed during its start) is skipped: link to what it linked to.
   const links =
     previous.heads.length > 0
       ? { session: previous.session, sealed: previous.sealed, heads: previous.heads }
       : previous.links;
-  return { session: previous.session + 1, heads: [], sealed: false, links };
+  const next: AuditHeadRecord = { session: previous.session + 1, heads: [], sealed: false, links };
+  if (prevCheckpoints !== undefined && prevCheckpoints.length > 0) next.prevCheckpoints = prevCheckpoints;
+  return next;
+}
+
+/** Every checkpoint the registry says the log holds: this session's and the last earlier one's. */
+export function recordedCheckpoints(head: AuditHeadRecord): StreamCheckpoint[] {
+  return [...(head.prevCheckpoints ?? []), ...(head.checkpoints ?? [])];
 }

@@ -57,6 +57,10 @@ export const ERROR_CATALOGUE = {
     message: 'a master key must not be given to the server in external KMS mode',
   },
   AUDIT_UNWRITABLE: { status: 500, message: 'audit log is not writable' },
+  AUDIT_SIGNING_KEY_INVALID: {
+    status: 500,
+    message: 'the audit signing key file is missing, unreadable or not one keygen --audit-signing-key made',
+  },
   DATA_DIR_LOCKED: { status: 500, message: 'data directory is in use by another process' },
   STORE_CORRUPT: { status: 500, message: 'stored record is corrupt' },
   /** An etcd cluster prefix that `migrate` is copying into: no replica may start on it yet. */

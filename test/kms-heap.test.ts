@@ -11,7 +11,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import test from 'ava';
 import { open } from 'lmdb';
+import { SIGNING_KEY_FILE_LABEL } from '../src/audit-checkpoint.js';
 import { dekIdentity, kekIdentity, WRAP_KIND_DEK, WRAP_KIND_KEK } from '../src/format.js';
+import { generateAuditSigningKey } from '../src/kms/keygen.js';
 import type { DekRecord, KekRecord } from '../src/kms/registry/index.js';
 import { openInto } from '../workers/aead.js';
 import { loadRootKeys } from '../workers/master-key.js';
@@ -20,8 +22,8 @@ import { runChild, tempDir, unwrapKey, writeMasterKey, writeScript } from './hel
 const CHILD = `import fs from 'node:fs';
 import v8 from 'node:v8';
 import { createKms } from 'KMS_MODULE';
-const [dataDir, keyFile, snapshot, out] = process.argv.slice(2);
-const kms = await createKms({ dataDir, masterKeyFile: keyFile, poolSize: 2 });
+const [dataDir, keyFile, snapshot, out, signingKeyFile] = process.argv.slice(2);
+const kms = await createKms({ dataDir, masterKeyFile: keyFile, poolSize: 2, auditSigningKeyFile: signingKeyFile, auditCheckpointLines: 10 });
 const samples = [];
 for (let i = 0; i < 20; i++) {
   const dek = await kms.createDekForThread('thread-' + i);
@@ -60,13 +62,25 @@ function encodings(key: Buffer): string[] {
   ];
 }
 
-test('a heap snapshot of the main thread contains no master key, KEK or DEK', async (t) => {
+test('a heap snapshot of the main thread contains no master key, KEK, DEK or audit signing key', async (t) => {
   const dir = tempDir(t);
   const { file: keyFile, hex } = writeMasterKey(dir);
+  const signingKeyFile = path.join(dir, 'audit-signing.key');
+  await generateAuditSigningKey(signingKeyFile);
   const dataDir = path.join(dir, 'kms');
   const snapshot = path.join(dir, 'main.heapsnapshot');
   const samplesFile = path.join(dir, 'samples.json');
-  await runChild(t, writeScript(dir, 'heap', CHILD), [dataDir, keyFile, snapshot, samplesFile]);
+  await runChild(t, writeScript(dir, 'heap', CHILD), [
+    dataDir,
+    keyFile,
+    snapshot,
+    samplesFile,
+    signingKeyFile,
+  ]);
+  t.true(
+    fs.readFileSync(path.join(dataDir, 'kms-audit.log'), 'utf8').includes('"op":"checkpoint"'),
+    'the workers signed checkpoints',
+  );
   const samples = JSON.parse(fs.readFileSync(samplesFile, 'utf8')) as Sample[];
 
   // Derive every key the child's workers held, from the registry and the master key, exactly
@@ -115,6 +129,7 @@ test('a heap snapshot of the main thread contains no master key, KEK or DEK', as
   const all = heap.strings.join('\u0000');
   t.true(all.includes(samples[0]!.keyId));
   t.true(all.includes(keyFile));
+  t.true(all.includes(signingKeyFile), 'the main thread holds the signing key file path');
 
   const master = Buffer.from(hex, 'hex');
   const needles = new Map<string, string>();
@@ -125,6 +140,13 @@ test('a heap snapshot of the main thread contains no master key, KEK or DEK', as
   ] as const) {
     for (const [i, s] of encodings(key).entries()) needles.set(`${name} #${i}`, s);
   }
+  // The signing key's seed: what its file holds after the label, and all that the secret key is made of.
+  const seed = Buffer.from(
+    fs.readFileSync(signingKeyFile, 'latin1').slice(SIGNING_KEY_FILE_LABEL.length).trim(),
+    'hex',
+  );
+  t.is(seed.length, 32);
+  for (const [i, s] of encodings(seed).entries()) needles.set(`audit signing key #${i}`, s);
   for (const [version, key] of keks)
     for (const [i, s] of encodings(key).entries()) needles.set(`KEK v${version} #${i}`, s);
   for (const [id, key] of deks)

@@ -40,6 +40,8 @@ interface StopState {
   /** The stop's own stream's last signed point before the stop line. */
   before: { n: number; mac: string };
   heads: Map<string, StreamHead>;
+  /** `n` of a checkpoint right after the stop line in its stream (audit signing on), or -1. */
+  checkpointN: number;
 }
 
 interface SessionState {
@@ -119,7 +121,8 @@ function checkStop(session: SessionState): void {
   if (stop === null) return;
   for (const [id, stream] of session.streams) {
     if (id === stop.s) {
-      if (stream.lastN !== stop.n)
+      // A checkpoint written with the stop line may follow it: it only signs what came before.
+      if (stream.lastN !== stop.n && stream.lastN !== stop.checkpointN)
         throw new Failure(stop.line, 'the stop line is not the last of its stream');
       continue;
     }
@@ -249,6 +252,8 @@ export class LogVerifier {
     if (record.op === 'stop' && record.heads !== undefined && stream.session !== null) {
       this.#stopLine(lineNo, stream, record);
     }
+    const stop = stream.session?.stop;
+    if (record.op === 'checkpoint' && stop?.s === s && n === stop.n + 1) stop.checkpointN = n;
     stream.next++;
     if (stream.hmacInput.length === 0) stream.firstLine = lineNo;
     if (record.mac === undefined) stream.hmacInput.push(line);
@@ -369,6 +374,7 @@ export class LogVerifier {
       n: record.n,
       before: { n: stream.lastN, mac: stream.lastMac },
       heads: new Map(heads.map((h) => [h.s, h])),
+      checkpointN: -1,
     };
   }
 

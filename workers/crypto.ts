@@ -7,7 +7,6 @@
  * transfers the packed results back.
  */
 import { timingSafeEqual } from 'node:crypto';
-import fs from 'node:fs';
 import { BroadcastChannel, threadId } from 'node:worker_threads';
 import { move, transferableSymbol, valueSymbol, workerData } from 'piscina';
 import {
@@ -20,6 +19,7 @@ import {
   wrappedKeyBytes,
 } from '../src/format.js';
 import {
+  type AuditCheckpointResult,
   type AuditFields,
   type BatchResult,
   BatchResultWriter,
@@ -44,7 +44,9 @@ import {
   type ZeroizeResult,
 } from '../src/worker-abi/index.js';
 import { AuthFailure, openInto, randomKeyInto, sealInto, wrapKeyInto } from './aead.js';
-import { AuditStream, type SealedBlock } from './audit-stream.js';
+import { AuditLogFile } from './audit-log-file.js';
+import { type AuditSigner, loadAuditSigner } from './audit-signer.js';
+import { AuditStream } from './audit-stream.js';
 import { AuditTally, isDataOp } from './audit-tally.js';
 import { verifyAuditFiles } from './audit-verify-files.js';
 import { faultOf, WorkerFault } from './fault.js';
@@ -63,87 +65,48 @@ let auditStream: AuditStream | null = null;
 /** Data-op counts of the running task, with audit_data_ops: aggregate; null with `each`. */
 const auditTally = init.auditDataOps === 'aggregate' ? new AuditTally() : null;
 
+/** The audit signing key, loaded with the root keys when checkpoints are on. */
+let auditSigner: AuditSigner | null = null;
+
 function roots(): RootKeys {
   return keyring.roots((created) => {
-    if (init.auditFile !== null)
-      auditStream = new AuditStream(created.auditKey, init.auditLink, init.auditReplica);
+    if (init.auditFile === null) return;
+    const policy = init.auditCheckpoints;
+    // A bad signing key fails the start-up check (check-kek), like a bad master key.
+    auditSigner = policy === null ? null : loadAuditSigner(policy.signingKey);
+    const checkpoints =
+      policy === null || auditSigner === null
+        ? null
+        : { signer: auditSigner, lines: policy.lines, ms: policy.ms };
+    auditStream = new AuditStream(created.auditKey, init.auditLink, init.auditReplica, checkpoints);
   });
 }
 
-let auditFd = -1;
-const auditGeneration = init.auditGeneration === null ? null : new Int32Array(init.auditGeneration);
-/** The generation of the live file `auditFd` was opened on. */
-let auditFdGeneration = 0;
-/** Set once an audit write failed: from then on this worker refuses every op (fail closed). */
-let auditFailure: string | null = null;
+/** The audit log this worker appends its blocks to (see audit-log-file.ts). */
+const auditLog = new AuditLogFile(init.auditFile, init.auditGeneration, init.auditFsyncEachWrite);
 
-/**
- * Appends a signed block to the audit log before the task's results are released. O_APPEND and one
- * write per block keep blocks whole when several workers append; each worker's own stream stays in
- * order because a worker runs one task at a time.
- */
-function appendAudit(block: SealedBlock): void {
-  if (auditFailure !== null) {
-    throw new WorkerFault('AUDIT_WRITE_FAILED', `audit log unavailable (${auditFailure})`);
-  }
-  try {
-    if (auditFd < 0) {
-      if (init.auditFile === null) throw new WorkerFault('INTERNAL', 'audit lines without an audit file');
-      auditFd = fs.openSync(init.auditFile, 'a', 0o600);
-    }
-    let written = 0;
-    while (written < block.length) {
-      written += fs.writeSync(auditFd, block.buffer, written, block.length - written);
-    }
-    if (init.auditFsyncEachWrite) fs.fdatasyncSync(auditFd);
-  } catch (err) {
-    auditFailure = (err as NodeJS.ErrnoException).code ?? 'write error';
-    throw new WorkerFault(
-      'AUDIT_WRITE_FAILED',
-      `audit log write failed (${auditFailure}); operation refused`,
-    );
-  }
-}
-
-/**
- * Before a task adds lines: (re)opens the log if the main thread started a new live file since
- * `auditFd` was opened (rollover, SIGHUP), so this task's block goes there and the stream's first
- * line in it names the MAC its chain goes on from. A block never spans files: a task still
- * writing to the old file was counted by the main thread, which fsyncs that file until it ends.
- */
 function followAuditFile(): void {
-  if (auditGeneration === null || init.auditFile === null || auditFailure !== null) return;
-  const generation = Atomics.load(auditGeneration, 0);
-  if (auditFd >= 0 && generation === auditFdGeneration) return;
-  try {
-    const fd = fs.openSync(init.auditFile, 'a', 0o600);
-    if (auditFd >= 0) {
-      fs.closeSync(auditFd);
-      auditStream?.anchorNext();
-    }
-    auditFd = fd;
-    auditFdGeneration = generation;
-  } catch (err) {
-    auditFailure = (err as NodeJS.ErrnoException).code ?? 'open error';
-  }
+  auditLog.follow(() => auditStream?.anchorNext());
 }
 
-/** Seals and appends the open audit block, if any. Returns whether anything was written. */
-function flushAudit(): boolean {
-  const block = auditStream?.seal() ?? null;
+/**
+ * Seals and appends the open audit block, if any, with a checkpoint after it when one is due or
+ * `checkpoint` asks for one. Returns whether anything was written.
+ */
+function flushAudit(checkpoint = false): boolean {
+  const block = auditStream?.seal(checkpoint) ?? null;
   if (block === null) return false;
-  appendAudit(block);
+  auditLog.append(block);
   return true;
 }
 
 /** Zeroes every key this worker holds. */
 function zeroAll(): void {
   keyring.zeroAll();
+  auditSigner?.zero();
+  auditSigner = null;
   auditStream = null;
-  if (auditFd >= 0) {
-    fs.closeSync(auditFd);
-    auditFd = -1;
-  }
+  auditLog.close();
 }
 
 // The main thread announces destroyed keys here, so every worker drops them at once rather than
@@ -287,9 +250,10 @@ function runBatchOps(task: BatchTask): BatchResult {
   const ts = isoNow();
   // After a failed audit write nothing more is computed: no key use without its audit line.
   const refused =
-    auditFailure === null
+    auditLog.failure === null
       ? null
-      : workerError('AUDIT_WRITE_FAILED', `audit log unavailable (${auditFailure})`);
+      : workerError('AUDIT_WRITE_FAILED', `audit log unavailable (${auditLog.failure})`);
+  let stopping = false;
 
   for (let i = 0; i < batch.count; i++) {
     const dek = batch.dek(i);
@@ -307,6 +271,7 @@ function runBatchOps(task: BatchTask): BatchResult {
     if (error === null) results.ok(i, batch.outputOffset(i), outputBytes, dek?.keyVersion ?? 0);
     else results.fail(i, error);
     const audit = batch.audit(i);
+    if (audit?.op === 'stop') stopping = true;
     if (audit !== null && auditStream !== null) {
       if (auditTally !== null && isDataOp(audit)) auditTally.add(audit, error?.code ?? null);
       else auditStream.add(audit, ts, error === null ? 'ok' : 'error', error?.code ?? null);
@@ -317,7 +282,8 @@ function runBatchOps(task: BatchTask): BatchResult {
   let audited = false;
   if (refused === null) {
     try {
-      audited = flushAudit();
+      // The stop line is checkpointed at once, so that a cut after it is seen without the MAC key.
+      audited = flushAudit(stopping);
     } catch (err) {
       // The lines were not written, so none of this task's results may be released.
       batch.data.fill(0);
@@ -325,7 +291,21 @@ function runBatchOps(task: BatchTask): BatchResult {
     }
   }
   const auditHead = audited ? (auditStream?.head() ?? undefined) : undefined;
-  return results.finish(batch.data.buffer as ArrayBuffer, audited, auditHead);
+  const auditCheckpoint = audited ? (auditStream?.checkpoint() ?? undefined) : undefined;
+  return results.finish(batch.data.buffer as ArrayBuffer, audited, auditHead, auditCheckpoint);
+}
+
+/** Checkpoints this worker's stream if some line is not yet covered (AuditCheckpointTask). */
+function checkpointAudit(): AuditCheckpointResult {
+  if (init.auditCheckpoints === null || init.auditFile === null) return { audited: false };
+  roots();
+  followAuditFile();
+  if (auditLog.failure !== null || !flushAudit(true)) return { audited: false };
+  return {
+    audited: true,
+    auditHead: auditStream?.head() ?? undefined,
+    auditCheckpoint: auditStream?.checkpoint() ?? undefined,
+  };
 }
 
 /** Audits a single non-batch task (start, new KEK) as a block of its own. */
@@ -358,7 +338,12 @@ function newKek(task: NewKekTask): NewKekResult {
     throw err;
   }
   keyring.setKek(task.version, key, wrapped);
-  return { wrapped, kcv: keyCheckValue(), auditHead: auditStream?.head() ?? undefined };
+  return {
+    wrapped,
+    kcv: keyCheckValue(),
+    auditHead: auditStream?.head() ?? undefined,
+    auditCheckpoint: auditStream?.checkpoint() ?? undefined,
+  };
 }
 
 function keyCheckValue(): Uint8Array {
@@ -369,7 +354,11 @@ function rekey(task: RekeyMasterTask): RekeyMasterResult {
   const result = rekeyMaster(task, keyring, sealFormat);
   // Signed under this stream's audit key, before the new wrapped keys leave the worker.
   auditOne(task.audit, null);
-  return { ...result, auditHead: auditStream?.head() ?? undefined };
+  return {
+    ...result,
+    auditHead: auditStream?.head() ?? undefined,
+    auditCheckpoint: auditStream?.checkpoint() ?? undefined,
+  };
 }
 
 // Nothing is written on a mismatch: a line signed with an audit key derived from the wrong master
@@ -457,6 +446,8 @@ function runTask(task: Exclude<WorkerTask, BatchTask>): unknown {
       return verifyAudit(task);
     case 'rekey-master':
       return rekey(task);
+    case 'audit-checkpoint':
+      return checkpointAudit();
     case 'zeroize':
       return zeroize();
   }

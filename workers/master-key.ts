@@ -16,7 +16,7 @@
 import { hkdfSync } from 'node:crypto';
 import fs from 'node:fs';
 import sodium from 'sodium-native';
-import { describeMasterKeyRef, type MasterKeyRef } from '../src/worker-abi/index.js';
+import { describeMasterKeyRef, type ErrorCode, type MasterKeyRef } from '../src/worker-abi/index.js';
 import { WorkerFault } from './fault.js';
 import { KeyArena } from './key-arena.js';
 
@@ -84,25 +84,43 @@ export function masterKeyFromBytes(raw: Buffer, what: string, into?: Buffer): Bu
   }
 }
 
+/** The codes a key file's problems are reported with (the master key's by default). */
+export interface KeyFileCodes {
+  missing: ErrorCode;
+  invalid: ErrorCode;
+  open: ErrorCode;
+}
+
+const MASTER_KEY_CODES: KeyFileCodes = {
+  missing: 'MASTER_KEY_MISSING',
+  invalid: 'MASTER_KEY_INVALID',
+  open: 'MASTER_KEY_FILE_OPEN',
+};
+
 /**
- * Reads a whole small file through one descriptor. The permission check runs on that descriptor
- * (fstat), so the file checked is the file read. Unless `allowOpen`, a file that group or others
- * may read or write is refused, as ssh refuses such a private key.
+ * Reads a whole small file through one descriptor into locked memory. The permission check runs on
+ * that descriptor (fstat), so the file checked is the file read. Unless `allowOpen`, a file that
+ * group or others may read or write is refused, as ssh refuses such a private key.
  */
-function readKeyFile(file: string, what: string, allowOpen: boolean): Buffer {
+export function readKeyFile(
+  file: string,
+  what: string,
+  allowOpen: boolean,
+  codes: KeyFileCodes = MASTER_KEY_CODES,
+): Buffer {
   let fd: number;
   try {
     fd = fs.openSync(file, 'r');
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    throw new WorkerFault('MASTER_KEY_MISSING', `cannot read ${what} (${code ?? 'error'})`);
+    throw new WorkerFault(codes.missing, `cannot read ${what} (${code ?? 'error'})`);
   }
   try {
     const stat = fs.fstatSync(fd);
-    if (!stat.isFile()) throw new WorkerFault('MASTER_KEY_INVALID', `${what} is not a regular file`);
+    if (!stat.isFile()) throw new WorkerFault(codes.invalid, `${what} is not a regular file`);
     if (!allowOpen && (stat.mode & 0o077) !== 0) {
       throw new WorkerFault(
-        'MASTER_KEY_FILE_OPEN',
+        codes.open,
         `${what} is accessible by group or others (mode ${(stat.mode & 0o777).toString(8)}): ` +
           'chmod 600 it, or pass --allow-open-key-file',
       );
@@ -120,11 +138,13 @@ function readKeyFile(file: string, what: string, allowOpen: boolean): Buffer {
     } catch (err) {
       sodium.sodium_memzero(raw);
       const code = (err as NodeJS.ErrnoException).code;
-      throw new WorkerFault('MASTER_KEY_MISSING', `cannot read ${what} (${code ?? 'error'})`);
+      throw new WorkerFault(codes.missing, `cannot read ${what} (${code ?? 'error'})`);
     }
     if (length > MAX_KEY_FILE_BYTES) {
       sodium.sodium_memzero(raw);
-      throw invalidKey(what);
+      throw codes === MASTER_KEY_CODES
+        ? invalidKey(what)
+        : new WorkerFault(codes.invalid, `${what} is too large to be a key file`);
     }
     // subarray shares raw's memory, so zeroing through it (masterKeyFromBytes) zeroes raw's key bytes.
     return raw.subarray(0, length);

@@ -6,6 +6,9 @@ declare module 'sodium-native' {
     sodium_mlock(buf: Uint8Array): void;
     sodium_memzero(buf: Uint8Array): void;
     randombytes_buf(buf: Uint8Array): void;
+    crypto_sign_seed_keypair(pk: Uint8Array, sk: Uint8Array, seed: Uint8Array): void;
+    crypto_sign_detached(sig: Uint8Array, m: Uint8Array, sk: Uint8Array): void;
+    crypto_sign_SECRETKEYBYTES: number;
     crypto_aead_xchacha20poly1305_ietf_encrypt(
       c: Uint8Array,
       m: Uint8Array,

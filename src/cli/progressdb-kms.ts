@@ -13,6 +13,7 @@ import { packageVersion, unknownCommandIn } from './version.js';
 // Each sub-command loads only what it needs: keygen should not pay for Koa, LMDB and the pool.
 const keygen = () => import('./kms-commands/keygen.js');
 const auditVerify = () => import('./kms-commands/audit-verify.js');
+const auditVerifyPublic = () => import('./kms-commands/audit-verify-public.js');
 const rotate = () => import('./kms-commands/rotate.js');
 const migrate = () => import('./kms-commands/migrate.js');
 const backup = () => import('./kms-commands/backup.js');
@@ -130,7 +131,13 @@ program
   .command('keygen')
   .description('write a new random master key (64 hex characters)')
   .option('--out <file>', 'file to create (mode 0600); stdout when omitted')
-  .action((opts: { out?: string }) => exitWith(async () => (await keygen()).keygenCommand(opts))());
+  .option(
+    '--audit-signing-key <file>',
+    'instead, write an audit signing key pair: <file> (private, mode 0600) and <file>.pub (public)',
+  )
+  .action((opts: { out?: string; auditSigningKey?: string }) =>
+    exitWith(async () => (await keygen()).keygenCommand(opts))(),
+  );
 
 program
   .command('audit')
@@ -140,8 +147,25 @@ program
   .option('--data-dir <dir>', 'the KMS data directory (env PROGRESSDB_KMS_DATA_DIR)')
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
   .option('--from <file>', 'start the chain at this rolled file (the older ones were removed on purpose)')
-  .action((opts: { dataDir?: string; masterKeyFile?: string; from?: string }) =>
-    exitWith(async () => (await auditVerify()).auditVerifyCommand(opts))(),
+  .option(
+    '--public-key <file>',
+    'check the signed checkpoints with this public key instead (no master key needed); repeatable',
+    (file: string, files: string[] = []) => [...files, file],
+  )
+  .option('--no-registry', "with --public-key: check the log alone, not against the registry's audit head")
+  .action(
+    (opts: {
+      dataDir?: string;
+      masterKeyFile?: string;
+      from?: string;
+      publicKey?: string[];
+      registry?: boolean;
+    }) =>
+      exitWith(async () => {
+        const { publicKey } = opts;
+        if (publicKey === undefined) return (await auditVerify()).auditVerifyCommand(opts);
+        return (await auditVerifyPublic()).auditVerifyPublicCommand({ ...opts, publicKey });
+      })(),
   );
 
 program

@@ -139,6 +139,10 @@ const FileSchema = z.strictObject({
       /** 0: no rollover by size; else 4096 to 256 MiB (createKms checks the lower bound). */
       audit_max_bytes: int(0, 256 * 1024 ** 2).optional(),
       audit_data_ops: z.enum(AUDIT_DATA_OPS).optional(),
+      /** Ed25519 private key file (keygen --audit-signing-key); relative to the config file. */
+      audit_signing_key_file: z.string().min(1).optional(),
+      audit_checkpoint_lines: int(1, 10_000_000).optional(),
+      audit_checkpoint_ms: int(100, 86_400_000).optional(),
       rotation_batch_size: int(1, 100_000).optional(),
       /** `90d`, `12h`, ... or `off`: checked by createKms. */
       kek_rotation_period: z.string().optional(),
@@ -329,6 +333,8 @@ function kmsOptions(
     auditFsyncMs: file.kms?.audit_fsync_ms,
     auditMaxBytes: file.kms?.audit_max_bytes,
     auditDataOps: file.kms?.audit_data_ops,
+    auditCheckpointLines: file.kms?.audit_checkpoint_lines,
+    auditCheckpointMs: file.kms?.audit_checkpoint_ms,
     rotationBatchSize: file.kms?.rotation_batch_size,
     kekRotationPeriod: file.kms?.kek_rotation_period,
     deletionWindow: file.kms?.deletion_window,
@@ -336,6 +342,11 @@ function kmsOptions(
   };
   const masterKeyFile = s.filePath('master_key_file');
   if (masterKeyFile !== undefined) kms.masterKeyFile = masterKeyFile;
+  const signingKeyFile = file.kms?.audit_signing_key_file;
+  // Unset, createKms falls back to PROGRESSDB_KMS_AUDIT_SIGNING_KEY_FILE.
+  if (signingKeyFile !== undefined) {
+    kms.auditSigningKeyFile = path.resolve(configPath ? path.dirname(configPath) : '.', signingKeyFile);
+  }
   // Unset, createKms falls back to PROGRESSDB_KMS_ALLOW_OPEN_KEY_FILE.
   if (flags.allowOpenKeyFile) kms.allowOpenKeyFile = true;
   else if (file.hasMasterKey === true && configPath) kms.masterKeyConfigFile = path.resolve(configPath);

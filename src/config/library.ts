@@ -19,7 +19,12 @@ import {
 } from '../kms/registry/location.js';
 import { type KmsClock, parseDuration, SYSTEM_CLOCK } from '../kms/rotation-schedule.js';
 import type { Logger } from '../log.js';
-import { AUDIT_DATA_OPS, type AuditDataOps, type MasterKeyRef } from '../worker-abi/index.js';
+import {
+  AUDIT_DATA_OPS,
+  type AuditCheckpointPolicy,
+  type AuditDataOps,
+  type MasterKeyRef,
+} from '../worker-abi/index.js';
 import { envBool, envInt, envValue, readConfigFile } from './layers.js';
 
 export interface KmsOptions {
@@ -76,6 +81,21 @@ export interface KmsOptions {
    * Default 128 MiB.
    */
   auditMaxBytes?: number;
+  /**
+   * The audit signing key (Ed25519 private key file made by `progressdb-kms keygen
+   * --audit-signing-key`): with it, each worker stream appends signed checkpoints that `audit
+   * verify --public-key` checks without the master key. Read only inside the workers, like the
+   * master key file (mode 0600 required unless allowOpenKeyFile). Off when not given.
+   * Env: PROGRESSDB_KMS_AUDIT_SIGNING_KEY_FILE.
+   */
+  auditSigningKeyFile?: string;
+  /** A checkpoint after this many lines of a stream. Env: PROGRESSDB_KMS_AUDIT_CHECKPOINT_LINES. Default 1000. */
+  auditCheckpointLines?: number;
+  /**
+   * Or once a stream's oldest line not yet covered is this old, in ms (idle workers are asked
+   * too). Env: PROGRESSDB_KMS_AUDIT_CHECKPOINT_MS. Default 60000.
+   */
+  auditCheckpointMs?: number;
   /** DEK records rewrapped per worker task and transaction during KEK rotation. Default 2000 (40 on etcd). Env: PROGRESSDB_KMS_ROTATION_BATCH_SIZE. */
   rotationBatchSize?: number;
   /**
@@ -136,6 +156,8 @@ export interface ResolvedKmsOptions {
   auditDataOps: AuditDataOps;
   /** null: no rollover by size. */
   auditMaxBytes: number | null;
+  /** null: no audit signing key, no checkpoints. */
+  auditCheckpoints: AuditCheckpointPolicy | null;
   rotationBatchSize: number;
   resumeRotation: boolean;
   /** null: no scheduled rotation. */
@@ -160,6 +182,8 @@ const INT_FIELDS = {
   dekCacheSize: { env: 'PROGRESSDB_KMS_DEK_CACHE_SIZE', min: 1, max: 10_000_000 },
   auditFsyncMs: { env: 'PROGRESSDB_KMS_AUDIT_FSYNC_MS', min: 0, max: 60_000 },
   auditMaxBytes: { env: 'PROGRESSDB_KMS_AUDIT_MAX_BYTES', min: 0, max: MAX_AUDIT_MAX_BYTES },
+  auditCheckpointLines: { env: 'PROGRESSDB_KMS_AUDIT_CHECKPOINT_LINES', min: 1, max: 10_000_000 },
+  auditCheckpointMs: { env: 'PROGRESSDB_KMS_AUDIT_CHECKPOINT_MS', min: 100, max: 86_400_000 },
   rotationBatchSize: { env: 'PROGRESSDB_KMS_ROTATION_BATCH_SIZE', min: 1, max: 100_000 },
   leaseTtlSeconds: { env: 'PROGRESSDB_KMS_LEASE_TTL_SECONDS', min: MIN_LEASE_TTL_SECONDS, max: 300 },
 } as const satisfies Record<string, { env: string | undefined; min: number; max: number }>;
@@ -260,6 +284,7 @@ export function resolveKmsOptions(opts: KmsOptions = {}): ResolvedKmsOptions {
     auditFsyncMs: intOption(opts, 'auditFsyncMs', 50),
     auditDataOps: resolveAuditDataOps(opts.auditDataOps ?? envString('PROGRESSDB_KMS_AUDIT_DATA_OPS')),
     auditMaxBytes: resolveAuditMaxBytes(opts),
+    auditCheckpoints: resolveAuditCheckpoints(opts),
     rotationBatchSize: intOption(
       opts,
       'rotationBatchSize',
@@ -320,6 +345,16 @@ function resolveDeletionWindow(given: string | number | undefined): number {
     return given;
   }
   return given.trim() === '0' ? 0 : parseDuration(given, 'deletionWindow');
+}
+
+/** The signing key's path (the workers read the file) and when checkpoints are due; null when off. */
+function resolveAuditCheckpoints(opts: KmsOptions): AuditCheckpointPolicy | null {
+  const file = opts.auditSigningKeyFile ?? envString('PROGRESSDB_KMS_AUDIT_SIGNING_KEY_FILE');
+  const lines = intOption(opts, 'auditCheckpointLines', 1000);
+  const ms = intOption(opts, 'auditCheckpointMs', 60_000);
+  if (file === undefined) return null;
+  const allowOpen = opts.allowOpenKeyFile ?? envBool('PROGRESSDB_KMS_ALLOW_OPEN_KEY_FILE') ?? false;
+  return { signingKey: { path: path.resolve(file), allowOpen }, lines, ms };
 }
 
 /** Smallest rollover size: a file per few blocks would only make the chain hard to read. */

@@ -57,6 +57,10 @@ export interface ServerConfig {
   kmsAuditMaxBytes: number | undefined;
   /** Embedded mode: how data-plane ops are audited; unset, the KMS default (aggregate) applies. */
   kmsAuditDataOps: AuditDataOps | undefined;
+  /** Embedded mode: the audit signing key file (Ed25519, keygen --audit-signing-key), if any. */
+  kmsAuditSigningKeyFile: string | undefined;
+  kmsAuditCheckpointLines: number | undefined;
+  kmsAuditCheckpointMs: number | undefined;
   apiKeys: ApiKey[];
   /** The admin key itself, or the file holding it; null when none is configured. */
   adminKey: { kind: 'value'; value: string } | { kind: 'file'; path: string } | null;
@@ -101,6 +105,9 @@ const FIELDS = {
   kms_timeout_ms: { env: ['PROGRESSDB_KMS_TIMEOUT_MS'] },
   kms_audit_max_bytes: { env: ['PROGRESSDB_KMS_AUDIT_MAX_BYTES'] },
   kms_audit_data_ops: { env: ['PROGRESSDB_KMS_AUDIT_DATA_OPS'] },
+  kms_audit_signing_key_file: { env: ['PROGRESSDB_KMS_AUDIT_SIGNING_KEY_FILE'] },
+  kms_audit_checkpoint_lines: { env: ['PROGRESSDB_KMS_AUDIT_CHECKPOINT_LINES'] },
+  kms_audit_checkpoint_ms: { env: ['PROGRESSDB_KMS_AUDIT_CHECKPOINT_MS'] },
   api_keys: { env: ['PROGRESSDB_API_KEYS'] },
   admin_key: { env: ['PROGRESSDB_ADMIN_KEY'] },
   admin_key_file: { env: ['PROGRESSDB_ADMIN_KEY_FILE'] },
@@ -195,6 +202,9 @@ const SCHEMA = z.object({
   /** 0, or 4096 to 256 MiB (createKms checks the lower bound). */
   kms_audit_max_bytes: int(0, 256 * 1024 ** 2).optional(),
   kms_audit_data_ops: z.enum(AUDIT_DATA_OPS).optional(),
+  kms_audit_signing_key_file: nonEmpty.optional(),
+  kms_audit_checkpoint_lines: int(1, 10_000_000).optional(),
+  kms_audit_checkpoint_ms: int(100, 86_400_000).optional(),
   api_keys: list(apiKeyEntry).default([]),
   admin_key: z.string().min(MIN_KEY_CHARS, `must have at least ${MIN_KEY_CHARS} characters`).optional(),
   admin_key_file: nonEmpty.optional(),
@@ -362,6 +372,10 @@ function serverConfigOf(
     kmsTimeoutMs: c.kms_timeout_ms,
     kmsAuditMaxBytes: c.kms_audit_max_bytes,
     kmsAuditDataOps: c.kms_audit_data_ops,
+    kmsAuditSigningKeyFile:
+      c.kms_audit_signing_key_file === undefined ? undefined : path.resolve(c.kms_audit_signing_key_file),
+    kmsAuditCheckpointLines: c.kms_audit_checkpoint_lines,
+    kmsAuditCheckpointMs: c.kms_audit_checkpoint_ms,
     apiKeys,
     adminKey:
       c.admin_key !== undefined

@@ -4,6 +4,8 @@
  * them on disk, and a clean stop seals them. The registry therefore never claims a line the log
  * may not hold, and `audit verify` can tell a log whose sessions, streams or tail were removed.
  */
+
+import type { StreamCheckpoint } from '../audit-checkpoint.js';
 import {
   type AuditHeadRecord,
   formatHeads,
@@ -26,6 +28,7 @@ export class AuditHeadKeeper {
   readonly #log: Logger;
   readonly #session: AuditHeadRecord;
   readonly #heads = new Map<string, StreamHead>();
+  readonly #checkpoints = new Map<string, StreamCheckpoint>();
   /** Bumped by every report; saves are skipped when nothing changed since the last one. */
   #reported = 0;
   #saved = -1;
@@ -48,11 +51,17 @@ export class AuditHeadKeeper {
     this.#registry.putAuditHead(this.#session);
   }
 
-  /** A worker's stream head after a task that appended lines (not yet durable). */
-  report(head: StreamHead | undefined): void {
+  /** A worker's stream head (and last checkpoint) after a task that appended lines (not yet durable). */
+  report(head: StreamHead | undefined, checkpoint?: StreamCheckpoint): void {
     if (head === undefined) return;
     this.#heads.set(head.s, head);
+    if (checkpoint !== undefined) this.#checkpoints.set(checkpoint.s, checkpoint);
     this.#reported++;
+  }
+
+  /** Reports since the KMS started: the checkpoint rounds skip a KMS that wrote nothing since the last. */
+  get reported(): number {
+    return this.#reported;
   }
 
   /** For AuditFile.onFlush: captures the heads now; saves them once the flush is on disk. */
@@ -64,11 +73,12 @@ export class AuditHeadKeeper {
     this.#savedAt = now;
     const reported = this.#reported;
     const heads = [...this.#heads.values()];
+    const checkpoints = this.#checkpointsNow();
     return () => {
       // A flush that completes after the stop must not overwrite the sealed head.
       if (this.#sealed || reported <= this.#saved) return;
       this.#saved = reported;
-      this.#save({ ...this.#session, heads, sealed: false });
+      this.#save({ ...this.#session, heads, sealed: false, ...checkpoints });
     };
   };
 
@@ -80,7 +90,17 @@ export class AuditHeadKeeper {
   /** After the stop line is on disk: the session's streams end where their heads now are. */
   seal(): void {
     this.#sealed = true;
-    this.#save({ ...this.#session, heads: [...this.#heads.values()], sealed: true });
+    this.#save({
+      ...this.#session,
+      heads: [...this.#heads.values()],
+      sealed: true,
+      ...this.#checkpointsNow(),
+    });
+  }
+
+  /** The `checkpoints` field to save, if any stream has one yet. */
+  #checkpointsNow(): { checkpoints?: StreamCheckpoint[] } {
+    return this.#checkpoints.size === 0 ? {} : { checkpoints: [...this.#checkpoints.values()] };
   }
 
   #save(head: AuditHeadRecord): void {

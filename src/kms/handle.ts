@@ -1,16 +1,9 @@
 /** What the embedded KMS offers beyond the Kms interface: operations on its own data directory. */
 import type { CallContext, Kms, VerifyAuditResult } from '../api/index.js';
 import type { RekeyResult } from './rekey.js';
+import type { VerifyAuditOptions } from './verify-audit.js';
 
-/** Options of verifyAudit(). */
-export interface VerifyAuditOptions {
-  /**
-   * Start the chain at this file (a name or path of `kms-audit.log.NNNNNN` or the live file),
-   * for when older rolled files were removed on purpose (expiry). Default: the oldest present,
-   * which must begin the log's first session.
-   */
-  from?: string;
-}
+export type { VerifyAuditOptions } from './verify-audit.js';
 
 /** Options of rekeyMaster(). */
 export interface RekeyMasterOptions {

@@ -32,13 +32,15 @@ import type {
   WorkerTask,
 } from '../worker-abi/index.js';
 import { newMasterKeySwitch } from '../worker-abi/index.js';
+import { AuditCheckpointRounds } from './audit-checkpoint-rounds.js';
 import { AUDIT_FILE_NAME, AuditFile, auditChainFiles } from './audit-file.js';
 import { AuditHeadKeeper } from './audit-head-keeper.js';
 import { DataPlane } from './data-plane.js';
 import { dropsKeyMaterial } from './dek-versions.js';
 import { DeletionSweep } from './deletion-sweep.js';
 import { type DirLock, lockDataDir } from './dir-lock.js';
-import type { EmbeddedKmsHandle, RekeyMasterOptions, VerifyAuditOptions } from './handle.js';
+import type { EmbeddedKmsHandle, RekeyMasterOptions } from './handle.js';
+import { KekRefs } from './kek-refs.js';
 import { keyMemoryWarner } from './key-memory-warning.js';
 import { KeyOps } from './key-ops.js';
 import { OpQueue } from './op-queue.js';
@@ -49,6 +51,8 @@ import { type RekeyDeps, type RekeyResult, rekeyMaster, rekeyTarget } from './re
 import { KekRotation } from './rotation.js';
 import { activeKekOf, RotationSchedule } from './rotation-schedule.js';
 import { startUp } from './startup.js';
+import type { VerifyAuditOptions } from './verify-audit.js';
+import { cryptoWorkerInit } from './worker-init.js';
 
 export type { KmsOptions } from '../config/library.js';
 export { AUDIT_FILE_NAME } from './audit-file.js';
@@ -65,8 +69,10 @@ class EmbeddedKms implements Kms {
   readonly #auditFile: AuditFile | null;
   /** Links this session's audit streams to the last one (null with audit off). */
   readonly #auditHeads: AuditHeadKeeper | null;
+  /** Checkpoints idle workers' streams (with an audit signing key only). */
+  readonly #checkpointRounds: AuditCheckpointRounds | null;
   readonly #lock: DirLock;
-  readonly #kekRefs = new Map<number, { record: KekRecord; ref: KekRef }>();
+  readonly #kekRefs: KekRefs;
   /** The master key the workers use now (a re-key switches it: master-key-switch.ts). */
   #masterKey: MasterKeyRef;
   readonly #masterKeySwitch = newMasterKeySwitch();
@@ -97,6 +103,7 @@ class EmbeddedKms implements Kms {
     this.#registry = registry;
     this.#auditFile = auditFile;
     this.#lock = lock;
+    this.#kekRefs = new KekRefs(registry);
     const auditHeads = auditFile === null ? null : new AuditHeadKeeper(registry, log);
     this.#auditHeads = auditHeads;
     if (auditHeads !== null) auditFile?.onFlush(auditHeads.beforeFlush);
@@ -104,31 +111,28 @@ class EmbeddedKms implements Kms {
       threads: opts.poolSize,
       maxBatch: opts.maxBatch,
       idleSpinUs: opts.idleSpinUs,
-      init: {
-        masterKey: opts.masterKey,
-        masterKeySwitch: this.#masterKeySwitch,
-        dekCacheSize: opts.dekCacheSize,
-        cipher: opts.cipher,
-        evictChannel: `progressdb-kms-${process.pid}-${randomBytes(6).toString('hex')}`,
-        auditFile: auditFile === null ? null : auditFile.path,
-        auditGeneration: auditFile === null ? null : auditFile.generation,
-        auditFsyncEachWrite: opts.auditFsyncMs === 0,
-        auditDataOps: opts.auditDataOps,
-        auditLink: auditHeads?.linkFields ?? null,
-        auditReplica: registry.cluster?.replicaId ?? null,
-      },
-      kekRef: (version) => this.#kekRef(version),
+      init: cryptoWorkerInit(opts, this.#masterKeySwitch, auditFile, auditHeads, registry),
+      kekRef: (version) => this.#kekRefs.get(version),
       onKeyMemory: keyMemoryWarner(this.#log),
-      onAudit: (failed, head) => {
+      onAudit: (failed, head, checkpoint) => {
         if (failed) {
           this.#auditFile?.fail('a worker could not append to the audit log');
           return;
         }
-        this.#auditHeads?.report(head);
+        this.#auditHeads?.report(head, checkpoint);
         this.#auditFile?.markDirty();
       },
       activeKekVersion: () => this.#kek.activeVersion,
     });
+    const checkpoints = auditFile === null ? null : opts.auditCheckpoints;
+    this.#checkpointRounds =
+      auditHeads === null || checkpoints === null
+        ? null
+        : new AuditCheckpointRounds({
+            checkpointAll: () => this.#pool.checkpointAll(),
+            ...checkpoints,
+            heads: auditHeads,
+          });
     // Every destroy leaves the workers here: this process's own (the store reports a commit before
     // it resolves) and, in a cluster, other replicas'.
     auditFile?.waitForTasksWith(() => this.#pool.settled());
@@ -167,8 +171,9 @@ class EmbeddedKms implements Kms {
       auditHeads: this.#auditHeads,
       newKek: (task) => this.#runAudited<NewKekResult>(task),
       note: (audit) => this.#queue.note(audit),
-      kekRef: (version) => this.#kekRef(version),
+      kekRef: (version) => this.#kekRefs.get(version),
     });
+    this.#checkpointRounds?.start();
     this.#rotation = new KekRotation({
       registry: this.#registry,
       pool: this.#pool,
@@ -223,24 +228,13 @@ class EmbeddedKms implements Kms {
   }
 
   /** Runs a single task that writes its own audit line: that line counts like a batch's. */
-  async #runAudited<T extends Pick<NewKekResult, 'auditHead'>>(task: WorkerTask): Promise<T> {
+  async #runAudited<T extends Pick<NewKekResult, 'auditHead' | 'auditCheckpoint'>>(
+    task: WorkerTask,
+  ): Promise<T> {
     const result = await this.#pool.run<T>(task);
-    this.#auditHeads?.report(result.auditHead);
+    this.#auditHeads?.report(result.auditHead, result.auditCheckpoint);
     this.#auditFile?.markDirty();
     return result;
-  }
-
-  #kekRef(version: number): KekRef | undefined {
-    const record = this.#registry.kek(version);
-    if (record === undefined) return undefined;
-    let cached = this.#kekRefs.get(version);
-    // Made again for a new record: a re-key changes a version's wrapped bytes.
-    if (cached?.record !== record) {
-      const ref = { kekId: record.kekId, version: record.version, wrapped: new Uint8Array(record.wrapped) };
-      cached = { record, ref };
-      this.#kekRefs.set(version, cached);
-    }
-    return cached.ref;
   }
 
   // --- create / get / key versions: the control plane (key-ops.ts) -------------------------
@@ -386,7 +380,7 @@ class EmbeddedKms implements Kms {
       log: this.#log,
       queue: this.#queue,
       masterKeySwitch: this.#masterKeySwitch,
-      kekRef: (version) => this.#kekRef(version),
+      kekRef: (version) => this.#kekRefs.get(version),
       runInWorker: (task) => this.#runAudited<RekeyMasterResult>(task),
     };
     const result = await rekeyMaster(deps, this.#masterKey, next, ctx, options.offline === true);
@@ -416,7 +410,10 @@ class EmbeddedKms implements Kms {
     await this.#rotation?.stop();
     await this.#pool.idle();
     let stopped = false;
-    if (this.#opts.audit && !(this.#auditFile?.failed ?? true)) {
+    const stopLine = this.#opts.audit && !(this.#auditFile?.failed ?? true);
+    // Every stream checkpointed first, so that the stop line names their checkpoints' ends.
+    await this.#checkpointRounds?.stop(stopLine).catch(() => {});
+    if (stopLine) {
       // The stop line names every stream's end, so no stream of this session can be cut unseen.
       const heads = this.#auditHeads?.stopHeads();
       stopped = await this.#queue.note({ op: 'stop', detail: `pid ${process.pid}`, heads }).then(
@@ -441,6 +438,7 @@ class EmbeddedKms implements Kms {
   /** Used when start-up fails half-way: release everything without writing more. */
   async abort(): Promise<void> {
     this.#closed = true;
+    await this.#checkpointRounds?.stop(false);
     await this.#pool.close().catch(() => {});
     this.#auditFile?.close();
     await this.#registry.close().catch(() => {});

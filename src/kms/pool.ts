@@ -11,9 +11,11 @@ import { availableParallelism } from 'node:os';
 import { BroadcastChannel } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import type { KeyMemoryStatus } from '../api/index.js';
+import type { StreamCheckpoint } from '../audit-checkpoint.js';
 import type { StreamHead } from '../audit-link.js';
 import { type CodedError, type ErrorCode, kmsError, toCodedError } from '../errors.js';
 import {
+  type AuditCheckpointResult,
   type AuditFields,
   type BatchResult,
   BatchResultReader,
@@ -60,7 +62,7 @@ export interface PoolOptions {
    * Called after each task that appended audit lines (with its worker's stream head), or whose
    * audit write failed.
    */
-  onAudit: (failed: boolean, head: StreamHead | undefined) => void;
+  onAudit: (failed: boolean, head: StreamHead | undefined, checkpoint?: StreamCheckpoint) => void;
   activeKekVersion: () => number;
   /** Called with each worker's key-memory report as it starts. */
   onKeyMemory?: (report: KeyMemoryReport) => void;
@@ -324,8 +326,8 @@ export class CryptoPool {
   }
 
   #reportAudit(result: BatchResultReader): void {
-    const { audited, auditHead } = result.result;
-    if (audited || result.auditFailed) this.#opts.onAudit(!audited, auditHead);
+    const { audited, auditHead, auditCheckpoint } = result.result;
+    if (audited || result.auditFailed) this.#opts.onAudit(!audited, auditHead, auditCheckpoint);
   }
 
   #kekRefs(versions: Iterable<number>): KekRef[] {
@@ -442,6 +444,24 @@ export class CryptoPool {
   /** Tells every worker to drop (and zero) a destroyed key's cached versions. */
   evict(keyId: string): void {
     this.#channel.postMessage({ type: 'evict', keyId });
+  }
+
+  /**
+   * Asks every worker to checkpoint its audit stream (one task each, handed out as close() hands
+   * out zeroize: N tasks posted together go to N idle workers). Best effort: a worker that got
+   * none writes its checkpoint at its next due block or round.
+   */
+  async checkpointAll(): Promise<void> {
+    const task = { type: 'audit-checkpoint' } as const;
+    const results = await Promise.allSettled(
+      Array.from({ length: this.#piscina.threads.length }, () =>
+        this.#track(runTask<AuditCheckpointResult>(this.#piscina, task)),
+      ),
+    );
+    for (const r of results) {
+      if (r.status === 'rejected') this.#opts.onAudit(true, undefined);
+      else if (r.value.audited) this.#opts.onAudit(false, r.value.auditHead, r.value.auditCheckpoint);
+    }
   }
 
   /**

@@ -11,6 +11,16 @@ import {
 } from '../worker-abi/index.js';
 import { runTask, workerFile } from './pool.js';
 
+/** Options of verifyAudit(). */
+export interface VerifyAuditOptions {
+  /**
+   * Start the chain at this file (a name or path of `kms-audit.log.NNNNNN` or the live file),
+   * for when older rolled files were removed on purpose (expiry). Default: the oldest present,
+   * which must begin the log's first session.
+   */
+  from?: string;
+}
+
 /** Init of a worker that runs one-off tasks: no DEKs to cache, no audit to write, no spinning. */
 export function oneOffWorkerInit(masterKey: MasterKeyRef): WorkerInit {
   return {
@@ -25,6 +35,7 @@ export function oneOffWorkerInit(masterKey: MasterKeyRef): WorkerInit {
     auditDataOps: 'each',
     auditLink: null,
     auditReplica: null,
+    auditCheckpoints: null,
     idleSpin: null,
   };
 }

@@ -92,6 +92,13 @@ function embeddedKmsOptions(config: ServerConfig): KmsOptions {
     dataDir: config.kmsDataDir,
     ...(config.kmsAuditMaxBytes !== undefined && { auditMaxBytes: config.kmsAuditMaxBytes }),
     ...(config.kmsAuditDataOps !== undefined && { auditDataOps: config.kmsAuditDataOps }),
+    ...(config.kmsAuditSigningKeyFile !== undefined && {
+      auditSigningKeyFile: config.kmsAuditSigningKeyFile,
+    }),
+    ...(config.kmsAuditCheckpointLines !== undefined && {
+      auditCheckpointLines: config.kmsAuditCheckpointLines,
+    }),
+    ...(config.kmsAuditCheckpointMs !== undefined && { auditCheckpointMs: config.kmsAuditCheckpointMs }),
     ...(key.kind === 'file' && { masterKeyFile: key.path }),
     ...(key.kind === 'env' && { masterKeyEnv: key.name }),
     ...(key.kind === 'config' && { masterKeyConfigFile: key.path }),

@@ -2,6 +2,7 @@
  * The one writer (worker) and reader (pool and KEK rotation) of a batch result's slots. Outputs
  * stay in the task's buffer, where the worker wrote them; nothing is copied or allocated per op.
  */
+import type { StreamCheckpoint } from '../audit-checkpoint.js';
 import type { StreamHead } from '../audit-link.js';
 import type { WorkerError } from './errors.js';
 import {
@@ -53,8 +54,13 @@ export class BatchResultWriter {
     return errors.push(error) - 1;
   }
 
-  finish(out: ArrayBuffer, audited: boolean, auditHead: StreamHead | undefined): BatchResult {
-    return { results: this.#results, out, errors: this.#errors, audited, auditHead };
+  finish(
+    out: ArrayBuffer,
+    audited: boolean,
+    auditHead: StreamHead | undefined,
+    auditCheckpoint?: StreamCheckpoint,
+  ): BatchResult {
+    return { results: this.#results, out, errors: this.#errors, audited, auditHead, auditCheckpoint };
   }
 
   static transferList(result: BatchResult): ArrayBuffer[] {

@@ -3,6 +3,7 @@
  * plaintext and ciphertext cross; never an unwrapped key. Internal: not part of the library API.
  */
 
+import type { StreamCheckpoint } from '../audit-checkpoint.js';
 import type { AuditHeadRecord, StreamHead } from '../audit-link.js';
 import type { CipherName } from '../format.js';
 import type { ErrorCode, WorkerError } from './errors.js';
@@ -31,6 +32,22 @@ export function describeMasterKeyRef(ref: MasterKeyRef): string {
     case 'config':
       return `master_key in config file ${ref.path}`;
   }
+}
+
+/** Where the worker finds the audit signing key (Ed25519); the main thread only holds the path. */
+export interface AuditSigningKeyRef {
+  path: string;
+  /** Accept a file that group or others can access (as for the master key file). */
+  allowOpen: boolean;
+}
+
+/** When a stream writes a signed checkpoint (src/audit-checkpoint.ts). */
+export interface AuditCheckpointPolicy {
+  signingKey: AuditSigningKeyRef;
+  /** After this many lines not yet covered by a checkpoint. */
+  lines: number;
+  /** Or once the oldest line not yet covered is this old (checked at each block). */
+  ms: number;
 }
 
 /** How data-plane operations are audited (see WorkerInit.auditDataOps). */
@@ -72,6 +89,8 @@ export interface WorkerInit {
   auditLink: string | null;
   /** The replica id each audit line names, when the KMS is a replica of a cluster; else null. */
   auditReplica: string | null;
+  /** Signed checkpoints, when an audit signing key is configured; else null (none written). */
+  auditCheckpoints: AuditCheckpointPolicy | null;
   /**
    * Shared with the main thread (layout: IdleSpinSlot): lets a worker that just finished a task spin
    * briefly for the next one instead of parking. Null disables spinning.
@@ -149,6 +168,8 @@ export interface BatchResult {
   audited: boolean;
   /** This worker's stream head after the task, when it appended lines (kept in the registry). */
   auditHead?: StreamHead | undefined;
+  /** Its stream's last checkpoint, when it has one (kept in the registry too). */
+  auditCheckpoint?: StreamCheckpoint | undefined;
 }
 
 /** Creates a KEK version inside the worker and returns it wrapped under the master key. */
@@ -164,6 +185,7 @@ export interface NewKekResult {
   /** Key check value of the KEK-wrapping key (see CheckKekTask); stored beside a new keyring. */
   kcv: Uint8Array;
   auditHead?: StreamHead | undefined;
+  auditCheckpoint?: StreamCheckpoint | undefined;
 }
 
 /**
@@ -199,6 +221,21 @@ export interface VerifyAuditTask {
   head: AuditHeadRecord | null;
   /** Audit keys of earlier master keys (a re-keyed registry), for the streams they signed. */
   auditKeys: WrappedAuditKey[];
+}
+
+/**
+ * Writes a checkpoint of the worker's stream if it has lines no checkpoint covers yet: sent to
+ * every worker every auditCheckpointMs (a worker left idle would otherwise leave its last lines
+ * uncovered) and before the stop line.
+ */
+export interface AuditCheckpointTask {
+  type: 'audit-checkpoint';
+}
+
+export interface AuditCheckpointResult {
+  audited: boolean;
+  auditHead?: StreamHead | undefined;
+  auditCheckpoint?: StreamCheckpoint | undefined;
 }
 
 /**
@@ -241,6 +278,7 @@ export interface RekeyMasterResult {
   kcv: Uint8Array;
   auditKeys: WrappedAuditKey[];
   auditHead?: StreamHead | undefined;
+  auditCheckpoint?: NewKekResult['auditCheckpoint'];
 }
 
 export type WorkerTask =
@@ -249,4 +287,5 @@ export type WorkerTask =
   | CheckKekTask
   | VerifyAuditTask
   | RekeyMasterTask
+  | AuditCheckpointTask
   | ZeroizeTask;
