@@ -52,7 +52,7 @@ export function rekeyMaster(
 ): RekeyMasterResult {
   const current = keyring.roots();
   // Its own small arena: the new root keys live here only while this task runs.
-  const arena = new KeyArena(4);
+  const arena = new KeyArena(task.auditKeys.length + 4);
   try {
     const next = loadRootKeys(task.newMasterKey, arena);
     const kcv = keyCheckValueOf(next.kekWrapKey);
@@ -69,33 +69,13 @@ export function rekeyMaster(
         keyring.kek(ref.version, task.keks),
       ),
     }));
-    const auditKeys: WrappedAuditKey[] = [];
-    const slot = arena.alloc();
-    try {
-      for (const earlier of task.auditKeys) {
-        const identity = auditKeyIdentity(earlier.id);
-        try {
-          unwrapKeyInto(current.kekWrapKey, WRAP_KIND_AUDIT_KEY, 0, identity, earlier.wrapped, slot);
-        } catch (err) {
-          if (!(err instanceof AuthFailure)) throw err;
-          throw new WorkerFault('STORE_CORRUPT', `the stored audit key ${earlier.id} fails to unwrap`);
-        }
-        auditKeys.push({
-          id: earlier.id,
-          wrapped: wrapUnder(format, next.kekWrapKey, WRAP_KIND_AUDIT_KEY, identity, slot),
-        });
-      }
-    } finally {
-      arena.free(slot);
-    }
-    const ownId = auditKeyId(current.auditKey);
-    if (!auditKeys.some((k) => k.id === ownId)) {
-      const identity = auditKeyIdentity(ownId);
-      auditKeys.push({
-        id: ownId,
-        wrapped: wrapUnder(format, next.kekWrapKey, WRAP_KIND_AUDIT_KEY, identity, current.auditKey),
-      });
-    }
+    // Every audit key the log may be signed with (this worker's own among them), now under the new key.
+    const auditKeys: WrappedAuditKey[] = [...auditKeysById(keyring, task.auditKeys, arena)].map(
+      ([id, key]) => ({
+        id,
+        wrapped: wrapUnder(format, next.kekWrapKey, WRAP_KIND_AUDIT_KEY, auditKeyIdentity(id), key),
+      }),
+    );
     return { keks, kcv, auditKeys };
   } finally {
     arena.zeroAll();

@@ -1,10 +1,3 @@
-/**
- * The embedded KMS: createKms() opens the registry and audit log, starts the crypto workers,
- * checks the master key against the stored KEK, and serves the Kms interface.
- *
- * This is main-thread code: it handles wrapped keys, plaintext and ciphertext, never a raw key.
- */
-import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type {
@@ -24,7 +17,6 @@ import { type KmsOptions, type ResolvedKmsOptions, resolveKmsOptions } from '../
 import { kmsError, toCodedError } from '../errors.js';
 import { type Logger, silentLogger } from '../log.js';
 import type {
-  KekRef,
   MasterKeyRef,
   NewKekResult,
   NewKekTask,
@@ -45,7 +37,7 @@ import { keyMemoryWarner } from './key-memory-warning.js';
 import { KeyOps } from './key-ops.js';
 import { OpQueue } from './op-queue.js';
 import { CryptoPool } from './pool.js';
-import { type KekMeta, type KekRecord, type Registry, ROTATION_LOCK } from './registry/index.js';
+import { type KekMeta, type Registry, ROTATION_LOCK } from './registry/index.js';
 import { openRegistry } from './registry/open.js';
 import { type RekeyDeps, type RekeyResult, rekeyMaster, rekeyTarget } from './rekey.js';
 import { KekRotation } from './rotation.js';

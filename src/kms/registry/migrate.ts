@@ -14,6 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { kmsError } from '../../errors.js';
 import { lockDataDir } from '../dir-lock.js';
+import { META } from './backup-file.js';
 import { MIGRATING, type RotationRecord } from './index.js';
 import { LmdbStore } from './lmdb.js';
 import { type RegistryOptions, registryLocation } from './location.js';
@@ -22,7 +23,6 @@ import type { RegistryStore, StoreEntry } from './store.js';
 
 /** Copied as records, in this order; the meta records go last, in the commit. */
 const NAMESPACES = ['kek/', 'dek/', 'thread/', 'pending/'] as const;
-const META = ['meta/format', 'meta/kcv', 'meta/kek', 'rotation', 'meta/audit-keys'] as const;
 /** Entries per etcd transaction: within etcd's 128 operations (the group commit merges up to that). */
 const PUTS_PER_TXN = 100;
 const TXNS_IN_FLIGHT = 4;
