@@ -169,11 +169,11 @@ test('the key cache at full size: 100,000 keys in one locked arena, a handful of
   const cache = new KeyCache(capacity, arena);
   const first = arena.alloc();
   first.fill(0xab);
-  cache.set('k0', first);
+  cache.set('k0', first, 'k0');
   for (let i = 1; i < capacity; i++) {
     const key = arena.alloc();
     key.writeUInt32BE(i + 1, 0);
-    cache.set(`k${i}`, key);
+    cache.set(`k${i}`, key, `k${i}`);
   }
   t.is(cache.size, capacity);
   // sodium_malloc per key would have mapped ~3 regions per key (and aborted near 20,000 keys); what
@@ -184,7 +184,7 @@ test('the key cache at full size: 100,000 keys in one locked arena, a handful of
   t.true(first.buffer.byteLength >= capacity * KEY_BYTES, 'each key is a view of the one arena');
 
   // Past capacity the oldest unreferenced key is evicted and its slot zeroed.
-  cache.set('k-new', arena.alloc());
+  cache.set('k-new', arena.alloc(), 'k-new');
   t.is(cache.size, capacity);
   t.is(cache.get('k0'), undefined);
   t.true(
@@ -204,7 +204,7 @@ test('keys used by the running task are pinned: eviction never zeroes one a late
   for (let i = 0; i < 6; i++) {
     const key = arena.alloc();
     key.fill(i + 1);
-    cache.set(`k${i}`, key);
+    cache.set(`k${i}`, key, `k${i}`);
     held.push(key);
   }
   // A tiny cache held all six while the task ran, each intact (and the arena grew past its size).

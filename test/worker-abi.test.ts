@@ -67,7 +67,14 @@ test('a batch of mixed ops reads back as it was written, in place in one buffer'
     total += BatchTaskWriter.bytesFor(op.kind, op.input?.length ?? 0, op.aad?.length ?? 0);
   const writer = new BatchTaskWriter(ops.length, total);
   for (const op of ops) writer.add(op.kind, op.dek, op.input, op.aad, op.audit, op.error);
-  const task = writer.finish({ keks: [], deks, targetKekVersion: 4, audit, errors: ['KEY_NOT_FOUND'] });
+  const task = writer.finish({
+    keks: [],
+    deks,
+    targetKekVersion: 4,
+    audit,
+    callers: [],
+    errors: ['KEY_NOT_FOUND'],
+  });
   t.is(task.type, 'batch');
   t.is(task.data.byteLength, total);
   t.deepEqual(BatchTaskWriter.transferList(task), [task.data, task.ops.buffer]);
@@ -106,6 +113,32 @@ test('a batch of mixed ops reads back as it was written, in place in one buffer'
     "clearing an op's output zeroes its whole slot",
   );
   t.deepEqual(reader.input(2), Buffer.alloc(CIPHERTEXT_OVERHEAD + 2, 9), 'and nothing of the next op');
+});
+
+test('an op naming its key by directory entry carries the entry, its generation and its audit caller instead', (t) => {
+  const input = bytes('hello');
+  const writer = new BatchTaskWriter(2, 2 * BatchTaskWriter.bytesFor(OpKind.encrypt, input.length, 0));
+  writer.add(OpKind.encrypt, -1, input, null, -1, -1, 5, 9, 0);
+  writer.add(OpKind.encrypt, 0, input, null, 0, -1);
+  const caller = { op: 'encrypt', caller: 'embedded', remote: '127.0.0.1' };
+  const fields: AuditFields = { op: 'encrypt', keyId: 'k' };
+  const reader = new BatchTaskReader(
+    writer.finish({
+      keks: [],
+      deks: [dek('k', 1)],
+      targetKekVersion: 1,
+      audit: [fields],
+      callers: [caller],
+      errors: [],
+    }),
+  );
+  t.deepEqual([reader.entryIndex(0), reader.entryGeneration(0), reader.caller(0)], [5, 9, caller]);
+  t.is(reader.dek(0), null);
+  t.is(reader.audit(0), null);
+  t.deepEqual(
+    [reader.entryIndex(1), reader.caller(1), reader.dek(1)?.keyId, reader.audit(1)],
+    [-1, null, 'k', fields],
+  );
 });
 
 test('batch results read back per op: outputs as views of the returned buffer, errors as data', (t) => {

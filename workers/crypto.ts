@@ -28,6 +28,7 @@ import {
   type CheckKekResult,
   type CheckKekTask,
   type DekRef,
+  type DirectoryEntry,
   type ErrorCode,
   type NewKekResult,
   type NewKekTask,
@@ -52,6 +53,7 @@ import { verifyAuditFiles } from './audit-verify-files.js';
 import { faultOf, WorkerFault } from './fault.js';
 import { IdleSpin } from './idle-spin.js';
 import { KeyArena } from './key-arena.js';
+import { KeyDirectoryEntries } from './key-directory-entries.js';
 import { WorkerKeyring } from './keyring.js';
 import type { RootKeys } from './master-key.js';
 import { auditKeysById, keyCheckValueOf, rekeyMaster } from './rekey.js';
@@ -62,6 +64,14 @@ const sealFormat = CIPHERS[init.cipher];
 /** Every key this worker holds (see keyring.ts). */
 const keyring = new WorkerKeyring(init.masterKey, init.dekCacheSize, init.masterKeySwitch);
 let auditStream: AuditStream | null = null;
+/** The key directory entries this worker has met, when the main thread names keys by entry. */
+const directory = init.keyDirectory === null ? null : new KeyDirectoryEntries(init.keyDirectory);
+
+function entryOf(index: number, generation: number): DirectoryEntry {
+  if (directory === null)
+    throw new WorkerFault('INTERNAL', 'an op names a key directory entry but there is none');
+  return directory.entry(index, generation);
+}
 /** Data-op counts of the running task, with audit_data_ops: aggregate; null with `each`. */
 const auditTally = init.auditDataOps === 'aggregate' ? new AuditTally() : null;
 
@@ -141,7 +151,7 @@ function isoNow(): string {
  * Runs op `i` of a batch, writing its output over its own slot of `batch.data`; returns the
  * output's length.
  */
-function runOp(batch: BatchTaskReader, i: number, dek: DekRef | null): number {
+function runOp(batch: BatchTaskReader, i: number, dek: DekRef | DirectoryEntry | null): number {
   const task = batch.task;
   const kind = batch.kind(i);
   const input = batch.input(i);
@@ -256,9 +266,21 @@ function runBatchOps(task: BatchTask): BatchResult {
   let stopping = false;
 
   for (let i = 0; i < batch.count; i++) {
-    const dek = batch.dek(i);
+    let dek: DekRef | DirectoryEntry | null = batch.dek(i);
+    let audit = batch.audit(i);
     const preError = batch.preError(i);
     let error: WorkerError | null = refused ?? (preError === null ? null : workerError(preError));
+    const entryAt = batch.entryIndex(i);
+    if (entryAt >= 0) {
+      try {
+        const entry = entryOf(entryAt, batch.entryGeneration(i));
+        dek = entry;
+        const caller = batch.caller(i);
+        if (caller !== null) audit = (directory as KeyDirectoryEntries).fields(entry, caller);
+      } catch (err) {
+        error ??= opErrorOf(err);
+      }
+    }
     let outputBytes = 0;
     if (error === null) {
       try {
@@ -270,7 +292,6 @@ function runBatchOps(task: BatchTask): BatchResult {
     }
     if (error === null) results.ok(i, batch.outputOffset(i), outputBytes, dek?.keyVersion ?? 0);
     else results.fail(i, error);
-    const audit = batch.audit(i);
     if (audit?.op === 'stop') stopping = true;
     if (audit !== null && auditStream !== null) {
       if (auditTally !== null && isDataOp(audit)) auditTally.add(audit, error?.code ?? null);

@@ -13,16 +13,22 @@ import type { KeyArena } from './key-arena.js';
 
 interface Entry {
   key: Buffer;
+  /** The key id it belongs to (for evict), and a tag get() must match (a directory generation). */
+  keyId: string;
+  tag: number;
   referenced: boolean;
   /** The task that last used it: pinned while that task runs. */
   task: number;
 }
 
+/** `keyId#version` for a key sent as a DekRef; a key directory entry's index for one named by it. */
+export type CacheId = string | number;
+
 export class KeyCache {
   readonly #capacity: number;
   readonly #arena: KeyArena;
   // Insertion order is the clock hand's order: the first entry is the next eviction candidate.
-  readonly #entries = new Map<string, Entry>();
+  readonly #entries = new Map<CacheId, Entry>();
   /** The running task's number; 0 between tasks, when nothing is pinned. */
   #task = 0;
   #tasks = 0;
@@ -45,22 +51,23 @@ export class KeyCache {
     this.#trim();
   }
 
-  get(id: string): Buffer | undefined {
+  /** The key cached as `id` with `tag` (an entry under another tag is stale: set() replaces it). */
+  get(id: CacheId, tag = 0): Buffer | undefined {
     const entry = this.#entries.get(id);
-    if (entry === undefined) return undefined;
+    if (entry === undefined || entry.tag !== tag) return undefined;
     entry.referenced = true;
     entry.task = this.#task;
     return entry.key;
   }
 
-  /** Takes ownership of `key`, an arena slot. */
-  set(id: string, key: Buffer): void {
+  /** Takes ownership of `key`, an arena slot, as the key of `keyId`. */
+  set(id: CacheId, key: Buffer, keyId: string, tag = 0): void {
     const previous = this.#entries.get(id);
     if (previous !== undefined) {
       if (previous.key !== key) this.#arena.free(previous.key);
       this.#entries.delete(id);
     }
-    this.#entries.set(id, { key, referenced: false, task: this.#task });
+    this.#entries.set(id, { key, keyId, tag, referenced: false, task: this.#task });
     this.#trim();
   }
 
@@ -87,10 +94,10 @@ export class KeyCache {
     return false;
   }
 
-  /** Drops and zeroes every entry whose id starts with `prefix`. */
-  deletePrefix(prefix: string): void {
+  /** Drops and zeroes every cached version of `keyId`. */
+  deleteKey(keyId: string): void {
     for (const [id, entry] of this.#entries) {
-      if (id.startsWith(prefix)) {
+      if (entry.keyId === keyId) {
         this.#arena.free(entry.key);
         this.#entries.delete(id);
       }

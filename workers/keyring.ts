@@ -7,6 +7,7 @@ import { dekIdentity, kekIdentity, WRAP_KIND_DEK, WRAP_KIND_KEK } from '../src/f
 import {
   type BatchTask,
   type DekRef,
+  type DirectoryEntry,
   type KekRef,
   type KeyMemoryReport,
   type MasterKeyRef,
@@ -153,15 +154,26 @@ export class WorkerKeyring {
     this.#keks.set(version, { key, wrapped: new Uint8Array(wrapped) });
   }
 
-  /** A DEK version, unwrapped or cached. Cached keys belong to the cache: never free them. */
-  dek(dek: DekRef, task: BatchTask): Buffer {
+  /**
+   * A DEK version, unwrapped or cached. Cached keys belong to the cache: never free them. A key
+   * directory entry is cached by its index, good for as long as the entry keeps its generation.
+   */
+  dek(dek: DekRef | DirectoryEntry, task: BatchTask): Buffer {
+    if ('generation' in dek) {
+      let key = this.#deks.get(dek.index, dek.generation);
+      if (key === undefined) {
+        key = this.unwrapDek(dek, task);
+        this.#deks.set(dek.index, key, dek.keyId, dek.generation);
+      }
+      return key;
+    }
     const resolved = this.#taskKeys.get(dek);
     if (resolved !== undefined) return resolved;
     const id = dekCacheId(dek);
     let key = this.#deks.get(id);
     if (key === undefined) {
       key = this.unwrapDek(dek, task);
-      this.#deks.set(id, key);
+      this.#deks.set(id, key, dek.keyId);
     }
     this.#taskKeys.set(dek, key);
     return key;
@@ -174,7 +186,7 @@ export class WorkerKeyring {
 
   /** Takes ownership of `key` as the DEK version `dek` names. */
   cacheDek(dek: DekRef, key: Buffer): void {
-    this.#deks.set(dekCacheId(dek), key);
+    this.#deks.set(dekCacheId(dek), key, dek.keyId);
   }
 
   /** Unwraps a DEK version into a fresh slot, which the caller owns. */
@@ -203,7 +215,7 @@ export class WorkerKeyring {
 
   /** Drops (and zeroes) every cached version of a destroyed key. */
   evict(keyId: string): void {
-    this.#deks.deletePrefix(`${keyId}#`);
+    this.#deks.deleteKey(keyId);
   }
 
   /** Zeroes every key held; the root keys are derived again on next use. */

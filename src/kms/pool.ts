@@ -35,6 +35,8 @@ import {
   type ZeroizeResult,
   type ZeroizeTask,
 } from '../worker-abi/index.js';
+import { buildBatchTask } from './batch-builder.js';
+import { DekDirectory } from './dek-directory.js';
 
 /** Settles one op: `error` null on success, with the output bytes and the DEK version used. */
 export type OpCallback = (error: ErrorCode | null, output: Buffer | null, keyVersion: number) => void;
@@ -155,11 +157,17 @@ export class CryptoPool {
   #idleWaiters: (() => void)[] = [];
   readonly #keyMemory = new Map<number, KeyMemoryReport>();
   #reportWaiters: (() => void)[] = [];
+  /** Names ops' keys by entry (dek-directory.ts); null when the workers were given none. */
+  readonly #directory: DekDirectory | null;
+  /** Batch tasks are numbered as built; those not yet settled may name directory entries. */
+  #tasksBuilt = 0;
+  readonly #taskNumbersInFlight = new Set<number>();
   /** Every task posted to a worker and not yet settled (see settled()). */
   readonly #running = new Set<Promise<unknown>>();
 
   constructor(opts: PoolOptions) {
     this.#opts = opts;
+    this.#directory = opts.init.keyDirectory === null ? null : new DekDirectory(opts.init.keyDirectory);
     // Open before the workers start, so that no worker's start-up report goes unheard.
     this.#channel = new BroadcastChannel(opts.init.evictChannel);
     this.#channel.onmessage = (event) => {
@@ -174,8 +182,9 @@ export class CryptoPool {
     const signal = new SharedArrayBuffer(IDLE_SPIN_SIGNAL_BYTES);
     const idleSpin =
       opts.idleSpinUs > 0 ? { signal, budgetUs: opts.idleSpinUs, cores: availableParallelism() } : null;
+    const filename = workerFile('crypto');
     this.#piscina = new Piscina({
-      filename: workerFile('crypto'),
+      filename,
       minThreads: opts.threads,
       maxThreads: opts.threads,
       idleTimeout: Number.POSITIVE_INFINITY,
@@ -311,6 +320,7 @@ export class CryptoPool {
       deks,
       targetKekVersion: this.#opts.activeKekVersion(),
       audit: audit === null ? [] : [audit],
+      callers: [],
       errors: [],
     });
     this.#inFlight++;
@@ -340,69 +350,30 @@ export class CryptoPool {
   }
 
   #dispatch(batch: PendingOp[], bytes: number): void {
-    const writer = new BatchTaskWriter(batch.length, bytes);
-    const deks: DekRef[] = [];
-    const dekIndex = new Map<DekRef, number>();
-    const kekVersions = new Set<number>();
-    const audit: AuditFields[] = [];
-    // Ops usually share their audit fields object (same key, op and caller): send each once.
-    const auditIndex = new Map<AuditFields, number>();
-    const errors: ErrorCode[] = [];
-    const target = this.#opts.activeKekVersion();
-    let needsTarget = false;
-
-    // DekRefs are cached per record version, so object identity finds repeats of the same key.
-    const indexDek = (dek: DekRef, unique: boolean): number => {
-      let at = unique ? undefined : dekIndex.get(dek);
-      if (at === undefined) {
-        at = deks.push(dek) - 1;
-        if (!unique) dekIndex.set(dek, at);
-        if (dek.wrapped.length > 0) kekVersions.add(dek.kekVersion);
-      }
-      return at;
-    };
-
-    for (let i = 0; i < batch.length; i++) {
-      // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
-      const op = batch[i]!;
-      let dekAt = -1;
-      // Reencrypt needs its two DEK versions adjacent, so they are never shared with other ops.
-      // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
-      if (op.deks.length === 1) dekAt = indexDek(op.deks[0]!, op.kind === OpKind.generate);
-      else if (op.deks.length > 1) {
-        // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
-        dekAt = indexDek(op.deks[0]!, true);
-        // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
-        indexDek(op.deks[1]!, true);
-      }
-      if (op.kind === OpKind.generate || op.kind === OpKind.rewrap) needsTarget = true;
-      let auditAt = -1;
-      if (op.audit !== null) {
-        auditAt = auditIndex.get(op.audit) ?? -1;
-        if (auditAt < 0) {
-          auditAt = audit.push(op.audit) - 1;
-          auditIndex.set(op.audit, auditAt);
-        }
-      }
-      const errorAt = op.preError === null ? -1 : errors.push(op.preError) - 1;
-      writer.add(op.kind, dekAt, op.input, op.aad, auditAt, errorAt);
-    }
-    if (needsTarget) kekVersions.add(target);
-    const task = writer.finish({
-      keks: this.#kekRefs(kekVersions),
-      deks,
-      targetKekVersion: target,
-      audit,
-      errors,
+    const taskNumber = this.#tasksBuilt++;
+    let oldestInFlight = taskNumber;
+    for (const n of this.#taskNumbersInFlight) if (n < oldestInFlight) oldestInFlight = n;
+    const task = buildBatchTask(batch, bytes, {
+      target: this.#opts.activeKekVersion(),
+      kekRefs: (versions) => this.#kekRefs(versions),
+      directory: this.#directory,
+      taskNumber,
+      oldestInFlight,
     });
+    this.#taskNumbersInFlight.add(taskNumber);
+    const release = () => this.#taskNumbersInFlight.delete(taskNumber);
     this.#inFlight++;
     // The bytes move, never copied: measured cheaper at every size from one op up.
     this.#track(this.#piscina.run(task, { transferList: BatchTaskWriter.transferList(task) })).then(
       (outcome: TaskOutcome<BatchResult>) => {
+        release();
         if (outcome.ok) this.#settle(batch, new BatchResultReader(outcome.value));
         else this.#fail(batch, outcome.error.code);
       },
-      (err: unknown) => this.#fail(batch, toCodedError(err).code),
+      (err: unknown) => {
+        release();
+        this.#fail(batch, toCodedError(err).code);
+      },
     );
   }
 

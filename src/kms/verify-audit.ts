@@ -26,6 +26,7 @@ export function oneOffWorkerInit(masterKey: MasterKeyRef): WorkerInit {
   return {
     masterKey,
     dekCacheSize: 1,
+    keyDirectory: null,
     cipher: DEFAULT_CIPHER,
     evictChannel: `progressdb-verify-${process.pid}`,
     auditFile: null,

@@ -1,10 +1,18 @@
 /** What each crypto worker of an embedded KMS starts with (WorkerInit, less its spin settings). */
 import { randomBytes } from 'node:crypto';
 import type { ResolvedKmsOptions } from '../config/library.js';
-import type { WorkerInit } from '../worker-abi/index.js';
+import { newKeyDirectory, type WorkerInit } from '../worker-abi/index.js';
 import type { AuditFile } from './audit-file.js';
 import type { AuditHeadKeeper } from './audit-head-keeper.js';
 import type { Registry } from './registry/index.js';
+
+/**
+ * Entries of the key directory: as many as the workers cache keys (a key out of the directory is
+ * sent as a DekRef instead), within bounds that keep its shared buffer between 96 KiB and 37 MiB.
+ */
+function keyDirectoryCapacity(dekCacheSize: number): number {
+  return Math.min(Math.max(dekCacheSize, 256), 100_000);
+}
 
 export function cryptoWorkerInit(
   opts: ResolvedKmsOptions,
@@ -17,6 +25,7 @@ export function cryptoWorkerInit(
     masterKey: opts.masterKey,
     masterKeySwitch,
     dekCacheSize: opts.dekCacheSize,
+    keyDirectory: newKeyDirectory(keyDirectoryCapacity(opts.dekCacheSize)),
     cipher: opts.cipher,
     evictChannel: `progressdb-kms-${process.pid}-${randomBytes(6).toString('hex')}`,
     auditFile: auditFile === null ? null : auditFile.path,

@@ -6,7 +6,10 @@ import {
   kOpAadLength,
   kOpAadOffset,
   kOpAuditIndex,
+  kOpCallerIndex,
   kOpDekIndex,
+  kOpEntryGeneration,
+  kOpEntryIndex,
   kOpErrorIndex,
   kOpInputLength,
   kOpInputOffset,
@@ -18,7 +21,7 @@ import {
   opSlotBytes,
   PLAINTEXT_LEAD,
 } from './slots.js';
-import type { AuditFields, BatchTask, DekRef } from './tasks.js';
+import type { AuditCaller, AuditFields, BatchTask, DekRef } from './tasks.js';
 
 /** The parts of a task that are not op slots: keys, audit fields and pre-dispatch error codes. */
 export type BatchTaskTables = Omit<BatchTask, 'type' | 'ops' | 'data'>;
@@ -42,7 +45,9 @@ export class BatchTaskWriter {
 
   /**
    * Lays out the next op: its input placed so that the worker can write the output over it, then
-   * its AAD. `dekIndex`, `auditIndex` and `errorIndex` are -1 when absent.
+   * its AAD. `dekIndex`, `auditIndex` and `errorIndex` are -1 when absent. An op whose key is a
+   * key directory entry gives it as `entry` (index and generation) and its audit caller as
+   * `callerIndex`, with `dekIndex` and `auditIndex` -1.
    */
   add(
     kind: OpKindValue,
@@ -51,6 +56,9 @@ export class BatchTaskWriter {
     aad: Uint8Array | null,
     auditIndex: number,
     errorIndex: number,
+    entryIndex = -1,
+    entryGeneration = 0,
+    callerIndex = -1,
   ): void {
     const ops = this.#ops;
     const base = this.#count++ * OP_SLOTS;
@@ -70,6 +78,9 @@ export class BatchTaskWriter {
     ops[base + kOpAuditIndex] = auditIndex;
     ops[base + kOpErrorIndex] = errorIndex;
     ops[base + kOpOutputOffset] = pos;
+    ops[base + kOpEntryIndex] = entryIndex;
+    ops[base + kOpEntryGeneration] = entryGeneration;
+    ops[base + kOpCallerIndex] = callerIndex;
     this.#pos = aadAt + aadLength;
   }
 
@@ -135,6 +146,21 @@ export class BatchTaskReader {
   audit(i: number): AuditFields | null {
     const at = this.#slot(i, kOpAuditIndex);
     return at >= 0 ? (this.task.audit[at] ?? null) : null;
+  }
+
+  /** The op's key directory entry, or -1 when it carries a DekRef (dek()). */
+  entryIndex(i: number): number {
+    return this.#slot(i, kOpEntryIndex);
+  }
+
+  entryGeneration(i: number): number {
+    return this.#slot(i, kOpEntryGeneration);
+  }
+
+  /** The audit caller of an op whose key is a directory entry, or null. */
+  caller(i: number): AuditCaller | null {
+    const at = this.#slot(i, kOpCallerIndex);
+    return at >= 0 ? (this.task.callers[at] ?? null) : null;
   }
 
   /** The code the op failed with before dispatch, or null. */

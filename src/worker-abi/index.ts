@@ -5,6 +5,7 @@
 export * from './batch-result.js';
 export * from './batch-task.js';
 export * from './errors.js';
+export * from './key-directory.js';
 export * from './master-key-switch.js';
 export * from './slots.js';
 export * from './tasks.js';

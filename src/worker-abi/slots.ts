@@ -57,7 +57,18 @@ export const kOpErrorIndex = 7;
  * back in the same buffer.
  */
 export const kOpOutputOffset = 8;
-export const OP_SLOTS = 9;
+/**
+ * The op's DEK version as a key directory entry (key-directory.ts), index and generation, in place
+ * of kOpDekIndex; -1 when it carries a DekRef.
+ */
+export const kOpEntryIndex = 9;
+export const kOpEntryGeneration = 10;
+/**
+ * Into `BatchTask.callers`, in place of kOpAuditIndex: the op's audit fields are its entry's key
+ * fields with this op name and caller.
+ */
+export const kOpCallerIndex = 11;
+export const OP_SLOTS = 12;
 
 /**
  * Bytes an op occupies in `BatchTask.data` (before its AAD): its input plus room for its output,

@@ -7,6 +7,7 @@ import type { StreamCheckpoint } from '../audit-checkpoint.js';
 import type { AuditHeadRecord, StreamHead } from '../audit-link.js';
 import type { CipherName } from '../format.js';
 import type { ErrorCode, WorkerError } from './errors.js';
+import type { KeyDirectoryInit } from './key-directory.js';
 
 // A library result as well (EmbeddedKmsHandle.verifyAudit); a type only, so no runtime dependency.
 export type { VerifyAuditResult } from '../api/kms.js';
@@ -58,6 +59,8 @@ export interface WorkerInit {
   masterKey: MasterKeyRef;
   /** Max unwrapped DEK versions cached per worker (LRU, zeroed on eviction). */
   dekCacheSize: number;
+  /** The key directory data ops name their keys in (key-directory.ts); null: DekRefs only. */
+  keyDirectory: KeyDirectoryInit | null;
   /** The cipher new ciphertexts and wrapped keys are written in; every format is read. */
   cipher: CipherName;
   /** Name of the BroadcastChannel on which the main thread announces destroyed keys. */
@@ -138,6 +141,16 @@ export interface AuditFields {
   heads?: string | undefined;
 }
 
+/**
+ * The fields of a data op's audit line that its key does not give: with a key directory entry's
+ * key id, thread id and KEK version, they make the same AuditFields the main thread would send.
+ */
+export interface AuditCaller {
+  op: string;
+  caller: string | undefined;
+  remote: string | undefined;
+}
+
 /** Written by BatchTaskWriter (pool), read by BatchTaskReader (worker); see slots.ts. */
 export interface BatchTask {
   type: 'batch';
@@ -154,6 +167,8 @@ export interface BatchTask {
    */
   data: ArrayBuffer;
   audit: AuditFields[];
+  /** Audit callers of the ops whose keys are directory entries (kOpCallerIndex). */
+  callers: AuditCaller[];
   errors: ErrorCode[];
 }
 
