@@ -13,7 +13,7 @@ import {
   MAX_WRAPPED_KEY_BYTES as WRAPPED_KEY_BYTES,
 } from '../src/format.js';
 import * as pkg from '../src/index.js';
-import { runTask, workerFile } from '../src/kms/pool.js';
+import { runTask, workerExecArgv, workerFile } from '../src/kms/pool.js';
 import { oneOffWorkerInit } from '../src/kms/verify-audit.js';
 import {
   type AuditFields,
@@ -196,6 +196,15 @@ test('a worker failure crosses as { code, message } data and becomes the same Co
   t.is(err?.code, expected.code);
   t.is(err?.message, expected.message);
   t.is(err?.status, 500);
+});
+
+test('built workers start without the TypeScript loader a harness runs under; TypeScript workers keep it', (t) => {
+  const argv = ['--import=tsx', '--max-old-space-size=512', '--import', 'tsx', '--enable-source-maps'];
+  t.deepEqual(workerExecArgv(argv, 'file:///app/dist/workers/crypto.js'), [
+    '--max-old-space-size=512',
+    '--enable-source-maps',
+  ]);
+  t.deepEqual(workerExecArgv(argv, 'file:///app/workers/crypto.ts'), argv);
 });
 
 test('the package exports the library API and none of the worker ABI', (t) => {

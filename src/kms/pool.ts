@@ -122,6 +122,27 @@ export function workerFile(name: 'crypto' | 'keygen'): string {
   return new URL(`../../workers/${name}${ext}`, import.meta.url).href;
 }
 
+/**
+ * The Node flags a crypto worker starts with: the process's own, less a TypeScript loader (tsx)
+ * when the workers are built JavaScript. A harness that runs the built package under tsx (bench/)
+ * would otherwise load every worker module through it (its export getters measured ~8% of a
+ * worker's time), which no deployment does.
+ */
+export function workerExecArgv(execArgv: readonly string[], file: string): string[] {
+  if (!file.endsWith('.js')) return [...execArgv];
+  const kept: string[] = [];
+  for (let i = 0; i < execArgv.length; i++) {
+    const arg = execArgv[i] as string;
+    if (arg === '--import=tsx' || arg === '--import=tsx/esm') continue;
+    if (arg === '--import' && (execArgv[i + 1] === 'tsx' || execArgv[i + 1] === 'tsx/esm')) {
+      i++;
+      continue;
+    }
+    kept.push(arg);
+  }
+  return kept;
+}
+
 /** A failure a worker reported as data, as the CodedError it stands for (same code and message). */
 export function fromWorkerError(error: WorkerError): CodedError {
   return kmsError(error.code, error.message);
@@ -185,6 +206,7 @@ export class CryptoPool {
     const filename = workerFile('crypto');
     this.#piscina = new Piscina({
       filename,
+      execArgv: workerExecArgv(process.execArgv, filename),
       minThreads: opts.threads,
       maxThreads: opts.threads,
       idleTimeout: Number.POSITIVE_INFINITY,
