@@ -6,7 +6,7 @@
  */
 import test from 'ava';
 import { DekDirectory } from '../src/kms/dek-directory.js';
-import { KeyDirectoryView, newKeyDirectory } from '../src/worker-abi/index.js';
+import { type AuditCaller, KeyDirectoryView, newKeyDirectory } from '../src/worker-abi/index.js';
 import { KeyDirectoryEntries } from '../workers/key-directory-entries.js';
 import { auditLines, openKms } from './helpers/kms.js';
 
@@ -69,9 +69,16 @@ test('a worker keeps one audit fields object per key, op and caller across tasks
   const at = directory.entryFor(ref('a'), 'thread-a', 0, 0);
   const entry = entries.entry(at, directory.generation(at));
   t.is(entries.entry(at, directory.generation(at)), entry, 'read once');
-  // Each task clones its callers: equal values, new objects.
-  const fields = entries.fields(entry, { op: 'encrypt', caller: 'embedded', remote: undefined });
-  t.is(entries.fields(entry, { op: 'encrypt', caller: 'embedded', remote: undefined }), fields);
+  // Each task clones its callers: equal values, new objects, made canonical once per task.
+  const taskCallers = () => [
+    { op: 'encrypt', caller: 'embedded', remote: undefined },
+    { op: 'decrypt', caller: 'embedded', remote: undefined },
+    { op: 'encrypt', caller: 'embedded', remote: '' },
+  ];
+  const [encrypt, decrypt, emptyRemote] = entries.canonicalCallers(taskCallers()) as AuditCaller[];
+  t.deepEqual(entries.canonicalCallers(taskCallers()), [encrypt, decrypt, emptyRemote]);
+  const fields = entries.fields(entry, encrypt as AuditCaller);
+  t.is(entries.fields(entry, entries.canonicalCallers(taskCallers())[0] as AuditCaller), fields);
   t.deepEqual(fields, {
     op: 'encrypt',
     keyId: 'a',
@@ -80,7 +87,8 @@ test('a worker keeps one audit fields object per key, op and caller across tasks
     caller: 'embedded',
     remote: undefined,
   });
-  t.not(entries.fields(entry, { op: 'decrypt', caller: 'embedded', remote: undefined }), fields);
+  t.not(entries.fields(entry, decrypt as AuditCaller), fields);
+  t.is(entries.fields(entry, emptyRemote as AuditCaller).remote, '', 'an empty remote is not an absent one');
 
   const stale = directory.generation(at);
   t.is(directory.entryFor(ref('b'), 'thread-b', 1, 1), at, 'the entry goes to b');

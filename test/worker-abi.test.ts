@@ -132,12 +132,12 @@ test('an op naming its key by directory entry carries the entry, its generation 
       errors: [],
     }),
   );
-  t.deepEqual([reader.entryIndex(0), reader.entryGeneration(0), reader.caller(0)], [5, 9, caller]);
+  t.deepEqual([reader.entryIndex(0), reader.entryGeneration(0), reader.callerIndex(0)], [5, 9, 0]);
   t.is(reader.dek(0), null);
   t.is(reader.audit(0), null);
   t.deepEqual(
-    [reader.entryIndex(1), reader.caller(1), reader.dek(1)?.keyId, reader.audit(1)],
-    [-1, null, 'k', fields],
+    [reader.entryIndex(1), reader.callerIndex(1), reader.dek(1)?.keyId, reader.audit(1)],
+    [-1, -1, 'k', fields],
   );
 });
 

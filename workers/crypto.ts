@@ -264,6 +264,7 @@ function runBatchOps(task: BatchTask): BatchResult {
       ? null
       : workerError('AUDIT_WRITE_FAILED', `audit log unavailable (${auditLog.failure})`);
   let stopping = false;
+  const callers = directory === null ? [] : directory.canonicalCallers(task.callers);
 
   for (let i = 0; i < batch.count; i++) {
     let dek: DekRef | DirectoryEntry | null = batch.dek(i);
@@ -275,8 +276,8 @@ function runBatchOps(task: BatchTask): BatchResult {
       try {
         const entry = entryOf(entryAt, batch.entryGeneration(i));
         dek = entry;
-        const caller = batch.caller(i);
-        if (caller !== null) audit = (directory as KeyDirectoryEntries).fields(entry, caller);
+        const caller = callers[batch.callerIndex(i)];
+        if (caller !== undefined) audit = (directory as KeyDirectoryEntries).fields(entry, caller);
       } catch (err) {
         error ??= opErrorOf(err);
       }

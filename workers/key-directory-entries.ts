@@ -17,12 +17,19 @@ import { WorkerFault } from './fault.js';
 const FIELDS_PER_ENTRY = 8;
 
 interface KnownEntry extends DirectoryEntry {
+  /** fields[i] is the audit fields for callers[i] (canonical callers: compared by identity). */
+  callers: AuditCaller[];
   fields: AuditFields[];
 }
+
+/** Canonical callers kept at most; past it the table starts over (a daemon with many peers). */
+const MAX_CALLERS = 4096;
 
 export class KeyDirectoryEntries {
   readonly #view: KeyDirectoryView;
   readonly #known: (KnownEntry | undefined)[];
+  /** One object per distinct caller, so that fields() matches a caller by identity. */
+  readonly #callers = new Map<string, AuditCaller>();
 
   constructor(init: KeyDirectoryInit) {
     this.#view = new KeyDirectoryView(init);
@@ -36,19 +43,33 @@ export class KeyDirectoryEntries {
     const read = this.#view.read(index, generation);
     // The main thread rewrites an entry only once no task in flight names it.
     if (read === null) throw new WorkerFault('INTERNAL', `key directory entry ${index} is not the one named`);
-    const entry: KnownEntry = { ...read, fields: [] };
+    const entry: KnownEntry = { ...read, callers: [], fields: [] };
     this.#known[index] = entry;
     return entry;
   }
 
-  /** The audit fields of an op on `entry` (from entry()) by `caller`: the same object every time. */
-  fields(entry: DirectoryEntry, caller: AuditCaller): AuditFields {
-    const slots = (entry as KnownEntry).fields;
-    for (const fields of slots) {
-      if (fields.op === caller.op && fields.caller === caller.caller && fields.remote === caller.remote) {
-        return fields;
+  /** A task's callers (BatchTask.callers, cloned per task) as the canonical objects fields() takes. */
+  canonicalCallers(callers: readonly AuditCaller[]): AuditCaller[] {
+    if (this.#callers.size > MAX_CALLERS) this.#callers.clear();
+    return callers.map((c) => {
+      const key = JSON.stringify([c.op, c.caller ?? null, c.remote ?? null]);
+      let canonical = this.#callers.get(key);
+      if (canonical === undefined) {
+        canonical = { op: c.op, caller: c.caller, remote: c.remote };
+        this.#callers.set(key, canonical);
       }
-    }
+      return canonical;
+    });
+  }
+
+  /**
+   * The audit fields of an op on `entry` (from entry()) by `caller` (from canonicalCallers()):
+   * the same object every time.
+   */
+  fields(entry: DirectoryEntry, caller: AuditCaller): AuditFields {
+    const known = entry as KnownEntry;
+    const at = known.callers.indexOf(caller);
+    if (at >= 0) return known.fields[at] as AuditFields;
     // The shape and order of the main thread's auditFields(): the same line, byte for byte.
     const fields: AuditFields = {
       op: caller.op,
@@ -58,8 +79,12 @@ export class KeyDirectoryEntries {
       caller: caller.caller,
       remote: caller.remote,
     };
-    if (slots.length >= FIELDS_PER_ENTRY) slots.shift();
-    slots.push(fields);
+    if (known.callers.length >= FIELDS_PER_ENTRY) {
+      known.callers.shift();
+      known.fields.shift();
+    }
+    known.callers.push(caller);
+    known.fields.push(fields);
     return fields;
   }
 }

@@ -40,95 +40,106 @@ function derivable(audit: AuditFields, dek: DekRef): boolean {
   );
 }
 
+/** One task's tables as its ops are added: each key, audit fields object and caller sent once. */
+class TaskTables {
+  readonly deks: DekRef[] = [];
+  readonly #dekIndex = new Map<DekRef, number>();
+  readonly kekVersions = new Set<number>();
+  readonly audit: AuditFields[] = [];
+  readonly #auditIndex = new Map<AuditFields, number>();
+  readonly callers: AuditCaller[] = [];
+  readonly #callerIndex = new Map<string, number>();
+  #lastCaller: AuditCaller | null = null;
+  #lastCallerAt = -1;
+  readonly errors: ErrorCode[] = [];
+
+  /** DekRefs are cached per record version, so object identity finds repeats of the same key. */
+  dek(dek: DekRef, unique: boolean): number {
+    let at = unique ? undefined : this.#dekIndex.get(dek);
+    if (at === undefined) {
+      at = this.deks.push(dek) - 1;
+      if (!unique) this.#dekIndex.set(dek, at);
+      if (dek.wrapped.length > 0) this.kekVersions.add(dek.kekVersion);
+    }
+    return at;
+  }
+
+  /** Ops usually share their audit fields object (same key, op and caller). */
+  auditFields(fields: AuditFields): number {
+    let at = this.#auditIndex.get(fields);
+    if (at === undefined) {
+      at = this.audit.push(fields) - 1;
+      this.#auditIndex.set(fields, at);
+    }
+    return at;
+  }
+
+  /** By value: consecutive ops mostly share a caller, so the last one is checked first. */
+  caller(fields: AuditFields): number {
+    const { op, caller, remote } = fields;
+    const last = this.#lastCaller;
+    if (last !== null && last.op === op && last.caller === caller && last.remote === remote) {
+      return this.#lastCallerAt;
+    }
+    const key = JSON.stringify([op, caller ?? null, remote ?? null]);
+    let at = this.#callerIndex.get(key);
+    if (at === undefined) {
+      at = this.callers.push({ op, caller, remote }) - 1;
+      this.#callerIndex.set(key, at);
+    }
+    this.#lastCaller = this.callers[at] as AuditCaller;
+    this.#lastCallerAt = at;
+    return at;
+  }
+}
+
+/** The directory entry an encrypt or decrypt can name its key by, or -1 to send its DekRef. */
+function entryOf(op: PendingOp, plan: BatchPlan): number {
+  const first = op.deks[0];
+  if (
+    plan.directory === null ||
+    first === undefined ||
+    op.deks.length !== 1 ||
+    (op.kind !== OpKind.encrypt && op.kind !== OpKind.decrypt) ||
+    (op.audit !== null && !derivable(op.audit, first))
+  ) {
+    return -1;
+  }
+  return plan.directory.entryFor(first, op.audit?.threadId, plan.taskNumber, plan.oldestInFlight);
+}
+
 export function buildBatchTask(batch: PendingOp[], bytes: number, plan: BatchPlan): BatchTask {
   const writer = new BatchTaskWriter(batch.length, bytes);
-  const deks: DekRef[] = [];
-  const dekIndex = new Map<DekRef, number>();
-  const kekVersions = new Set<number>();
-  const audit: AuditFields[] = [];
-  // Ops usually share their audit fields object (same key, op and caller): send each once.
-  const auditIndex = new Map<AuditFields, number>();
-  const callers: AuditCaller[] = [];
-  const callerIndex = new Map<string, number>();
-  let lastCaller: AuditCaller | null = null;
-  let lastCallerAt = -1;
-  const errors: ErrorCode[] = [];
-  const { directory, taskNumber, oldestInFlight } = plan;
+  const tables = new TaskTables();
   let needsTarget = false;
-
-  // DekRefs are cached per record version, so object identity finds repeats of the same key.
-  const indexDek = (dek: DekRef, unique: boolean): number => {
-    let at = unique ? undefined : dekIndex.get(dek);
-    if (at === undefined) {
-      at = deks.push(dek) - 1;
-      if (!unique) dekIndex.set(dek, at);
-      if (dek.wrapped.length > 0) kekVersions.add(dek.kekVersion);
-    }
-    return at;
-  };
-  const indexCaller = (fields: AuditFields): number => {
-    const { op, caller, remote } = fields;
-    if (
-      lastCaller !== null &&
-      lastCaller.op === op &&
-      lastCaller.caller === caller &&
-      lastCaller.remote === remote
-    ) {
-      return lastCallerAt;
-    }
-    const key = `${op}\n${caller ?? ''}\n${remote ?? ''}`;
-    let at = callerIndex.get(key);
-    if (at === undefined) {
-      at = callers.push({ op, caller, remote }) - 1;
-      callerIndex.set(key, at);
-    }
-    lastCaller = callers[at] as AuditCaller;
-    lastCallerAt = at;
-    return at;
-  };
-
   for (let i = 0; i < batch.length; i++) {
     // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
     const op = batch[i]!;
-    const errorAt = op.preError === null ? -1 : errors.push(op.preError) - 1;
-    const first = op.deks[0];
-    if (
-      directory !== null &&
-      first !== undefined &&
-      op.deks.length === 1 &&
-      (op.kind === OpKind.encrypt || op.kind === OpKind.decrypt) &&
-      (op.audit === null || derivable(op.audit, first))
-    ) {
-      const entry = directory.entryFor(first, op.audit?.threadId, taskNumber, oldestInFlight);
-      if (entry >= 0) {
-        kekVersions.add(first.kekVersion);
-        const callerAt = op.audit === null ? -1 : indexCaller(op.audit);
-        writer.add(op.kind, -1, op.input, op.aad, -1, errorAt, entry, directory.generation(entry), callerAt);
-        continue;
-      }
+    const errorAt = op.preError === null ? -1 : tables.errors.push(op.preError) - 1;
+    const entry = entryOf(op, plan);
+    if (entry >= 0) {
+      // biome-ignore lint/style/noNonNullAssertion: entryOf() takes only ops with one DekRef
+      tables.kekVersions.add(op.deks[0]!.kekVersion);
+      const callerAt = op.audit === null ? -1 : tables.caller(op.audit);
+      const generation = (plan.directory as DekDirectory).generation(entry);
+      writer.add(op.kind, -1, op.input, op.aad, -1, errorAt, entry, generation, callerAt);
+      continue;
     }
     let dekAt = -1;
+    const [first, second] = op.deks;
     // Reencrypt needs its two DEK versions adjacent, so they are never shared with other ops.
-    if (op.deks.length === 1 && first !== undefined) dekAt = indexDek(first, op.kind === OpKind.generate);
-    else if (op.deks.length > 1 && first !== undefined) {
-      dekAt = indexDek(first, true);
-      // biome-ignore lint/style/noNonNullAssertion: hot path: indexes within the batch and each op's deks (count < length; reencrypt has two)
-      indexDek(op.deks[1]!, true);
-    }
+    if (second !== undefined && first !== undefined) {
+      dekAt = tables.dek(first, true);
+      tables.dek(second, true);
+    } else if (first !== undefined) dekAt = tables.dek(first, op.kind === OpKind.generate);
     if (op.kind === OpKind.generate || op.kind === OpKind.rewrap) needsTarget = true;
-    let auditAt = -1;
-    if (op.audit !== null) {
-      auditAt = auditIndex.get(op.audit) ?? -1;
-      if (auditAt < 0) {
-        auditAt = audit.push(op.audit) - 1;
-        auditIndex.set(op.audit, auditAt);
-      }
-    }
+    const auditAt = op.audit === null ? -1 : tables.auditFields(op.audit);
     writer.add(op.kind, dekAt, op.input, op.aad, auditAt, errorAt);
   }
-  if (needsTarget) kekVersions.add(plan.target);
+  if (needsTarget) tables.kekVersions.add(plan.target);
+  const { deks, audit, callers, errors } = tables;
   return writer.finish({
-    keks: plan.kekRefs(kekVersions),
+    keks: plan.kekRefs(tables.kekVersions),
     deks,
     targetKekVersion: plan.target,
     audit,

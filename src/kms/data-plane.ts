@@ -11,7 +11,14 @@ import { type AuditFields, type DekRef, OpKind, type OpKindValue } from '../work
 import { type DekRecord, dataOpRefs, pendingDeletionError } from './dek-versions.js';
 import { auditFields, type OpOutput, type OpQueue, type QueuedOp } from './op-queue.js';
 import type { Registry } from './registry/index.js';
-import { checkAad, checkBytes, checkId, isValidId, MAX_PLAINTEXT_BYTES } from './validate-args.js';
+import {
+  checkAad,
+  checkBytes,
+  checkId,
+  isValidId,
+  MAX_ID_LENGTH,
+  MAX_PLAINTEXT_BYTES,
+} from './validate-args.js';
 
 type DataOp = 'encrypt' | 'decrypt' | 'reencrypt';
 
@@ -144,18 +151,20 @@ export class DataPlane {
     aad: unknown,
     ctx: CallContext | undefined,
   ): PreparedOp {
-    // An invalid id is not written into the audit line (it may be megabytes long).
-    const id = isValidId(keyId) ? keyId : undefined;
+    // A plausible id is looked up first: one the registry holds was checked in full when it was
+    // made, so only an unknown one pays for the character-by-character check.
+    const plausible = typeof keyId === 'string' && keyId.length > 0 && keyId.length <= MAX_ID_LENGTH;
+    let known: DekRecord | undefined;
     let record: DekRecord | undefined;
     let unknownKey: string | undefined;
     try {
       this.assertOpen();
-      const checkedId = checkId('key_id', keyId);
+      known = plausible ? this.registry.peekDek(keyId) : undefined;
+      const checkedId = known === undefined ? checkId('key_id', keyId) : (keyId as string);
       const max =
         kind === OpKind.encrypt ? MAX_PLAINTEXT_BYTES : MAX_PLAINTEXT_BYTES + MAX_CIPHERTEXT_OVERHEAD;
       const input = checkBytes(kind === OpKind.encrypt ? 'plaintext' : 'ciphertext', data, max);
       const aadBytes = checkAad(aad);
-      const known = this.registry.peekDek(checkedId);
       if (known?.state === 'pending-deletion') {
         record = known;
         throw pendingDeletionError(known);
@@ -165,11 +174,13 @@ export class DataPlane {
         if (known === undefined) unknownKey = checkedId;
         throw kmsError('KEY_NOT_FOUND', `no key ${checkedId}`);
       }
-      const deks: DekRef[] = dataOpRefs(record, op, input);
+      const deks = dataOpRefs(record, op, input);
       const audit = this.#dataAudit(op, ctx, record, (deks[0] as DekRef).kekVersion);
       return { kind, deks, input, aad: aadBytes, audit, preError: null, message: undefined, unknownKey };
     } catch (err) {
       const coded = toCodedError(err);
+      // An invalid id is not written into the audit line (it may be megabytes long).
+      const id = known !== undefined || isValidId(keyId) ? (keyId as string) : undefined;
       const audit = auditFields(op, ctx, id, record?.threadId);
       const message = coded.message;
       return { kind, deks: [], input: null, aad: null, audit, preError: coded.code, message, unknownKey };

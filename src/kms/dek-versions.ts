@@ -244,39 +244,56 @@ export function addKekRefDeltas(
  * their own small buffer: LMDB's decoded bytes are views into large buffers, and a structured
  * clone of a view copies its whole backing store on every task.
  */
-const dekRefs = new WeakMap<DekRecord, DekRef[]>();
+const dekRefs = new WeakMap<DekRecord, RecordRefs>();
 
-/** The worker's view of one version of `record`, or undefined for a version it does not hold. */
-export function dekRef(record: DekRecord, version: number): DekRef | undefined {
-  let refs = dekRefs.get(record);
-  if (refs === undefined) {
-    refs = record.versions.map((x) => ({
+interface RecordRefs {
+  refs: DekRef[];
+  /** [the current version's ref], or [] when the record lacks it: what most data ops use, made once. */
+  current: readonly DekRef[];
+}
+
+function recordRefs(record: DekRecord): RecordRefs {
+  let cached = dekRefs.get(record);
+  if (cached === undefined) {
+    const refs = record.versions.map((x) => ({
       keyId: record.keyId,
       keyVersion: x.v,
       kekVersion: x.kek,
       wrapped: new Uint8Array(x.wrapped),
     }));
-    dekRefs.set(record, refs);
+    const current = refs.find((ref) => ref.keyVersion === record.current);
+    cached = { refs, current: current === undefined ? [] : [current] };
+    dekRefs.set(record, cached);
   }
-  return refs.find((ref) => ref.keyVersion === version);
+  return cached;
+}
+
+/** The worker's view of one version of `record`, or undefined for a version it does not hold. */
+export function dekRef(record: DekRecord, version: number): DekRef | undefined {
+  return recordRefs(record).refs.find((ref) => ref.keyVersion === version);
 }
 
 /**
  * The DekRefs a data op uses: encrypt the current version; decrypt the version the ciphertext
  * names; reencrypt [current, named]. A ciphertext naming a version the record does not hold
- * (malformed, or destroyed) is DECRYPT_FAILED, exactly as a failed tag would be.
+ * (malformed, or destroyed) is DECRYPT_FAILED, exactly as a failed tag would be. The arrays are
+ * shared: never change one.
  */
 export function dataOpRefs(
   record: DekRecord,
   op: 'encrypt' | 'decrypt' | 'reencrypt',
   input: Uint8Array,
-): DekRef[] {
-  const current = dekRef(record, record.current);
+): readonly DekRef[] {
+  const refs = recordRefs(record);
+  const currentRefs = refs.current;
+  const current = currentRefs[0];
   if (current === undefined) {
     throw kmsError('STORE_CORRUPT', `key ${record.keyId} lacks its current version ${record.current}`);
   }
-  if (op === 'encrypt') return [current];
-  const named = dekRef(record, ciphertextKeyVersion(input));
+  if (op === 'encrypt') return currentRefs;
+  const version = ciphertextKeyVersion(input);
+  if (op === 'decrypt' && version === current.keyVersion) return currentRefs;
+  const named = refs.refs.find((ref) => ref.keyVersion === version);
   if (named === undefined) throw kmsError('DECRYPT_FAILED');
   return op === 'decrypt' ? [named] : [current, named];
 }

@@ -44,7 +44,7 @@ export type OpCallback = (error: ErrorCode | null, output: Buffer | null, keyVer
 export interface PendingOp {
   kind: OpKindValue;
   /** For reencrypt: [current, source]. For generate: a template (wrapped is empty). */
-  deks: DekRef[];
+  deks: readonly DekRef[];
   input: Uint8Array | null;
   aad: Uint8Array | null;
   audit: AuditFields | null;

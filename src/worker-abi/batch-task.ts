@@ -21,7 +21,7 @@ import {
   opSlotBytes,
   PLAINTEXT_LEAD,
 } from './slots.js';
-import type { AuditCaller, AuditFields, BatchTask, DekRef } from './tasks.js';
+import type { AuditFields, BatchTask, DekRef } from './tasks.js';
 
 /** The parts of a task that are not op slots: keys, audit fields and pre-dispatch error codes. */
 export type BatchTaskTables = Omit<BatchTask, 'type' | 'ops' | 'data'>;
@@ -157,10 +157,9 @@ export class BatchTaskReader {
     return this.#slot(i, kOpEntryGeneration);
   }
 
-  /** The audit caller of an op whose key is a directory entry, or null. */
-  caller(i: number): AuditCaller | null {
-    const at = this.#slot(i, kOpCallerIndex);
-    return at >= 0 ? (this.task.callers[at] ?? null) : null;
+  /** Into `task.callers`: the audit caller of an op whose key is a directory entry, or -1. */
+  callerIndex(i: number): number {
+    return this.#slot(i, kOpCallerIndex);
   }
 
   /** The code the op failed with before dispatch, or null. */
