@@ -5,10 +5,22 @@
  * through the KMS, many more keys than entries still encrypt, decrypt and audit correctly.
  */
 import test from 'ava';
+import { Piscina } from 'piscina';
 import { DekDirectory } from '../src/kms/dek-directory.js';
-import { type AuditCaller, KeyDirectoryView, newKeyDirectory } from '../src/worker-abi/index.js';
+import { workerFile } from '../src/kms/pool.js';
+import { oneOffWorkerInit } from '../src/kms/verify-audit.js';
+import {
+  type AuditCaller,
+  type BatchResult,
+  BatchResultReader,
+  BatchTaskWriter,
+  KeyDirectoryView,
+  newKeyDirectory,
+  OpKind,
+  type TaskOutcome,
+} from '../src/worker-abi/index.js';
 import { KeyDirectoryEntries } from '../workers/key-directory-entries.js';
-import { auditLines, openKms } from './helpers/kms.js';
+import { auditLines, openKms, randomKeyHex } from './helpers/kms.js';
 
 const ref = (keyId: string, keyVersion = 1, kekVersion = 1) => ({
   keyId,
@@ -94,6 +106,42 @@ test('a worker keeps one audit fields object per key, op and caller across tasks
   t.is(directory.entryFor(ref('b'), 'thread-b', 1, 1), at, 'the entry goes to b');
   t.is(entries.entry(at, directory.generation(at)).keyId, 'b');
   t.throws(() => entries.entry(at, stale), { message: /not the one named/ });
+});
+
+test('a crypto worker fails an op naming an entry it cannot find with INTERNAL, and only that op', async (t) => {
+  const name = 'PROGRESSDB_TEST_DIRECTORY_MASTER_KEY';
+  process.env[name] = randomKeyHex();
+  t.teardown(() => {
+    delete process.env[name];
+  });
+  const pool = new Piscina({
+    filename: workerFile('crypto'),
+    minThreads: 1,
+    maxThreads: 1,
+    workerData: { ...oneOffWorkerInit({ kind: 'env', name }), keyDirectory: newKeyDirectory(4) },
+  });
+  t.teardown(() => pool.destroy());
+  const plaintext = Buffer.from('x');
+  const bytes = BatchTaskWriter.bytesFor(OpKind.encrypt, plaintext.length, 0);
+  const writer = new BatchTaskWriter(2, bytes);
+  // Entry 2 was never written: no generation 5 there.
+  writer.add(OpKind.encrypt, -1, plaintext, null, -1, -1, 2, 5, 0);
+  writer.add(OpKind.note, -1, null, null, -1, -1);
+  const task = writer.finish({
+    keks: [],
+    deks: [],
+    targetKekVersion: 1,
+    audit: [],
+    callers: [{ op: 'encrypt', caller: 'test', remote: undefined }],
+    errors: [],
+  });
+  const outcome = (await pool.run(task, {
+    transferList: BatchTaskWriter.transferList(task),
+  })) as TaskOutcome<BatchResult>;
+  if (!outcome.ok) return t.fail(outcome.error.message);
+  const result = new BatchResultReader(outcome.value);
+  t.is(result.error(0)?.code, 'INTERNAL');
+  t.is(result.error(1), null, 'the rest of the batch ran');
 });
 
 test('through the KMS: far more keys than directory entries, every one round-trips and is audited under its own ids', async (t) => {

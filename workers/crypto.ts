@@ -273,13 +273,15 @@ function runBatchOps(task: BatchTask): BatchResult {
     let error: WorkerError | null = refused ?? (preError === null ? null : workerError(preError));
     const entryAt = batch.entryIndex(i);
     if (entryAt >= 0) {
+      const caller = callers[batch.callerIndex(i)];
       try {
         const entry = entryOf(entryAt, batch.entryGeneration(i));
         dek = entry;
-        const caller = callers[batch.callerIndex(i)];
         if (caller !== undefined) audit = (directory as KeyDirectoryEntries).fields(entry, caller);
       } catch (err) {
         error ??= opErrorOf(err);
+        // Still audited, by who asked, though the key it named is not known here.
+        if (caller !== undefined) audit = { op: caller.op, caller: caller.caller, remote: caller.remote };
       }
     }
     let outputBytes = 0;
