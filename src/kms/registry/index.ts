@@ -47,13 +47,13 @@ const kekKey = (version: number) => KEK_PREFIX + version;
 const dekKey = (keyId: string) => DEK_PREFIX + keyId;
 const threadKey = (threadId: string) => THREAD_PREFIX + threadId;
 
-const DEK_CACHE_ENTRIES = 50_000;
+export const DEK_RECORD_CACHE_ENTRIES = 50_000;
 
 type Stage = (record: DekRecord, bulk?: boolean) => void;
 
 export class Registry {
   readonly #store: RegistryStore;
-  readonly #cache = new DekRecordCache(DEK_CACHE_ENTRIES);
+  readonly #cache = new DekRecordCache(DEK_RECORD_CACHE_ENTRIES);
   readonly #keks = new Map<number, R.KekRecord>();
   #kekMeta: R.KekMeta | undefined;
   #rotation: R.RotationRecord | undefined;
