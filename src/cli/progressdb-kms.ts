@@ -25,13 +25,27 @@ function wholeNumber(value: string): number {
   return Number(value);
 }
 
-function fail(err: unknown): never {
+/**
+ * Exits once what was written to stdout and stderr has left the process. process.exit drops a
+ * write still queued on a pipe (libuv writes to a pipe at once only when it has room): seen under
+ * the full test suite as a command that exited 0 with its result line missing.
+ */
+function exitAfterOutput(code: number): void {
+  let pending = 2;
+  const done = () => {
+    if (--pending === 0) process.exit(code);
+  };
+  process.stdout.write('', done);
+  process.stderr.write('', done);
+}
+
+function fail(err: unknown): void {
   const message =
     err instanceof CodedError
       ? `${err.code}: ${err.message}`
       : `unexpected error: ${err instanceof Error ? err.message : String(err)}`;
   process.stderr.write(`progressdb-kms: ${message}\n`);
-  process.exit(1);
+  exitAfterOutput(1);
 }
 
 /** Runs a sub-command and exits with its code (0 when it returns nothing). */
@@ -39,7 +53,7 @@ function exitWith(run: () => Promise<unknown>): () => Promise<void> {
   return async () => {
     try {
       const code = await run();
-      process.exit(typeof code === 'number' ? code : 0);
+      exitAfterOutput(typeof code === 'number' ? code : 0);
     } catch (err) {
       fail(err);
     }
