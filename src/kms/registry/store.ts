@@ -99,6 +99,7 @@ export interface RegistryStore {
   /**
    * The value of `key` if it is known locally, at once. `undefined` means "not known here: call
    * get" (LMDB reads its file, so it also means absent; a cluster store answers from its cache).
+   * A store without `cluster` must be of the first kind: creates trust its absent.
    */
   peek(key: string): unknown;
   /** Entries of one namespace (`prefix` ends in `/`) in its key order, paged by `after`. */
