@@ -21,14 +21,15 @@ import {
 export const caseNo = 7;
 export const name = 'server';
 
+/** Threads with a full page each, for the reads. */
 const THREADS = 16;
+/**
+ * Threads the creates spread over (issue 12: a server's traffic spans thousands of thread keys,
+ * not 16): each create goes to the next of them, so every DEK is used a few times per run.
+ */
+const CREATE_THREADS = 10_000;
 const PAGE = 50;
 const CONNECTIONS = 32;
-
-interface Prepared {
-  proc: ServerProc;
-  threads: string[];
-}
 
 async function call(proc: ServerProc, method: string, urlPath: string, json?: unknown): Promise<unknown> {
   const res = await fetch(`${proc.url}${urlPath}`, {
@@ -41,19 +42,43 @@ async function call(proc: ServerProc, method: string, urlPath: string, json?: un
   return text === '' ? null : JSON.parse(text);
 }
 
-/** Threads with a full first page each, so every read decrypts PAGE bodies. */
-async function prepare(proc: ServerProc, body: unknown, count: number): Promise<Prepared> {
-  const threads: string[] = [];
-  for (let t = 0; t < count; t++) {
-    const created = (await call(proc, 'POST', '/v1/threads', { title: `bench ${t}` })) as { id: string };
-    threads.push(created.id);
-  }
+interface Prepared {
+  proc: ServerProc;
+  /** Threads with a full first page each, so every read decrypts PAGE bodies. */
+  threads: string[];
+  /** Threads the creates cycle over (the first ones are `threads`). */
+  createThreads: string[];
+}
+
+/** Makes `count` threads, 32 requests at a time. */
+async function makeThreads(proc: ServerProc, count: number): Promise<string[]> {
+  const threads: string[] = new Array(count);
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: 32 }, async () => {
+      for (let t = next++; t < count; t = next++) {
+        const created = (await call(proc, 'POST', '/v1/threads', { title: `bench ${t}` })) as { id: string };
+        threads[t] = created.id;
+      }
+    }),
+  );
+  return threads;
+}
+
+async function prepare(
+  proc: ServerProc,
+  body: unknown,
+  count: number,
+  createCount: number,
+): Promise<Prepared> {
+  const createThreads = await makeThreads(proc, Math.max(count, createCount));
+  const threads = createThreads.slice(0, count);
   await Promise.all(
     threads.map(async (id) => {
       for (let m = 0; m < PAGE; m++) await call(proc, 'POST', `/v1/threads/${id}/messages`, { body });
     }),
   );
-  return { proc, threads };
+  return { proc, threads, createThreads };
 }
 
 function cycle(paths: string[]) {
@@ -72,6 +97,7 @@ export async function run(ctx: BenchContext): Promise<CaseReport> {
   };
   try {
     const threads = ctx.mode === 'quick' ? THREADS / 2 : THREADS;
+    const createThreads = ctx.mode === 'quick' ? 500 : CREATE_THREADS;
     const wanted: [string, Parameters<typeof startServerProcess>[1]][] = [
       ['off', { mode: 'off' }],
       ['embedded', { mode: 'embedded' }],
@@ -83,7 +109,8 @@ export async function run(ctx: BenchContext): Promise<CaseReport> {
     const variants: Record<string, Prepared> = Object.fromEntries(
       await Promise.all(
         wanted.map(
-          async ([vName, opts]) => [vName, await prepare(await start(ctx, opts), body, threads)] as const,
+          async ([vName, opts]) =>
+            [vName, await prepare(await start(ctx, opts), body, threads, createThreads)] as const,
         ),
       ),
     );
@@ -97,7 +124,7 @@ export async function run(ctx: BenchContext): Promise<CaseReport> {
         body: JSON.stringify({ body }),
         connections: CONNECTIONS,
         seconds: s,
-        setupRequest: cycle(v.threads.map((id) => `/v1/threads/${id}/messages`)),
+        setupRequest: cycle(v.createThreads.map((id) => `/v1/threads/${id}/messages`)),
       }).then((r) => checkLoad('create message', r).reqPerSec);
     const read = (v: Prepared, s = seconds) =>
       httpLoad({
@@ -144,9 +171,10 @@ export async function run(ctx: BenchContext): Promise<CaseReport> {
     }
     return {
       metrics,
-      details: { samples, threads, pageSize: PAGE, connections: CONNECTIONS },
+      details: { samples, threads, createThreads, pageSize: PAGE, connections: CONNECTIONS },
       notes: [
-        `~1 KiB JSON bodies over ${threads} threads, ${CONNECTIONS} connections; reads are pages of ${PAGE}` +
+        `~1 KiB JSON bodies, ${CONNECTIONS} connections; creates cycle over ${fmt(createThreads)} threads, ` +
+          `reads are pages of ${PAGE} from ${threads} threads` +
           (ctx.mode === 'quick' ? '; quick runs skip the external-over-HTTP server' : ''),
       ],
     };
