@@ -10,6 +10,7 @@ import test, { type ExecutionContext } from 'ava';
 import type { Kms } from '../src/api/index.js';
 import { createKms } from '../src/kms/index.js';
 import { LmdbStore } from '../src/kms/registry/lmdb.js';
+import { EtcdCluster } from './helpers/etcd.js';
 import {
   auditLines,
   expectCode,
@@ -234,4 +235,37 @@ test('the server re-keys its embedded KMS online: messages stay readable, and it
   const again = await server.restart({ env: { PROGRESSDB_KMS_MASTER_KEY_FILE: newKey } });
   t.teardown(() => again.stop());
   t.deepEqual(await read(again), [{ text: 'before the re-key' }]);
+});
+
+test("a cluster re-keyed offline: a replica's log verifies against the cluster's registry, which holds the earlier audit key", async (t) => {
+  const etcd = await EtcdCluster.start(1);
+  t.teardown(() => etcd.stop());
+  const dir = tempDir(t, 'pdb-rekey-cluster-');
+  const { file: oldKey } = writeMasterKey(dir);
+  const dataDir = path.join(dir, 'replica');
+  const cluster = ['--registry', etcd.registryUrl, '--cluster', 'rekeyed'];
+  const replica = (masterKeyFile: string) =>
+    createKms({ dataDir, masterKeyFile, poolSize: 1, registry: etcd.registryUrl, cluster: 'rekeyed' });
+  const before = await replica(oldKey);
+  const sealed = await sealSome(before, 5, 'cluster');
+  await before.close();
+
+  const newKey = newKeyFile(dir);
+  const res = await runCli(KMS_CLI, [...rekeyArgs(dataDir, oldKey, newKey), ...cluster]);
+  t.is(res.code, 0, res.stderr);
+  const after = await replica(newKey);
+  await allDecrypt(t, after, await sealSome(after, 2, 'after'));
+  await allDecrypt(t, after, sealed);
+  await after.close();
+
+  // The replica's streams before the re-key are signed with the old master key's audit key, which
+  // only the cluster's registry keeps (wrapped under the new key).
+  const verify = (extra: string[]) =>
+    runCli(KMS_CLI, ['audit', 'verify', '--data-dir', dataDir, '--master-key-file', newKey, ...extra]);
+  const alone = await verify([]);
+  t.is(alone.code, 1, 'without the cluster registry the earlier streams cannot be checked');
+  t.regex(alone.stdout, /kms-audit\.log:1: stream \w+ is signed with audit key \w+, which this master key does not know/);
+  const withCluster = await verify(cluster);
+  t.is(withCluster.code, 0, withCluster.stdout + withCluster.stderr);
+  t.regex(withCluster.stdout, /^ok: \d+ lines verified/);
 });

@@ -153,10 +153,13 @@ program
     exitWith(async () => (await keygen()).keygenCommand(opts))(),
   );
 
-program
-  .command('audit')
-  .description('audit log tools')
-  .command('verify')
+// A replica's log is checked against its cluster's registry (--registry etcd://...: the audit keys
+// of earlier master keys live there); --no-registry (with --public-key) checks the log alone.
+// Commander takes both: --registry <url> gives a string, --no-registry false, neither undefined.
+registryFlags(
+  program.command('audit').description('audit log tools').command('verify'),
+  "lmdb (default: the data dir's) or a cluster's etcd registry, for a replica's log: etcd://h:p,... / etcds://h:p,...",
+)
   .description('verify the signatures and chain of kms-audit.log and its rolled files')
   .option('--data-dir <dir>', 'the KMS data directory (env PROGRESSDB_KMS_DATA_DIR)')
   .option('--master-key-file <file>', 'master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
@@ -168,17 +171,28 @@ program
   )
   .option('--no-registry', "with --public-key: check the log alone, not against the registry's audit head")
   .action(
-    (opts: {
-      dataDir?: string;
-      masterKeyFile?: string;
-      from?: string;
-      publicKey?: string[];
-      registry?: boolean;
-    }) =>
+    (
+      opts: Omit<import('../config/daemon-registry.js').RegistryFlags, 'registry'> & {
+        dataDir?: string;
+        masterKeyFile?: string;
+        from?: string;
+        publicKey?: string[];
+        registry?: string | false;
+      },
+    ) =>
       exitWith(async () => {
-        const { publicKey } = opts;
-        if (publicKey === undefined) return (await auditVerify()).auditVerifyCommand(opts);
-        return (await auditVerifyPublic()).auditVerifyPublicCommand({ ...opts, publicKey });
+        const { publicKey, registry } = opts;
+        if (publicKey !== undefined) {
+          return (await auditVerifyPublic()).auditVerifyPublicCommand({
+            ...opts,
+            publicKey,
+            registry: registry !== false,
+          });
+        }
+        return (await auditVerify()).auditVerifyCommand({
+          ...opts,
+          registry: typeof registry === 'string' ? registry : undefined,
+        });
       })(),
   );
 

@@ -1,27 +1,34 @@
 /** `progressdb-kms audit verify`. */
 import path from 'node:path';
+import type { RegistryFlags } from '../../config/daemon-registry.js';
 import { resolveMasterKeyRef } from '../../config/library.js';
 import { AUDIT_FILE_NAME, auditChainFiles } from '../../kms/audit-file.js';
 import { Registry } from '../../kms/registry/index.js';
-import { LmdbStore } from '../../kms/registry/lmdb.js';
+import { readRegistryValue } from '../../kms/registry/open.js';
 import { AUDIT_KEYS } from '../../kms/registry/records.js';
 import { runVerifyAudit } from '../../kms/verify-audit.js';
 import type { WrappedAuditKey } from '../../worker-abi/index.js';
-import { type DataDirCommandOptions, dataDirOf, report } from './common.js';
+import { type DataDirCommandOptions, dataDirOf, registryOf, report } from './common.js';
 
 /**
- * `audit verify [--data-dir D] [--from FILE]`: checks every line's signature, sequence and chain
- * over the rolled files and the live one, in order. Prints the first bad line's file and number
- * and exits 1, or the count verified and exits 0. Read-only, so it may run beside a live KMS.
+ * `audit verify [--data-dir D] [--from FILE] [--registry etcd://... --cluster NAME]`: checks every
+ * line's signature, sequence and chain over the rolled files and the live one, in order. Prints
+ * the first bad line's file and number and exits 1, or the count verified and exits 0. Read-only,
+ * so it may run beside a live KMS. A cluster replica's log needs its cluster's registry: a
+ * re-key keeps the earlier audit keys there, not in the replica's data directory.
  */
-export async function auditVerifyCommand(opts: DataDirCommandOptions & { from?: string }): Promise<number> {
+export async function auditVerifyCommand(
+  opts: DataDirCommandOptions & RegistryFlags & { from?: string },
+): Promise<number> {
   try {
     const dataDir = dataDirOf(opts);
     const files = auditChainFiles(dataDir, opts.from);
     const masterKey = resolveMasterKeyRef({ masterKeyFile: opts.masterKeyFile });
     const head = Registry.readAuditHead(dataDir) ?? null;
     // The audit keys of the master keys this directory was re-keyed from, for its older streams.
-    const auditKeys = (LmdbStore.readOnce(dataDir, AUDIT_KEYS) as WrappedAuditKey[] | undefined) ?? [];
+    const auditKeys =
+      ((await readRegistryValue(dataDir, registryOf(opts), AUDIT_KEYS)) as WrappedAuditKey[] | undefined) ??
+      [];
     const result = await runVerifyAudit(masterKey, files, head, opts.from !== undefined, auditKeys);
     if (result.ok) {
       const first = path.basename(files[0] as string);

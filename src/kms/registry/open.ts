@@ -102,3 +102,27 @@ export async function openRegistry(
     throw err;
   }
 }
+
+/**
+ * One value of the registry the options name, read without opening a KMS: from the data
+ * directory's LMDB (read-only, no lock), or from an etcd prefix without joining the cluster.
+ * For offline tools that need a shared record (a cluster's audit keys after a re-key).
+ */
+export async function readRegistryValue(
+  dataDir: string,
+  opts: RegistryOptions,
+  key: string,
+): Promise<unknown> {
+  const location = registryLocation(opts);
+  if (location.kind === 'lmdb') return LmdbStore.readOnce(dataDir, key);
+  const [{ Etcd3 }, { EtcdStore }] = await Promise.all([import('etcd3'), import('./etcd.js')]);
+  const client = new Etcd3(etcdClientOptions(location, opts));
+  let store: EtcdStore | undefined;
+  try {
+    store = await EtcdStore.open({ client, prefix: location.prefix, onClose: () => client.close() });
+    return await store.get(key);
+  } finally {
+    if (store) await store.close();
+    else client.close();
+  }
+}
