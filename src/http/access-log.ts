@@ -22,6 +22,10 @@ export interface AccessLogOptions {
 }
 
 export function accessLog({ logger, callerOf }: AccessLogOptions): Middleware {
+  // A line holds only the fixed fields below, none of which can carry a secret, so the process
+  // logger's wildcard redaction (a walk over every field) is skipped for it: it was ~10% of the
+  // daemon's main thread under single-request load.
+  const requests = logger.child({}, { redact: [] });
   return async (ctx, next) => {
     const start = performance.now();
     const incoming = ctx.get('x-request-id');
@@ -50,8 +54,8 @@ export function accessLog({ logger, callerOf }: AccessLogOptions): Middleware {
         caller: callerOf(ctx),
         remoteAddress: ctx.ip,
       };
-      if (PROBES.has(route) && line.status < 400) logger.debug(line, 'request');
-      else logger.info(line, 'request');
+      if (PROBES.has(route) && line.status < 400) requests.debug(line, 'request');
+      else requests.info(line, 'request');
     }
   };
 }
