@@ -264,7 +264,10 @@ test("a cluster re-keyed offline: a replica's log verifies against the cluster's
     runCli(KMS_CLI, ['audit', 'verify', '--data-dir', dataDir, '--master-key-file', newKey, ...extra]);
   const alone = await verify([]);
   t.is(alone.code, 1, 'without the cluster registry the earlier streams cannot be checked');
-  t.regex(alone.stdout, /kms-audit\.log:1: stream \w+ is signed with audit key \w+, which this master key does not know/);
+  t.regex(
+    alone.stdout,
+    /kms-audit\.log:1: stream \w+ is signed with audit key \w+, which this master key does not know/,
+  );
   const withCluster = await verify(cluster);
   t.is(withCluster.code, 0, withCluster.stdout + withCluster.stderr);
   t.regex(withCluster.stdout, /^ok: \d+ lines verified/);
