@@ -21,6 +21,15 @@ import type { Etcd3, Lease } from 'etcd3';
 import { type CodedError, kmsError } from '../../errors.js';
 import type { StoreChange, StoreEntry } from './store.js';
 
+/** `promise`, or a rejection once `ms` have passed without its answer (the call itself goes on). */
+function answerWithin<T>(promise: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no answer within ${Math.round(ms)} ms`)), ms);
+  });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
 /** Default lease TTL: how long a replica that has lost etcd keeps serving, at most. */
 export const DEFAULT_LEASE_TTL_SECONDS = 10;
 export const MIN_LEASE_TTL_SECONDS = 2;
@@ -199,7 +208,11 @@ export class Membership {
         await this.#caughtUp(this.#ttlMs);
         void this.#publish();
       } else {
-        await lease.keepaliveOnce();
+        // Bounded by the renewal period: a keepalive sent to a member that just died can wait for
+        // the client's call timeout (3 s), longer than a short lease, and the next one would only
+        // be sent after it. Seen as a replica that stopped serving when one of three members was
+        // killed under load.
+        await answerWithin(lease.keepaliveOnce(), this.#ttlMs / 3);
         this.#validUntil = sentAt + this.#ttlMs - this.#marginMs;
       }
       this.#lastError = '';
@@ -207,7 +220,8 @@ export class Membership {
     } catch (err) {
       this.#lastError = err instanceof Error ? err.message : String(err);
       // An expired lease is revoked by the client (keepaliveOnce emits its loss): rejoin next time.
-      this.#schedule(Math.min(500, this.#ttlMs / 4));
+      // A try that already waited its bound is followed by the next at once.
+      this.#schedule(Math.max(0, Math.min(500, this.#ttlMs / 4) - (this.#now() - sentAt)));
     }
     this.#noteState();
   }
