@@ -7,6 +7,7 @@
 import {
   type AuditCaller,
   type AuditFields,
+  auditCallerKey,
   type DirectoryEntry,
   type KeyDirectoryInit,
   KeyDirectoryView,
@@ -52,7 +53,7 @@ export class KeyDirectoryEntries {
   canonicalCallers(callers: readonly AuditCaller[]): AuditCaller[] {
     if (this.#callers.size > MAX_CALLERS) this.#callers.clear();
     return callers.map((c) => {
-      const key = JSON.stringify([c.op, c.caller ?? null, c.remote ?? null]);
+      const key = auditCallerKey(c);
       let canonical = this.#callers.get(key);
       if (canonical === undefined) {
         canonical = { op: c.op, caller: c.caller, remote: c.remote };

@@ -8,6 +8,7 @@ import type { ErrorCode } from '../errors.js';
 import {
   type AuditCaller,
   type AuditFields,
+  auditCallerKey,
   type BatchTask,
   BatchTaskWriter,
   type DekRef,
@@ -81,7 +82,7 @@ class TaskTables {
     if (last !== null && last.op === op && last.caller === caller && last.remote === remote) {
       return this.#lastCallerAt;
     }
-    const key = JSON.stringify([op, caller ?? null, remote ?? null]);
+    const key = auditCallerKey(fields);
     let at = this.#callerIndex.get(key);
     if (at === undefined) {
       at = this.callers.push({ op, caller, remote }) - 1;

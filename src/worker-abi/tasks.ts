@@ -151,6 +151,11 @@ export interface AuditCaller {
   remote: string | undefined;
 }
 
+/** A caller's identity by value (an absent caller or remote apart from an empty one). */
+export function auditCallerKey(c: Pick<AuditFields, 'op' | 'caller' | 'remote'>): string {
+  return JSON.stringify([c.op, c.caller ?? null, c.remote ?? null]);
+}
+
 /** Written by BatchTaskWriter (pool), read by BatchTaskReader (worker); see slots.ts. */
 export interface BatchTask {
   type: 'batch';

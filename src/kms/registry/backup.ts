@@ -34,7 +34,7 @@ import type { KekRecord } from './index.js';
 import { LmdbStore, REGISTRY_FILE } from './lmdb.js';
 import { type RegistryLocation, type RegistryOptions, registryLocation } from './location.js';
 import { claimTarget, copyPage, finishCopy, type MigrationMarker } from './migrate.js';
-import { etcdClientOptions } from './open.js';
+import { withEtcdStore } from './open.js';
 import type { RegistrySnapshot, StoreEntry } from './store.js';
 
 export type { BackupHeader } from './backup-file.js';
@@ -66,21 +66,14 @@ export async function backupRegistry(opts: BackupOptions): Promise<BackupHeader>
       throw kmsError('CONFIG_INVALID', `${dataDir} holds no KMS registry: nothing to back up`);
     return writeBackup(snapshot, { kind: 'lmdb', dataDir }, opts.out);
   }
-  const [{ Etcd3 }, { EtcdStore }] = await Promise.all([import('etcd3'), import('./etcd.js')]);
-  const client = new Etcd3(etcdClientOptions(location, opts.registry));
-  let store: Awaited<ReturnType<typeof EtcdStore.open>> | undefined;
-  try {
-    store = await EtcdStore.open({ client, prefix: location.prefix, onClose: () => client.close() });
+  return withEtcdStore(location, opts.registry, async (store) => {
     const snapshot = await store.snapshot();
-    return await writeBackup(
+    return writeBackup(
       snapshot,
       { kind: 'etcd', prefix: location.prefix, revision: snapshot.revision ?? '' },
       opts.out,
     );
-  } finally {
-    if (store) await store.close();
-    else client.close();
-  }
+  });
 }
 
 export interface RestoreReport {
@@ -211,11 +204,7 @@ async function restoreIntoEtcd(
   header: BackupHeader,
   entries: StoreEntry[],
 ): Promise<BackupHeader['counts']> {
-  const [{ Etcd3 }, { EtcdStore }] = await Promise.all([import('etcd3'), import('./etcd.js')]);
-  const client = new Etcd3(etcdClientOptions(location, opts.registry ?? {}));
-  let store: Awaited<ReturnType<typeof EtcdStore.open>> | undefined;
-  try {
-    store = await EtcdStore.open({ client, prefix: location.prefix, onClose: () => client.close() });
+  return withEtcdStore(location, opts.registry ?? {}, async (store) => {
     const marker: MigrationMarker = {
       from: inFile,
       kekId: header.kekId,
@@ -229,11 +218,8 @@ async function restoreIntoEtcd(
     }
     const meta = entries.filter((e) => (META as readonly string[]).includes(e.key));
     await finishCopy(store, marker, meta, location.prefix);
-    return await countsOf(store);
-  } finally {
-    if (store) await store.close();
-    else client.close();
-  }
+    return countsOf(store);
+  });
 }
 
 /** In a one-off worker: the master key must unwrap the backup's KEK versions (CheckKekTask). */

@@ -18,7 +18,7 @@ import { META } from './backup-file.js';
 import { MIGRATING, type RotationRecord } from './index.js';
 import { LmdbStore } from './lmdb.js';
 import { type RegistryOptions, registryLocation } from './location.js';
-import { etcdClientOptions } from './open.js';
+import { withEtcdStore } from './open.js';
 import type { RegistryStore, StoreEntry } from './store.js';
 
 /** Copied as records, in this order; the meta records go last, in the commit. */
@@ -70,56 +70,52 @@ export async function migrateRegistry(opts: MigrateOptions): Promise<MigrationRe
   }
   const lock = lockDataDir(from);
   const source = LmdbStore.open(from);
-  const [{ Etcd3 }, { EtcdStore }] = await Promise.all([import('etcd3'), import('./etcd.js')]);
-  const client = new Etcd3(etcdClientOptions(location, opts.registry));
-  let target: RegistryStore | undefined;
   try {
-    target = await EtcdStore.open({ client, prefix: location.prefix, onClose: () => client.close() });
-    const meta = await readSource(source, from);
-    const marker: MigrationMarker = {
-      from,
-      kekId: meta.kekId,
-      host: os.hostname(),
-      startedAt: new Date().toISOString(),
-    };
-    const resumed = await claimTarget(target, marker, location.prefix);
-    const totals = await Promise.all(NAMESPACES.map((ns) => source.count(ns)));
-    const total = totals.reduce((a, b) => a + b, 0);
-    let copied = 0;
-    for (const ns of NAMESPACES) {
-      await copyNamespace(source, target, ns, (n) => {
-        copied += n;
-        opts.onProgress?.(copied, total);
-      });
-    }
-    const puts: StoreEntry[] = [];
-    for (const key of META) {
-      const value = await source.get(key);
-      if (value !== undefined) puts.push({ key, value });
-    }
-    await finishCopy(target, marker, puts, location.prefix);
-    const counts = {} as MigrationReport['counts'];
-    for (const [i, ns] of NAMESPACES.entries()) {
-      const copiedHere = await target.count(ns);
-      if (copiedHere !== totals[i]) {
-        throw kmsError(
-          'STORE_CORRUPT',
-          `after the copy, etcd holds ${copiedHere} records under ${ns} where the source holds ${totals[i]}`,
-        );
+    return await withEtcdStore(location, opts.registry, async (target) => {
+      const meta = await readSource(source, from);
+      const marker: MigrationMarker = {
+        from,
+        kekId: meta.kekId,
+        host: os.hostname(),
+        startedAt: new Date().toISOString(),
+      };
+      const resumed = await claimTarget(target, marker, location.prefix);
+      const totals = await Promise.all(NAMESPACES.map((ns) => source.count(ns)));
+      const total = totals.reduce((a, b) => a + b, 0);
+      let copied = 0;
+      for (const ns of NAMESPACES) {
+        await copyNamespace(source, target, ns, (n) => {
+          copied += n;
+          opts.onProgress?.(copied, total);
+        });
       }
-      counts[ns] = copiedHere;
-    }
-    return {
-      from,
-      prefix: location.prefix,
-      kekId: meta.kekId,
-      activeKekVersion: meta.active,
-      counts,
-      resumed,
-    };
+      const puts: StoreEntry[] = [];
+      for (const key of META) {
+        const value = await source.get(key);
+        if (value !== undefined) puts.push({ key, value });
+      }
+      await finishCopy(target, marker, puts, location.prefix);
+      const counts = {} as MigrationReport['counts'];
+      for (const [i, ns] of NAMESPACES.entries()) {
+        const copiedHere = await target.count(ns);
+        if (copiedHere !== totals[i]) {
+          throw kmsError(
+            'STORE_CORRUPT',
+            `after the copy, etcd holds ${copiedHere} records under ${ns} where the source holds ${totals[i]}`,
+          );
+        }
+        counts[ns] = copiedHere;
+      }
+      return {
+        from,
+        prefix: location.prefix,
+        kekId: meta.kekId,
+        activeKekVersion: meta.active,
+        counts,
+        resumed,
+      };
+    });
   } finally {
-    if (target) await target.close();
-    else client.close();
     await source.close();
     lock.release();
   }

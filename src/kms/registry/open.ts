@@ -104,6 +104,28 @@ export async function openRegistry(
 }
 
 /**
+ * Runs `fn` on the etcd store under `location`'s prefix, opened without joining the cluster (no
+ * lease, no membership), and closes it (or the client, if the open failed) however `fn` ends: for
+ * the offline tools that read or write a cluster's registry.
+ */
+export async function withEtcdStore<T>(
+  location: Extract<RegistryLocation, { kind: 'etcd' }>,
+  opts: RegistryOptions,
+  fn: (store: EtcdStore) => Promise<T>,
+): Promise<T> {
+  const [{ Etcd3 }, { EtcdStore }] = await Promise.all([import('etcd3'), import('./etcd.js')]);
+  const client = new Etcd3(etcdClientOptions(location, opts));
+  let store: EtcdStore | undefined;
+  try {
+    store = await EtcdStore.open({ client, prefix: location.prefix, onClose: () => client.close() });
+    return await fn(store);
+  } finally {
+    if (store) await store.close();
+    else client.close();
+  }
+}
+
+/**
  * One value of the registry the options name, read without opening a KMS: from the data
  * directory's LMDB (read-only, no lock), or from an etcd prefix without joining the cluster.
  * For offline tools that need a shared record (a cluster's audit keys after a re-key).
@@ -115,14 +137,5 @@ export async function readRegistryValue(
 ): Promise<unknown> {
   const location = registryLocation(opts);
   if (location.kind === 'lmdb') return LmdbStore.readOnce(dataDir, key);
-  const [{ Etcd3 }, { EtcdStore }] = await Promise.all([import('etcd3'), import('./etcd.js')]);
-  const client = new Etcd3(etcdClientOptions(location, opts));
-  let store: EtcdStore | undefined;
-  try {
-    store = await EtcdStore.open({ client, prefix: location.prefix, onClose: () => client.close() });
-    return await store.get(key);
-  } finally {
-    if (store) await store.close();
-    else client.close();
-  }
+  return withEtcdStore(location, opts, (store) => store.get(key));
 }
