@@ -347,6 +347,9 @@ export class KeyOps {
     } catch (err) {
       return this.#auditedFailure('cancel_deletion', ctx, toCodedError(err), keyId);
     }
+    // As for a destroy: when this answers, every live replica serves the key again (seen as a
+    // replica that still refused it right after a cancel on another).
+    await this.registry.confirmApplied();
     const audit = auditFields('cancel_deletion', ctx, keyId, updated.threadId, updated.versions.at(-1)?.kek);
     await this.queue.note({ ...audit, detail: `key version ${updated.current} usable again` });
     return this.#info(updated);
