@@ -28,6 +28,7 @@ export const ERROR_CATALOGUE = {
     message: 'the key is pending deletion: every use is refused until its deletion is cancelled',
   },
   KEY_NOT_PENDING_DELETION: { status: 409, message: 'the key is not pending deletion' },
+  REKEY_REFUSED: { status: 409, message: 'a replica of the cluster refused the master re-key' },
   // 413/415/422
   PAYLOAD_TOO_LARGE: { status: 413, message: 'payload too large' },
   UNSUPPORTED_MEDIA_TYPE: { status: 415, message: 'expected application/json' },

@@ -6,16 +6,18 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import test, { type ExecutionContext } from 'ava';
-import type { Kms } from '../src/api/index.js';
+import test from 'ava';
 import { createKms } from '../src/kms/index.js';
 import { LmdbStore } from '../src/kms/registry/lmdb.js';
 import { EtcdCluster } from './helpers/etcd.js';
 import {
+  allDecrypt,
   auditLines,
   expectCode,
   openKms,
   randomKeyHex,
+  type Sealed,
+  sealSome,
   startProcess,
   tempDir,
   writeMasterKey,
@@ -34,33 +36,6 @@ const KILL_POINTS = 4;
 
 function rekeyArgs(dataDir: string, oldKey: string, newKey: string): string[] {
   return ['rekey', '--data-dir', dataDir, '--master-key-file', oldKey, '--new-master-key-file', newKey];
-}
-
-interface Sealed {
-  keyId: string;
-  ciphertext: Buffer;
-  plaintext: string;
-}
-
-async function sealSome(kms: Kms, count: number, prefix: string): Promise<Sealed[]> {
-  return Promise.all(
-    Array.from({ length: count }, async (_, i) => {
-      const { keyId } = await kms.createDekForThread(`${prefix}-${i}`);
-      const plaintext = `${prefix} message ${i}`;
-      const { ciphertext } = await kms.encrypt(keyId, Buffer.from(plaintext), Buffer.from(keyId));
-      return { keyId, ciphertext, plaintext };
-    }),
-  );
-}
-
-async function allDecrypt(t: ExecutionContext, kms: Kms, sealed: Sealed[]): Promise<void> {
-  const opened = await Promise.all(
-    sealed.map((s) => kms.decrypt(s.keyId, s.ciphertext, Buffer.from(s.keyId)).then((b) => b.toString())),
-  );
-  t.deepEqual(
-    opened,
-    sealed.map((s) => s.plaintext),
-  );
 }
 
 test('online re-key under load: nothing fails, old keys decrypt, the old master key is refused at start, the log verifies', async (t) => {

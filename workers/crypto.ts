@@ -56,7 +56,7 @@ import { KeyArena } from './key-arena.js';
 import { KeyDirectoryEntries } from './key-directory-entries.js';
 import { WorkerKeyring } from './keyring.js';
 import type { RootKeys } from './master-key.js';
-import { auditKeysById, keyCheckValueOf, rekeyMaster } from './rekey.js';
+import { auditKeysById, checkMasterKey, keyCheckValueOf, rekeyMaster } from './rekey.js';
 
 const init = workerData as WorkerInit;
 /** The format new ciphertexts and wrapped keys are written in; both formats are read. */
@@ -470,6 +470,8 @@ function runTask(task: Exclude<WorkerTask, BatchTask>): unknown {
       return verifyAudit(task);
     case 'rekey-master':
       return rekey(task);
+    case 'check-master-key':
+      return checkMasterKey(task);
     case 'audit-checkpoint':
       return checkpointAudit();
     case 'zeroize':

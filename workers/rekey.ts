@@ -5,7 +5,7 @@
  * key is known. Only wrapped bytes leave: the caller stores them in one transaction. The cost
  * depends on the number of KEK versions, never on the number of DEKs.
  */
-import { createHmac } from 'node:crypto';
+import { createHmac, timingSafeEqual } from 'node:crypto';
 import {
   auditKeyIdentity,
   kekIdentity,
@@ -14,7 +14,13 @@ import {
   WRAP_KIND_KEK,
   wrappedKeyBytes,
 } from '../src/format.js';
-import type { RekeyMasterResult, RekeyMasterTask, WrappedAuditKey } from '../src/worker-abi/index.js';
+import type {
+  CheckMasterKeyResult,
+  CheckMasterKeyTask,
+  RekeyMasterResult,
+  RekeyMasterTask,
+  WrappedAuditKey,
+} from '../src/worker-abi/index.js';
 import { AuthFailure, unwrapKeyInto, wrapKeyInto } from './aead.js';
 import { auditKeyId } from './audit-stream.js';
 import { WorkerFault } from './fault.js';
@@ -77,6 +83,17 @@ export function rekeyMaster(
       }),
     );
     return { keks, kcv, auditKeys };
+  } finally {
+    arena.zeroAll();
+  }
+}
+
+/** Whether the master key `task` names has the check value `task.kcv` (a key that cannot be read throws). */
+export function checkMasterKey(task: CheckMasterKeyTask): CheckMasterKeyResult {
+  const arena = new KeyArena(2);
+  try {
+    const kcv = keyCheckValueOf(loadRootKeys(task.masterKey, arena).kekWrapKey);
+    return { matches: kcv.length === task.kcv.length && timingSafeEqual(kcv, task.kcv) };
   } finally {
     arena.zeroAll();
   }

@@ -219,15 +219,26 @@ program
 
 registryFlags(
   program.command('rekey'),
-  "lmdb (default: the data dir's) or a stopped cluster's etcd registry: etcd://h:p,... / etcds://h:p,...",
+  "lmdb (default: the data dir's) or a cluster's etcd registry: etcd://h:p,... / etcds://h:p,...",
 )
   .description(
-    're-key the master key offline (the KMS must be stopped): every KEK version rewrapped under the new key',
+    're-key the master key: every KEK version rewrapped under the new key. One node: stop the KMS first. ' +
+      'A cluster: its running replicas each check the new key at the same path and switch, online',
   )
   .option('--new-master-key-file <file>', 'the new master key (progressdb-kms keygen --out FILE makes one)')
-  .option('--data-dir <dir>', 'the KMS data directory (env PROGRESSDB_KMS_DATA_DIR)')
+  .option(
+    '--data-dir <dir>',
+    'the KMS data directory; for a cluster, one for this command alone (env PROGRESSDB_KMS_DATA_DIR)',
+  )
   .option('--master-key-file <file>', 'the current master key file (env PROGRESSDB_KMS_MASTER_KEY_FILE)')
   .option('--allow-open-key-file', 'accept a new key file that group or others can read')
+  .option(
+    '--vote-timeout <seconds>',
+    'a cluster: how long to wait for every running replica to accept the new key (default 30)',
+    wholeNumber,
+  )
+  .option('--replica-id <id>', "this command's name in the cluster (default <hostname>-<pid>)")
+  .option('--lease-ttl <seconds>', "a cluster: this command's etcd lease TTL (default 10)", wholeNumber)
   .action((opts: import('./kms-commands/rekey.js').RekeyFlags) =>
     exitWith(async () => (await rekey()).rekeyCommand(opts))(),
   );

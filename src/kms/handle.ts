@@ -11,8 +11,11 @@ export interface RekeyMasterOptions {
   newMasterKeyFile: string;
   /** Accept a new key file that group or others can read (refused by default). */
   allowOpenKeyFile?: boolean;
-  /** The offline command against a cluster's registry, every replica stopped (see rekey.ts). */
-  offline?: boolean;
+  /**
+   * In a cluster, how long to wait for every live replica to accept the new key before the
+   * re-key is withdrawn (default 30 s). Each replica reads the new key file at the same path.
+   */
+  voteTimeoutMs?: number;
 }
 
 export type EmbeddedKmsHandle = Kms & {

@@ -27,6 +27,7 @@ import { newMasterKeySwitch } from '../worker-abi/index.js';
 import { AuditCheckpointRounds } from './audit-checkpoint-rounds.js';
 import { AUDIT_FILE_NAME, AuditFile, auditChainFiles } from './audit-file.js';
 import { AuditHeadKeeper } from './audit-head-keeper.js';
+import { RekeyFollower } from './cluster-rekey-follower.js';
 import { DataPlane } from './data-plane.js';
 import { dropsKeyMaterial } from './dek-versions.js';
 import { DeletionSweep } from './deletion-sweep.js';
@@ -166,6 +167,12 @@ class EmbeddedKms implements Kms {
       kekRef: (version) => this.#kekRefs.get(version),
     });
     this.#checkpointRounds?.start();
+    // In a cluster: takes part in the master re-keys other processes propose.
+    const follower = RekeyFollower.forCluster(this.#rekeyDeps());
+    if (follower !== null) {
+      this.#stopWatching.push(() => follower.stop());
+      await follower.start();
+    }
     this.#rotation = new KekRotation({
       registry: this.#registry,
       pool: this.#pool,
@@ -366,18 +373,24 @@ class EmbeddedKms implements Kms {
 
   async rekeyMaster(options: RekeyMasterOptions, ctx?: CallContext): Promise<RekeyResult> {
     this.#assertOpen();
-    const next = rekeyTarget(options);
-    const deps: RekeyDeps = {
+    return rekeyMaster(this.#rekeyDeps(), rekeyTarget(options), ctx, options.voteTimeoutMs);
+  }
+
+  /** What a master re-key changes here: this process's own (rekeyMaster) or another's (RekeyFollower). */
+  #rekeyDeps(): RekeyDeps {
+    return {
       registry: this.#registry,
-      log: this.#log,
+      pool: this.#pool,
       queue: this.#queue,
+      log: this.#log,
       masterKeySwitch: this.#masterKeySwitch,
+      current: () => this.#masterKey,
+      adopt: (ref) => {
+        this.#masterKey = ref;
+      },
       kekRef: (version) => this.#kekRefs.get(version),
       runInWorker: (task) => this.#runAudited<RekeyMasterResult>(task),
     };
-    const result = await rekeyMaster(deps, this.#masterKey, next, ctx, options.offline === true);
-    this.#masterKey = next;
-    return result;
   }
 
   /**

@@ -9,11 +9,17 @@
  * the two states. While it runs the workers accept both keys for unwrapping (master-key-switch.ts):
  * the switch comes before the commit, so no task sees the new wrapped bytes without the key that
  * opens them, and it is switched back if the commit fails.
+ *
+ * In a cluster every live process must have switched too before the commit: the re-key is put to
+ * a vote (ClusterRekeyVote, cluster-rekey-follower.ts has the replicas' side) and commits only
+ * once each has answered that it reads the new key and accepts both. A refusal, a silent replica
+ * or the loss of this process (its proposal lapses with its lease) leaves the registry as it was,
+ * and the replicas go back to the current key.
  */
+import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import type { CallContext } from '../api/index.js';
 import { kmsError, toCodedError } from '../errors.js';
-import type { Logger } from '../log.js';
 import {
   type AuditFields,
   describeMasterKeyRef,
@@ -23,15 +29,13 @@ import {
   type RekeyMasterTask,
   switchMasterKey,
 } from '../worker-abi/index.js';
+import type { RekeyFollowerDeps } from './cluster-rekey-follower.js';
 import type { RekeyMasterOptions } from './handle.js';
 import { auditFields, type OpQueue } from './op-queue.js';
-import type { Registry } from './registry/index.js';
+import type { RekeyRecord } from './registry/store.js';
 
-export interface RekeyDeps {
-  registry: Registry;
-  log: Logger;
+export interface RekeyDeps extends RekeyFollowerDeps {
   queue: OpQueue;
-  masterKeySwitch: SharedArrayBuffer;
   kekRef(version: number): KekRef | undefined;
   /** Runs the worker step; its audit line counts like a batch's. */
   runInWorker(task: RekeyMasterTask): Promise<RekeyMasterResult>;
@@ -50,40 +54,31 @@ export interface RekeyResult {
   auditKeys: number;
 }
 
+/** How long a cluster re-key waits for every replica's answer by default (RekeyMasterOptions.voteTimeoutMs). */
+export const DEFAULT_REKEY_VOTE_TIMEOUT_MS = 30_000;
+
 export async function rekeyMaster(
   deps: RekeyDeps,
-  current: MasterKeyRef,
   next: MasterKeyRef,
   ctx: CallContext | undefined,
-  /** The offline command: every replica of a cluster is stopped, so a cluster may be re-keyed. */
-  offline: boolean,
+  voteTimeoutMs = DEFAULT_REKEY_VOTE_TIMEOUT_MS,
 ): Promise<RekeyResult> {
   const { registry, queue } = deps;
+  const current = deps.current();
   const audit: AuditFields = {
     ...auditFields('rekey_master', ctx),
     detail: `to ${describeMasterKeyRef(next)}`,
   };
-  if (registry.cluster !== undefined && !offline) {
-    return queue.auditedFailure(
-      audit,
-      kmsError(
-        'CONFIG_INVALID',
-        'a cluster replica cannot re-key the master key online (the other replicas still hold the old one): ' +
-          'stop every replica, run progressdb-kms rekey against the registry, then start them with the new key',
-      ),
-    );
-  }
   if (registry.rotation()?.state === 'running') {
     return queue.auditedFailure(
       audit,
       kmsError('ROTATION_IN_PROGRESS', 'a KEK rotation is running: re-key once it has finished'),
     );
   }
-  const keks: KekRef[] = [];
-  for (const record of registry.keks()) {
-    const ref = deps.kekRef(record.version);
-    if (ref !== undefined) keks.push(ref);
-  }
+  const keks = registry
+    .keks()
+    .map((record) => deps.kekRef(record.version))
+    .filter((ref): ref is KekRef => ref !== undefined);
   const fromKcv = await registry.kcv();
   const earlier = await registry.auditKeys();
   const prepared = await deps.runInWorker({
@@ -93,8 +88,17 @@ export async function rekeyMaster(
     auditKeys: earlier,
     audit: { ...audit, detail: `${audit.detail}: ${keks.length} KEK versions rewrapped, committing` },
   });
+  const vote = registry.cluster?.rekey;
+  const proposal =
+    vote === undefined
+      ? undefined
+      : proposalOf(registry.cluster?.replicaId ?? '', next, prepared.kcv, fromKcv);
   switchMasterKey(deps.masterKeySwitch, next, true);
   try {
+    if (vote !== undefined && proposal !== undefined) {
+      await vote.propose(proposal);
+      await vote.awaitAnswers(proposal.id, voteTimeoutMs);
+    }
     await registry.rekeyMaster({
       keks: prepared.keks.map((k) => ({
         version: k.version,
@@ -104,16 +108,53 @@ export async function rekeyMaster(
       fromKcv,
       kcv: prepared.kcv,
       auditKeys: prepared.auditKeys,
+      ...(vote !== undefined &&
+        proposal !== undefined && {
+          vote: { key: vote.key, proposed: proposal, committed: committedOf(proposal) },
+        }),
     });
   } catch (err) {
-    switchMasterKey(deps.masterKeySwitch, current, false);
-    return queue.auditedFailure(audit, toCodedError(err));
+    // An etcd commit whose answer was lost may have applied: the registry's KCV tells. Unreadable,
+    // both keys stay accepted here (the withdrawal is a no-op on a committed record).
+    const stored = await registry.kcv().then(
+      (kcv) => kcv ?? new Uint8Array(0),
+      () => null,
+    );
+    if (stored === null || !Buffer.from(stored).equals(Buffer.from(prepared.kcv))) {
+      if (stored !== null) switchMasterKey(deps.masterKeySwitch, current, false);
+      if (proposal !== undefined) await vote?.withdraw(proposal.id);
+      return queue.auditedFailure(audit, toCodedError(err));
+    }
   }
   switchMasterKey(deps.masterKeySwitch, next, false);
-  await queue.note({ ...audit, detail: `${audit.detail}: committed` });
+  deps.adopt(next);
+  const everywhere =
+    vote === undefined ? '' : ', every live replica of the cluster having accepted the new key';
+  await queue.note({ ...audit, detail: `${audit.detail}: committed${everywhere}` });
   deps.log.warn(
-    `master key re-keyed: ${keks.length} KEK versions now wrapped under ${describeMasterKeyRef(next)}. ` +
+    `master key re-keyed: ${keks.length} KEK versions now wrapped under ${describeMasterKeyRef(next)}${everywhere}. ` +
       `Configure that key for the next start (the old one is now refused with MASTER_KEY_MISMATCH) and destroy the old key.`,
   );
   return { kekVersions: keks.length, auditKeys: prepared.auditKeys.length };
+}
+
+function proposalOf(
+  by: string,
+  target: MasterKeyRef,
+  kcv: Uint8Array,
+  fromKcv: Uint8Array | undefined,
+): RekeyRecord {
+  return {
+    id: randomUUID(),
+    by,
+    state: 'proposed',
+    target,
+    kcv: new Uint8Array(kcv),
+    fromKcv: new Uint8Array(fromKcv ?? []),
+    proposedAt: new Date().toISOString(),
+  };
+}
+
+function committedOf(proposal: RekeyRecord): RekeyRecord {
+  return { ...proposal, state: 'committed', committedAt: new Date().toISOString() };
 }

@@ -301,10 +301,26 @@ export interface RekeyMasterResult {
   auditCheckpoint?: NewKekResult['auditCheckpoint'];
 }
 
+/**
+ * Whether `masterKey`, read on this host, is the key whose KEK-wrapping key has check value
+ * `kcv`: a cluster replica's answer to another's re-key proposal (src/kms/cluster-rekey.ts), so
+ * that it accepts the new key only when it can read that very key itself.
+ */
+export interface CheckMasterKeyTask {
+  type: 'check-master-key';
+  masterKey: MasterKeyRef;
+  kcv: Uint8Array;
+}
+
+export interface CheckMasterKeyResult {
+  matches: boolean;
+}
+
 export type WorkerTask =
   | BatchTask
   | NewKekTask
   | CheckKekTask
+  | CheckMasterKeyTask
   | VerifyAuditTask
   | RekeyMasterTask
   | AuditCheckpointTask

@@ -233,6 +233,42 @@ export async function sealAndOpen(kms: Kms, keyId: string, count: number, prefix
 export const sealedMessages = (count: number, prefix: string) =>
   Array.from({ length: count }, (_, i) => `${prefix}${i}`);
 
+/** A message sealed under its own thread's DEK, with the key id as its AAD. */
+export interface Sealed {
+  keyId: string;
+  ciphertext: Buffer;
+  plaintext: string;
+}
+
+/** Creates `count` threads `${prefix}-${i}` and seals one message under each one's DEK. */
+export async function sealSome(kms: Kms, count: number, prefix: string): Promise<Sealed[]> {
+  return Promise.all(
+    Array.from({ length: count }, async (_, i) => {
+      const { keyId } = await kms.createDekForThread(`${prefix}-${i}`);
+      const plaintext = `${prefix} message ${i}`;
+      const { ciphertext } = await kms.encrypt(keyId, Buffer.from(plaintext), Buffer.from(keyId));
+      return { keyId, ciphertext, plaintext };
+    }),
+  );
+}
+
+/** Asserts that every sealed message opens on `kms` to its plaintext. */
+export async function allDecrypt(
+  t: ExecutionContext,
+  kms: Kms,
+  sealed: Sealed[],
+  label?: string,
+): Promise<void> {
+  const opened = await Promise.all(
+    sealed.map((s) => kms.decrypt(s.keyId, s.ciphertext, Buffer.from(s.keyId)).then((b) => b.toString())),
+  );
+  t.deepEqual(
+    opened,
+    sealed.map((s) => s.plaintext),
+    label,
+  );
+}
+
 /** Unwraps a stored wrapped key (either format) into a new buffer: tests that inspect what is stored. */
 export function unwrapKey(
   wrappingKey: Uint8Array,

@@ -7,13 +7,16 @@ import { type DataDirCommandOptions, dataDirOf, registryOf, report } from './com
 export interface RekeyFlags extends DataDirCommandOptions, RegistryFlags {
   newMasterKeyFile?: string;
   allowOpenKeyFile?: boolean;
+  voteTimeout?: number;
 }
 
 /**
- * `rekey --new-master-key-file F [--data-dir D] [--master-key-file OLD] [registry flags]`: offline
- * master re-key. Opens the registry with the current master key (taking the data directory lock,
- * so it refuses to run beside a live KMS), rewraps every KEK version under the new key in one
- * transaction, and is audited. For a cluster's etcd registry every replica must be stopped first.
+ * `rekey --new-master-key-file F [--data-dir D] [--master-key-file OLD] [registry flags]`: master
+ * re-key. Opens the registry with the current master key (taking the data directory lock, so for
+ * one node it refuses to run beside a live KMS), rewraps every KEK version under the new key in one
+ * transaction, and is audited. Against a cluster's etcd registry it joins the cluster and puts the
+ * re-key to its running replicas' vote (src/kms/rekey.ts): each must read the new key at the same
+ * path before anything commits.
  */
 export async function rekeyCommand(opts: RekeyFlags): Promise<number> {
   let kms: Awaited<ReturnType<typeof createKms>> | undefined;
@@ -33,7 +36,11 @@ export async function rekeyCommand(opts: RekeyFlags): Promise<number> {
       ...(registry.url !== undefined && { ...registry, registry: registry.url }),
     });
     const result = await kms.rekeyMaster(
-      { newMasterKeyFile, allowOpenKeyFile: opts.allowOpenKeyFile === true, offline: true },
+      {
+        newMasterKeyFile,
+        allowOpenKeyFile: opts.allowOpenKeyFile === true,
+        ...(opts.voteTimeout !== undefined && { voteTimeoutMs: opts.voteTimeout * 1000 }),
+      },
       { caller: 'progressdb-kms rekey' },
     );
     process.stdout.write(

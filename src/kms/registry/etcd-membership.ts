@@ -34,7 +34,7 @@ function answerWithin<T>(promise: Promise<T>, ms: number): Promise<T> {
 export const DEFAULT_LEASE_TTL_SECONDS = 10;
 export const MIN_LEASE_TTL_SECONDS = 2;
 
-const MEMBERS = 'members/';
+export const MEMBERS = 'members/';
 const PUBLISH_RETRY_MS = 200;
 const SYNC = 'sync';
 const LOCKS = 'lock/';
@@ -130,6 +130,11 @@ export class Membership {
     membership.#wasServing = true;
     membership.#schedule(membership.#ttlMs / 3);
     return membership;
+  }
+
+  /** The lease this replica's member key, locks and votes live under now (a rejoin changes it). */
+  get leaseId(): string {
+    return this.#leaseId;
   }
 
   get #memberKey(): string {

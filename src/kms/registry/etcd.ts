@@ -21,7 +21,8 @@ import type { DeleteBuilder, Etcd3, IKeyValue, PutBuilder, SingleRangeBuilder, W
 import { Packr } from 'msgpackr';
 import { kmsError } from '../../errors.js';
 import { GroupCommit, type Read } from './etcd-group-commit.js';
-import { Membership, type MembershipOptions } from './etcd-membership.js';
+import { MEMBERS, Membership, type MembershipOptions } from './etcd-membership.js';
+import { EtcdRekeyVote } from './etcd-rekey.js';
 import {
   ChangeListeners,
   type ClusterStatus,
@@ -144,19 +145,26 @@ export class EtcdStore implements RegistryStore {
   }
 
   async #join(opts: MembershipOptions): Promise<void> {
-    const membership = await Membership.join(
-      {
-        client: this.#client,
-        etcdKey: (key) => this.#etcdKey(key),
-        encode,
-        appliedRevision: () => this.#watchedRevision,
-        watch: (prefix, onChange) => this.#listeners.add(prefix, onChange),
-        range: (prefix) => this.range(prefix),
-      },
-      opts,
-    );
+    const host = {
+      client: this.#client,
+      etcdKey: (key: string) => this.#etcdKey(key),
+      encode,
+      appliedRevision: () => this.#watchedRevision,
+      watch: (prefix: string, onChange: (change: StoreChange) => void) =>
+        this.#listeners.add(prefix, onChange),
+      range: (prefix: string) => this.range(prefix),
+    };
+    const membership = await Membership.join(host, opts);
     this.#membership = membership;
+    const rekey = new EtcdRekeyVote({
+      ...host,
+      decode,
+      replicaId: membership.replicaId,
+      leaseId: () => membership.leaseId,
+      membersPrefix: MEMBERS,
+    });
     this.cluster = {
+      rekey,
       replicaId: membership.replicaId,
       assertServing: () => membership.assertServing(),
       status: (): ClusterStatus => membership.status(),

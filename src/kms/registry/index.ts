@@ -17,35 +17,33 @@ import { kmsError } from '../../errors.js';
 import type { WrappedAuditKey } from '../../worker-abi/index.js';
 import { addKekRefDeltas, applyVersionRewraps, type DekRecord } from '../dek-versions.js';
 import { DekRecordCache } from './dek-cache.js';
+import {
+  AUDIT_HEAD,
+  DEK_PREFIX,
+  dekKey,
+  FORMAT,
+  FORMAT_VERSION,
+  KCV,
+  KEK_META,
+  KEK_PREFIX,
+  kekKey,
+  MIGRATING,
+  ROTATION,
+  ROTATION_LOCK,
+  THREAD_PREFIX,
+  threadKey,
+} from './keys.js';
 import { LmdbStore } from './lmdb.js';
+import { applyMasterRekey } from './master-rekey.js';
 import { dueKeyIds, followPendingIndex, PENDING_PREFIX } from './pending-index.js';
 import * as R from './records.js';
 import type { RegistryStore, StoreChange, StoreCluster, StoreTxnView } from './store.js';
 import { sameValue } from './store.js';
 
 export type { DekRecord, DekVersionRecord } from '../dek-versions.js';
+export { MIGRATING, ROTATION_LOCK } from './keys.js';
 export type { KekMeta, KekRecord, MasterRekey, Rewrap, RotationRecord } from './records.js';
 export type { ClusterStatus, RegistryStore, StoreCluster } from './store.js';
-
-const KEK_META = 'meta/kek';
-const FORMAT = 'meta/format';
-/** Key check value of the KEK-wrapping key (CheckKekTask): tells a wrong master key from corruption. */
-const KCV = 'meta/kcv';
-const ROTATION = 'rotation';
-/** Present while `progressdb-kms migrate` copies into this store (migrate.ts): refused. */
-export const MIGRATING = 'meta/migrating';
-/** Where the audit log's sessions have reached (src/audit-link.ts): what `audit verify` checks the log against. */
-const AUDIT_HEAD = 'audit-head';
-const KEK_PREFIX = 'kek/';
-const DEK_PREFIX = 'dek/';
-const THREAD_PREFIX = 'thread/';
-const FORMAT_VERSION = 1;
-/** The cluster lock a rotation runs under (StoreCluster): one replica rotates at a time. */
-export const ROTATION_LOCK = 'rotation';
-
-const kekKey = (version: number) => KEK_PREFIX + version;
-const dekKey = (keyId: string) => DEK_PREFIX + keyId;
-const threadKey = (threadId: string) => THREAD_PREFIX + threadId;
 
 export const DEK_RECORD_CACHE_ENTRIES = 50_000;
 
@@ -258,25 +256,9 @@ export class Registry {
     return ((await this.#store.get(R.AUDIT_KEYS)) as WrappedAuditKey[] | undefined) ?? [];
   }
 
-  /**
-   * Commits a master re-key (src/kms/rekey.ts) in one transaction: at every instant one master key
-   * opens the registry. CONFLICT if a KEK version or the KCV changed since the re-key read them.
-   */
+  /** Commits a master re-key in one transaction (applyMasterRekey). */
   async rekeyMaster(rekey: R.MasterRekey): Promise<void> {
-    await this.#store.atomically((tx) => {
-      if ((tx.get(ROTATION) as R.RotationRecord | undefined)?.state === 'running') {
-        throw kmsError('ROTATION_IN_PROGRESS', 'a KEK rotation is running: re-key once it has finished');
-      }
-      const conflict = () => kmsError('CONFLICT', 'the keyring changed during the re-key: run it again');
-      if (!sameValue(tx.get(KCV), rekey.fromKcv)) throw conflict();
-      for (const { version, from, wrapped } of rekey.keks) {
-        const kek = tx.get(kekKey(version)) as R.KekRecord | undefined;
-        if (kek === undefined || !sameValue(kek.wrapped, from)) throw conflict();
-        tx.put(kekKey(version), { ...kek, wrapped });
-      }
-      tx.put(KCV, rekey.kcv);
-      tx.put(R.AUDIT_KEYS, rekey.auditKeys);
-    });
+    await this.#store.atomically((tx) => applyMasterRekey(tx, rekey));
   }
 
   kek(version: number): R.KekRecord | undefined {

@@ -46,4 +46,6 @@ export interface MasterRekey {
   fromKcv: Uint8Array | undefined;
   kcv: Uint8Array;
   auditKeys: WrappedAuditKey[];
+  /** In a cluster: the vote's record (ClusterRekeyVote), which must still hold `proposed`, becomes `committed`. */
+  vote?: { key: string; proposed: unknown; committed: unknown };
 }

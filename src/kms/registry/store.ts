@@ -12,6 +12,7 @@
  */
 
 import type { ReplicaStatus } from '../../api/index.js';
+import type { MasterKeyRef } from '../../worker-abi/index.js';
 
 export interface StoreEntry {
   key: string;
@@ -89,6 +90,53 @@ export interface StoreCluster {
   onUnlocked(name: string, onReleased: () => void): () => void;
   /** Calls `onDropped` when the store dropped its cache (it fell behind etcd's compaction). */
   onCacheDropped(onDropped: () => void): () => void;
+  /** The replicas' vote on a master re-key (src/kms/cluster-rekey.ts). */
+  readonly rekey: ClusterRekeyVote;
+}
+
+/**
+ * A master re-key of a cluster, as its store records it (`rekey`): proposed under the proposing
+ * process's lease, so that it lapses with that process, then committed in the transaction that
+ * rewraps the KEKs (kept, without a lease, so that a replica that missed the moment still finds it).
+ */
+export interface RekeyRecord {
+  id: string;
+  /** The proposing process's replica id. */
+  by: string;
+  state: 'proposed' | 'committed';
+  /** The new master key: a key file every replica reads at this same path. */
+  target: MasterKeyRef;
+  /** Key check values of the new and the current master key. */
+  kcv: Uint8Array;
+  fromKcv: Uint8Array;
+  proposedAt: string;
+  committedAt?: string;
+}
+
+/**
+ * How the processes of a cluster agree on a master re-key before it commits. Every live process
+ * must answer yes (it reads the new key at the record's path, its check value matches, and its
+ * workers now accept both keys) before the KEKs are rewrapped: no process is ever left holding
+ * only a master key that no longer opens the registry.
+ */
+export interface ClusterRekeyVote {
+  /** The store key of the record, read in the commit's transaction (fencing). */
+  readonly key: string;
+  /** The record, read linearizably. */
+  read(): Promise<RekeyRecord | undefined>;
+  /** Writes `record` under this process's lease; CONFLICT when another re-key is pending. */
+  propose(record: RekeyRecord): Promise<void>;
+  /** Deletes the proposal `id` if it is still pending. */
+  withdraw(id: string): Promise<void>;
+  /** This process's answer to proposal `id`: yes, or the reason it refuses. */
+  answer(id: string, refusal?: string): Promise<void>;
+  /**
+   * Resolves once every other live process has answered yes to `id`; REKEY_REFUSED at the first
+   * refusal, REGISTRY_UNAVAILABLE naming the silent ones after `timeoutMs`.
+   */
+  awaitAnswers(id: string, timeoutMs: number): Promise<void>;
+  /** Calls `onChange` with each new state of the record (undefined once deleted or lapsed). */
+  onRecord(onChange: (record: RekeyRecord | undefined) => void): () => void;
 }
 
 export interface RegistryStore {
