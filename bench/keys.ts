@@ -211,25 +211,43 @@ for (const side of sides) {
 inline.nodeEncrypt();
 
 const samples: Record<string, number[]> = {};
-const record = (name: string, v: number) => {
+const cpuSamples: Record<string, number[]> = {};
+/**
+ * Runs one side's loop and records its ops/s and its CPU time per op summed over every thread of
+ * this process (getrusage: the workers and lmdb's and libuv's threads too). CPU per op moves far
+ * less than ops/s when other work shares the machine, so it is the figure to A/B a change by.
+ */
+const record = async (name: string, loop: () => number | Promise<number>): Promise<number> => {
+  const cpu0 = process.cpuUsage();
+  const t0 = performance.now();
+  const opsPerSec = await loop();
+  const seconds = (performance.now() - t0) / 1000;
+  const cpu = process.cpuUsage(cpu0);
   samples[name] ??= [];
-  samples[name].push(v);
+  samples[name].push(opsPerSec);
+  cpuSamples[name] ??= [];
+  cpuSamples[name].push((cpu.user + cpu.system) / (opsPerSec * seconds));
+  return opsPerSec;
 };
+const cpuOf = (name: string) => median(cpuSamples[name] as number[]);
 for (let r = 0; r < rounds; r++) {
   if (values.only === 'embedded') {
     for (const side of sides) {
+      const encrypt = await record(embeddedName('encrypt', side.mode), side.encrypt);
+      const decrypt = await record(embeddedName('decrypt', side.mode), side.decrypt);
       process.stderr.write(
-        `audit ${side.mode}: encrypt ${fmt(await side.encrypt())}/s, decrypt ${fmt(await side.decrypt())}/s\n`,
+        `audit ${side.mode}: encrypt ${fmt(encrypt)}/s (${fmt(cpuOf(embeddedName('encrypt', side.mode)), 1)} µs CPU/op), ` +
+          `decrypt ${fmt(decrypt)}/s (${fmt(cpuOf(embeddedName('decrypt', side.mode)), 1)} µs CPU/op; medians so far)\n`,
       );
     }
     continue;
   }
-  record('inline node:crypto encrypt', inline.nodeEncrypt());
-  for (const side of sides) record(embeddedName('encrypt', side.mode), await side.encrypt());
-  record('inline sodium encrypt', inline.sodiumEncrypt());
-  record('inline node:crypto decrypt', inline.nodeDecrypt());
-  for (const side of sides) record(embeddedName('decrypt', side.mode), await side.decrypt());
-  record('inline sodium decrypt', inline.sodiumDecrypt());
+  await record('inline node:crypto encrypt', inline.nodeEncrypt);
+  for (const side of sides) await record(embeddedName('encrypt', side.mode), side.encrypt);
+  await record('inline sodium encrypt', inline.sodiumEncrypt);
+  await record('inline node:crypto decrypt', inline.nodeDecrypt);
+  for (const side of sides) await record(embeddedName('decrypt', side.mode), side.decrypt);
+  await record('inline sodium decrypt', inline.sodiumDecrypt);
   process.stderr.write(`round ${r + 1}/${rounds} done\n`);
 }
 for (const side of sides) await side.dispose();
@@ -237,7 +255,7 @@ if (values.only === 'embedded') process.exit(0);
 
 const med = (name: string) => median(samples[name] as number[]);
 const row = (name: string, base: string) =>
-  `| ${name} | ${fmt(med(name))} | ${(med(name) / med(base)).toFixed(2)}× |`;
+  `| ${name} | ${fmt(med(name))} | ${(med(name) / med(base)).toFixed(2)}× | ${fmt(cpuOf(name), 1)} |`;
 const header = [
   `## ${fmt(keyCount)} thread keys, Zipf(${values.zipf}), ${callers} callers, ${payload.length} B`,
   '',
@@ -250,8 +268,10 @@ const header = [
       `operation over the measured rounds (${fmt(side.audit.ops)} ops).`,
   ),
   '',
-  '| side | ops/s | vs inline node:crypto |',
-  '|---|---|---|',
+  'CPU/op: CPU time of every thread of the process over the ops it did (median); the inline sides use one.',
+  '',
+  '| side | ops/s | vs inline node:crypto | CPU µs/op |',
+  '|---|---|---|---|',
 ];
 const lines = [
   ...header,
