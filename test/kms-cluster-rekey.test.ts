@@ -50,7 +50,7 @@ interface Cluster {
   /** A replica of this cluster with its own data directory, closed with the test. */
   replica(name: string, masterKeyFile?: string): Promise<EmbeddedKmsHandle>;
   /** A member that joins the cluster and never answers a vote (a hung replica). */
-  silentMember(): Promise<EtcdStore>;
+  silentMember(name?: string): Promise<EtcdStore>;
   /** The cluster's store, opened without joining it: to watch. */
   observer(): Promise<EtcdStore>;
 }
@@ -79,7 +79,7 @@ function newCluster(t: ExecutionContext): Cluster {
       t.teardown(() => kms.close());
       return kms;
     },
-    silentMember: () => openStore(t, name, `silent-${clusters}`),
+    silentMember: (member = 'silent') => openStore(t, name, member),
     observer: () => openStore(t, name),
   };
 }
@@ -272,6 +272,42 @@ test.serial(
     await rotateAndUseOn(t, a, b, 'rotated on A');
     await a.close();
     await onlyKeyOpens(t, cluster, 'a', { refused: cluster.newKey, opens: cluster.oldKey }, sealed);
+  },
+);
+
+test.serial(
+  'members that join during a vote count: a silent one holds it, a replica started with the current key accepts and follows',
+  async (t) => {
+    const cluster = newCluster(t);
+    const a = await cluster.replica('a');
+    const sealed = await sealSome(a, 5, 'before');
+    const first = await cluster.silentMember('silent-first');
+    const observer = await cluster.observer();
+    const proposed = nextRecord(observer, (r) => r?.state === 'proposed');
+    const vote = a.rekeyMaster({ newMasterKeyFile: cluster.newKey, voteTimeoutMs: 4000 });
+    await proposed;
+    // Both join after the proposal; the replica finds it at start and answers before it serves.
+    const joined = await cluster.silentMember('silent-joined');
+    const d = await cluster.replica('d');
+    t.true(
+      rekeyLines(path.join(cluster.dir, 'd')).some((l) => /proposed by a: accepted/.test(l)),
+      'the replica that started mid-vote accepted',
+    );
+    await first.close();
+    const err = await expectCode(t, vote, 'REGISTRY_UNAVAILABLE');
+    t.regex(
+      err?.message ?? '',
+      /replicas silent-joined did not answer/,
+      'only the silent joiner is waited for',
+    );
+    await rekeyAudited(path.join(cluster.dir, 'd'), /withdrawn or lapsed: back to the current key/);
+    await joined.close();
+
+    // With no silent member left the same re-key commits, and the late replica follows it.
+    await a.rekeyMaster({ newMasterKeyFile: cluster.newKey });
+    await rekeyAudited(path.join(cluster.dir, 'd'), /committed: only the new key from now on/);
+    await rotateAndUseOn(t, d, a, 'rotated on the replica that joined mid-vote');
+    await allDecrypt(t, d, sealed, 'every key on the late replica');
   },
 );
 
