@@ -67,12 +67,26 @@ function namespaceOf(key: string): Namespace | undefined {
   return prefix in NAMESPACES ? (prefix as Namespace) : undefined;
 }
 
+interface PendingCall {
+  fn: (tx: StoreTxnView) => unknown;
+  resolve: (value: unknown) => void;
+  reject: (err: unknown) => void;
+}
+
+type CallOutcome =
+  | { ok: true; value: unknown; changes: Map<string, StoreChange> }
+  | { ok: false; error: unknown };
+
 export class LmdbStore implements RegistryStore {
   readonly #root: RootDatabase;
   readonly #dbs: Record<string, Database<unknown, LmdbKey>>;
   readonly #listeners = new ChangeListeners();
   /** Async writes not yet committed; putNow joins them rather than wait for their write lock. */
   #writesInFlight = 0;
+  /** atomically() calls waiting for the next write transaction (see atomically). */
+  #batch: PendingCall[] = [];
+  /** The calls the running write transaction took, until it ends. */
+  #taken: PendingCall[] = [];
 
   private constructor(root: RootDatabase) {
     this.#root = root;
@@ -209,35 +223,80 @@ export class LmdbStore implements RegistryStore {
   }
 
   /**
-   * Runs `fn` once inside an LMDB write transaction (lmdb-js batches concurrent ones in one
-   * commit). Its writes are held until it returns, so a throw writes nothing: lmdb-js would commit
-   * the writes made before the throw along with the rest of its batch.
+   * Runs `fn` once inside an LMDB write transaction. Calls made while one is waiting for the write
+   * lock share it (one commit, as lmdb-js would batch them anyway) and run one after another, each
+   * seeing the writes of those before it; each key is then written once per batch. Thread creates
+   * all raise the count of the same KEK version: that record was decoded, encoded and put once
+   * per create (a quarter of a create's main-thread time), now once per commit. A call's writes
+   * are held until it returns, so a throw writes nothing of it and the others still commit.
    */
-  async atomically<T>(fn: (tx: StoreTxnView) => T): Promise<T> {
-    const changes = new Map<string, StoreChange>();
-    const view: StoreTxnView = {
-      get: (key) => {
-        const change = changes.get(key);
-        return change === undefined ? this.peek(key) : change.value;
-      },
-      put: (key, value) => {
-        changes.set(key, { key, value });
-      },
-      delete: (key) => {
-        changes.set(key, { key, value: undefined });
-      },
-    };
-    const result = await this.#write(() => {
-      const out = fn(view);
-      for (const { key, value } of changes.values()) {
-        const at = this.#locate(key);
-        if (value === undefined) at.db.removeSync(at.key);
-        else at.db.putSync(at.key, value);
-      }
-      return out;
+  atomically<T>(fn: (tx: StoreTxnView) => T): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.#batch.push({ fn, resolve: resolve as (value: unknown) => void, reject });
+      if (this.#batch.length === 1) void this.#commitBatch();
     });
-    this.#listeners.emit(changes.values());
-    return result;
+  }
+
+  async #commitBatch(): Promise<void> {
+    let ran: { entry: PendingCall; outcome: CallOutcome }[] = [];
+    try {
+      ran = await this.#write(() => {
+        const calls = this.#batch;
+        this.#batch = [];
+        return this.#runCalls(calls);
+      });
+    } catch (err) {
+      // The calls the failed transaction ran, or, if it failed before running them, the ones
+      // waiting for it: each learns of the failure, and nothing of theirs was written.
+      let failed = this.#taken;
+      if (failed.length === 0) {
+        failed = this.#batch;
+        this.#batch = [];
+      }
+      for (const entry of failed) entry.reject(err);
+      return;
+    } finally {
+      this.#taken = [];
+    }
+    for (const { entry, outcome } of ran) {
+      if (!outcome.ok) {
+        entry.reject(outcome.error);
+        continue;
+      }
+      this.#listeners.emit(outcome.changes.values());
+      entry.resolve(outcome.value);
+    }
+  }
+
+  /** Inside the write transaction: runs each call over the batch's writes so far, then writes them. */
+  #runCalls(calls: PendingCall[]): { entry: PendingCall; outcome: CallOutcome }[] {
+    this.#taken = calls;
+    const written = new Map<string, StoreChange>();
+    const ran = calls.map((entry) => {
+      const changes = new Map<string, StoreChange>();
+      const view: StoreTxnView = {
+        get: (key) => (changes.get(key) ?? written.get(key) ?? { value: this.peek(key) }).value,
+        put: (key, value) => {
+          changes.set(key, { key, value });
+        },
+        delete: (key) => {
+          changes.set(key, { key, value: undefined });
+        },
+      };
+      try {
+        const value = entry.fn(view);
+        for (const [key, change] of changes) written.set(key, change);
+        return { entry, outcome: { ok: true, value, changes } as CallOutcome };
+      } catch (error) {
+        return { entry, outcome: { ok: false, error } as CallOutcome };
+      }
+    });
+    for (const { key, value } of written.values()) {
+      const at = this.#locate(key);
+      if (value === undefined) at.db.removeSync(at.key);
+      else at.db.putSync(at.key, value);
+    }
+    return ran;
   }
 
   putNow(key: string, value: unknown): void {
