@@ -85,8 +85,6 @@ export class LmdbStore implements RegistryStore {
   #writesInFlight = 0;
   /** atomically() calls waiting for the next write transaction (see atomically). */
   #batch: PendingCall[] = [];
-  /** The calls the running write transaction took, until it ends. */
-  #taken: PendingCall[] = [];
 
   private constructor(root: RootDatabase) {
     this.#root = root;
@@ -238,25 +236,27 @@ export class LmdbStore implements RegistryStore {
   }
 
   async #commitBatch(): Promise<void> {
-    let ran: { entry: PendingCall; outcome: CallOutcome }[] = [];
+    // The calls this transaction took, once its callback runs. Kept here, not on the store: with
+    // lmdb-js's overlapping sync the next transaction's callback can run before this one commits.
+    let calls: PendingCall[] | null = null;
+    let ran: { entry: PendingCall; outcome: CallOutcome }[];
     try {
       ran = await this.#write(() => {
-        const calls = this.#batch;
+        calls = this.#batch;
         this.#batch = [];
         return this.#runCalls(calls);
       });
     } catch (err) {
       // The calls the failed transaction ran, or, if it failed before running them, the ones
-      // waiting for it: each learns of the failure, and nothing of theirs was written.
-      let failed = this.#taken;
-      if (failed.length === 0) {
+      // waiting for it (no other transaction was scheduled for them): each learns of the failure,
+      // and nothing of theirs was written.
+      let failed: PendingCall[] = calls ?? [];
+      if (calls === null) {
         failed = this.#batch;
         this.#batch = [];
       }
       for (const entry of failed) entry.reject(err);
       return;
-    } finally {
-      this.#taken = [];
     }
     for (const { entry, outcome } of ran) {
       if (!outcome.ok) {
@@ -270,7 +270,6 @@ export class LmdbStore implements RegistryStore {
 
   /** Inside the write transaction: runs each call over the batch's writes so far, then writes them. */
   #runCalls(calls: PendingCall[]): { entry: PendingCall; outcome: CallOutcome }[] {
-    this.#taken = calls;
     const written = new Map<string, StoreChange>();
     const ran = calls.map((entry) => {
       const changes = new Map<string, StoreChange>();
