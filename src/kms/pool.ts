@@ -240,8 +240,10 @@ export class CryptoPool {
   workersReported(timeoutMs: number): Promise<void> {
     if (this.#keyMemory.size >= this.#opts.threads) return Promise.resolve();
     return new Promise((resolve) => {
+      // Ref'd on purpose: start-up awaits this while idle workers, their channel and the loop
+      // hold nothing else, and an unref'd timer let Node exit mid-start (code 13, "unsettled
+      // top-level await") when a worker was slow to load; seen under CI load.
       const timer = setTimeout(resolve, timeoutMs);
-      timer.unref();
       this.#reportWaiters.push(() => {
         clearTimeout(timer);
         resolve();
