@@ -24,7 +24,7 @@ import {
 import type { OpQueue } from './op-queue.js';
 import type { CryptoPool } from './pool.js';
 import type { Registry } from './registry/index.js';
-import type { ClusterRekeyVote, RekeyRecord } from './registry/store.js';
+import { type ClusterRekeyVote, type RekeyRecord, sameValue } from './registry/store.js';
 
 export interface RekeyFollowerDeps {
   registry: Registry;
@@ -50,10 +50,6 @@ interface Follow {
   registryKcv(): Promise<Uint8Array | undefined>;
   note(audit: AuditFields): Promise<void>;
   log: Logger;
-}
-
-function sameBytes(a: Uint8Array | undefined, b: Uint8Array): boolean {
-  return a !== undefined && Buffer.from(a).equals(Buffer.from(b));
 }
 
 export class RekeyFollower {
@@ -172,7 +168,7 @@ export class RekeyFollower {
   /** The accepted proposal is gone: committed after all (its record replaced since), or back to the current key. */
   async #settlePending(pending: { record: RekeyRecord; previous: MasterKeyRef }): Promise<void> {
     const { record, previous } = pending;
-    if (sameBytes(await this.#deps.registryKcv(), record.kcv)) {
+    if (sameValue(await this.#deps.registryKcv(), record.kcv)) {
       this.#commit(record);
       await this.#deps.note(this.#audit(record, 'committed: only the new key from now on'));
       return;
@@ -189,7 +185,7 @@ export class RekeyFollower {
   async #catchUp(record: RekeyRecord): Promise<void> {
     const deps = this.#deps;
     if (await deps.check(deps.current(), record.kcv).catch(() => false)) return;
-    if (!sameBytes(await deps.registryKcv(), record.kcv)) return; // not the registry's key (re-keyed again since)
+    if (!sameValue(await deps.registryKcv(), record.kcv)) return; // not the registry's key (re-keyed again since)
     const usable = await deps.check(record.target, record.kcv).catch(() => false);
     if (!usable) {
       deps.log.error(

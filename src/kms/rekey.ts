@@ -32,7 +32,7 @@ import {
 import type { RekeyFollowerDeps } from './cluster-rekey-follower.js';
 import type { RekeyMasterOptions } from './handle.js';
 import { auditFields, type OpQueue } from './op-queue.js';
-import type { RekeyRecord } from './registry/store.js';
+import { type RekeyRecord, sameValue } from './registry/store.js';
 
 export interface RekeyDeps extends RekeyFollowerDeps {
   queue: OpQueue;
@@ -116,11 +116,8 @@ export async function rekeyMaster(
   } catch (err) {
     // An etcd commit whose answer was lost may have applied: the registry's KCV tells. Unreadable,
     // both keys stay accepted here (the withdrawal is a no-op on a committed record).
-    const stored = await registry.kcv().then(
-      (kcv) => kcv ?? new Uint8Array(0),
-      () => null,
-    );
-    if (stored === null || !Buffer.from(stored).equals(Buffer.from(prepared.kcv))) {
+    const stored = await registry.kcv().catch(() => null);
+    if (stored === null || !sameValue(stored, prepared.kcv)) {
       if (stored !== null) switchMasterKey(deps.masterKeySwitch, current, false);
       if (proposal !== undefined) await vote?.withdraw(proposal.id);
       return queue.auditedFailure(audit, toCodedError(err));
