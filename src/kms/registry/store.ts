@@ -4,7 +4,9 @@
  * second implementation. The registry (index.ts) holds the typed records over it.
  *
  * Keys live in a few namespaces: `kek/<version>`, `dek/<keyId>`, `thread/<threadId>` (the thread
- * index), `pending/<due>/<keyId>` (keys pending deletion, registry/index.ts), and single keys `meta/kek`, `meta/format`, `meta/kcv`, `rotation`, `audit-head`.
+ * index), `pending/<due>/<keyId>` (keys pending deletion, registry/index.ts), and single keys `meta/kek`, `meta/format`, `meta/kcv`, `rotation`, `audit-head`
+ * (names in keys.ts). A cluster store also holds its members, locks and the master re-key vote
+ * (`rekey/record`, `rekey/answer/<replicaId>`: etcd-rekey.ts).
  * Values are records (plain objects, strings, numbers, byte arrays) that the store encodes itself,
  * so each store keeps its own format (LMDB: exactly the file it always wrote).
  *
