@@ -136,11 +136,11 @@ export class EtcdRekeyVote implements ClusterRekeyVote {
       if (listed && silent().length === 0) settle();
     };
     // Listen before listing: what the watch hears is newer than any listing that races it.
-    const heardMembers = new Map<string, boolean>();
+    const heardMembers = new Set<string>();
     const offMembers = this.#host.watch(membersPrefix, ({ key, value }) => {
       const member = key.slice(membersPrefix.length);
       if (member === replicaId) return;
-      heardMembers.set(member, value !== undefined);
+      heardMembers.add(member);
       if (value === undefined) members.delete(member);
       else members.add(member);
       review();
