@@ -123,9 +123,33 @@ test('createDek refuses a key wrapped under a KEK version the registry no longer
     current: 1,
     versions: [{ v: 1, kek: 7, wrapped: Buffer.alloc(60), createdAt: now }],
   });
-  t.is(stored, null);
+  t.is(stored, 'kek-retired');
   t.is(await registry.keyIdForThread('thread-retired'), undefined);
   t.is(await registry.dek('dek_retired'), undefined);
+});
+
+test("createDek never replaces another thread's key that has the same key id", async (t) => {
+  const registry = await Registry.openDataDir(tempDir(t));
+  t.teardown(() => registry.close());
+  const now = new Date().toISOString();
+  const kek = { kekId: 'kek_1', version: 1, wrapped: Buffer.alloc(72, 1), createdAt: now, refs: 0 };
+  t.true(await registry.initKek({ kekId: 'kek_1', activeVersion: 1, createdAt: now }, kek, Buffer.alloc(16)));
+  const record = (threadId: string, fill: number) => ({
+    keyId: 'dek_same',
+    threadId,
+    createdAt: now,
+    state: 'active' as const,
+    current: 1,
+    versions: [{ v: 1, kek: 1, wrapped: Buffer.alloc(60, fill), createdAt: now }],
+  });
+  const first = await registry.createDek(record('thread-a', 1));
+  t.is(typeof first === 'string' ? first : first.threadId, 'thread-a');
+  t.is(await registry.createDek(record('thread-b', 2)), 'id-taken');
+  const kept = await registry.dek('dek_same');
+  t.is(kept?.threadId, 'thread-a');
+  t.deepEqual(Buffer.from(kept?.versions[0]?.wrapped ?? []), Buffer.alloc(60, 1), 'the first key is intact');
+  t.is(await registry.keyIdForThread('thread-b'), undefined);
+  t.is(registry.kek(1)?.refs, 1, 'only the stored key counts against its KEK version');
 });
 
 test('beginRotation refuses a KEK made under another master key than the registry names (a re-key happened)', async (t) => {

@@ -49,6 +49,9 @@ export const DEK_RECORD_CACHE_ENTRIES = 50_000;
 
 type Stage = (record: DekRecord, bulk?: boolean) => void;
 
+/** Why createDek did not store a new thread's key (the caller makes another). */
+export type DekNotStored = 'kek-retired' | 'id-taken';
+
 export class Registry {
   readonly #store: RegistryStore;
   readonly #cache = new DekRecordCache(DEK_RECORD_CACHE_ENTRIES);
@@ -355,14 +358,17 @@ export class Registry {
 
   /**
    * Stores a new thread DEK unless the thread already has one; returns the record that won, or
-   * null when a rotation retired the KEK version it was wrapped under (the caller makes another).
+   * why it was not stored, for the caller to make another key: a rotation retired the KEK version
+   * it was wrapped under, or its key id is taken (80 random bits per millisecond make that
+   * practically impossible, but a collision must never replace another thread's key).
    */
-  createDek(record: DekRecord): Promise<DekRecord | null> {
-    return this.#transact<DekRecord | null>((tx, stage) => {
+  createDek(record: DekRecord): Promise<DekRecord | DekNotStored> {
+    return this.#transact<DekRecord | DekNotStored>((tx, stage) => {
       const existingId = tx.get(threadKey(record.threadId)) as string | undefined;
       const existing = existingId === undefined ? undefined : (tx.get(dekKey(existingId)) as DekRecord);
       if (existing !== undefined && existing.state === 'active') return existing;
-      if (record.versions.some((x) => tx.get(kekKey(x.kek)) === undefined)) return null;
+      if (record.versions.some((x) => tx.get(kekKey(x.kek)) === undefined)) return 'kek-retired';
+      if (tx.get(dekKey(record.keyId)) !== undefined) return 'id-taken';
       this.#applyRefs(tx, addKekRefDeltas(new Map(), undefined, record));
       stage(record);
       tx.put(threadKey(record.threadId), record.keyId);
