@@ -75,7 +75,7 @@ test('a key too long for an entry falls back without using one up', (t) => {
   t.is(directory.entryFor(ref('short'), 'thread', 0, 0), 0, 'the entry is still free');
 });
 
-test('a worker keeps one audit fields object per key, op and caller across tasks, and rereads a new generation', (t) => {
+test('a worker keeps one audit site per key, op and caller across tasks, and rereads a new generation', (t) => {
   const directory = new DekDirectory(newKeyDirectory(1));
   const entries = new KeyDirectoryEntries(directory.init);
   const at = directory.entryFor(ref('a'), 'thread-a', 0, 0);
@@ -89,8 +89,8 @@ test('a worker keeps one audit fields object per key, op and caller across tasks
   ];
   const [encrypt, decrypt, emptyRemote] = entries.canonicalCallers(taskCallers()) as AuditCaller[];
   t.deepEqual(entries.canonicalCallers(taskCallers()), [encrypt, decrypt, emptyRemote]);
-  const fields = entries.fields(entry, encrypt as AuditCaller);
-  t.is(entries.fields(entry, entries.canonicalCallers(taskCallers())[0] as AuditCaller), fields);
+  const fields = entries.site(entry, encrypt as AuditCaller).fields;
+  t.is(entries.site(entry, entries.canonicalCallers(taskCallers())[0] as AuditCaller).fields, fields);
   t.deepEqual(fields, {
     op: 'encrypt',
     keyId: 'a',
@@ -99,8 +99,13 @@ test('a worker keeps one audit fields object per key, op and caller across tasks
     caller: 'embedded',
     remote: undefined,
   });
-  t.not(entries.fields(entry, decrypt as AuditCaller), fields);
-  t.is(entries.fields(entry, emptyRemote as AuditCaller).remote, '', 'an empty remote is not an absent one');
+  t.not(entries.site(entry, decrypt as AuditCaller).fields, fields);
+  t.is(entries.site(entry, encrypt as AuditCaller).fields, fields, 'and again after another caller');
+  t.is(
+    entries.site(entry, emptyRemote as AuditCaller).fields.remote,
+    '',
+    'an empty remote is not an absent one',
+  );
 
   const stale = directory.generation(at);
   t.is(directory.entryFor(ref('b'), 'thread-b', 1, 1), at, 'the entry goes to b');

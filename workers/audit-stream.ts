@@ -165,6 +165,11 @@ export class AuditStream {
     this.#write(ts, outcomePart(outcome, code), fieldsPart(fields), count);
   }
 
+  /** add() with the fields already rendered (fieldsPart), as a tally keeps them. */
+  addPart(part: Buffer, ts: string, outcome: Outcome, code: string | null, count?: number): void {
+    this.#write(ts, outcomePart(outcome, code), part, count);
+  }
+
   #write(ts: string, result: Buffer, rest: Buffer, count?: number): void {
     if (ts !== this.#prefixTs) {
       this.#prefixTs = ts;

@@ -16,18 +16,54 @@ export function isDataOp(fields: AuditFields): boolean {
   return DATA_OPS.has(fields.op);
 }
 
+/**
+ * One line's worth of successful data ops: its fields, their rendered line part and the running
+ * task's count. A key directory entry keeps one per op and caller across tasks
+ * (key-directory-entries.ts), so counting an op is two field writes on an object the op already
+ * holds, with no map lookup and no render per task.
+ */
+export interface AuditSite {
+  readonly fields: AuditFields;
+  part: Buffer | null;
+  count: number;
+  /** The tally round that count belongs to. */
+  round: number;
+}
+
+export function auditSite(fields: AuditFields): AuditSite {
+  return { fields, part: null, count: 0, round: 0 };
+}
+
 export class AuditTally {
-  /** Successes per fields object; Map keeps first-seen order, so lines follow the ops' order. */
-  readonly #ok = new Map<AuditFields, number>();
+  #round = 1;
+  /** The sites counted this round, in first-seen order, so lines follow the ops' order. */
+  readonly #counted: AuditSite[] = [];
+  /** Sites for fields that came with the task (ops not named by a directory entry): this round only. */
+  readonly #taskSites = new Map<AuditFields, AuditSite>();
   /**
    * Failures per error code and rendered fields: a failed op's fields may be its own object (an
    * unknown key, a bad argument), so these are matched by value. Failures are the rare case.
    */
   readonly #failed = new Map<string, { fields: AuditFields; code: string; count: number }>();
 
+  /** Counts one successful data op on `site`. */
+  addOk(site: AuditSite): void {
+    if (site.round !== this.#round) {
+      site.round = this.#round;
+      site.count = 0;
+      this.#counted.push(site);
+    }
+    site.count++;
+  }
+
   add(fields: AuditFields, code: string | null): void {
     if (code === null) {
-      this.#ok.set(fields, (this.#ok.get(fields) ?? 0) + 1);
+      let site = this.#taskSites.get(fields);
+      if (site === undefined) {
+        site = auditSite(fields);
+        this.#taskSites.set(fields, site);
+      }
+      this.addOk(site);
       return;
     }
     const key = `${code}\n${fieldsPart(fields).toString('latin1')}`;
@@ -36,11 +72,16 @@ export class AuditTally {
     else tally.count++;
   }
 
-  /** Adds one line per tally to the stream's open block, then starts over. */
+  /** Adds one line per tally to the stream's open block, then starts a new round. */
   writeTo(stream: AuditStream, ts: string): void {
-    for (const [fields, count] of this.#ok) stream.add(fields, ts, 'ok', null, count);
+    for (const site of this.#counted) {
+      site.part ??= fieldsPart(site.fields);
+      stream.addPart(site.part, ts, 'ok', null, site.count);
+    }
     for (const { fields, code, count } of this.#failed.values()) stream.add(fields, ts, 'error', code, count);
-    this.#ok.clear();
+    this.#counted.length = 0;
+    this.#taskSites.clear();
     this.#failed.clear();
+    this.#round++;
   }
 }

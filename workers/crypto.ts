@@ -28,7 +28,6 @@ import {
   type CheckKekResult,
   type CheckKekTask,
   type DekRef,
-  type DirectoryEntry,
   type ErrorCode,
   type NewKekResult,
   type NewKekTask,
@@ -48,12 +47,12 @@ import { AuthFailure, openInto, randomKeyInto, sealInto, wrapKeyInto } from './a
 import { AuditLogFile } from './audit-log-file.js';
 import { type AuditSigner, loadAuditSigner } from './audit-signer.js';
 import { AuditStream } from './audit-stream.js';
-import { AuditTally, isDataOp } from './audit-tally.js';
+import { type AuditSite, AuditTally, isDataOp } from './audit-tally.js';
 import { verifyAuditFiles } from './audit-verify-files.js';
 import { faultOf, WorkerFault } from './fault.js';
 import { IdleSpin } from './idle-spin.js';
 import { KeyArena } from './key-arena.js';
-import { KeyDirectoryEntries } from './key-directory-entries.js';
+import { KeyDirectoryEntries, type WorkerDirectoryEntry } from './key-directory-entries.js';
 import { WorkerKeyring } from './keyring.js';
 import type { RootKeys } from './master-key.js';
 import { auditKeysById, checkMasterKey, keyCheckValueOf, rekeyMaster } from './rekey.js';
@@ -67,7 +66,7 @@ let auditStream: AuditStream | null = null;
 /** The key directory entries this worker has met, when the main thread names keys by entry. */
 const directory = init.keyDirectory === null ? null : new KeyDirectoryEntries(init.keyDirectory);
 
-function entryOf(index: number, generation: number): DirectoryEntry {
+function entryOf(index: number, generation: number): WorkerDirectoryEntry {
   if (directory === null)
     throw new WorkerFault('INTERNAL', 'an op names a key directory entry but there is none');
   return directory.entry(index, generation);
@@ -151,7 +150,7 @@ function isoNow(): string {
  * Runs op `i` of a batch, writing its output over its own slot of `batch.data`; returns the
  * output's length.
  */
-function runOp(batch: BatchTaskReader, i: number, dek: DekRef | DirectoryEntry | null): number {
+function runOp(batch: BatchTaskReader, i: number, dek: DekRef | WorkerDirectoryEntry | null): number {
   const task = batch.task;
   const kind = batch.kind(i);
   const input = batch.input(i);
@@ -267,8 +266,10 @@ function runBatchOps(task: BatchTask): BatchResult {
   const callers = directory === null ? [] : directory.canonicalCallers(task.callers);
 
   for (let i = 0; i < batch.count; i++) {
-    let dek: DekRef | DirectoryEntry | null = batch.dek(i);
+    let dek: DekRef | WorkerDirectoryEntry | null = batch.dek(i);
     let audit = batch.audit(i);
+    /** The op's audit site when its key is a directory entry (an encrypt or decrypt). */
+    let site: AuditSite | null = null;
     const preError = batch.preError(i);
     let error: WorkerError | null = refused ?? (preError === null ? null : workerError(preError));
     const entryAt = batch.entryIndex(i);
@@ -277,7 +278,10 @@ function runBatchOps(task: BatchTask): BatchResult {
       try {
         const entry = entryOf(entryAt, batch.entryGeneration(i));
         dek = entry;
-        if (caller !== undefined) audit = (directory as KeyDirectoryEntries).fields(entry, caller);
+        if (caller !== undefined) {
+          site = (directory as KeyDirectoryEntries).site(entry, caller);
+          audit = site.fields;
+        }
       } catch (err) {
         error ??= opErrorOf(err);
         // Still audited, by who asked, though the key it named is not known here.
@@ -297,7 +301,8 @@ function runBatchOps(task: BatchTask): BatchResult {
     else results.fail(i, error);
     if (audit?.op === 'stop') stopping = true;
     if (audit !== null && auditStream !== null) {
-      if (auditTally !== null && isDataOp(audit)) auditTally.add(audit, error?.code ?? null);
+      if (auditTally !== null && site !== null && error === null) auditTally.addOk(site);
+      else if (auditTally !== null && isDataOp(audit)) auditTally.add(audit, error?.code ?? null);
       else auditStream.add(audit, ts, error === null ? 'ok' : 'error', error?.code ?? null);
     }
   }

@@ -11,8 +11,11 @@
  */
 import type { KeyArena } from './key-arena.js';
 
-interface Entry {
-  key: Buffer;
+/** A cached key, which a holder may keep to skip the lookup while `live` (see KeyCache.use). */
+export interface CachedKey {
+  readonly key: Buffer;
+  /** False once the key left the cache (zeroed, its slot free for another key). */
+  live: boolean;
   /** The key id it belongs to (for evict), and a tag get() must match (a directory generation). */
   keyId: string;
   tag: number;
@@ -28,7 +31,7 @@ export class KeyCache {
   readonly #capacity: number;
   readonly #arena: KeyArena;
   // Insertion order is the clock hand's order: the first entry is the next eviction candidate.
-  readonly #entries = new Map<CacheId, Entry>();
+  readonly #entries = new Map<CacheId, CachedKey>();
   /** The running task's number; 0 between tasks, when nothing is pinned. */
   #task = 0;
   #tasks = 0;
@@ -53,22 +56,38 @@ export class KeyCache {
 
   /** The key cached as `id` with `tag` (an entry under another tag is stale: set() replaces it). */
   get(id: CacheId, tag = 0): Buffer | undefined {
+    return this.lookup(id, tag)?.key;
+  }
+
+  /** get(), as the cached entry a holder can keep and pass to use() instead of looking it up again. */
+  lookup(id: CacheId, tag = 0): CachedKey | undefined {
     const entry = this.#entries.get(id);
     if (entry === undefined || entry.tag !== tag) return undefined;
+    entry.referenced = true;
+    entry.task = this.#task;
+    return entry;
+  }
+
+  /** A kept entry's key, used (and pinned) as get() would; undefined once it left the cache. */
+  use(entry: CachedKey): Buffer | undefined {
+    if (!entry.live) return undefined;
     entry.referenced = true;
     entry.task = this.#task;
     return entry.key;
   }
 
-  /** Takes ownership of `key`, an arena slot, as the key of `keyId`. */
-  set(id: CacheId, key: Buffer, keyId: string, tag = 0): void {
+  /** Takes ownership of `key`, an arena slot, as the key of `keyId`; returns its entry. */
+  set(id: CacheId, key: Buffer, keyId: string, tag = 0): CachedKey {
     const previous = this.#entries.get(id);
     if (previous !== undefined) {
+      previous.live = false;
       if (previous.key !== key) this.#arena.free(previous.key);
       this.#entries.delete(id);
     }
-    this.#entries.set(id, { key, keyId, tag, referenced: false, task: this.#task });
+    const entry: CachedKey = { key, live: true, keyId, tag, referenced: false, task: this.#task };
+    this.#entries.set(id, entry);
     this.#trim();
+    return entry;
   }
 
   #trim(): void {
@@ -87,6 +106,7 @@ export class KeyCache {
         entry.referenced = false;
         this.#entries.set(id, entry);
       } else {
+        entry.live = false;
         this.#arena.free(entry.key);
         return true;
       }
@@ -98,6 +118,7 @@ export class KeyCache {
   deleteKey(keyId: string): void {
     for (const [id, entry] of this.#entries) {
       if (entry.keyId === keyId) {
+        entry.live = false;
         this.#arena.free(entry.key);
         this.#entries.delete(id);
       }
@@ -105,7 +126,10 @@ export class KeyCache {
   }
 
   clear(): void {
-    for (const entry of this.#entries.values()) this.#arena.free(entry.key);
+    for (const entry of this.#entries.values()) {
+      entry.live = false;
+      this.#arena.free(entry.key);
+    }
     this.#entries.clear();
   }
 }

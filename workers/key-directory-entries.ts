@@ -1,26 +1,36 @@
 /**
  * A crypto worker's copy of the key directory entries it has met (src/worker-abi/key-directory.ts),
- * each with the audit fields made from it: one object per key, op and caller that lasts across
- * tasks, so that its audit line part is rendered once (audit-stream.ts) and aggregate tallies are
- * counted against it, not against a fresh clone in every task. Wrapped keys and ids only.
+ * each with the audit sites made from it (audit-tally.ts): one per key, op and caller that lasts
+ * across tasks, so that its audit line part is rendered once and aggregate tallies are counted on
+ * it, not against a fresh clone in every task. Wrapped keys and ids only.
  */
 import {
   type AuditCaller,
-  type AuditFields,
   auditCallerKey,
   type DirectoryEntry,
   type KeyDirectoryInit,
   KeyDirectoryView,
 } from '../src/worker-abi/index.js';
+import { type AuditSite, auditSite } from './audit-tally.js';
 import { WorkerFault } from './fault.js';
+import type { CachedKey } from './key-cache.js';
 
-/** Audit fields kept per entry: one per op and caller in use (most keys see one or two). */
+/** Audit sites kept per entry: one per op and caller in use (most keys see one or two). */
 const FIELDS_PER_ENTRY = 8;
 
-interface KnownEntry extends DirectoryEntry {
-  /** fields[i] is the audit fields for callers[i] (canonical callers: compared by identity). */
+/** A directory entry as a worker holds it: with its cached key, once it has been resolved. */
+export interface WorkerDirectoryEntry extends DirectoryEntry {
+  /** The key cache's entry for this key (keyring.ts): used while live, looked up again after. */
+  cachedKey: CachedKey | null;
+}
+
+interface KnownEntry extends WorkerDirectoryEntry {
+  /** sites[i] is the audit site for callers[i] (canonical callers: compared by identity). */
   callers: AuditCaller[];
-  fields: AuditFields[];
+  sites: AuditSite[];
+  /** The last caller asked for and its site: most keys see one caller, checked first. */
+  lastCaller: AuditCaller | null;
+  lastSite: AuditSite | null;
 }
 
 /** Canonical callers kept at most; past it the table starts over (a daemon with many peers). */
@@ -29,7 +39,7 @@ const MAX_CALLERS = 4096;
 export class KeyDirectoryEntries {
   readonly #view: KeyDirectoryView;
   readonly #known: (KnownEntry | undefined)[];
-  /** One object per distinct caller, so that fields() matches a caller by identity. */
+  /** One object per distinct caller, so that site() matches a caller by identity. */
   readonly #callers = new Map<string, AuditCaller>();
 
   constructor(init: KeyDirectoryInit) {
@@ -38,18 +48,25 @@ export class KeyDirectoryEntries {
   }
 
   /** Entry `index` under `generation`, read from the directory the first time. */
-  entry(index: number, generation: number): DirectoryEntry {
+  entry(index: number, generation: number): WorkerDirectoryEntry {
     const known = this.#known[index];
     if (known !== undefined && known.generation === generation) return known;
     const read = this.#view.read(index, generation);
     // The main thread rewrites an entry only once no task in flight names it.
     if (read === null) throw new WorkerFault('INTERNAL', `key directory entry ${index} is not the one named`);
-    const entry: KnownEntry = { ...read, callers: [], fields: [] };
+    const entry: KnownEntry = {
+      ...read,
+      cachedKey: null,
+      callers: [],
+      sites: [],
+      lastCaller: null,
+      lastSite: null,
+    };
     this.#known[index] = entry;
     return entry;
   }
 
-  /** A task's callers (BatchTask.callers, cloned per task) as the canonical objects fields() takes. */
+  /** A task's callers (BatchTask.callers, cloned per task) as the canonical objects site() takes. */
   canonicalCallers(callers: readonly AuditCaller[]): AuditCaller[] {
     if (this.#callers.size > MAX_CALLERS) this.#callers.clear();
     return callers.map((c) => {
@@ -64,28 +81,34 @@ export class KeyDirectoryEntries {
   }
 
   /**
-   * The audit fields of an op on `entry` (from entry()) by `caller` (from canonicalCallers()):
-   * the same object every time.
+   * The audit site of an op on `entry` (from entry()) by `caller` (from canonicalCallers()): the
+   * same object every time, its fields the same line the main thread's auditFields() makes.
    */
-  fields(entry: DirectoryEntry, caller: AuditCaller): AuditFields {
+  site(entry: DirectoryEntry, caller: AuditCaller): AuditSite {
     const known = entry as KnownEntry;
+    if (known.lastCaller === caller) return known.lastSite as AuditSite;
     const at = known.callers.indexOf(caller);
-    if (at >= 0) return known.fields[at] as AuditFields;
-    // The shape and order of the main thread's auditFields(): the same line, byte for byte.
-    const fields: AuditFields = {
-      op: caller.op,
-      keyId: entry.keyId,
-      threadId: entry.threadId,
-      kekVersion: entry.kekVersion,
-      caller: caller.caller,
-      remote: caller.remote,
-    };
-    if (known.callers.length >= FIELDS_PER_ENTRY) {
-      known.callers.shift();
-      known.fields.shift();
+    let site: AuditSite;
+    if (at >= 0) site = known.sites[at] as AuditSite;
+    else {
+      // The shape and order of the main thread's auditFields(): the same line, byte for byte.
+      site = auditSite({
+        op: caller.op,
+        keyId: entry.keyId,
+        threadId: entry.threadId,
+        kekVersion: entry.kekVersion,
+        caller: caller.caller,
+        remote: caller.remote,
+      });
+      if (known.callers.length >= FIELDS_PER_ENTRY) {
+        known.callers.shift();
+        known.sites.shift();
+      }
+      known.callers.push(caller);
+      known.sites.push(site);
     }
-    known.callers.push(caller);
-    known.fields.push(fields);
-    return fields;
+    known.lastCaller = caller;
+    known.lastSite = site;
+    return site;
   }
 }

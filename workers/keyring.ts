@@ -7,7 +7,6 @@ import { dekIdentity, kekIdentity, WRAP_KIND_DEK, WRAP_KIND_KEK } from '../src/f
 import {
   type BatchTask,
   type DekRef,
-  type DirectoryEntry,
   type KekRef,
   type KeyMemoryReport,
   type MasterKeyRef,
@@ -17,6 +16,7 @@ import { AuthFailure, unwrapKeyInto } from './aead.js';
 import { WorkerFault } from './fault.js';
 import { KeyArena, RESERVE_SLOTS } from './key-arena.js';
 import { KeyCache } from './key-cache.js';
+import type { WorkerDirectoryEntry } from './key-directory-entries.js';
 import { loadRootKeys, type RootKeys } from './master-key.js';
 
 export class WorkerKeyring {
@@ -158,14 +158,18 @@ export class WorkerKeyring {
    * A DEK version, unwrapped or cached. Cached keys belong to the cache: never free them. A key
    * directory entry is cached by its index, good for as long as the entry keeps its generation.
    */
-  dek(dek: DekRef | DirectoryEntry, task: BatchTask): Buffer {
+  dek(dek: DekRef | WorkerDirectoryEntry, task: BatchTask): Buffer {
     if ('generation' in dek) {
-      let key = this.#deks.get(dek.index, dek.generation);
-      if (key === undefined) {
-        key = this.unwrapDek(dek, task);
-        this.#deks.set(dek.index, key, dek.keyId, dek.generation);
+      // The entry keeps its cache entry: a hit is a flag check, not a lookup.
+      const held = dek.cachedKey ? this.#deks.use(dek.cachedKey) : undefined;
+      if (held !== undefined) return held;
+      let cached = this.#deks.lookup(dek.index, dek.generation);
+      if (cached === undefined) {
+        const key = this.unwrapDek(dek, task);
+        cached = this.#deks.set(dek.index, key, dek.keyId, dek.generation);
       }
-      return key;
+      dek.cachedKey = cached;
+      return cached.key;
     }
     const resolved = this.#taskKeys.get(dek);
     if (resolved !== undefined) return resolved;
