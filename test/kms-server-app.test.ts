@@ -8,6 +8,7 @@
 import test from 'ava';
 import type { EncryptResult, ItemResult, Kms, KmsHealth } from '../src/api/index.js';
 import { loadDaemonConfig } from '../src/config/daemon.js';
+import { resolveMaxBatch } from '../src/config/library.js';
 import { kmsError } from '../src/errors.js';
 import { startDaemon } from '../src/kms-server/serve.js';
 import { createLogger } from '../src/log.js';
@@ -117,7 +118,7 @@ test('readiness, 5xx mapping without leaks, and draining', async (t) => {
   await t.throwsAsync(request(base, '/healthz'));
 });
 
-test('the bridge merges pipelined frames into KMS calls of at most one worker task (64 items)', async (t) => {
+test('the bridge merges pipelined frames into KMS calls of at most one worker task (maxBatch items)', async (t) => {
   const state: StubState = { ready: true, gate: Promise.resolve(), entered: () => {} };
   const callSizes: number[] = [];
   const kms: Kms = {
@@ -141,22 +142,27 @@ test('the bridge merges pipelined frames into KMS calls of at most one worker ta
   t.teardown(() => daemon.close());
   const conn = new BridgeSocket(daemon.bridge!.port);
   t.teardown(() => conn.destroy());
-  // Six frames of 20 items in one write. Merged without a limit they would be one call of 120,
-  // answered only when all 120 are done; capped, each call is at most one task's worth.
+  // Six frames of a third of a task each, in one write. Merged without a limit they would be one
+  // call of two tasks' worth, answered only when all are done; capped, each call is at most one.
+  const maxBatch = resolveMaxBatch({});
+  const perFrame = Math.ceil(maxBatch / 3);
   const frames = Array.from({ length: 6 }, (_, f) =>
     encodeRequest(f + 1, {
       op: 'encrypt',
-      items: Array.from({ length: 20 }, (_, i) => ({ keyId: 'k', plaintext: Buffer.from(`${f}:${i}`) })),
+      items: Array.from({ length: perFrame }, (_, i) => ({
+        keyId: 'k',
+        plaintext: Buffer.from(`${f}:${i}`),
+      })),
     }),
   );
   conn.write(Buffer.concat(frames));
   await conn.waitFrames(6);
   t.is(
     callSizes.reduce((a, b) => a + b, 0),
-    120,
+    6 * perFrame,
   );
   t.true(
-    callSizes.every((n) => n <= 64),
+    callSizes.every((n) => n <= maxBatch),
     `calls of ${callSizes.join(', ')} items`,
   );
   // Every frame still gets its own items back, in order.
@@ -165,7 +171,7 @@ test('the bridge merges pipelined frames into KMS calls of at most one worker ta
     const results = decodeResult('encrypt', frame.body) as ItemResult<EncryptResult>[];
     t.deepEqual(
       results.map((r) => (r.ok ? r.value.ciphertext.toString() : r.error.code)),
-      Array.from({ length: 20 }, (_, i) => `${frame.id - 1}:${i}`),
+      Array.from({ length: perFrame }, (_, i) => `${frame.id - 1}:${i}`),
     );
   }
 });

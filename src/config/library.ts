@@ -47,7 +47,7 @@ export interface KmsOptions {
   masterKeyConfigFile?: string;
   /** Crypto worker threads. Env: PROGRESSDB_KMS_POOL_SIZE. Default: available parallelism. */
   poolSize?: number;
-  /** Max operations coalesced into one worker task. Env: PROGRESSDB_KMS_MAX_BATCH. Default 64. */
+  /** Max operations coalesced into one worker task. Env: PROGRESSDB_KMS_MAX_BATCH. Default 256. */
   maxBatch?: number;
   /**
    * How long (µs) a crypto worker that finished a task spins for the next one before it parks;
@@ -244,9 +244,18 @@ export function resolveMasterKeyRef(opts: KmsOptions): MasterKeyRef {
   );
 }
 
-/** Ops per worker task (option, else PROGRESSDB_KMS_MAX_BATCH, else 64). */
+/**
+ * Ops per worker task by default. Batches grow only when ops queue faster than workers finish
+ * (a lone caller's op still leaves alone), so a larger cap costs nothing at light load and, under
+ * load, spreads each task's fixed cost (hand-off, audit block, MAC, write) over more ops: 256
+ * against 64 measured -9% CPU per op over 10,000 Zipf keys and -20% on one key, at 256 callers.
+ * A task of 256 ops of 1 KiB keeps a worker busy well under a millisecond.
+ */
+const DEFAULT_MAX_BATCH = 256;
+
+/** Ops per worker task (option, else PROGRESSDB_KMS_MAX_BATCH, else DEFAULT_MAX_BATCH). */
 export function resolveMaxBatch(opts: KmsOptions): number {
-  return intOption(opts, 'maxBatch', 64);
+  return intOption(opts, 'maxBatch', DEFAULT_MAX_BATCH);
 }
 
 /** The KMS data directory given, else PROGRESSDB_KMS_DATA_DIR: every entry point resolves it here. */
