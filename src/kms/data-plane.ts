@@ -218,10 +218,11 @@ export class DataPlane {
   }
 
   #submitOne<T>(prepared: PreparedOp, wrap: (output: Buffer, keyVersion: number) => T): Promise<T> {
+    // The queue's callback settles the promise itself: one closure per op, not two (the hot path).
     return new Promise((resolve, reject) => {
-      this.#submit(prepared, (error, output, keyVersion) => {
-        if (error === null) resolve(wrap(output as Buffer, keyVersion));
-        else reject(error);
+      this.queue.enqueue(prepared, (code, output, keyVersion) => {
+        if (code === null) resolve(wrap(output as Buffer, keyVersion));
+        else reject(kmsError(code, opErrorMessage(prepared, code)));
       });
     });
   }
