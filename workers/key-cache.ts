@@ -3,9 +3,10 @@
  * which keeps the hot path to one Map lookup (a strict LRU reorders the Map on every hit, which
  * profiled at ~4% of an encrypt). The clock is a ring of slots with a hand, as in the main
  * thread's DekRecordCache: sweeping the Map itself (deleting and re-inserting each entry given a
- * second chance) was 16% of a worker's busy time with 100,000 keys over a cache of 10,000. The keys are slots of the worker's locked KeyArena; every key that
- * leaves the cache (eviction, delete, clear) goes back to it zeroed, so an unwrapped DEK lives in
- * exactly one place for as long as it is cached.
+ * second chance) was 16% of a worker's busy time with 100,000 keys over a cache of 10,000.
+ * The keys are slots of the worker's locked KeyArena; every key that leaves the cache (eviction,
+ * delete, clear) goes back to it zeroed, so an unwrapped DEK lives in exactly one place for as
+ * long as it is cached.
  *
  * Keys used by the running task are pinned (beginTask): a batch holds the keys it resolved until
  * it ends, so eviction must not zero, and the arena must not hand out again, a slot a later op of
