@@ -27,12 +27,14 @@ export interface StartUpDeps {
 
 /** Runs the start-up; resolves once the KMS may serve. */
 export async function startUp(deps: StartUpDeps): Promise<void> {
-  const created = deps.registry.kekMeta() === undefined && (await createFirstKek(deps));
-  // A replica that lost the race to initialise a cluster reads the winner's KEK again: its watch
-  // events may still be on the way, and the KEK metadata and record come on separate watches
-  // (seen in a full run: the metadata had arrived, the KEK version it names had not). Then it
-  // proves its master key against that KEK like any start on an existing registry.
-  if (!created) await deps.registry.refresh();
+  const fresh = deps.registry.kekMeta() === undefined;
+  const created = fresh && (await createFirstKek(deps));
+  // A replica that lost the race to initialise a cluster reads the winner's KEK again (the
+  // registry read everything else when it opened): its watch events may still be on the way, and
+  // the KEK metadata and record come on separate watches (seen in a full run: the metadata had
+  // arrived, the KEK version it names had not). Then it proves its master key against that KEK
+  // like any start on an existing registry.
+  if (fresh && !created) await deps.registry.refresh();
   const meta = deps.registry.kekMeta();
   const active = meta === undefined ? undefined : deps.kekRef(meta.activeVersion);
   if (active === undefined)
