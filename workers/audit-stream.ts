@@ -162,7 +162,7 @@ export class AuditStream {
    * newline. `count`: the line stands for that many operations (audit_data_ops: aggregate).
    */
   add(fields: AuditFields, ts: string, outcome: Outcome, code: string | null, count?: number): void {
-    this.#write(ts, outcomePart(outcome, code), fieldsPart(fields), count);
+    this.addPart(fieldsPart(fields), ts, outcome, code, count);
   }
 
   /** add() with the fields already rendered (fieldsPart), as a tally keeps them. */

@@ -142,11 +142,7 @@ export class KeyCache {
   }
 
   clear(): void {
-    for (const entry of this.#entries.values()) {
-      entry.live = false;
-      this.#arena.free(entry.key);
-    }
-    this.#entries.clear();
+    for (const entry of this.#entries.values()) this.#drop(entry);
     this.#ring = [];
     this.#free = [];
     this.#hand = 0;

@@ -16,7 +16,7 @@ import { WorkerFault } from './fault.js';
 import type { CachedKey } from './key-cache.js';
 
 /** Audit sites kept per entry: one per op and caller in use (most keys see one or two). */
-const FIELDS_PER_ENTRY = 8;
+const SITES_PER_ENTRY = 8;
 
 /** A directory entry as a worker holds it: with its cached key, once it has been resolved. */
 export interface WorkerDirectoryEntry extends DirectoryEntry {
@@ -100,7 +100,7 @@ export class KeyDirectoryEntries {
         caller: caller.caller,
         remote: caller.remote,
       });
-      if (known.callers.length >= FIELDS_PER_ENTRY) {
+      if (known.callers.length >= SITES_PER_ENTRY) {
         known.callers.shift();
         known.sites.shift();
       }
