@@ -6,7 +6,14 @@
  * held to) and sodium-native XChaCha20-Poly1305 (what isolation in workers costs). Rounds
  * alternate so that a noisy machine hits every side alike.
  *
+ * Each embedded row also splits its CPU per op by thread (Linux: /proc/self/task): the main thread,
+ * the threads its KMS started (the crypto workers), and the rest (V8's GC helpers, libuv), and
+ * gives the cores busy over the loop, so a figure that misses shows what limits it: a thread at
+ * a full core, or every thread waiting on hand-offs. `--audit-data-ops off` adds a side with the
+ * audit log off, to show what auditing every use of every key costs.
+ *
  * Run: npm run bench:keys -- [--keys 10000] [--zipf 1.1] [--rounds 3] [--ms 1000] [--callers 256]
+ *        [--audit-data-ops aggregate,each,off]
  */
 import { createCipheriv, createDecipheriv, randomBytes, randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
@@ -134,17 +141,52 @@ const inline = {
 };
 
 const cacheSize = values['dek-cache-size'];
-const auditModes = (values['audit-data-ops'] ?? 'aggregate,each').split(',') as AuditDataOps[];
+/** An audit_data_ops mode, or `off`: the audit log off altogether. */
+type SideMode = AuditDataOps | 'off';
+const auditModes = (values['audit-data-ops'] ?? 'aggregate,each').split(',') as SideMode[];
+
+/** CPU time (µs) of each thread of this process by thread id; empty where /proc is not there. */
+function threadCpu(): Map<string, number> {
+  const cpu = new Map<string, number>();
+  let tids: string[];
+  try {
+    tids = fs.readdirSync('/proc/self/task');
+  } catch {
+    return cpu;
+  }
+  // utime and stime are in clock ticks: USER_HZ, 100 per second on Linux.
+  for (const tid of tids) {
+    try {
+      const stat = fs.readFileSync(`/proc/self/task/${tid}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      cpu.set(tid, (Number(fields[11]) + Number(fields[12])) * 10_000);
+    } catch {
+      // The thread ended between the listing and the read.
+    }
+  }
+  return cpu;
+}
+
+/** One embedded loop's CPU per op split by thread, and the cores its threads kept busy. */
+interface ThreadSplit {
+  main: number;
+  kms: number;
+  other: number;
+  cores: number;
+}
 
 /**
  * One embedded KMS writing its audit log in `mode`, with `keyCount` thread keys and a ciphertext
  * under each; its loops count ops, so the log's growth over them gives bytes per operation.
  */
-async function embeddedSide(mode: AuditDataOps) {
+async function embeddedSide(mode: SideMode) {
+  const before = threadCpu();
   const side = await tempKms({
-    auditDataOps: mode,
+    ...(mode === 'off' ? { audit: false } : { auditDataOps: mode }),
     ...(cacheSize !== undefined && { dekCacheSize: Number(cacheSize) }),
   });
+  // The threads this KMS started: its crypto workers.
+  const kmsThreads = new Set([...threadCpu().keys()].filter((tid) => !before.has(tid)));
   const { kms } = side;
   process.stderr.write(`creating ${fmt(keyCount)} thread keys (audit ${mode})…\n`);
   const created = performance.now();
@@ -176,30 +218,49 @@ async function embeddedSide(mode: AuditDataOps) {
       .reduce((sum, name) => sum + fs.statSync(path.join(dataDir, name)).size, 0);
   const audit = { ops: 0, bytes: 0 };
   /** A closed loop whose ops and audit log growth are added to `audit`. */
-  const measured = async (op: () => Promise<unknown>) => {
-    const before = auditBytes();
+  const mainThread = String(process.pid);
+  const measured = async (op: () => Promise<unknown>, splits: ThreadSplit[]) => {
+    const before = mode === 'off' ? 0 : auditBytes();
+    const cpu0 = threadCpu();
+    const t0 = performance.now();
     const r = await closedLoop(callers, ms, op);
+    const wallUs = (performance.now() - t0) * 1000;
+    const cpu1 = threadCpu();
+    const split: ThreadSplit = { main: 0, kms: 0, other: 0, cores: 0 };
+    for (const [tid, us] of cpu1) {
+      const spent = us - (cpu0.get(tid) ?? 0);
+      split.cores += spent / wallUs;
+      if (tid === mainThread) split.main += spent / r.ops;
+      else if (kmsThreads.has(tid)) split.kms += spent / r.ops;
+      else split.other += spent / r.ops;
+    }
+    if (cpu1.size > 0) splits.push(split);
     audit.ops += r.ops;
-    audit.bytes += auditBytes() - before;
+    audit.bytes += (mode === 'off' ? 0 : auditBytes()) - before;
     return r.opsPerSec;
   };
+  const splits = { encrypt: [] as ThreadSplit[], decrypt: [] as ThreadSplit[] };
   return {
     mode,
     createRate,
     audit,
     dispose: side.dispose,
-    encrypt: () => measured(() => kms.encrypt(keyIds[nextKey()] as string, payload)),
+    splits,
+    encrypt: () => measured(() => kms.encrypt(keyIds[nextKey()] as string, payload), splits.encrypt),
     decrypt: () =>
       measured(() => {
         const i = nextKey();
         return kms.decrypt(keyIds[i] as string, ciphertexts[i] as Buffer);
-      }),
+      }, splits.decrypt),
   };
 }
 
+// libuv starts its thread pool on first use: start it now, so that the only threads a KMS side
+// starts are its own (its crypto workers).
+await fs.promises.stat('.');
 const sides = [];
 for (const mode of auditModes) sides.push(await embeddedSide(mode));
-const embeddedName = (op: string, mode: AuditDataOps) => `embedded ${op} (audit ${mode})`;
+const embeddedName = (op: string, mode: SideMode) => `embedded ${op} (audit ${mode})`;
 
 // Warm-up: JIT on both sides, workers' key caches, LMDB pages.
 for (const side of sides) {
@@ -207,6 +268,8 @@ for (const side of sides) {
   await side.decrypt();
   side.audit.ops = 0;
   side.audit.bytes = 0;
+  side.splits.encrypt.length = 0;
+  side.splits.decrypt.length = 0;
 }
 inline.nodeEncrypt();
 
@@ -260,13 +323,15 @@ const header = [
   `## ${fmt(keyCount)} thread keys, Zipf(${values.zipf}), ${callers} callers, ${payload.length} B`,
   '',
   `${fmt(distinct)} distinct keys in the ${fmt(SEQ_LENGTH)}-op sequence; median of ${rounds} alternating rounds of ${ms} ms; ` +
-    `key creation (256 callers, audit on) ${sides.map((side) => `${fmt(side.createRate)}/s`).join(', ')}.`,
+    `key creation (256 callers) ${sides.map((side) => `${fmt(side.createRate)}/s (audit ${side.mode})`).join(', ')}.`,
   '',
-  ...sides.map(
-    (side) =>
-      `Audit log with audit_data_ops ${side.mode}: ${fmt(side.audit.bytes / side.audit.ops, 1)} bytes per ` +
-      `operation over the measured rounds (${fmt(side.audit.ops)} ops).`,
-  ),
+  ...sides
+    .filter((side) => side.mode !== 'off')
+    .map(
+      (side) =>
+        `Audit log with audit_data_ops ${side.mode}: ${fmt(side.audit.bytes / side.audit.ops, 1)} bytes per ` +
+        `operation over the measured rounds (${fmt(side.audit.ops)} ops).`,
+    ),
   '',
   'CPU/op: CPU time of every thread of the process over the ops it did (median); the inline sides use one.',
   '',
@@ -282,4 +347,39 @@ const lines = [
   ...sides.map((side) => row(embeddedName('decrypt', side.mode), 'inline node:crypto decrypt')),
   row('inline sodium decrypt', 'inline node:crypto decrypt'),
 ];
+/** The embedded rows' CPU per op by thread (medians over the rounds), when /proc gave it. */
+const splitRows = sides.flatMap((side) =>
+  (['encrypt', 'decrypt'] as const).flatMap((op) => {
+    const list = side.splits[op];
+    if (list.length === 0) return [];
+    const m = (pick: (s: ThreadSplit) => number) => median(list.map(pick));
+    return [
+      `| ${embeddedName(op, side.mode)} | ${fmt(
+        m((s) => s.main),
+        2,
+      )} | ${fmt(
+        m((s) => s.kms),
+        2,
+      )} | ` +
+        `${fmt(
+          m((s) => s.other),
+          2,
+        )} | ${fmt(
+          m((s) => s.cores),
+          2,
+        )} |`,
+    ];
+  }),
+);
+if (splitRows.length > 0) {
+  lines.push(
+    '',
+    'CPU µs/op by thread: the main thread, the threads the KMS started (its crypto workers, summed), ' +
+      "the rest (V8's GC helpers, libuv); cores: CPU time of every thread over the loop's wall time.",
+    '',
+    '| side | main | KMS threads | other | cores busy |',
+    '|---|---|---|---|---|',
+    ...splitRows,
+  );
+}
 process.stdout.write(`${lines.join('\n')}\n`);
