@@ -14,6 +14,7 @@ import {
   CIPHERTEXT_HEADER_BYTES,
   ciphertextFormat,
   ciphertextLead,
+  ciphertextOverhead,
   FORMAT_AES_256_GCM,
   FORMAT_XCHACHA20_POLY1305,
   KEY_BYTES,
@@ -33,14 +34,19 @@ const AES = 'aes-256-gcm';
 const NONCE_POOL = Buffer.alloc(24 * 4096);
 let noncePos = NONCE_POOL.length;
 
-/** Writes `length` fresh random nonce bytes into `out` at `offset`. */
+/**
+ * Writes `length` fresh random nonce bytes into `out` at `offset`, zeroing them in the pool as it
+ * goes. A byte loop: for 12 or 24 bytes it costs less than making a view to copy from.
+ */
 function fillNonce(out: Uint8Array, offset: number, length: number): void {
   if (noncePos + length > NONCE_POOL.length) {
     sodium.randombytes_buf(NONCE_POOL);
     noncePos = 0;
   }
-  out.set(NONCE_POOL.subarray(noncePos, noncePos + length), offset);
-  NONCE_POOL.fill(0, noncePos, noncePos + length);
+  for (let i = 0; i < length; i++) {
+    out[offset + i] = NONCE_POOL[noncePos + i] as number;
+    NONCE_POOL[noncePos + i] = 0;
+  }
   noncePos += length;
 }
 
@@ -58,6 +64,126 @@ function joinAad(header: Uint8Array, extra: Uint8Array | null, extraText: string
   if (extra !== null) adScratch.set(extra, header.length);
   else if (extraText !== null) adScratch.write(extraText, header.length, 'utf8');
   return adScratch.subarray(0, length);
+}
+
+/**
+ * The format-2 data path seals and opens a ciphertext where it lies in the task buffer, with its
+ * nonce and (without caller AAD) its header-only AD in these scratch buffers: a per-op view costs
+ * ~45 ns, and the path used to make seven per op (about a tenth of a worker's time on one key).
+ */
+const XCHACHA_LEAD = ciphertextLead(FORMAT_XCHACHA20_POLY1305);
+const NONCE_SCRATCH = Buffer.alloc(nonceBytes(FORMAT_XCHACHA20_POLY1305));
+const HEADER_AD = Buffer.alloc(CIPHERTEXT_HEADER_BYTES);
+
+/** The AD of the format-2 ciphertext whose header is at `data[at]`: its header ‖ the caller's AAD. */
+function headerAd(data: Buffer, at: number, aad: Uint8Array | null): Uint8Array {
+  if (aad !== null && aad.length > 0)
+    return joinAad(data.subarray(at, at + CIPHERTEXT_HEADER_BYTES), aad, null);
+  for (let i = 0; i < CIPHERTEXT_HEADER_BYTES; i++) HEADER_AD[i] = data[at + i] as number;
+  return HEADER_AD;
+}
+
+/** The op slots of a task (src/worker-abi/batch-task.ts): where op `i`'s input lies. */
+interface OpInputs {
+  inputOffset(i: number): number;
+  inputLength(i: number): number;
+  input(i: number): Buffer;
+}
+
+/**
+ * Op `i`'s encrypt into its slot at `data[outPos]`: in format 2 where its plaintext lies (the
+ * pool lays it out at the format-2 lead), else through sealInto(). Returns the ciphertext's length.
+ */
+export function sealOp(
+  format: SealFormat,
+  key: Uint8Array,
+  keyVersion: number,
+  data: Buffer,
+  outPos: number,
+  ops: OpInputs,
+  i: number,
+  aad: Uint8Array | null,
+): number {
+  if (format === FORMAT_XCHACHA20_POLY1305 && ops.inputOffset(i) === outPos + XCHACHA_LEAD) {
+    return sealInSlot(key, keyVersion, data, outPos, ops.inputLength(i), aad);
+  }
+  return sealInto(format, key, keyVersion, ops.input(i), aad, data, outPos);
+}
+
+/** Op `i`'s decrypt: where it lies in format 2, else into its slot at `data[outPos]`; its length. */
+export function openOp(
+  key: Uint8Array,
+  data: Buffer,
+  outPos: number,
+  ops: OpInputs,
+  i: number,
+  aad: Uint8Array | null,
+): number {
+  const at = ops.inputOffset(i);
+  const length = ops.inputLength(i);
+  if (isSlotOpenable(data, at, length)) return openInSlot(key, data, at, length, aad);
+  return openInto(key, ops.input(i), aad, data, outPos);
+}
+
+/** Where openOp() left op `i`'s plaintext. */
+export function openedPlaintextAt(data: Buffer, outPos: number, ops: OpInputs, i: number): number {
+  const at = ops.inputOffset(i);
+  return isSlotOpenable(data, at, ops.inputLength(i)) ? at + XCHACHA_LEAD : outPos;
+}
+
+/**
+ * Encrypts, in format 2, the `length` plaintext bytes that sit at `data[at + XCHACHA_LEAD]`,
+ * where they lie, writing header and nonce before them: the ciphertext is the `length +
+ * ciphertextOverhead(2)` bytes from `at`, and its length is returned.
+ */
+function sealInSlot(
+  key: Uint8Array,
+  keyVersion: number,
+  data: Buffer,
+  at: number,
+  length: number,
+  aad: Uint8Array | null,
+): number {
+  const body = at + XCHACHA_LEAD;
+  data[at] = FORMAT_XCHACHA20_POLY1305;
+  data.writeUInt32BE(keyVersion, at + 1);
+  fillNonce(NONCE_SCRATCH, 0, NONCE_SCRATCH.length);
+  for (let i = 0; i < NONCE_SCRATCH.length; i++)
+    data[at + CIPHERTEXT_HEADER_BYTES + i] = NONCE_SCRATCH[i] as number;
+  const m = data.subarray(body, body + length);
+  const c = data.subarray(body, body + length + TAG_BYTES);
+  xchachaSeal(key, NONCE_SCRATCH, headerAd(data, at, aad), m, c);
+  return XCHACHA_LEAD + length + TAG_BYTES;
+}
+
+/**
+ * Whether the `length` bytes at `data[at]` can be a format-2 ciphertext, to open with
+ * openInSlot(); anything else goes through openInto(), which fails what is not a ciphertext.
+ */
+function isSlotOpenable(data: Buffer, at: number, length: number): boolean {
+  return length >= ciphertextOverhead(FORMAT_XCHACHA20_POLY1305) && data[at] === FORMAT_XCHACHA20_POLY1305;
+}
+
+/**
+ * Opens the format-2 ciphertext of `length` bytes at `data[at]` where it lies (checked with
+ * isSlotOpenable()): its plaintext is left at `data[at + XCHACHA_LEAD]`, and its length is
+ * returned. Nothing is written unless the tag verifies.
+ */
+function openInSlot(
+  key: Uint8Array,
+  data: Buffer,
+  at: number,
+  length: number,
+  aad: Uint8Array | null,
+): number {
+  const body = at + XCHACHA_LEAD;
+  const plainLength = length - XCHACHA_LEAD - TAG_BYTES;
+  for (let i = 0; i < NONCE_SCRATCH.length; i++)
+    NONCE_SCRATCH[i] = data[at + CIPHERTEXT_HEADER_BYTES + i] as number;
+  const c = data.subarray(body, at + length);
+  const m = data.subarray(body, body + plainLength);
+  xchachaOpen(key, NONCE_SCRATCH, headerAd(data, at, aad), c, m);
+  return plainLength;
 }
 
 /** XChaCha20-Poly1305 of `m` into `c` (m.length + 16 bytes). `c` and `m` may start at the same byte. */

@@ -56,6 +56,18 @@ export function fieldsPart(fields: AuditFields): Buffer {
   return bytes;
 }
 
+let isoMillis = 0;
+let isoText = '';
+/** The current time as ISO 8601, formatted at most once per millisecond. */
+export function isoNow(): string {
+  const now = Date.now();
+  if (now !== isoMillis) {
+    isoMillis = now;
+    isoText = new Date(now).toISOString();
+  }
+  return isoText;
+}
+
 const OUTCOME_OK = Buffer.from(',"outcome":"ok"', 'latin1');
 /** Error codes are a short fixed list (errors.ts), so their outcome parts are kept. */
 const outcomeErrorBytes = new Map<string, Buffer>();

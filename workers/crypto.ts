@@ -43,10 +43,19 @@ import {
   workerError,
   type ZeroizeResult,
 } from '../src/worker-abi/index.js';
-import { AuthFailure, openInto, randomKeyInto, sealInto, wrapKeyInto } from './aead.js';
+import {
+  AuthFailure,
+  openedPlaintextAt,
+  openInto,
+  openOp,
+  randomKeyInto,
+  sealInto,
+  sealOp,
+  wrapKeyInto,
+} from './aead.js';
 import { AuditLogFile } from './audit-log-file.js';
 import { type AuditSigner, loadAuditSigner } from './audit-signer.js';
-import { AuditStream } from './audit-stream.js';
+import { AuditStream, isoNow } from './audit-stream.js';
 import { type AuditSite, AuditTally, isDataOp } from './audit-tally.js';
 import { verifyAuditFiles } from './audit-verify-files.js';
 import { faultOf, WorkerFault } from './fault.js';
@@ -134,40 +143,34 @@ function opErrorOf(err: unknown): WorkerError {
   return faultOf(err) ?? workerError('INTERNAL');
 }
 
-let isoMillis = 0;
-let isoText = '';
-/** The current time as ISO 8601, formatted at most once per millisecond. */
-function isoNow(): string {
-  const now = Date.now();
-  if (now !== isoMillis) {
-    isoMillis = now;
-    isoText = new Date(now).toISOString();
-  }
-  return isoText;
-}
+/** Where in `batch.data` the output of the op runOp() last ran starts (it sets this). */
+let opOutputAt = 0;
 
 /**
  * Runs op `i` of a batch, writing its output over its own slot of `batch.data`; returns the
- * output's length.
+ * output's length, and leaves where it starts in opOutputAt (a format-2 decrypt leaves its
+ * plaintext where it was opened, after the ciphertext's header and nonce).
  */
 function runOp(batch: BatchTaskReader, i: number, dek: DekRef | WorkerDirectoryEntry | null): number {
   const task = batch.task;
   const kind = batch.kind(i);
-  const input = batch.input(i);
   const aad = batch.aad(i);
   const out = batch.data;
   const outPos = batch.outputOffset(i);
+  opOutputAt = outPos;
   if (kind === OpKind.note) return 0;
   // Every op but a note names its key (the pool lays out one per op).
   if (dek === null) throw new WorkerFault('INTERNAL', `op kind ${kind} without a key`);
   switch (kind) {
     case OpKind.encrypt:
-      return sealInto(sealFormat, keyring.dek(dek, task), dek.keyVersion, input, aad, out, outPos);
+      return sealOp(sealFormat, keyring.dek(dek, task), dek.keyVersion, out, outPos, batch, i, aad);
     case OpKind.decrypt:
       // The main thread chose `dek` by the version this ciphertext names.
-      return openInto(keyring.dek(dek, task), input, aad, out, outPos);
+      opOutputAt = openedPlaintextAt(out, outPos, batch, i);
+      return openOp(keyring.dek(dek, task), out, outPos, batch, i, aad);
     case OpKind.reencrypt: {
       // `dek` is the current version; the source the one the ciphertext names.
+      const input = batch.input(i);
       const source = batch.sourceDek(i);
       if (source === null) throw new WorkerFault('INTERNAL', 'reencrypt without its source key');
       if (ciphertextKeyVersion(input) !== source.keyVersion) throw new AuthFailure();
@@ -297,7 +300,7 @@ function runBatchOps(task: BatchTask): BatchResult {
         batch.clearOutput(i);
       }
     }
-    if (error === null) results.ok(i, batch.outputOffset(i), outputBytes, dek?.keyVersion ?? 0);
+    if (error === null) results.ok(i, opOutputAt, outputBytes, dek?.keyVersion ?? 0);
     else results.fail(i, error);
     if (audit?.op === 'stop') stopping = true;
     if (audit !== null && auditStream !== null) {

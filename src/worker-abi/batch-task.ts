@@ -136,6 +136,15 @@ export class BatchTaskReader {
     return this.data.subarray(at, at + this.#slot(i, kOpInputLength));
   }
 
+  /** Where the op's input starts in `data`, and its length: input() without making a view. */
+  inputOffset(i: number): number {
+    return this.#slot(i, kOpInputOffset);
+  }
+
+  inputLength(i: number): number {
+    return this.#slot(i, kOpInputLength);
+  }
+
   aad(i: number): Buffer | null {
     const length = this.#slot(i, kOpAadLength);
     if (length <= 0) return null;
